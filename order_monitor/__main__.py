@@ -1,0 +1,3 @@
+from order_monitor.cli import main
+
+main()

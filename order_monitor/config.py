@@ -1,0 +1,633 @@
+"""Settings: from the environment, a .env file and the providers file.
+
+Everything is read and validated once, at start-up (and again on SIGHUP), into
+frozen objects. An invalid value raises one :class:`ConfigError` that names
+the variable or key, shows the value (unless it is a secret) and says what is
+expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+import psycopg.conninfo
+from dotenv import dotenv_values
+
+from order_monitor.errors import ConfigError
+from order_monitor.policy import BackoffPolicy
+from order_monitor.redaction import Secret, redact_dsn
+
+PREFIX: Final = "ORDER_MONITOR_"
+DEFAULT_PROVIDERS_FILE: Final = Path("/etc/order-monitor/providers.toml")
+
+# Postgres truncates identifiers longer than this silently; we refuse them.
+_MAX_IDENTIFIER: Final = 63
+_CHANNEL_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """Where each piece of order state lives in the orders table."""
+
+    id: str = "id"
+    status: str = "status"
+    external_status: str = "externalStatus"
+    provider_ref: str = "provider_referans"
+    provider_id: str = "providerId"
+    external_order_id: str = "externalOrderId"
+    pin_code: str = "pinCode"
+    provider_message: str = "providerMessage"
+    last_message: str = "lastMessage"
+    sent_at: str = "sentAt"
+    last_sync_at: str = "lastSyncAt"
+    completed_at: str = "completedAt"
+    duration_ms: str = "durationMs"
+    created_at: str = "createdAt"
+
+    def read(self) -> tuple[str, ...]:
+        """Columns the daemon reads."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def written(self) -> tuple[str, ...]:
+        """Columns the daemon may write (the least-privilege role gets UPDATE on these only)."""
+        return (
+            self.status,
+            self.external_status,
+            self.pin_code,
+            self.provider_message,
+            self.last_message,
+            self.last_sync_at,
+            self.completed_at,
+            self.duration_ms,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The orders table as order-monitor sees it: names, channels, in-flight rule."""
+
+    schema: str = "public"
+    table: str = "product_orders"
+    columns: Columns = field(default_factory=Columns)
+    channel: str = "order_monitor"
+    result_channel: str = "order_monitor_result"
+    #: An order is in flight when its external status is one of these
+    #: (compared case-insensitively), its status is not final, and it has a
+    #: provider reference.
+    in_flight_external_statuses: tuple[str, ...] = (
+        "sent",
+        "processing",
+        "queued",
+        "pending",
+        "unknown",
+    )
+    final_statuses: tuple[str, ...] = ("approved", "rejected")
+    role: str = "order_monitor"
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeWrites:
+    """What each outcome writes into the row besides timestamps and messages."""
+
+    done_external_status: str = "done"
+    failed_external_status: str = "failed"
+    #: Written when the policy's limits are reached; 'manual_required' is the
+    #: application's own word for "a human must look", and is outside the
+    #: in-flight set, so the order leaves the sweep.
+    gave_up_external_status: str = "manual_required"
+    #: Off by default: in the application a status change moves money.
+    done_status: str | None = None
+    failed_status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLimits:
+    concurrency: int = 8
+    #: Requests per second; None for no rate limit.
+    rate: float | None = None
+    burst: int = 1
+    connect_timeout: float = 5.0
+    read_timeout: float = 15.0
+    #: Consecutive failed requests that open the circuit breaker.
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+    #: Largest response body read, in bytes.
+    max_body: int = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One entry of the providers file."""
+
+    name: str
+    kind: str
+    base_url: str
+    #: Values of the orders' provider-id column this entry serves.
+    provider_ids: tuple[str, ...]
+    limits: ProviderLimits
+    secrets: Mapping[str, Secret]
+    #: Adapter-specific keys, validated by the adapter itself.
+    options: Mapping[str, Any]
+
+    def __repr__(self) -> str:
+        return (
+            f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, "
+            f"base_url={self.base_url!r}, provider_ids={self.provider_ids!r}, "
+            f"secrets={sorted(self.secrets)!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    dsn: Secret
+    layout: Layout = field(default_factory=Layout)
+    policy: BackoffPolicy = field(default_factory=BackoffPolicy)
+    writes: OutcomeWrites = field(default_factory=OutcomeWrites)
+    sweep_interval: float = 300.0
+    batch_size: int = 500
+    #: Provider requests under way at once, all providers together.
+    concurrency: int = 64
+    #: How long a stopping daemon waits for checks under way.
+    drain_timeout: float = 10.0
+    #: How often the LISTEN connection is proven alive.
+    listener_health_interval: float = 10.0
+    providers_file: Path | None = None
+    providers: tuple[ProviderConfig, ...] = ()
+    log_level: str = "info"
+    log_format: str = "auto"
+    #: host:port for /healthz, /readyz and /metrics; None keeps it off.
+    http_listen: str | None = None
+
+    @property
+    def safe_dsn(self) -> str:
+        return redact_dsn(self.dsn.reveal())
+
+    def provider_for(self, provider_id: str) -> ProviderConfig | None:
+        for provider in self.providers:
+            if provider_id in provider.provider_ids:
+                return provider
+        return None
+
+
+# --- reading -----------------------------------------------------------------
+
+
+class Env:
+    """Typed access to ORDER_MONITOR_* values with errors that name the variable."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = values
+
+    def raw(self, name: str) -> str | None:
+        value = self._values.get(PREFIX + name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def string(self, name: str, default: str) -> str:
+        return self.raw(name) or default
+
+    def optional(self, name: str) -> str | None:
+        return self.raw(name)
+
+    def integer(self, name: str, default: int, *, minimum: int = 1) -> int:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise self._error(name, raw, f"a whole number >= {minimum}") from None
+        if value < minimum:
+            raise self._error(name, raw, f"a whole number >= {minimum}")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise self._error(name, raw, f"a number >= {minimum}") from None
+        if value < minimum or value != value:  # NaN
+            raise self._error(name, raw, f"a number >= {minimum}")
+        return value
+
+    def duration(self, name: str, default: float) -> float:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        try:
+            return parse_duration(raw)
+        except ValueError:
+            raise self._error(
+                name, raw, "a duration such as 30, 30s, 1.5m, 2h or 1h30m (no sign)"
+            ) from None
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        lowered = raw.lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise self._error(name, raw, "one of true/false, yes/no, on/off, 1/0")
+
+    def word_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        words = tuple(w.strip().lower() for w in raw.split(",") if w.strip())
+        if not words:
+            raise self._error(name, raw, "a comma-separated list with at least one value")
+        return words
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        if raw.lower() not in choices:
+            raise self._error(name, raw, "one of " + ", ".join(choices))
+        return raw.lower()
+
+    def identifier(self, name: str, default: str) -> str:
+        value = self.string(name, default)
+        if len(value.encode()) > _MAX_IDENTIFIER or "\x00" in value:
+            raise self._error(name, value, f"a PostgreSQL name of at most {_MAX_IDENTIFIER} bytes")
+        return value
+
+    def channel(self, name: str, default: str) -> str:
+        value = self.string(name, default)
+        if not _CHANNEL_RE.match(value):
+            raise self._error(name, value, "a channel name: letters, digits and _, at most 63")
+        return value
+
+    @staticmethod
+    def _error(name: str, raw: str, expected: str) -> ConfigError:
+        return ConfigError(f"{PREFIX}{name}={raw!r} is invalid: expected {expected}")
+
+
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.IGNORECASE)
+_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90', '90s', '1.5m', '2h', '1h30m', '250ms'."""
+    text = text.strip().lower()
+    total = 0.0
+    position = 0
+    while position < len(text):
+        match = _DURATION_PART.match(text, position)
+        if match is None or match.end() == position:
+            raise ValueError(text)
+        unit = match.group(2)
+        if unit is None and match.end() != len(text):
+            raise ValueError(text)
+        total += float(match.group(1)) * _UNIT_SECONDS[unit]
+        position = match.end()
+        while position < len(text) and text[position] == " ":
+            position += 1
+    if not text:
+        raise ValueError(text)
+    return total
+
+
+def load_environment(env_file: Path | None = None) -> dict[str, str]:
+    """The process environment over the .env file (the environment wins)."""
+    path = env_file
+    if path is None:
+        configured = os.environ.get(PREFIX + "ENV_FILE")
+        path = Path(configured) if configured else Path(".env")
+        if not configured and not path.exists():
+            return dict(os.environ)
+    if not path.is_file():
+        raise ConfigError(f"env file {str(path)!r} does not exist or is not a file")
+    try:
+        file_values = dotenv_values(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"env file {str(path)!r} cannot be read: {exc}") from None
+    merged = {k: v for k, v in file_values.items() if v is not None}
+    merged.update(os.environ)
+    return merged
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    *,
+    env_file: Path | None = None,
+    need_database: bool = True,
+) -> Settings:
+    """Read and validate every setting. Raises ConfigError on the first problem.
+
+    With ``need_database=False`` (rendering SQL, printing the schedule) a
+    missing DSN is not an error.
+    """
+    values = load_environment(env_file) if environ is None else dict(environ)
+    env = Env(values)
+
+    columns = Columns(
+        **{
+            f.name: env.identifier("COLUMN_" + f.name.upper(), getattr(Columns(), f.name))
+            for f in fields(Columns)
+        }
+    )
+    layout = Layout(
+        schema=env.identifier("SCHEMA", "public"),
+        table=env.identifier("TABLE", "product_orders"),
+        columns=columns,
+        channel=env.channel("CHANNEL", "order_monitor"),
+        result_channel=env.channel("RESULT_CHANNEL", "order_monitor_result"),
+        in_flight_external_statuses=env.word_list(
+            "IN_FLIGHT_EXTERNAL_STATUSES", Layout().in_flight_external_statuses
+        ),
+        final_statuses=env.word_list("FINAL_STATUSES", Layout().final_statuses),
+        role=env.identifier("ROLE", "order_monitor"),
+    )
+    if layout.channel == layout.result_channel:
+        raise ConfigError(
+            f"{PREFIX}CHANNEL and {PREFIX}RESULT_CHANNEL are both {layout.channel!r}: "
+            "the daemon would read its own result announcements; use two names"
+        )
+
+    try:
+        policy = BackoffPolicy(
+            initial_delay=env.duration("INITIAL_DELAY", 60.0),
+            base=env.duration("BACKOFF_BASE", 30.0),
+            cap=env.duration("BACKOFF_CAP", 6900.0),
+            jitter=env.number("BACKOFF_JITTER", 0.1),
+            max_attempts=env.integer("MAX_ATTEMPTS", 20),
+            max_age=env.duration("MAX_AGE", 86400.0),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"backoff settings are inconsistent: {exc}") from None
+
+    defaults = OutcomeWrites()
+    writes = OutcomeWrites(
+        done_external_status=env.string("DONE_EXTERNAL_STATUS", defaults.done_external_status),
+        failed_external_status=env.string(
+            "FAILED_EXTERNAL_STATUS", defaults.failed_external_status
+        ),
+        gave_up_external_status=env.string(
+            "GAVE_UP_EXTERNAL_STATUS", defaults.gave_up_external_status
+        ),
+        done_status=env.optional("DONE_STATUS"),
+        failed_status=env.optional("FAILED_STATUS"),
+    )
+    for name, value in (
+        ("DONE_EXTERNAL_STATUS", writes.done_external_status),
+        ("FAILED_EXTERNAL_STATUS", writes.failed_external_status),
+        ("GAVE_UP_EXTERNAL_STATUS", writes.gave_up_external_status),
+    ):
+        if value.lower() in layout.in_flight_external_statuses:
+            raise ConfigError(
+                f"{PREFIX}{name}={value!r} is one of {PREFIX}IN_FLIGHT_EXTERNAL_STATUSES: "
+                "the order would never leave the in-flight set"
+            )
+
+    providers_path = _providers_path(env)
+    return Settings(
+        dsn=_dsn(values, required=need_database),
+        layout=layout,
+        policy=policy,
+        writes=writes,
+        sweep_interval=env.duration("SWEEP_INTERVAL", 300.0),
+        batch_size=env.integer("BATCH_SIZE", 500),
+        concurrency=env.integer("CONCURRENCY", 64),
+        drain_timeout=env.duration("DRAIN_TIMEOUT", 10.0),
+        listener_health_interval=env.duration("LISTENER_HEALTH_INTERVAL", 10.0),
+        providers_file=providers_path,
+        providers=load_providers(providers_path, values) if providers_path else (),
+        log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        log_format=env.choice("LOG_FORMAT", "auto", ("auto", "json", "console")),
+        http_listen=_http_listen(env),
+    )
+
+
+def _dsn(values: Mapping[str, str], *, required: bool) -> Secret:
+    dsn = values.get(PREFIX + "DSN", "").strip()
+    if not dsn:
+        dsn = read_credential("dsn", values) or ""
+    if not dsn and not required:
+        return Secret("")
+    if not dsn and not any(values.get(v) for v in ("PGHOST", "PGDATABASE", "PGSERVICE")):
+        raise ConfigError(
+            f"no database configured: set {PREFIX}DSN (a libpq connection string or "
+            "postgresql:// URI), a 'dsn' systemd credential, or libpq's PGHOST/PGDATABASE"
+        )
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        # libpq's message may quote the string, password included: ours does not.
+        raise ConfigError(
+            f"{PREFIX}DSN is not a valid connection string (expected key=value pairs "
+            "or a postgresql:// URI)"
+        ) from None
+    return Secret(dsn)
+
+
+def read_credential(name: str, values: Mapping[str, str]) -> str | None:
+    """A systemd credential (LoadCredential=) by name, if the service has one."""
+    directory = values.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / name
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"credential {name!r} cannot be read: {exc.strerror}") from None
+
+
+def _providers_path(env: Env) -> Path | None:
+    raw = env.optional("PROVIDERS_FILE")
+    if raw is not None:
+        path = Path(raw)
+        if not path.is_file():
+            raise ConfigError(f"{PREFIX}PROVIDERS_FILE={raw!r}: no such file")
+        return path
+    return DEFAULT_PROVIDERS_FILE if DEFAULT_PROVIDERS_FILE.is_file() else None
+
+
+def _http_listen(env: Env) -> str | None:
+    raw = env.optional("HTTP_LISTEN")
+    if raw is None or raw.lower() in {"off", "no", "false", "0"}:
+        return None
+    _host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"{PREFIX}HTTP_LISTEN={raw!r} is invalid: expected host:port, e.g. 127.0.0.1:9187"
+        )
+    return raw
+
+
+# --- the providers file ----------------------------------------------------------
+
+_PROVIDER_KEYS: Final = {"kind", "base_url", "provider_ids", "limits", "secrets", "options"}
+_LIMIT_TYPES: Final[dict[str, type]] = {
+    "concurrency": int,
+    "rate": float,
+    "burst": int,
+    "connect_timeout": float,
+    "read_timeout": float,
+    "breaker_failures": int,
+    "breaker_cooldown": float,
+    "max_body": int,
+}
+
+
+def load_providers(path: Path, environ: Mapping[str, str]) -> tuple[ProviderConfig, ...]:
+    """Parse the providers file (TOML).
+
+    Layout::
+
+        [providers.znet-main]
+        kind = "znet"
+        base_url = "https://panel.example.com"
+        provider_ids = ["znet", "7"]     # values of the orders' providerId
+        [providers.znet-main.secrets]
+        kod = { env = "ZNET_KOD" }       # or { file = "..." }, { credential = "..." }, "literal"
+        sifre = { credential = "znet-sifre" }
+        [providers.znet-main.limits]
+        concurrency = 4
+        rate = 10
+    """
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"providers file {str(path)!r} cannot be read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"providers file {str(path)!r} is not valid TOML: {exc}") from None
+    return parse_providers(document, environ, source=str(path))
+
+
+def parse_providers(
+    document: Mapping[str, Any], environ: Mapping[str, str], *, source: str = "providers file"
+) -> tuple[ProviderConfig, ...]:
+    unknown_top = set(document) - {"providers"}
+    if unknown_top:
+        raise ConfigError(
+            f"{source}: unknown top-level keys {sorted(unknown_top)}; "
+            "expected [providers.NAME] tables"
+        )
+    table = document.get("providers", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: 'providers' must be a table of [providers.NAME] entries")
+    result: list[ProviderConfig] = []
+    claimed: dict[str, str] = {}
+    for name, entry in table.items():
+        where = f"{source}: [providers.{name}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = set(entry) - _PROVIDER_KEYS
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_PROVIDER_KEYS)}"
+            )
+        kind = entry.get("kind")
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"{where}: 'kind' is required (znet, barakat, json_http or fake)")
+        base_url = entry.get("base_url")
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{where}: 'base_url' is required and must start with http:// or https://"
+            )
+        ids = entry.get("provider_ids", [name])
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str | int) for i in ids):
+            raise ConfigError(f"{where}: 'provider_ids' must be a non-empty list of strings")
+        provider_ids = tuple(str(i) for i in ids)
+        for pid in provider_ids:
+            if pid in claimed:
+                raise ConfigError(
+                    f"{where}: provider id {pid!r} is already served by [providers.{claimed[pid]}]"
+                )
+            claimed[pid] = name
+        options = entry.get("options", {})
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}: 'options' must be a table")
+        result.append(
+            ProviderConfig(
+                name=name,
+                kind=kind,
+                base_url=base_url.rstrip("/"),
+                provider_ids=provider_ids,
+                limits=_limits(entry.get("limits", {}), where),
+                secrets=_secrets(entry.get("secrets", {}), where, environ),
+                options=options,
+            )
+        )
+    return tuple(result)
+
+
+def _limits(raw: object, where: str) -> ProviderLimits:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: 'limits' must be a table")
+    unknown = set(raw) - set(_LIMIT_TYPES)
+    if unknown:
+        raise ConfigError(
+            f"{where}.limits: unknown keys {sorted(unknown)}; allowed: {sorted(_LIMIT_TYPES)}"
+        )
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        expected = _LIMIT_TYPES[key]
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if expected is int:
+            ok = ok and float(value).is_integer()
+        if not ok or value <= 0:
+            kind = "a whole number" if expected is int else "a number"
+            raise ConfigError(f"{where}.limits.{key} = {value!r} is invalid: expected {kind} > 0")
+        values[key] = expected(value)
+    return ProviderLimits(**values)
+
+
+def _secrets(raw: object, where: str, environ: Mapping[str, str]) -> dict[str, Secret]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: 'secrets' must be a table")
+    resolved: dict[str, Secret] = {}
+    for key, spec in raw.items():
+        at = f"{where}.secrets.{key}"
+        value: str | None
+        if isinstance(spec, str):
+            value = spec
+        elif isinstance(spec, dict) and len(spec) == 1:
+            ((source, ref),) = spec.items()
+            if not isinstance(ref, str):
+                raise ConfigError(f"{at}: the {source!r} reference must be a string")
+            if source == "env":
+                value = environ.get(ref)
+                if not value:
+                    raise ConfigError(f"{at}: environment variable {ref} is not set")
+            elif source == "file":
+                try:
+                    value = Path(ref).read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"{at}: file {ref!r} cannot be read: {exc.strerror}"
+                    ) from None
+            elif source == "credential":
+                value = read_credential(ref, environ)
+                if value is None:
+                    raise ConfigError(
+                        f"{at}: systemd credential {ref!r} is not available "
+                        "(is it in LoadCredential= and CREDENTIALS_DIRECTORY set?)"
+                    )
+            else:
+                raise ConfigError(f"{at}: unknown source {source!r}; use env, file or credential")
+        else:
+            raise ConfigError(
+                f'{at}: expected a string or one of {{ env = "VAR" }}, '
+                '{ file = "/path" }, { credential = "name" }'
+            )
+        if not value:
+            raise ConfigError(f"{at} is empty")
+        resolved[key] = Secret(value)
+    return resolved

@@ -1,0 +1,143 @@
+"""When to check an order next: the one backoff policy, as pure functions.
+
+The schedule is a function of the time since the order was dispatched, never
+of how many checks this process happened to make. A restarted daemon therefore
+resumes where the old one stood (it knows when the row was last synced), and a
+check that ran late does not push every later check back.
+
+Attempt *n* has a *slot*: an offset from dispatch. The first slot is
+``initial_delay``; after it the gaps grow as ``base * 2**(n-2)`` up to ``cap``.
+Each gap carries a jitter of up to ``±jitter`` of its length, derived from the
+order's id, so that orders dispatched together spread out, and so that the
+same order always gets the same slots (no random state to persist or seed in
+tests). A check at elapsed time ``t`` is followed by the first slot after
+``t``; slots missed while the daemon was down are skipped, not replayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Slot(NamedTuple):
+    attempt: int
+    #: Seconds since dispatch.
+    offset: float
+    #: Seconds since the previous slot.
+    gap: float
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffPolicy:
+    initial_delay: float = 60.0
+    base: float = 30.0
+    # With the defaults above, 20 attempts end at about 23.3 h: max_attempts
+    # and max_age bind at about the same time, so neither silently overrides
+    # the other (test_default_limits_bind_together keeps it that way).
+    cap: float = 6900.0
+    jitter: float = 0.1
+    max_attempts: int = 20
+    max_age: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if self.initial_delay < 0:
+            raise ValueError("initial_delay must be >= 0")
+        if self.base <= 0 or self.cap <= 0:
+            raise ValueError("base and cap must be > 0")
+        if not 0 <= self.jitter < 0.5:
+            # Below 0.5 consecutive jittered slots can never swap order.
+            raise ValueError("jitter must be >= 0 and < 0.5")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.max_age <= 0:
+            raise ValueError("max_age must be > 0")
+
+    def slots(self, key: int) -> list[Slot]:
+        """Every slot of the order identified by *key*, within both limits.
+
+        Never empty: an order is checked at least once, however old it is.
+        """
+        result: list[Slot] = []
+        offset = 0.0
+        for attempt in range(1, self.max_attempts + 1):
+            gap = (
+                self.initial_delay
+                if attempt == 1
+                else min(self.cap, self.base * 2 ** (attempt - 2))
+            )
+            gap *= 1.0 + self.jitter * _signed_unit(key, attempt)
+            offset += gap
+            if offset > self.max_age and result:
+                break
+            result.append(Slot(attempt, offset, gap))
+        return result
+
+    def next_slot(self, key: int, last_checked: float | None) -> Slot | None:
+        """The slot after a check made *last_checked* seconds after dispatch.
+
+        ``None`` for *last_checked* means the order was never checked: the
+        first slot (which may already be past; the caller then checks now).
+        ``None`` as the result means the order has used up its checks.
+        """
+        slots = self.slots(key)
+        if last_checked is None:
+            return slots[0]
+        for slot in slots:
+            if slot.offset > last_checked:
+                return slot
+        return None
+
+
+def _signed_unit(key: int, attempt: int) -> float:
+    """A stable pseudo-random number in [-1, 1) for (key, attempt)."""
+    digest = hashlib.blake2b(
+        (key & (2**128 - 1)).to_bytes(16, "big") + attempt.to_bytes(2, "big"), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big") / 2**63 - 1.0
+
+
+def describe(policy: BackoffPolicy) -> str:
+    """The schedule without jitter, as a table for people (README, `order-monitor schedule`)."""
+    plain = BackoffPolicy(
+        initial_delay=policy.initial_delay,
+        base=policy.base,
+        cap=policy.cap,
+        jitter=0.0,
+        max_attempts=policy.max_attempts,
+        max_age=policy.max_age,
+    )
+    lines = [
+        "| attempt | after the previous | since dispatch |",
+        "| ---: | ---: | ---: |",
+    ]
+    for slot in plain.slots(0):
+        lines.append(
+            f"| {slot.attempt} | {format_seconds(slot.gap)} | {format_seconds(slot.offset)} |"
+        )
+    last = plain.slots(0)[-1]
+    lines.append("")
+    lines.append(
+        f"Each gap varies by up to ±{policy.jitter:.0%} per order. After attempt {last.attempt} "
+        f"({format_seconds(last.offset)} after dispatch) a still-pending order is given up "
+        f"(max_attempts={policy.max_attempts}, max_age={format_seconds(policy.max_age)})."
+    )
+    return "\n".join(lines)
+
+
+def format_seconds(seconds: float) -> str:
+    """'45s', '2m', '1h55m', '23h18m'."""
+    total = round(seconds)
+    if total < 60:
+        return f"{seconds:g}s" if seconds < 1 else f"{total}s"
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = []
+    if hours:
+        parts.append(f"{hours}h")
+    if minutes:
+        parts.append(f"{minutes}m")
+    if secs and not hours:
+        parts.append(f"{secs}s")
+    return "".join(parts)

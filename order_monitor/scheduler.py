@@ -1,0 +1,129 @@
+"""The in-memory schedule of pending checks: a min-heap with one live entry per order.
+
+Pure code: no I/O and no clock of its own (the caller passes ``now``), so
+timing is tested with plain numbers.
+
+Memory matters: a shop can have a million orders in flight. An order is held
+as its UUID's 128-bit integer and a due time, nothing else (the checker
+re-reads the row anyway), which costs well under 300 bytes an order.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+
+
+class Scheduler:
+    """Orders waiting for a check, and orders whose check is under way.
+
+    An order is in one of two places: *scheduled* (in the heap, with a due
+    time) or *in flight* (handed out by :meth:`pop_due`, not yet returned by
+    :meth:`complete`). Offering an order that is in flight does not schedule
+    a second check; it is remembered and applied when the first completes, so
+    notifications and sweeps can never cause duplicate polling.
+    """
+
+    __slots__ = ("_due", "_heap", "_in_flight", "_requeue")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int]] = []
+        self._due: dict[int, float] = {}
+        self._in_flight: set[int] = set()
+        self._requeue: dict[int, float] = {}
+
+    def offer(self, order: int, due: float) -> bool:
+        """Make sure *order* is checked no later than *due*.
+
+        An order already scheduled earlier keeps its time. Returns True when
+        the earliest due time of the whole schedule moved earlier, which is
+        when a waiting dispatcher should be woken.
+        """
+        if order in self._in_flight:
+            previous = self._requeue.get(order)
+            if previous is None or due < previous:
+                self._requeue[order] = due
+            return False
+        current = self._due.get(order)
+        if current is not None and current <= due:
+            return False
+        head = self._heap[0][0] if self._heap else None
+        self._push(order, due)
+        return head is None or due < head
+
+    def pop_due(self, now: float, limit: int) -> list[int]:
+        """Take up to *limit* orders due at or before *now*, earliest first."""
+        taken: list[int] = []
+        heap = self._heap
+        while heap and len(taken) < limit and heap[0][0] <= now:
+            due, order = heapq.heappop(heap)
+            if self._due.get(order) != due:
+                continue  # superseded by a later offer/reschedule
+            del self._due[order]
+            self._in_flight.add(order)
+            taken.append(order)
+        return taken
+
+    def complete(self, order: int, next_due: float | None) -> None:
+        """Return an order handed out by :meth:`pop_due`.
+
+        *next_due* is None when the order needs no further check. An offer
+        made while it was in flight still applies (for example a new
+        ``provider_referans``, which the finished check did not see).
+        """
+        self._in_flight.discard(order)
+        requeued = self._requeue.pop(order, None)
+        candidates = [d for d in (next_due, requeued) if d is not None]
+        if candidates:
+            self._push(order, min(candidates))
+
+    def forget(self, order: int) -> None:
+        """Drop an order entirely (it is no longer in flight in the database)."""
+        self._due.pop(order, None)
+        self._in_flight.discard(order)
+        self._requeue.pop(order, None)
+
+    def next_due(self) -> float | None:
+        """The earliest due time, or None when nothing is scheduled."""
+        self._drop_stale_head()
+        return self._heap[0][0] if self._heap else None
+
+    def lag(self, now: float) -> float:
+        """How far the most overdue check is behind its due time (0 if none is)."""
+        head = self.next_due()
+        return max(0.0, now - head) if head is not None else 0.0
+
+    def due_in(self, order: int) -> float | None:
+        return self._due.get(order)
+
+    def __contains__(self, order: object) -> bool:
+        return order in self._due or order in self._in_flight
+
+    def __len__(self) -> int:
+        return len(self._due) + len(self._in_flight)
+
+    @property
+    def scheduled(self) -> int:
+        return len(self._due)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self._due
+        yield from self._in_flight
+
+    def _push(self, order: int, due: float) -> None:
+        self._due[order] = due
+        heapq.heappush(self._heap, (due, order))
+        # Superseded entries stay in the heap until popped; rebuild when they
+        # outnumber the live ones so memory stays proportional to orders.
+        if len(self._heap) > 2 * len(self._due) + 1024:
+            self._heap = [(d, o) for o, d in self._due.items()]
+            heapq.heapify(self._heap)
+
+    def _drop_stale_head(self) -> None:
+        heap = self._heap
+        while heap and self._due.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)

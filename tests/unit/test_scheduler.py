@@ -1,0 +1,150 @@
+"""The heap of pending checks: timing tested with plain numbers, no clock, no sleep."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from order_monitor.scheduler import Scheduler
+
+
+def test_pops_only_what_is_due_earliest_first() -> None:
+    s = Scheduler()
+    s.offer(1, 30.0)
+    s.offer(2, 10.0)
+    s.offer(3, 20.0)
+    assert s.pop_due(now=25.0, limit=10) == [2, 3]
+    assert s.pop_due(now=25.0, limit=10) == []
+    assert s.next_due() == 30.0
+
+
+def test_limit_bounds_a_batch() -> None:
+    s = Scheduler()
+    for order in range(10):
+        s.offer(order, 0.0)
+    assert len(s.pop_due(now=1.0, limit=4)) == 4
+    assert s.scheduled == 6
+    assert s.in_flight == 4
+
+
+def test_offering_twice_keeps_one_entry_at_the_earlier_time() -> None:
+    s = Scheduler()
+    s.offer(1, 50.0)
+    s.offer(1, 20.0)
+    s.offer(1, 80.0)
+    assert len(s) == 1
+    assert s.pop_due(now=100.0, limit=10) == [1]
+    assert s.pop_due(now=100.0, limit=10) == []
+
+
+def test_offer_reports_when_the_head_moved_earlier() -> None:
+    s = Scheduler()
+    assert s.offer(1, 50.0) is True
+    assert s.offer(2, 60.0) is False
+    assert s.offer(3, 40.0) is True
+    assert s.offer(3, 45.0) is False
+
+
+def test_an_order_in_flight_is_not_handed_out_twice() -> None:
+    s = Scheduler()
+    s.offer(1, 0.0)
+    assert s.pop_due(now=1.0, limit=10) == [1]
+    s.offer(1, 0.5)  # a sweep or notification sees it again meanwhile
+    assert s.pop_due(now=1.0, limit=10) == []
+    s.complete(1, next_due=100.0)
+    # The offer made during the check is kept: it may be a new reference.
+    assert s.due_in(1) == 0.5
+
+
+def test_complete_without_next_due_drops_the_order() -> None:
+    s = Scheduler()
+    s.offer(1, 0.0)
+    s.pop_due(now=1.0, limit=10)
+    s.complete(1, next_due=None)
+    assert 1 not in s
+    assert len(s) == 0
+
+
+def test_forget_removes_scheduled_and_in_flight_orders() -> None:
+    s = Scheduler()
+    s.offer(1, 0.0)
+    s.offer(2, 5.0)
+    s.pop_due(now=1.0, limit=1)
+    s.forget(1)
+    s.forget(2)
+    assert len(s) == 0
+    assert s.pop_due(now=10.0, limit=10) == []
+
+
+def test_lag_is_the_age_of_the_most_overdue_check() -> None:
+    s = Scheduler()
+    assert s.lag(now=100.0) == 0.0
+    s.offer(1, 40.0)
+    s.offer(2, 90.0)
+    assert s.lag(now=100.0) == 60.0
+    assert s.lag(now=10.0) == 0.0
+
+
+def test_superseded_entries_do_not_grow_the_heap_without_bound() -> None:
+    s = Scheduler()
+    for round_ in range(200):
+        for order in range(50):
+            s.offer(order, 1_000_000.0 - round_)
+    assert len(s._heap) <= 2 * len(s) + 1024
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random offers, pops and completions against a plain model of the schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = Scheduler()
+        self.model: dict[int, float] = {}
+        self.flying: set[int] = set()
+        self.requeued: dict[int, float] = {}
+        self.now = 0.0
+
+    @rule(order=st.integers(0, 20), due=st.floats(0, 100, allow_nan=False))
+    def offer(self, order: int, due: float) -> None:
+        self.s.offer(order, due)
+        if order in self.flying:
+            self.requeued[order] = min(due, self.requeued.get(order, due))
+        else:
+            self.model[order] = min(due, self.model.get(order, due))
+
+    @rule(step=st.floats(0, 30, allow_nan=False), limit=st.integers(1, 5))
+    def pop(self, step: float, limit: int) -> None:
+        self.now += step
+        taken = self.s.pop_due(self.now, limit)
+        assert len(taken) <= limit
+        assert len(set(taken)) == len(taken)
+        dues = [self.model[o] for o in taken]
+        assert dues == sorted(dues)
+        for order in taken:
+            assert self.model[order] <= self.now
+            del self.model[order]
+            self.flying.add(order)
+        remaining_due = [d for d in self.model.values() if d <= self.now]
+        assert len(taken) == limit or not remaining_due
+
+    @precondition(lambda self: self.flying)
+    @rule(data=st.data(), next_due=st.none() | st.floats(0, 200, allow_nan=False))
+    def complete(self, data: st.DataObject, next_due: float | None) -> None:
+        order = data.draw(st.sampled_from(sorted(self.flying)))
+        self.s.complete(order, next_due)
+        self.flying.discard(order)
+        candidates = [d for d in (next_due, self.requeued.pop(order, None)) if d is not None]
+        if candidates:
+            self.model[order] = min(candidates)
+
+    @invariant()
+    def agrees_with_the_model(self) -> None:
+        assert len(self.s) == len(self.model) + len(self.flying)
+        assert self.s.scheduled == len(self.model)
+        assert self.s.in_flight == len(self.flying)
+        assert self.s.next_due() == (min(self.model.values()) if self.model else None)
+        for order, due in self.model.items():
+            assert self.s.due_in(order) == due
+
+
+TestSchedulerMachine = SchedulerMachine.TestCase
