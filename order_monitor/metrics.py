@@ -1,0 +1,107 @@
+"""Prometheus metrics, on a registry of our own (not the process-global one).
+
+Names are in base units with _total/_seconds suffixes. No order id is ever a
+label: their number is unbounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.checks = Counter(
+            "order_monitor_checks",
+            "Provider checks by provider and normalised outcome "
+            "(pending, done, failed, unknown, error).",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.check_seconds = Histogram(
+            "order_monitor_check_seconds",
+            "Time of one provider request (one batch of orders).",
+            ["provider"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.finished = Counter(
+            "order_monitor_orders_finished",
+            "Orders written as finished, by outcome (done, failed, gave_up).",
+            ["outcome"],
+            registry=r,
+        )
+        self.stale_results = Counter(
+            "order_monitor_stale_results",
+            "Results not written because the row changed meanwhile "
+            "(finished by someone else, or a new provider reference).",
+            registry=r,
+        )
+        self.unconfigured = Counter(
+            "order_monitor_unconfigured_provider_orders",
+            "Checks skipped because the order's provider is not in the providers file.",
+            registry=r,
+        )
+        self.notifications = Counter(
+            "order_monitor_notifications",
+            "Notifications received on the channel, by result (accepted, rejected).",
+            ["result"],
+            registry=r,
+        )
+        self.sweeps = Counter("order_monitor_sweeps", "Completed sweeps.", registry=r)
+        self.sweep_seconds = Histogram(
+            "order_monitor_sweep_seconds",
+            "Duration of a full sweep.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.sweep_found = Gauge(
+            "order_monitor_sweep_found_orders",
+            "In-flight orders the last sweep found.",
+            registry=r,
+        )
+        self.reconnects = Counter(
+            "order_monitor_listener_reconnects",
+            "Times the LISTEN connection was re-established.",
+            registry=r,
+        )
+        self.listener_up = Gauge(
+            "order_monitor_listener_connected",
+            "1 while the LISTEN connection is up.",
+            registry=r,
+        )
+        self.pending = Gauge(
+            "order_monitor_pending_orders",
+            "Orders in the schedule (waiting or being checked).",
+            registry=r,
+        )
+        self.lag = Gauge(
+            "order_monitor_queue_lag_seconds",
+            "How far the most overdue check is behind its due time.",
+            registry=r,
+        )
+        self.circuit = Gauge(
+            "order_monitor_provider_circuit_state",
+            "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.",
+            ["provider"],
+            registry=r,
+        )
+        self.notification_queue = Gauge(
+            "order_monitor_pg_notification_queue_usage_ratio",
+            "pg_notification_queue_usage(): when full, the application's commits fail.",
+            registry=r,
+        )
+        self.leader = Gauge(
+            "order_monitor_leader",
+            "1 while this instance holds the lock and works, 0 while on standby.",
+            registry=r,
+        )
+
+    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """Compute *gauge* at scrape time from *read* (no timer to keep it fresh)."""
+        gauge.set_function(read)

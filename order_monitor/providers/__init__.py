@@ -1,0 +1,1 @@
+"""Provider adapters: how order-monitor asks a provider about an order."""
