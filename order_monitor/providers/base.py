@@ -97,7 +97,7 @@ class Outcome:
         return cls(Status.UNKNOWN, message=message)
 
     @classmethod
-    def error(cls, error: str, retry_after: float | None = None) -> Outcome:
+    def transport_error(cls, error: str, retry_after: float | None = None) -> Outcome:
         return cls(Status.ERROR, error=error, retry_after=retry_after)
 
 
