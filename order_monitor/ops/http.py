@@ -1,0 +1,239 @@
+"""/healthz, /readyz and /metrics on a small aiohttp server (off unless configured).
+
+* ``/healthz`` answers 200 whenever the event loop runs the handler. It never
+  touches the database: a liveness probe that fails on a database blip turns
+  the blip into a restart storm, and the daemon already recovers from a
+  Postgres restart by itself.
+* ``/readyz`` answers 200 only when this instance is the leader, its LISTEN
+  connection is up, the database answers and a sweep finished recently. Else
+  503, with a JSON body naming the checks that failed, so "not ready" says why.
+  A standby instance is not ready (``"role": "standby"``): it does no work.
+* ``/metrics`` is the Prometheus text exposition of the daemon's own registry.
+
+Usage in the daemon::
+
+    async with serve_http(settings.http_listen, metrics=metrics, readiness=state,
+                          max_sweep_age=3 * settings.sweep_interval) as server:
+        ...   # server is None when ORDER_MONITOR_HTTP_LISTEN is off
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Final, Protocol, Self
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from order_monitor.errors import OrderMonitorError
+from order_monitor.logs import get_logger
+from order_monitor.metrics import Metrics
+
+log = get_logger(component="http")
+
+LEADER: Final = "leader"
+
+
+class HttpListenError(OrderMonitorError):
+    """The probe/metrics server cannot listen where it was told to."""
+
+
+class Readiness(Protocol):
+    """What /readyz asks the daemon. The daemon's state object implements it.
+
+    ``role`` is "leader" for the instance doing the work ("standby" while it
+    waits for the leader lock, anything else while starting or stopping).
+    ``database_ok`` may run a query or return a flag the daemon keeps fresh;
+    /readyz gives it ``database_timeout`` seconds. ``last_sweep_age`` is the
+    seconds since the last completed sweep, None before the first one.
+    """
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def listener_connected(self) -> bool: ...
+
+    def database_ok(self) -> Awaitable[bool]: ...
+
+    def last_sweep_age(self) -> float | None: ...
+
+
+def parse_listen(listen: str) -> tuple[str | None, int]:
+    """``host:port`` (``[::1]:9187``, ``:9187`` for every interface) -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise HttpListenError(
+            f"ORDER_MONITOR_HTTP_LISTEN={listen!r} is invalid: expected host:port, "
+            "e.g. 127.0.0.1:9187"
+        )
+    host = host.removeprefix("[").removesuffix("]")
+    return (host or None), int(port)
+
+
+class HttpServer:
+    """The server; ``async with`` starts it and stops it."""
+
+    def __init__(
+        self,
+        listen: str,
+        *,
+        metrics: Metrics,
+        readiness: Readiness,
+        database_timeout: float = 2.0,
+        max_sweep_age: float | None = None,
+    ) -> None:
+        self._listen = listen
+        self._host, self._port = parse_listen(listen)
+        self._metrics = metrics
+        self._readiness = readiness
+        self._database_timeout = database_timeout
+        self._max_sweep_age = max_sweep_age
+        self._started = time.monotonic()
+        self._runner: web.AppRunner | None = None
+        self.addresses: list[tuple[str, int]] = []
+
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics_handler)
+        self._app = app
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        if not self.addresses:
+            raise RuntimeError("the HTTP server is not started")
+        return self.addresses[0][1]
+
+    async def start(self) -> None:
+        # Probes come every few seconds; an access log line each would bury
+        # the daemon's own events in the journal.
+        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise HttpListenError(
+                f"cannot listen on {self._listen} for /healthz, /readyz and /metrics: "
+                f"{exc.strerror or exc}; choose a free address in ORDER_MONITOR_HTTP_LISTEN "
+                "or set it to off"
+            ) from None
+        self._runner = runner
+        self.addresses = [(str(a[0]), int(a[1])) for a in runner.addresses]
+        log.info("http.listening", listen=self._listen, addresses=self.addresses)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # --- handlers -----------------------------------------------------------
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        # Being here proves the loop is turning; that is all liveness means.
+        return web.json_response(
+            {"status": "ok", "uptime_s": round(time.monotonic() - self._started, 3)}
+        )
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        checks, failed = await self.readiness_checks()
+        body: dict[str, Any] = {
+            "status": "not_ready" if failed else "ready",
+            "role": self._readiness.role,
+            "failed": failed,
+            "checks": checks,
+        }
+        return web.json_response(body, status=503 if failed else 200)
+
+    async def readiness_checks(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Every check with its detail, and the names of those that failed."""
+        state = self._readiness
+        role = state.role
+        checks: dict[str, dict[str, Any]] = {"role": {"ok": role == LEADER, "role": role}}
+        if role != LEADER:
+            # A standby has no listener and sweeps nothing by design; listing
+            # those as failures would send the operator on a false trail.
+            checks["role"]["reason"] = "not the leader: another instance holds the lock"
+            return checks, ["role"]
+
+        checks["listener"] = {"ok": state.listener_connected}
+        if not state.listener_connected:
+            checks["listener"]["reason"] = "the LISTEN connection is down (reconnecting)"
+
+        checks["database"] = await self._database_check()
+
+        age = state.last_sweep_age()
+        sweep: dict[str, Any] = {"ok": True, "age_s": None if age is None else round(age, 3)}
+        if age is None:
+            sweep.update(ok=False, reason="no sweep has finished yet")
+        elif self._max_sweep_age is not None and age > self._max_sweep_age:
+            sweep.update(
+                ok=False,
+                reason=f"the last sweep finished more than {self._max_sweep_age:g}s ago",
+            )
+        checks["sweep"] = sweep
+
+        return checks, [name for name, check in checks.items() if not check["ok"]]
+
+    async def _database_check(self) -> dict[str, Any]:
+        try:
+            ok = await asyncio.wait_for(self._readiness.database_ok(), self._database_timeout)
+        except TimeoutError:
+            return {
+                "ok": False,
+                "reason": f"no answer within {self._database_timeout:g}s",
+            }
+        except Exception as exc:
+            # The body may reach a load balancer's logs: the exception type is
+            # enough there, the full text goes to our own log.
+            log.warning("http.readyz_database_error", error=str(exc))
+            return {"ok": False, "reason": f"check failed: {type(exc).__name__}"}
+        return {"ok": True} if ok else {"ok": False, "reason": "the database check failed"}
+
+    async def _metrics_handler(self, _: web.Request) -> web.Response:
+        body = generate_latest(self._metrics.registry)
+        # aiohttp's content_type= refuses parameters; the header carries the
+        # exposition format version Prometheus negotiates on.
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@asynccontextmanager
+async def serve_http(
+    listen: str | None,
+    *,
+    metrics: Metrics,
+    readiness: Readiness,
+    database_timeout: float = 2.0,
+    max_sweep_age: float | None = None,
+) -> AsyncIterator[HttpServer | None]:
+    """Run the server for the duration of the block, or nothing when *listen* is None."""
+    if listen is None:
+        yield None
+        return
+    async with HttpServer(
+        listen,
+        metrics=metrics,
+        readiness=readiness,
+        database_timeout=database_timeout,
+        max_sweep_age=max_sweep_age,
+    ) as server:
+        yield server

@@ -1,0 +1,220 @@
+"""The probe/metrics server: a real server on 127.0.0.1, a fake daemon state behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
+from order_monitor.metrics import Metrics
+from order_monitor.ops.http import HttpListenError, HttpServer, parse_listen, serve_http
+
+
+@dataclass
+class FakeState:
+    """A real implementation of the Readiness protocol, steered by the test."""
+
+    role: str = "leader"
+    listener_connected: bool = True
+    database: str = "ok"  # ok | down | hang | raise
+    sweep_age: float | None = 1.0
+    database_calls: int = 0
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def database_ok(self) -> bool:
+        self.database_calls += 1
+        if self.database == "hang":
+            await self.released.wait()
+        if self.database == "raise":
+            raise OSError("connection to host=db password=hunter2 failed")
+        return self.database == "ok"
+
+    def last_sweep_age(self) -> float | None:
+        return self.sweep_age
+
+
+@dataclass
+class Running:
+    server: HttpServer
+    state: FakeState
+    metrics: Metrics
+    session: aiohttp.ClientSession
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def get(self, path: str) -> tuple[int, Any, aiohttp.ClientResponse]:
+        async with self.session.get(self.base + path) as response:
+            if response.content_type == "application/json":
+                return response.status, await response.json(), response
+            return response.status, await response.text(), response
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[Running]:
+    state, metrics = FakeState(), Metrics()
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with (
+        HttpServer(
+            "127.0.0.1:0",
+            metrics=metrics,
+            readiness=state,
+            database_timeout=0.2,
+            max_sweep_age=900,
+        ) as server,
+        aiohttp.ClientSession(timeout=timeout) as session,
+    ):
+        yield Running(server, state, metrics, session)
+        state.released.set()
+
+
+async def test_healthz_is_ok_without_asking_the_database(running: Running) -> None:
+    running.state.database = "hang"
+    running.state.listener_connected = False
+    status, body, _ = await running.get("/healthz")
+    assert status == 200
+    assert body["status"] == "ok"
+    assert running.state.database_calls == 0
+
+
+async def test_readyz_is_ok_when_every_check_passes(running: Running) -> None:
+    status, body, _ = await running.get("/readyz")
+    assert status == 200
+    assert body["status"] == "ready"
+    assert body["role"] == "leader"
+    assert body["failed"] == []
+    assert set(body["checks"]) == {"role", "listener", "database", "sweep"}
+    assert running.state.database_calls == 1
+
+
+async def test_a_standby_is_not_ready_and_says_so(running: Running) -> None:
+    running.state.role = "standby"
+    running.state.listener_connected = False
+    running.state.sweep_age = None
+    status, body, _ = await running.get("/readyz")
+    assert status == 503
+    assert body["status"] == "not_ready"
+    assert body["role"] == "standby"
+    assert body["failed"] == ["role"]
+    assert "another instance" in body["checks"]["role"]["reason"]
+    assert running.state.database_calls == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "failed", "reason"),
+    [
+        ({"listener_connected": False}, ["listener"], "LISTEN connection is down"),
+        ({"database": "down"}, ["database"], "database check failed"),
+        ({"database": "hang"}, ["database"], "no answer within 0.2s"),
+        ({"database": "raise"}, ["database"], "check failed: OSError"),
+        ({"sweep_age": None}, ["sweep"], "no sweep has finished yet"),
+        ({"sweep_age": 901.0}, ["sweep"], "more than 900s ago"),
+    ],
+)
+async def test_readyz_names_the_check_that_failed(
+    running: Running, change: dict[str, Any], failed: list[str], reason: str
+) -> None:
+    for name, value in change.items():
+        setattr(running.state, name, value)
+    status, body, _ = await running.get("/readyz")
+    assert status == 503
+    assert body["role"] == "leader"
+    assert body["failed"] == failed
+    assert reason in body["checks"][failed[0]]["reason"]
+
+
+async def test_readyz_lists_every_failure_at_once(running: Running) -> None:
+    running.state.listener_connected = False
+    running.state.database = "down"
+    status, body, _ = await running.get("/readyz")
+    assert status == 503
+    assert body["failed"] == ["listener", "database"]
+
+
+async def test_readyz_never_shows_the_database_error_text(running: Running) -> None:
+    running.state.database = "raise"
+    _, _, response = await running.get("/readyz")
+    assert "hunter2" not in await response.text()
+
+
+async def test_metrics_exposes_the_daemons_own_registry(running: Running) -> None:
+    running.metrics.checks.labels(provider="znet", outcome="done").inc(3)
+    running.metrics.leader.set(1)
+    status, text, response = await running.get("/metrics")
+    assert status == 200
+    assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("order_monitor_checks_total", (("outcome", "done"), ("provider", "znet")))] == 3
+    assert samples[("order_monitor_leader", ())] == 1
+    # Our registry, not the process-global one (which carries python_gc_*).
+    assert not any(name.startswith("python_gc") for name, _ in samples)
+
+
+async def test_unknown_paths_are_404(running: Running) -> None:
+    status, _, _ = await running.get("/")
+    assert status == 404
+
+
+async def test_the_port_is_closed_after_the_block() -> None:
+    async with HttpServer("127.0.0.1:0", metrics=Metrics(), readiness=FakeState()) as server:
+        port = server.port
+    with pytest.raises(aiohttp.ClientConnectorError):
+        async with aiohttp.ClientSession() as session:
+            await session.get(f"http://127.0.0.1:{port}/healthz")
+
+
+async def test_serve_http_does_nothing_when_off() -> None:
+    async with serve_http(None, metrics=Metrics(), readiness=FakeState()) as server:
+        assert server is None
+
+
+async def test_serve_http_serves_when_configured() -> None:
+    async with (
+        serve_http("127.0.0.1:0", metrics=Metrics(), readiness=FakeState()) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        assert server is not None
+        async with session.get(f"http://127.0.0.1:{server.port}/healthz") as response:
+            assert response.status == 200
+
+
+async def test_a_busy_port_is_an_error_naming_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = HttpServer(f"127.0.0.1:{port}", metrics=Metrics(), readiness=FakeState())
+        with pytest.raises(HttpListenError, match="ORDER_MONITOR_HTTP_LISTEN") as caught:
+            await server.start()
+    assert f"127.0.0.1:{port}" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:9187", ("127.0.0.1", 9187)),
+        ("[::1]:9187", ("::1", 9187)),
+        (":9187", (None, 9187)),
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
+def test_parse_listen(listen: str, expected: tuple[str | None, int]) -> None:
+    assert parse_listen(listen) == expected
+
+
+@pytest.mark.parametrize("listen", ["9187", "host:", "host:http", "host:70000"])
+def test_parse_listen_refuses_what_it_cannot_bind(listen: str) -> None:
+    with pytest.raises(HttpListenError, match="host:port"):
+        parse_listen(listen)
