@@ -1,0 +1,319 @@
+"""HTTP plumbing the adapters share: one bounded request, errors without secrets.
+
+Adapters build a URL and parse a body; everything between (status codes,
+Retry-After, the body size bound, decoding, what a log line may show) lives
+here so the three adapters behave the same way when a provider misbehaves.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC
+from typing import Final, NoReturn
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+
+from order_monitor.config import ProviderConfig
+from order_monitor.errors import ConfigError, ProviderAuthError, ProviderError
+from order_monitor.providers.base import RateLimited
+from order_monitor.redaction import Secret, redact_url, scrub
+
+log = structlog.get_logger()
+
+#: Longest piece of a provider's body that goes into a log line or an error.
+EXCERPT: Final = 200
+# Enough of an error page to tell a proxy's page from the provider's own text.
+_ERROR_BODY_READ: Final = 4096
+_DELTA_SECONDS: Final = re.compile(r"^[0-9]+(?:\.[0-9]+)?$", re.ASCII)
+
+
+def excerpt(text: str, limit: int = EXCERPT) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def parse_retry_after(value: str, now: float) -> float | None:
+    """Seconds to wait from a Retry-After value (delta-seconds or HTTP-date).
+
+    *now* is a Unix timestamp, so the function stays pure. A date in the past
+    means "now" (0.0); an unreadable value means the header gave no advice.
+    """
+    text = value.strip()
+    if not text:
+        return None
+    if _DELTA_SECONDS.match(text):
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        # RFC 9110: an HTTP-date is always GMT, even when it fails to say so.
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+class BadAnswer(ProviderError):
+    """A body that is not an answer in the provider's protocol.
+
+    Raised by the adapters' pure parsers, which know nothing of HTTP; the
+    adapter turns it into a logged ProviderError naming the provider.
+    """
+
+    def __init__(self, reason: str, body: str) -> None:
+        super().__init__(f"{reason}: {excerpt(body)!r}")
+        self.reason = reason
+        self.body = body
+
+
+class ErrorAnswer(BadAnswer):
+    """A well-formed answer in which the provider reports an error for the whole request."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transport:
+    """How one provider is called: its name, body bound and what must stay secret."""
+
+    provider: str
+    max_body: int
+    #: Query parameters whose values are credentials (lower case).
+    secret_params: frozenset[str] = frozenset()
+    secrets: tuple[Secret, ...] = ()
+    clock: Callable[[], float] = field(default=time.time, repr=False)
+
+    def safe(self, text: str) -> str:
+        """*text* with every credential value removed, also in URL-encoded form."""
+        values: list[str] = []
+        for secret in self.secrets:
+            raw = secret.reveal()
+            values += [raw, quote(raw, safe=""), quote(raw, safe="/")]
+        return scrub(text, values)
+
+    def safe_url(self, url: str) -> str:
+        return self.safe(redact_url(url, set(self.secret_params)))
+
+    async def request(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply:
+        """One request; a 2xx reply with its body decoded, or an exception.
+
+        Raises RateLimited (429, or 503 with Retry-After), ProviderAuthError
+        (401/403) and ProviderError (anything else that is not an answer).
+        """
+        safe_url = self.safe_url(url)
+        try:
+            # No redirects: a custom auth header (api-token) would follow the
+            # request to whatever host the Location names.
+            async with session.request(
+                method, url, headers=dict(headers or {}), allow_redirects=False
+            ) as response:
+                if not 200 <= response.status < 300:
+                    await self._refuse(response, safe_url)
+                body = await self._read(response, safe_url)
+                return Reply(response.status, body.decode("utf-8", errors="replace"))
+        except ProviderError:
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Library texts may echo the URL with its credentials: scrub them.
+            detail = self.safe(str(exc)) or "no detail"
+            kind = type(exc).__name__
+            log.warning(
+                "provider.request_failed",
+                provider=self.provider,
+                url=safe_url,
+                error=kind,
+                detail=detail,
+            )
+            raise ProviderError(
+                f"{self.provider}: request failed ({kind}: {detail}) for {safe_url}"
+            ) from None
+
+    def bad_answer(self, exc: BadAnswer, status: int) -> ProviderError:
+        """Log a body that is no answer and return the error to raise."""
+        log.warning(
+            "provider.error_answer" if isinstance(exc, ErrorAnswer) else "provider.bad_body",
+            provider=self.provider,
+            status=status,
+            reason=exc.reason,
+            body=self.safe(excerpt(exc.body)),
+        )
+        return ProviderError(f"{self.provider}: HTTP {status}: {self.safe(str(exc))}")
+
+    async def _refuse(self, response: aiohttp.ClientResponse, safe_url: str) -> None:
+        status = response.status
+        body = self.safe(excerpt(await self._peek(response)))
+        if status == 429 or (status == 503 and "Retry-After" in response.headers):
+            retry_after = parse_retry_after(response.headers.get("Retry-After", ""), self.clock())
+            log.warning(
+                "provider.rate_limited",
+                provider=self.provider,
+                status=status,
+                retry_after=retry_after,
+            )
+            raise RateLimited(
+                f"{self.provider}: HTTP {status} (retry after {retry_after} s) from {safe_url}",
+                retry_after,
+            )
+        if status in (401, 403):
+            # Wrong credentials or a caller IP off the whitelist: an operator
+            # must act, so this is an error, not a warning.
+            log.error(
+                "provider.auth_failed",
+                provider=self.provider,
+                status=status,
+                url=safe_url,
+                body=body,
+            )
+            raise ProviderAuthError(
+                f"{self.provider}: HTTP {status} from {safe_url}: "
+                "credentials or caller IP refused; check the providers file"
+            )
+        log.warning(
+            "provider.http_error", provider=self.provider, status=status, url=safe_url, body=body
+        )
+        raise ProviderError(f"{self.provider}: HTTP {status} from {safe_url}: {body!r}")
+
+    async def _peek(self, response: aiohttp.ClientResponse) -> str:
+        """A little of an error reply's body, for the log; never fails."""
+        try:
+            data = await response.content.read(min(self.max_body, _ERROR_BODY_READ))
+        except (aiohttp.ClientError, TimeoutError):
+            return ""
+        return data.decode("utf-8", errors="replace")
+
+    async def _read(self, response: aiohttp.ClientResponse, safe_url: str) -> bytes:
+        """The whole body, refusing to hold more than max_body bytes of it."""
+        limit = self.max_body
+        declared = response.content_length
+        if declared is not None and declared > limit:
+            self._too_large(response.status, safe_url)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await response.content.read(limit + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                self._too_large(response.status, safe_url)
+        return b"".join(chunks)
+
+    def _too_large(self, status: int, safe_url: str) -> NoReturn:
+        log.warning(
+            "provider.body_too_large", provider=self.provider, status=status, limit=self.max_body
+        )
+        raise ProviderError(
+            f"{self.provider}: HTTP {status} body larger than {self.max_body} bytes "
+            f"(limits.max_body) from {safe_url}"
+        )
+
+
+# --- building from the providers file ----------------------------------------------
+
+
+def where(config: ProviderConfig) -> str:
+    return f"[providers.{config.name}]"
+
+
+def check_keys(
+    config: ProviderConfig,
+    options: Collection[str],
+    required_secrets: Collection[str],
+    optional_secrets: Collection[str] = (),
+) -> None:
+    """Refuse unknown option or secret keys and missing secrets, naming the key.
+
+    A misspelt key would otherwise be silently ignored and its default used.
+    """
+    unknown = set(config.options) - set(options)
+    if unknown:
+        raise ConfigError(
+            f"{where(config)}.options: unknown keys {sorted(unknown)}; allowed: {sorted(options)}"
+        )
+    allowed_secrets = set(required_secrets) | set(optional_secrets)
+    unknown = set(config.secrets) - allowed_secrets
+    if unknown:
+        raise ConfigError(
+            f"{where(config)}.secrets: unknown keys {sorted(unknown)}; "
+            f"allowed: {sorted(allowed_secrets)}"
+        )
+    for name in required_secrets:
+        if not config.secrets.get(name):
+            raise ConfigError(f"{where(config)}.secrets.{name} is required")
+
+
+def option_bool(config: ProviderConfig, key: str, default: bool) -> bool:
+    value = config.options.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where(config)}.options.{key} = {value!r}: expected true or false")
+    return value
+
+
+def option_int(config: ProviderConfig, key: str, default: int, *, minimum: int = 1) -> int:
+    value = config.options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(
+            f"{where(config)}.options.{key} = {value!r}: expected a whole number >= {minimum}"
+        )
+    return value
+
+
+def option_str(
+    config: ProviderConfig, key: str, default: str | None = None, *, allow_empty: bool = False
+) -> str:
+    value = config.options.get(key, default)
+    if value is None:
+        raise ConfigError(f"{where(config)}.options.{key} is required")
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise ConfigError(f"{where(config)}.options.{key} = {value!r}: expected a non-empty string")
+    return value
+
+
+def transport(config: ProviderConfig, secret_params: Collection[str] = ()) -> Transport:
+    return Transport(
+        provider=config.name,
+        max_body=config.limits.max_body,
+        secret_params=frozenset(p.lower() for p in secret_params),
+        secrets=tuple(config.secrets.values()),
+    )
+
+
+# --- reading JSON answers --------------------------------------------------------
+
+
+def scalar_text(value: object) -> str | None:
+    """A JSON scalar as text (numbers included), or None for anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        # Ids sent as 123 may come back as 123.0 from some serialisers.
+        return str(int(value))
+    if isinstance(value, str | int | float):
+        return str(value).strip() or None
+    return None
+
+
+def first_text(values: object) -> str | None:
+    """The first non-empty string among *values* (a list) or *values* itself."""
+    if isinstance(values, list):
+        for value in values:
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+        return None
+    if isinstance(values, str) and values.strip():
+        return values.strip()
+    return None
