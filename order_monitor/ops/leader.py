@@ -1,0 +1,320 @@
+"""One active instance per orders table: a session-level advisory lock in Postgres.
+
+Each instance opens a dedicated autocommit connection and polls
+``pg_try_advisory_lock(key)``. The one that gets it is the leader and works;
+the others are hot standbys, polling every ``poll`` seconds. A session-level
+lock lives exactly as long as the session, so when the leader's connection
+dies (crash, network cut, ``pg_terminate_backend``) Postgres releases the lock
+and a standby takes over within a poll or two. The same fact binds the
+leader: once its connection is gone it no longer holds the lock and must stop
+working at once, or two instances would check and write the same orders. So
+the leader proves its session every ``check_interval`` seconds and sets
+:attr:`LeaderLock.lost` the moment it cannot.
+
+The key
+-------
+:func:`lock_key` is the first 64 bits of the MD5 of
+``order_monitor:<schema>.<table>``, as a signed bigint: stable across
+versions, hosts and Python processes, and computable by a DBA in psql::
+
+    SELECT ('x' || left(md5('order_monitor:public.product_orders'), 16))::bit(64)::bigint;
+
+and who holds it (advisory bigint keys appear split in two oids in pg_locks)::
+
+    SELECT l.pid, a.application_name, a.client_addr, a.backend_start
+    FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+    WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+      AND ((l.classid::bigint << 32) | l.objid::bigint) = <key>;
+
+The lock connection must reach Postgres directly or through a pooler in
+session mode: in PgBouncer's transaction mode the lock would stay on a server
+connection we no longer own. The periodic check sees that (another backend
+answers, or the lock is not ours) and reports the lock as lost.
+
+Usage in the daemon::
+
+    lock = LeaderLock(dsn, lock_key(layout.schema, layout.table), on_progress=notifier.watchdog)
+    metrics.track(metrics.leader, lambda: 1.0 if lock.role == LEADER else 0.0)
+    async with lock.held():                  # blocks while standby
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(lock.raise_when_lost())   # cancels the work when the lock goes
+            tg.create_task(work())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Final, NoReturn
+
+import psycopg
+
+from order_monitor.errors import OrderMonitorError
+from order_monitor.logs import get_logger
+from order_monitor.redaction import redact_dsn
+
+log = get_logger(component="leader")
+
+STARTING: Final = "starting"
+STANDBY: Final = "standby"
+LEADER: Final = "leader"
+LOST: Final = "lost"
+RELEASED: Final = "released"
+
+#: libpq settings of the lock connection. Keepalives find a dead peer in about
+#: 10 + 5 * 3 = 25 s even when no query is running; the periodic check finds
+#: it sooner while the leader is up.
+CONNECTION_PARAMS: Final[dict[str, Any]] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+DEFAULT_APPLICATION_NAME: Final = "order-monitor leader lock"
+_RETRY_CAP: Final = 30.0
+
+_TRY_LOCK: Final = "SELECT pg_try_advisory_lock(%s)"
+_STILL_OURS: Final = """
+SELECT pg_backend_pid(), EXISTS (
+    SELECT FROM pg_locks
+    WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+      AND pid = pg_backend_pid() AND classid::bigint = %s AND objid::bigint = %s
+)
+"""
+_HOLDER: Final = """
+SELECT l.pid, a.application_name, host(a.client_addr)
+FROM pg_locks l LEFT JOIN pg_stat_activity a USING (pid)
+WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+  AND l.classid::bigint = %s AND l.objid::bigint = %s
+"""
+
+
+class LeadershipLost(OrderMonitorError):
+    """The leader lock's session is gone: another instance may be working now."""
+
+    # EX_TEMPFAIL: Restart=on-failure brings the instance back, as a standby.
+    exit_code = 75
+
+
+def lock_key(schema: str, table: str) -> int:
+    """The advisory lock key for one orders table (see the module docstring)."""
+    digest = hashlib.md5(f"order_monitor:{schema}.{table}".encode(), usedforsecurity=False)
+    return int.from_bytes(digest.digest()[:8], "big", signed=True)
+
+
+def _key_parts(key: int) -> tuple[int, int]:
+    # pg_locks shows a bigint advisory key as two oids: high and low 32 bits.
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    return unsigned >> 32, unsigned & 0xFFFF_FFFF
+
+
+class LeaderLock:
+    """The advisory lock, held by this instance for the duration of :meth:`held`."""
+
+    def __init__(
+        self,
+        dsn: str,
+        key: int,
+        *,
+        poll: float = 1.5,
+        check_interval: float = 5.0,
+        check_timeout: float = 5.0,
+        connect_timeout: int = 10,
+        application_name: str = DEFAULT_APPLICATION_NAME,
+        on_progress: Callable[[], object] | None = None,
+    ) -> None:
+        self.key = key
+        self._dsn = dsn
+        self._poll = poll
+        self._check_interval = check_interval
+        self._check_timeout = check_timeout
+        self._connect_timeout = connect_timeout
+        self._application_name = application_name
+        self._on_progress = on_progress
+        self._role: str = STARTING
+        self._in_use = False
+        #: Set when the held lock is gone; the daemon must stop working.
+        self.lost = asyncio.Event()
+        #: Why the lock was lost, for logs and the exit message.
+        self.lost_reason: str | None = None
+        #: The server pid of the lock session (for pg_terminate_backend, pg_locks).
+        self.backend_pid: int | None = None
+        #: pg_try_advisory_lock calls made, and connection attempts that failed.
+        self.attempts = 0
+        self.connect_failures = 0
+
+    @property
+    def role(self) -> str:
+        """starting, standby, leader, lost or released."""
+        return self._role
+
+    @property
+    def is_leader(self) -> bool:
+        return self._role == LEADER
+
+    @asynccontextmanager
+    async def held(self) -> AsyncIterator[LeaderLock]:
+        """Wait until the lock is ours, keep it for the block, release it after.
+
+        Cancelling the wait (a SIGTERM while standby) closes the connection.
+        While the block runs, :attr:`lost` may be set at any time.
+        """
+        if self._in_use:
+            raise RuntimeError("LeaderLock.held() is already in use")
+        self._in_use = True
+        self.lost.clear()
+        self.lost_reason = None
+        try:
+            conn = await self._acquire()
+            monitor = asyncio.create_task(self._monitor(conn), name="leader-lock-monitor")
+            try:
+                yield self
+            finally:
+                monitor.cancel()
+                # wait() rather than awaiting the task: our own cancellation
+                # must still propagate, the monitor's must not.
+                await asyncio.wait({monitor})
+                await _close(conn)
+                if self._role == LEADER:
+                    self._role = RELEASED
+                    log.info("leader.released", key=self.key)
+        finally:
+            self._in_use = False
+            if self._role in (STARTING, STANDBY):
+                self._role = RELEASED
+
+    async def raise_when_lost(self) -> NoReturn:
+        """Wait for :attr:`lost`, then raise :class:`LeadershipLost` (for a TaskGroup)."""
+        await self.lost.wait()
+        raise LeadershipLost(
+            f"lost the leader lock ({self.lost_reason}); stopping so that only one "
+            "instance works on the orders table"
+        )
+
+    # --- internals ------------------------------------------------------------
+
+    def _progress(self) -> None:
+        if self._on_progress is not None:
+            self._on_progress()
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(
+            self._dsn,
+            autocommit=True,
+            application_name=self._application_name,
+            connect_timeout=self._connect_timeout,
+            **CONNECTION_PARAMS,
+        )
+        self.backend_pid = conn.info.backend_pid
+        return conn
+
+    async def _acquire(self) -> psycopg.AsyncConnection[Any]:
+        started = time.monotonic()
+        failures_in_a_row = 0
+        announced_standby = False
+        while True:
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await self._connect()
+                failures_in_a_row = 0
+                while True:
+                    self.attempts += 1
+                    cursor = await asyncio.wait_for(
+                        conn.execute(_TRY_LOCK, (self.key,)), self._check_timeout
+                    )
+                    row = await cursor.fetchone()
+                    self._progress()
+                    if row is not None and row[0]:
+                        self._role = LEADER
+                        log.info(
+                            "leader.acquired",
+                            key=self.key,
+                            backend_pid=self.backend_pid,
+                            waited_s=round(time.monotonic() - started, 3),
+                        )
+                        return conn
+                    if not announced_standby:
+                        announced_standby = True
+                        self._role = STANDBY
+                        log.info("leader.standby", key=self.key, **await self._holder(conn))
+                    await asyncio.sleep(self._poll)
+            except (psycopg.OperationalError, TimeoutError) as exc:
+                # Postgres down, restarting or failing over: a standby keeps
+                # waiting (it has nothing else to do), with a capped backoff.
+                if conn is not None:
+                    await _close(conn)
+                self._role = STANDBY
+                self.connect_failures += 1
+                failures_in_a_row += 1
+                delay = min(self._poll * 2 ** (failures_in_a_row - 1), _RETRY_CAP)
+                log.warning(
+                    "leader.connection_failed",
+                    dsn=redact_dsn(self._dsn),
+                    error=_error_text(exc),
+                    retry_in_s=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+            except BaseException:
+                if conn is not None:
+                    await _close(conn)
+                raise
+
+    async def _holder(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+        """Who holds the lock, for the standby's log line (best effort)."""
+        try:
+            cursor = await asyncio.wait_for(
+                conn.execute(_HOLDER, _key_parts(self.key)), self._check_timeout
+            )
+            row = await cursor.fetchone()
+        except (psycopg.Error, TimeoutError):
+            return {}
+        if row is None:
+            return {}
+        return {"holder_pid": row[0], "holder_application": row[1], "holder_addr": row[2]}
+
+    async def _monitor(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        classid, objid = _key_parts(self.key)
+        try:
+            while True:
+                await asyncio.sleep(self._check_interval)
+                cursor = await asyncio.wait_for(
+                    conn.execute(_STILL_OURS, (classid, objid)), self._check_timeout
+                )
+                row = await cursor.fetchone()
+                if row is None or row[0] != self.backend_pid or not row[1]:
+                    self._lose(
+                        "the lock is not held by this session; is a pooler in transaction "
+                        "mode between order-monitor and Postgres? The lock connection "
+                        "needs a direct or session-mode connection"
+                    )
+                    return
+                self._progress()
+        except TimeoutError:
+            self._lose(f"the lock connection did not answer within {self._check_timeout:g}s")
+        except psycopg.Error as exc:
+            self._lose(f"the lock connection failed: {_error_text(exc)}")
+        finally:
+            if self.lost.is_set():
+                await _close(conn)
+
+    def _lose(self, reason: str) -> None:
+        self._role = LOST
+        self.lost_reason = reason
+        log.error("leader.lost", key=self.key, backend_pid=self.backend_pid, reason=reason)
+        self.lost.set()
+
+
+async def _close(conn: psycopg.AsyncConnection[Any]) -> None:
+    try:
+        await conn.close()
+    except psycopg.Error as exc:  # pragma: no cover - close on a broken socket
+        log.debug("leader.close_failed", error=_error_text(exc))
+
+
+def _error_text(exc: BaseException) -> str:
+    # libpq's messages name host and port, never the password; keep one line.
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
