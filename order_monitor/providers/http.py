@@ -150,7 +150,7 @@ class Transport:
             "provider.error_answer" if isinstance(exc, ErrorAnswer) else "provider.bad_body",
             provider=self.provider,
             status=status,
-            reason=exc.reason,
+            reason=self.safe(exc.reason),
             body=self.safe(excerpt(exc.body)),
         )
         return ProviderError(f"{self.provider}: HTTP {status}: {self.safe(str(exc))}")

@@ -1,3 +1,5 @@
+# Provider texts are Turkish and Arabic on purpose: the dotless i must survive.
+# ruff: noqa: RUF001
 """barakat / apstore: the JSON batch protocol, against a loopback server."""
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tests.providers import (
 )
 
 TOKEN = "tok-SECRET-4711"
-TURKISH = "İşlem tamamlandı"  # noqa: RUF001 (real Turkish: the dotless i must survive)
+TURKISH = "İşlem tamamlandı"
 ARABIC = "تم تنفيذ الطلب بنجاح"
 
 
