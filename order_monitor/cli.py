@@ -131,5 +131,19 @@ def schedule_command(ctx: Context) -> None:
     click.echo(describe(ctx.offline_settings.policy))
 
 
+@cli.command("run")
+@pass_context
+@friendly_errors
+def run_command(ctx: Context) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT.
+
+    SIGHUP re-reads the settings and the providers file; a bad new
+    configuration is logged and the old one kept.
+    """
+    from order_monitor.runner import run_forever
+
+    run_forever(ctx.env_file)
+
+
 def main(argv: list[str] | None = None) -> Any:
     return cli.main(args=argv, prog_name="order-monitor")

@@ -1,0 +1,225 @@
+"""Taking due orders off the schedule and asking their providers.
+
+The dispatcher pops due orders in batches, re-reads them in one query (an
+order finished meanwhile by the application or an operator is dropped
+before any provider is asked), groups them by provider and hands each group
+to that provider's LimitedProvider. Groups run as separate tasks, so a slow
+provider holds up only its own orders; a per-provider cap on orders under way
+keeps one stuck provider from filling the global in-flight budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+
+from order_monitor.config import OutcomeWrites
+from order_monitor.db import ColumnLimits, InFlightRow, ManagedConnection, Queries
+from order_monitor.decisions import decide
+from order_monitor.logs import get_logger
+from order_monitor.metrics import Metrics
+from order_monitor.policy import BackoffPolicy
+from order_monitor.providers.base import OrderRef, Outcome, Provider
+from order_monitor.scheduler import Scheduler
+from order_monitor.writer import Writer
+
+log = get_logger()
+
+# How long an order waits when its provider already has its share of orders
+# under way, and after a failed re-read.
+DEFER_BUSY = 1.0
+RETRY_AFTER_READ_FAILURE = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckerLimits:
+    batch_size: int
+    #: Orders under way at once (popped, not yet written), all providers.
+    max_in_flight: int
+    #: Orders under way at once for one provider.
+    max_in_flight_per_provider: int
+
+
+class Checker:
+    def __init__(
+        self,
+        *,
+        conn: ManagedConnection,
+        queries: Queries,
+        providers: Callable[[str | None], Provider | None],
+        scheduler: Scheduler,
+        writer: Writer,
+        policy: BackoffPolicy,
+        writes: OutcomeWrites,
+        columns: ColumnLimits,
+        limits: CheckerLimits,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self._conn = conn
+        self._queries = queries
+        self._providers = providers
+        self._scheduler = scheduler
+        self._writer = writer
+        self.policy = policy
+        self._writes = writes
+        self._columns = columns
+        self._limits = limits
+        self._metrics = metrics
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._per_provider: Counter[str] = Counter()
+        self._unconfigured_warned: set[str] = set()
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Something became due earlier than the dispatcher is waiting for."""
+        self._wake.set()
+
+    def reconfigure(
+        self, providers: Callable[[str | None], Provider | None], policy: BackoffPolicy
+    ) -> None:
+        """Use new providers and policy from the next batch on (SIGHUP)."""
+        self._providers = providers
+        self.policy = policy
+        self._unconfigured_warned.clear()
+
+    async def run(self) -> None:
+        """Dispatch until :meth:`stop`; returns once nothing new will start."""
+        while not self._stopping:
+            room = self._limits.max_in_flight - self._scheduler.in_flight
+            ids = self._scheduler.pop_due(self._clock(), min(self._limits.batch_size, room))
+            if ids:
+                task = asyncio.create_task(self._check_batch(ids))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                continue
+            self._wake.clear()
+            next_due = self._scheduler.next_due()
+            # Never sleep long: a full in-flight budget frees up without a wake.
+            timeout = 1.0 if next_due is None or room <= 0 else next_due - self._clock()
+            if timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(timeout, 1.0))
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to *grace* seconds for checks under way, then cancel the rest.
+
+        Returns how many batches were cancelled.
+        """
+        pending = set(self._tasks)
+        if not pending:
+            return 0
+        _, still = await asyncio.wait(pending, timeout=grace)
+        for task in still:
+            task.cancel()
+        if still:
+            await asyncio.gather(*still, return_exceptions=True)
+        return len(still)
+
+    @property
+    def under_way(self) -> int:
+        return len(self._tasks)
+
+    async def _check_batch(self, ids: list[int]) -> None:
+        uuids = [uuid.UUID(int=i) for i in ids]
+        try:
+            conn = await self._conn.get()
+            rows = await self._queries.fetch_in_flight(conn, uuids)
+        except psycopg.Error as exc:
+            await self._conn.reset()
+            log.error(
+                "checker.reread_failed",
+                orders=len(ids),
+                error=str(exc).strip(),
+                retry_in_s=RETRY_AFTER_READ_FAILURE,
+            )
+            retry_at = self._clock() + RETRY_AFTER_READ_FAILURE
+            for order in ids:
+                self._scheduler.complete(order, retry_at)
+            return
+        read_at = self._clock()
+        found = {row.id.int for row in rows}
+        for order in ids:
+            if order not in found:
+                # Finished by someone else, or no longer dispatched: not ours.
+                self._scheduler.forget(order)
+                log.debug("order.left_flight", order_id=str(uuid.UUID(int=order)))
+
+        groups: dict[str | None, list[InFlightRow]] = defaultdict(list)
+        for row in rows:
+            groups[row.provider_id].append(row)
+        async with asyncio.TaskGroup() as tg:
+            for provider_id, group in groups.items():
+                tg.create_task(self._check_group(provider_id, group, read_at))
+
+    async def _check_group(
+        self, provider_id: str | None, rows: list[InFlightRow], read_at: float
+    ) -> None:
+        provider = self._providers(provider_id)
+        if provider is None:
+            self._unconfigured(provider_id, rows)
+            return
+        name = provider.name
+        room = self._limits.max_in_flight_per_provider - self._per_provider[name]
+        if room < len(rows):
+            busy, rows = rows[max(room, 0) :], rows[: max(room, 0)]
+            retry_at = self._clock() + DEFER_BUSY
+            for row in busy:
+                self._scheduler.complete(row.id.int, retry_at)
+            if not rows:
+                return
+        self._per_provider[name] += len(rows)
+        try:
+            outcomes = await provider.check(
+                [OrderRef(r.id, r.reference, r.external_order_id) for r in rows]
+            )
+        finally:
+            self._per_provider[name] -= len(rows)
+        now = self._clock()
+        for row in rows:
+            outcome = outcomes.get(row.id) or Outcome.unknown()
+            self._writer.submit(
+                decide(
+                    row,
+                    name,
+                    outcome,
+                    elapsed=row.elapsed + (now - read_at),
+                    policy=self.policy,
+                    writes=self._writes,
+                    limits=self._columns,
+                )
+            )
+
+    def _unconfigured(self, provider_id: str | None, rows: list[InFlightRow]) -> None:
+        """Orders whose provider is not in the providers file.
+
+        Logged once per provider id (not once per order or check), counted,
+        and left alone: the next sweep after a reload that names the
+        provider picks them up.
+        """
+        key = provider_id if provider_id is not None else "<none>"
+        self._metrics.unconfigured.inc(len(rows))
+        if key not in self._unconfigured_warned:
+            self._unconfigured_warned.add(key)
+            log.warning(
+                "provider.not_configured",
+                provider_id=key,
+                orders=len(rows),
+                example_order_id=str(rows[0].id),
+                hint="add an entry whose provider_ids names it to the providers file, "
+                "then reload (SIGHUP)",
+            )
+        for row in rows:
+            self._scheduler.complete(row.id.int, None)

@@ -1,0 +1,292 @@
+"""Connections and the SQL the engine runs against the orders table.
+
+Queries are composed once from the layout (identifiers via psycopg.sql) and
+sent with server-side parameters; the ones that run per batch take arrays, so
+one statement text serves any batch size and stays a prepared statement.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+
+from order_monitor import __version__, schema
+from order_monitor.config import Layout
+from order_monitor.errors import SchemaError
+
+AsyncConn = psycopg.AsyncConnection[TupleRow]
+
+# A half-open TCP connection (a failover, a dropped NAT entry) is noticed in
+# about idle + interval * count = 25 s instead of the kernel's two hours.
+KEEPALIVES: Final = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+}
+
+
+async def connect(dsn: str, purpose: str, *, connect_timeout: int = 10) -> AsyncConn:
+    """An autocommit connection named after its job (visible in pg_stat_activity)."""
+    return await psycopg.AsyncConnection.connect(
+        conninfo(dsn, purpose, connect_timeout=connect_timeout), autocommit=True
+    )
+
+
+def conninfo(dsn: str, purpose: str, *, connect_timeout: int = 10) -> str:
+    """*dsn* with our defaults added; the operator's own settings in it win."""
+    params: dict[str, Any] = {
+        **KEEPALIVES,
+        "application_name": f"order-monitor {__version__} ({purpose})",
+        "connect_timeout": str(connect_timeout),
+    }
+    params.update(conninfo_to_dict(dsn) if dsn else {})
+    return make_conninfo("", **params)
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightRow:
+    """An order as the checker sees it, re-read just before its check."""
+
+    id: uuid.UUID
+    reference: str
+    provider_id: str | None
+    external_order_id: str | None
+    #: Seconds since dispatch ("sentAt", else "createdAt"), by the server's clock.
+    elapsed: float
+    #: Seconds from dispatch to the last sync, if there was one after dispatch.
+    last_checked: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRow:
+    id: uuid.UUID
+    elapsed: float
+    last_checked: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnLimits:
+    """Declared lengths of the text columns we write (None: unbounded)."""
+
+    pin_code: int | None
+    provider_message: int | None
+    last_message: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBatch:
+    """Column-wise arrays for the guarded UPDATE, one entry per order."""
+
+    ids: list[uuid.UUID]
+    references: list[str]
+    kinds: list[str]
+    external_statuses: list[str | None]
+    pins: list[str | None]
+    provider_messages: list[str | None]
+    last_messages: list[str | None]
+    statuses: list[str | None]
+
+
+class Queries:
+    """The engine's statements for one table layout."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        c = layout.columns
+        names = schema.Names(layout)
+        table = names.table
+        dispatched = sql.SQL("coalesce({sent}, {created})").format(
+            sent=sql.Identifier(c.sent_at), created=sql.Identifier(c.created_at)
+        )
+        timing = sql.SQL(
+            "extract(epoch FROM now() - {dispatched})::float8,"
+            " CASE WHEN {last_sync} >= {dispatched}"
+            " THEN extract(epoch FROM {last_sync} - {dispatched})::float8 END"
+        ).format(dispatched=dispatched, last_sync=sql.Identifier(c.last_sync_at))
+        in_flight = schema.in_flight_predicate(layout)
+        id_ = sql.Identifier(c.id)
+
+        self._sweep_first = sql.SQL(
+            "SELECT {id}, {timing} FROM {table} WHERE {in_flight} ORDER BY {id} LIMIT %s"
+        ).format(id=id_, timing=timing, table=table, in_flight=in_flight)
+        self._sweep_next = sql.SQL(
+            "SELECT {id}, {timing} FROM {table} WHERE {in_flight} AND {id} > %s"
+            " ORDER BY {id} LIMIT %s"
+        ).format(id=id_, timing=timing, table=table, in_flight=in_flight)
+
+        self._reread = sql.SQL(
+            "SELECT {id}, {ref}, {provider_id}::text, {external_order_id}::text, {timing}"
+            " FROM {table} WHERE {id} = ANY(%s) AND {in_flight}"
+        ).format(
+            id=id_,
+            ref=sql.Identifier(c.provider_ref),
+            provider_id=sql.Identifier(c.provider_id),
+            external_order_id=sql.Identifier(c.external_order_id),
+            timing=timing,
+            table=table,
+            in_flight=in_flight,
+        )
+
+        o = sql.Identifier("o")
+
+        def col(name: str) -> sql.Composed:
+            return sql.Composed([o, sql.SQL("."), sql.Identifier(name)])
+
+        finished = sql.SQL("v.kind IN ('done', 'failed', 'gave_up')")
+        # One round trip per batch: the guarded UPDATE and the result
+        # announcements in one statement, so they commit together.
+        self._write = sql.SQL(
+            """WITH v AS (
+    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
+                         %s::text[], %s::text[], %s::text[])
+        AS v(id, ref, kind, external_status, pin, provider_message, last_message, status)
+), u AS (
+    UPDATE {table} AS o SET
+        {external_status} = coalesce(v.external_status, {o_external_status}),
+        {pin} = coalesce(v.pin, {o_pin}),
+        {provider_message} = coalesce(v.provider_message, {o_provider_message}),
+        {last_message} = coalesce(v.last_message, {o_last_message}),
+        {last_sync} = now(),
+        {completed} = CASE WHEN {finished} THEN now() ELSE {o_completed} END,
+        {duration} = CASE WHEN {finished} THEN least(
+            extract(epoch FROM now() - coalesce({o_sent}, {o_created})) * 1000,
+            2147483647)::integer ELSE {o_duration} END,
+        {status} = coalesce(v.status, {o_status})
+    FROM v
+    WHERE {o_id} = v.id AND {o_ref} = v.ref AND {guard}
+    RETURNING {o_id} AS id, v.kind, {o_external_status} AS external_status, {o_status} AS status
+)
+SELECT u.id, u.kind,
+       CASE WHEN u.kind <> 'pending' THEN pg_notify({channel}, json_build_object(
+           'id', u.id, 'outcome', u.kind,
+           'externalStatus', u.external_status, 'status', u.status)::text)::text END
+FROM u"""
+        ).format(
+            table=table,
+            external_status=sql.Identifier(c.external_status),
+            o_external_status=col(c.external_status),
+            pin=sql.Identifier(c.pin_code),
+            o_pin=col(c.pin_code),
+            provider_message=sql.Identifier(c.provider_message),
+            o_provider_message=col(c.provider_message),
+            last_message=sql.Identifier(c.last_message),
+            o_last_message=col(c.last_message),
+            last_sync=sql.Identifier(c.last_sync_at),
+            completed=sql.Identifier(c.completed_at),
+            o_completed=col(c.completed_at),
+            finished=finished,
+            duration=sql.Identifier(c.duration_ms),
+            o_duration=col(c.duration_ms),
+            o_sent=col(c.sent_at),
+            o_created=col(c.created_at),
+            status=sql.Identifier(c.status),
+            o_status=col(c.status),
+            o_id=col(c.id),
+            o_ref=col(c.provider_ref),
+            guard=schema.in_flight_predicate(layout, "o"),
+            channel=sql.Literal(layout.result_channel),
+        )
+
+    async def sweep_page(
+        self, conn: AsyncConn, after: uuid.UUID | None, limit: int
+    ) -> list[SweepRow]:
+        if after is None:
+            cursor = await conn.execute(self._sweep_first, (limit,))
+        else:
+            cursor = await conn.execute(self._sweep_next, (after, limit))
+        return [SweepRow(*row) for row in await cursor.fetchall()]
+
+    async def fetch_in_flight(self, conn: AsyncConn, ids: Sequence[uuid.UUID]) -> list[InFlightRow]:
+        cursor = await conn.execute(self._reread, (list(ids),))
+        return [InFlightRow(*row) for row in await cursor.fetchall()]
+
+    async def write(self, conn: AsyncConn, batch: WriteBatch) -> dict[uuid.UUID, str]:
+        """Apply the batch; return {id: kind} of the rows actually written.
+
+        A row missing from the result was finished by someone else, or got a
+        new provider reference, since it was read: its result is stale.
+        """
+        params: list[Any] = [
+            batch.ids,
+            batch.references,
+            batch.kinds,
+            batch.external_statuses,
+            batch.pins,
+            batch.provider_messages,
+            batch.last_messages,
+            batch.statuses,
+        ]
+        cursor = await conn.execute(self._write, params)
+        return {row[0]: row[1] for row in await cursor.fetchall()}
+
+
+async def column_limits(conn: AsyncConn, layout: Layout) -> ColumnLimits:
+    """Check every configured column exists; read the lengths of those we write.
+
+    Raises SchemaError naming what is missing, so a typo in a column setting
+    stops the daemon at start-up with a clear line instead of failing every
+    batch later.
+    """
+    cursor = await conn.execute(
+        "SELECT column_name, character_maximum_length FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = %s",
+        (layout.schema, layout.table),
+    )
+    found = {name: length for name, length in await cursor.fetchall()}
+    table = f"{layout.schema}.{layout.table}"
+    if not found:
+        raise SchemaError(
+            f"table {table} does not exist or this role cannot see it "
+            "(check ORDER_MONITOR_SCHEMA/ORDER_MONITOR_TABLE and the grants in sql/role.sql)"
+        )
+    missing = [name for name in layout.columns.read() if name not in found]
+    if missing:
+        hint = (
+            " (sql/install.sql adds it)"
+            if missing == [layout.columns.provider_ref]
+            else " (check the ORDER_MONITOR_COLUMN_* settings)"
+        )
+        raise SchemaError(f"table {table} has no column {', '.join(missing)}{hint}")
+    c = layout.columns
+    return ColumnLimits(
+        pin_code=found[c.pin_code],
+        provider_message=found[c.provider_message],
+        last_message=found[c.last_message],
+    )
+
+
+class ManagedConnection:
+    """One connection for one job, re-established on demand after a failure.
+
+    psycopg serialises concurrent use of a connection, so several tasks may
+    share it; after an OperationalError the caller calls :meth:`reset` and
+    the next :meth:`get` connects again.
+    """
+
+    def __init__(self, dsn: str, purpose: str) -> None:
+        self._dsn = dsn
+        self._purpose = purpose
+        self._conn: AsyncConn | None = None
+
+    async def get(self) -> AsyncConn:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                await self._conn.close()
+            self._conn = await connect(self._dsn, self._purpose)
+        return self._conn
+
+    async def reset(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    async def close(self) -> None:
+        await self.reset()

@@ -1,0 +1,144 @@
+"""What a provider's answer means for the row and the schedule: pure rules.
+
+Kept apart from I/O so every branch (done, failed, pending, gave up, deferred,
+a PIN too long for its column) is tested with plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from order_monitor.config import OutcomeWrites
+from order_monitor.db import ColumnLimits, InFlightRow
+from order_monitor.policy import BackoffPolicy, format_seconds
+from order_monitor.providers.base import Outcome, Status
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The write (if any) and the next check (if any) for one checked order."""
+
+    row: InFlightRow
+    provider: str
+    outcome: Outcome
+    #: 'done', 'failed', 'gave_up', 'pending' (a write) or 'deferred' (none).
+    kind: str
+    external_status: str | None = None
+    pin: str | None = None
+    provider_message: str | None = None
+    last_message: str | None = None
+    status: str | None = None
+    #: Seconds from now until the next check; None: no further check.
+    next_check_in: float | None = None
+
+    @property
+    def writes(self) -> bool:
+        return self.kind != "deferred"
+
+    @property
+    def finished(self) -> bool:
+        return self.kind in {"done", "failed", "gave_up"}
+
+
+def truncate(text: str | None, limit: int | None) -> str | None:
+    """Fit *text* into a varchar(limit), marking the cut with an ellipsis."""
+    if text is None or limit is None or len(text) <= limit:
+        return text
+    return text[: max(limit - 1, 0)] + "…"
+
+
+def decide(
+    row: InFlightRow,
+    provider: str,
+    outcome: Outcome,
+    *,
+    elapsed: float,
+    policy: BackoffPolicy,
+    writes: OutcomeWrites,
+    limits: ColumnLimits,
+) -> Decision:
+    """The decision for *row* given *outcome*, *elapsed* seconds after dispatch."""
+    if outcome.status is Status.DONE:
+        if (
+            outcome.pin is not None
+            and limits.pin_code is not None
+            and len(outcome.pin) > limits.pin_code
+        ):
+            # Cutting a PIN would hand the customer a wrong code: a human decides.
+            return _gave_up(
+                row,
+                provider,
+                outcome,
+                writes,
+                limits,
+                f"order-monitor: the provider reports done, but its PIN has {len(outcome.pin)} "
+                f"characters and the PIN column holds {limits.pin_code}; not written",
+            )
+        return Decision(
+            row,
+            provider,
+            outcome,
+            "done",
+            external_status=writes.done_external_status,
+            pin=outcome.pin,
+            provider_message=truncate(outcome.message, limits.provider_message),
+            last_message=truncate(outcome.message or "Completed", limits.last_message),
+            status=writes.done_status,
+        )
+    if outcome.status is Status.FAILED:
+        return Decision(
+            row,
+            provider,
+            outcome,
+            "failed",
+            external_status=writes.failed_external_status,
+            provider_message=truncate(outcome.message, limits.provider_message),
+            last_message=truncate(outcome.message or "Failed at the provider", limits.last_message),
+            status=writes.failed_status,
+        )
+    if outcome.status is Status.ERROR and outcome.retry_after is not None:
+        # No request was made (breaker open, Retry-After pause), or the
+        # provider asked us to wait: no slot is used, nothing is written.
+        return Decision(row, provider, outcome, "deferred", next_check_in=outcome.retry_after)
+
+    slot = policy.next_slot(row.id.int, last_checked=elapsed)
+    if slot is None:
+        return _gave_up(
+            row,
+            provider,
+            outcome,
+            writes,
+            limits,
+            f"order-monitor gave up {format_seconds(elapsed)} after dispatch "
+            f"(max_attempts={policy.max_attempts}, max_age={format_seconds(policy.max_age)}); "
+            f"last answer: {describe(outcome)}",
+        )
+    return Decision(
+        row, provider, outcome, "pending", next_check_in=max(0.0, slot.offset - elapsed)
+    )
+
+
+def _gave_up(
+    row: InFlightRow,
+    provider: str,
+    outcome: Outcome,
+    writes: OutcomeWrites,
+    limits: ColumnLimits,
+    message: str,
+) -> Decision:
+    return Decision(
+        row,
+        provider,
+        outcome,
+        "gave_up",
+        external_status=writes.gave_up_external_status,
+        last_message=truncate(message, limits.last_message),
+    )
+
+
+def describe(outcome: Outcome) -> str:
+    """The outcome in a few words for a person: 'pending (İşlem bekleniyor)'."""
+    if outcome.status is Status.ERROR:
+        return f"error ({outcome.error})"
+    detail = outcome.message or outcome.raw_status
+    return f"{outcome.status.value} ({detail})" if detail else outcome.status.value

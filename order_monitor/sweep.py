@@ -1,0 +1,145 @@
+"""The safety net: a periodic keyset scan of every order in flight.
+
+Runs every sweep_interval, after each listener (re)connect and after a
+reload. Pages by id on the partial index, so each page is an index range
+scan however large the table. Orders already in the schedule keep their
+place; missing ones are scheduled where the policy says they stand, from
+their dispatch and last-sync times, so a restarted daemon resumes the
+backoff instead of starting it over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+
+from order_monitor.db import ManagedConnection, Queries
+from order_monitor.logs import get_logger
+from order_monitor.metrics import Metrics
+from order_monitor.policy import BackoffPolicy
+from order_monitor.scheduler import Scheduler
+
+log = get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    found: int
+    scheduled: int
+    seconds: float
+
+
+def due_in(policy: BackoffPolicy, key: int, elapsed: float, last_checked: float | None) -> float:
+    """Seconds from now to an order's next check, from where it stands."""
+    slot = policy.next_slot(key, last_checked)
+    # No slot left means a give-up that was never written (the daemon died
+    # first): check once more now, and the checker gives up properly.
+    return 0.0 if slot is None else max(0.0, slot.offset - elapsed)
+
+
+async def sweep_once(
+    conn: ManagedConnection,
+    queries: Queries,
+    scheduler: Scheduler,
+    policy: BackoffPolicy,
+    clock: Callable[[], float],
+    page_size: int,
+) -> SweepResult:
+    started = time.perf_counter()
+    found = scheduled = 0
+    after = None
+    while True:
+        rows = await queries.sweep_page(await conn.get(), after, page_size)
+        now = clock()
+        for row in rows:
+            key = row.id.int
+            if key not in scheduler:
+                scheduler.offer(key, now + due_in(policy, key, row.elapsed, row.last_checked))
+                scheduled += 1
+        found += len(rows)
+        if len(rows) < page_size:
+            break
+        after = rows[-1].id
+        # Let notifications and checks run between pages of a big sweep.
+        await asyncio.sleep(0)
+    return SweepResult(found, scheduled, time.perf_counter() - started)
+
+
+class Sweeper:
+    def __init__(
+        self,
+        conn: ManagedConnection,
+        queries: Queries,
+        scheduler: Scheduler,
+        *,
+        policy: BackoffPolicy,
+        interval: float,
+        page_size: int,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        on_scheduled: Callable[[], None],
+    ) -> None:
+        self._conn = conn
+        self._queries = queries
+        self._scheduler = scheduler
+        self.policy = policy
+        self.interval = interval
+        self._page_size = page_size
+        self._metrics = metrics
+        self._clock = clock
+        self._on_scheduled = on_scheduled
+        self._requested = asyncio.Event()
+        self.last_completed: float | None = None  # time.monotonic()
+        self.completed = 0
+
+    def request(self) -> None:
+        """Ask for a sweep as soon as possible (requests made meanwhile coalesce)."""
+        self._requested.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._requested.wait(), self.interval)
+            self._requested.clear()
+            await self.sweep()
+
+    async def sweep(self) -> SweepResult | None:
+        try:
+            result = await sweep_once(
+                self._conn,
+                self._queries,
+                self._scheduler,
+                self.policy,
+                self._clock,
+                self._page_size,
+            )
+        except psycopg.Error as exc:
+            await self._conn.reset()
+            log.error(
+                "sweep.failed",
+                error=str(exc).strip(),
+                retry_in_s=min(self.interval, 10.0),
+            )
+            # Try again soon rather than a whole interval later.
+            asyncio.get_running_loop().call_later(min(self.interval, 10.0), self.request)
+            return None
+        self.completed += 1
+        self.last_completed = time.monotonic()
+        self._metrics.sweeps.inc()
+        self._metrics.sweep_seconds.observe(result.seconds)
+        self._metrics.sweep_found.set(result.found)
+        log.info(
+            "sweep.finished",
+            found=result.found,
+            scheduled=result.scheduled,
+            duration_s=round(result.seconds, 3),
+            pending=len(self._scheduler),
+        )
+        if result.scheduled:
+            self._on_scheduled()
+        return result

@@ -1,0 +1,154 @@
+"""Applying decisions to the table: batched, guarded, announced.
+
+Decisions queue up while providers answer; the writer takes whatever has
+accumulated (up to a batch) and writes it in one statement whose WHERE still
+requires the row to be in flight with the same provider reference. A result
+that lost a race (an operator finished the order, the application re-sent it
+with a new reference) is dropped, never written over the newer truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import psycopg
+
+from order_monitor.db import ManagedConnection, Queries, WriteBatch
+from order_monitor.decisions import Decision, describe
+from order_monitor.logs import get_logger
+from order_monitor.metrics import Metrics
+from order_monitor.scheduler import Scheduler
+
+log = get_logger()
+
+# After a failed write the orders are checked again this much later: the
+# provider is asked once more rather than results being held in memory
+# across a database outage of unknown length.
+RETRY_AFTER_WRITE_FAILURE = 5.0
+
+
+class Writer:
+    def __init__(
+        self,
+        conn: ManagedConnection,
+        queries: Queries,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        batch_size: int,
+    ) -> None:
+        self._conn = conn
+        self._queries = queries
+        self._scheduler = scheduler
+        self._metrics = metrics
+        self._clock = clock
+        self._batch_size = batch_size
+        self._queue: asyncio.Queue[Decision | None] = asyncio.Queue()
+        #: Called after a batch is settled: orders went back on the schedule,
+        #: possibly due before whatever the dispatcher is waiting for.
+        self.on_rescheduled: Callable[[], None] = lambda: None
+
+    def submit(self, decision: Decision) -> None:
+        self._queue.put_nowait(decision)
+
+    async def close(self) -> None:
+        """Write everything submitted so far, then make :meth:`run` return."""
+        self._queue.put_nowait(None)
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    async def run(self) -> None:
+        closing = False
+        while not closing:
+            first = await self._queue.get()
+            batch: list[Decision] = []
+            if first is None:
+                closing = True
+            else:
+                batch.append(first)
+            while len(batch) < self._batch_size and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    closing = True
+                else:
+                    batch.append(item)
+            if batch:
+                await self.flush(batch)
+
+    async def flush(self, batch: list[Decision]) -> None:
+        to_write = [d for d in batch if d.writes]
+        try:
+            written = await self._write(to_write) if to_write else {}
+        except psycopg.Error as exc:
+            await self._conn.reset()
+            log.error(
+                "writer.failed",
+                orders=len(to_write),
+                error=str(exc).strip(),
+                retry_in_s=RETRY_AFTER_WRITE_FAILURE,
+            )
+            now = self._clock()
+            for decision in batch:
+                self._scheduler.complete(decision.row.id.int, now + RETRY_AFTER_WRITE_FAILURE)
+            self.on_rescheduled()
+            return
+        now = self._clock()
+        for decision in batch:
+            self._settle(decision, written, now)
+        self.on_rescheduled()
+
+    async def _write(self, decisions: list[Decision]) -> dict[uuid.UUID, str]:
+        batch = WriteBatch(
+            ids=[d.row.id for d in decisions],
+            references=[d.row.reference for d in decisions],
+            kinds=[d.kind for d in decisions],
+            external_statuses=[d.external_status for d in decisions],
+            pins=[d.pin for d in decisions],
+            provider_messages=[d.provider_message for d in decisions],
+            last_messages=[d.last_message for d in decisions],
+            statuses=[d.status for d in decisions],
+        )
+        conn = await self._conn.get()
+        return await self._queries.write(conn, batch)
+
+    def _settle(self, decision: Decision, written: dict[uuid.UUID, str], now: float) -> None:
+        order = decision.row.id
+        if decision.writes and order not in written:
+            self._metrics.stale_results.inc()
+            log.info(
+                "order.result_stale",
+                order_id=str(order),
+                provider=decision.provider,
+                outcome=decision.kind,
+                reason="the row left flight or changed its provider reference since it was read",
+            )
+            # Look again at once: the re-read drops a finished row and picks up
+            # a new reference.
+            self._scheduler.complete(order.int, now)
+            return
+        if decision.finished:
+            self._metrics.finished.labels(decision.kind).inc()
+            log.info(
+                "order.finished",
+                order_id=str(order),
+                provider=decision.provider,
+                outcome=decision.kind,
+                external_status=decision.external_status,
+                pin_written=decision.pin is not None,
+                answer=describe(decision.outcome),
+            )
+            self._scheduler.complete(order.int, None)
+            return
+        next_due = None if decision.next_check_in is None else now + decision.next_check_in
+        log.debug(
+            "order.checked" if decision.kind == "pending" else "order.deferred",
+            order_id=str(order),
+            provider=decision.provider,
+            answer=describe(decision.outcome),
+            due_in_s=round(decision.next_check_in or 0.0, 3),
+        )
+        self._scheduler.complete(order.int, next_due)

@@ -1,0 +1,262 @@
+"""The engine end to end: a real Postgres, the fake provider over loopback, the real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from structlog.testing import capture_logs
+
+from order_monitor.daemon import Daemon
+from order_monitor.policy import BackoffPolicy
+from order_monitor.providers.fake import (
+    MSG_DONE,
+    Answer,
+    Behaviour,
+    FakeProvider,
+    Script,
+    default_pin,
+)
+from tests.integration.conftest import FAST_POLICY, App, eventually, running, settings_for
+
+
+def scripted(reference: str) -> Script:
+    """References say what they do: 'done:2:17' is done after 2 pending polls."""
+    kind, polls, _ = reference.split(":")
+    if kind == "done":
+        return Script.done(after=int(polls))
+    if kind == "failed":
+        return Script.failed("Stok yok", after=int(polls))
+    return Script.pending()
+
+
+async def test_one_order_is_followed_to_done(db: str, app: App, fake: FakeProvider) -> None:
+    fake.set_script("R1", Script.done("PIN-1", after=2))
+    async with running(Daemon(settings_for(db, fake))):
+        (order,) = await app.dispatch(["R1"])
+        await eventually(lambda: _finished(app), what="the order to finish")
+    row = (await app.rows())["R1"]
+    assert row["id"] == order
+    assert row["externalStatus"] == "done"
+    assert row["pinCode"] == "PIN-1"
+    assert row["providerMessage"] == MSG_DONE
+    assert row["lastMessage"] == MSG_DONE
+    assert row["status"] == "pending"  # the business status is left alone by default
+    assert row["completedAt"] is not None
+    assert row["durationMs"] >= 0
+    assert fake.poll_count("R1") == 3
+
+
+async def _finished(app: App) -> bool:
+    return await app.in_flight() == 0
+
+
+@pytest.mark.slow
+async def test_ten_thousand_orders_each_end_right_and_are_polled_by_the_policy(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    fake.behaviour = Behaviour(default=scripted)
+    refs: list[str] = []
+    for n in range(10_000):
+        bucket = n % 10
+        if bucket < 3:
+            refs.append(f"done:0:{n}")
+        elif bucket < 8:
+            refs.append(f"done:{1 + n % 3}:{n}")
+        else:
+            refs.append(f"failed:{n % 2}:{n}")
+    settings = settings_for(db, fake, batch_size=500, concurrency=32)
+    async with running(Daemon(settings)):
+        for start in range(0, len(refs), 1000):  # the application writes in bursts
+            await app.dispatch(refs[start : start + 1000])
+        await eventually(lambda: _finished(app), within=240, what="10,000 orders to finish")
+
+    rows = await app.rows()
+    assert len(rows) == 10_000
+    earliest = [
+        s.offset * (1 - FAST_POLICY.jitter)
+        for s in BackoffPolicy(
+            initial_delay=FAST_POLICY.initial_delay,
+            base=FAST_POLICY.base,
+            cap=FAST_POLICY.cap,
+            jitter=0.0,
+            max_attempts=FAST_POLICY.max_attempts,
+            max_age=FAST_POLICY.max_age,
+        ).slots(0)
+    ]
+    for ref in refs:
+        kind, polls, _ = ref.split(":")
+        row = rows[ref]
+        if kind == "done":
+            assert (row["externalStatus"], row["pinCode"]) == ("done", default_pin(ref)), ref
+        else:
+            assert (row["externalStatus"], row["pinCode"]) == ("failed", None), ref
+            assert row["providerMessage"] == "Stok yok"
+        assert row["completedAt"] is not None
+        # Never polled more than its script needs: no duplicate chains.
+        times = fake.polls(ref)
+        assert len(times) == int(polls) + 1, ref
+        # And never sooner than the policy allows: the k-th poll comes no
+        # earlier than the k-th slot after dispatch (less the jitter).
+        dispatched = row["sentAt"].timestamp()
+        for k, polled_at in enumerate(times):
+            assert polled_at - dispatched >= earliest[k] - 0.005, (ref, k, polled_at - dispatched)
+
+
+async def test_an_order_finished_by_an_operator_meanwhile_is_not_overwritten(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    fake.behaviour.latency = 1.0  # the provider is slow: the operator is faster
+    fake.set_script("OP", Script.done("PROVIDER-PIN"))
+    async with running(Daemon(settings_for(db, fake))) as daemon:
+        (order,) = await app.dispatch(["OP"])
+        await eventually(lambda: _polled(fake, "OP"), what="the provider to be asked")
+        await app.conn.execute(
+            """UPDATE product_orders SET status = 'rejected', "externalStatus" = 'failed',
+               "lastMessage" = 'refunded by operator' WHERE id = %s""",
+            (order,),
+        )
+        await eventually(lambda: _stale_counted(daemon), what="the stale result to be dropped")
+    row = (await app.rows())["OP"]
+    assert (row["status"], row["externalStatus"], row["pinCode"], row["lastMessage"]) == (
+        "rejected",
+        "failed",
+        None,
+        "refunded by operator",
+    )
+
+
+async def test_a_result_for_an_old_reference_is_dropped_and_the_new_one_followed(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    fake.behaviour.latency = 0.5
+    fake.set_script("OLD", Script.done("OLD-PIN"))
+    fake.set_script("NEW", Script.done("NEW-PIN"))
+    async with running(Daemon(settings_for(db, fake))):
+        (order,) = await app.dispatch(["OLD"])
+        await eventually(lambda: _polled(fake, "OLD"), what="the old reference to be asked")
+        await app.conn.execute(
+            "UPDATE product_orders SET provider_referans = 'NEW' WHERE id = %s", (order,)
+        )
+        await eventually(lambda: _finished(app), what="the order to finish")
+    rows = await app.rows()
+    assert rows["NEW"]["pinCode"] == "NEW-PIN"
+    assert "OLD" not in rows
+
+
+async def _polled(fake: FakeProvider, ref: str) -> bool:
+    return fake.poll_count(ref) > 0
+
+
+async def _stale_counted(daemon: Daemon) -> bool:
+    return daemon.metrics.stale_results._value.get() >= 1
+
+
+async def test_junk_notifications_change_nothing_and_crash_nothing(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    junk = ["", " ", "not-a-uuid", "'; DROP TABLE product_orders; --", "x" * 7999, "1" * 36]
+    with capture_logs() as logs:
+        async with running(Daemon(settings_for(db, fake))) as daemon:
+            for payload in junk:
+                await app.conn.execute("SELECT pg_notify('order_monitor', %s)", (payload,))
+            await app.dispatch(["after-junk"])
+            await eventually(lambda: _finished(app), what="a real order to finish after the junk")
+            rejected = daemon.metrics.notifications.labels("rejected")._value.get()
+    assert rejected == len(junk)
+    bad = [e for e in logs if e["event"] == "listener.bad_payload"]
+    assert len(bad) == len(junk)
+    assert all(len(e["payload"]) <= 100 for e in bad)
+    assert (await app.rows())["after-junk"]["externalStatus"] == "done"
+
+
+async def test_transport_errors_reschedule_and_are_counted(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    fake.behaviour = Behaviour(error_rate=0.3, garbage_rate=0.3)
+    refs = [f"flaky-{n}" for n in range(200)]
+    async with running(Daemon(settings_for(db, fake, batch_size=20))) as daemon:
+        await app.dispatch(refs)
+        await eventually(lambda: _finished(app), within=90, what="flaky orders to finish")
+        errors = daemon.metrics.checks.labels("fake", "error")._value.get()
+    assert errors > 0
+    rows = await app.rows()
+    assert {rows[r]["externalStatus"] for r in refs} == {"done"}
+    assert all(rows[r]["pinCode"] == default_pin(r) for r in refs)
+
+
+async def test_an_order_that_never_finishes_is_given_up_with_a_clear_message(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    fake.set_script("STUCK", Script(Answer.PENDING))
+    policy = BackoffPolicy(
+        initial_delay=0, base=0.1, cap=0.3, jitter=0, max_attempts=4, max_age=3600
+    )
+    async with running(Daemon(settings_for(db, fake, policy=policy))):
+        await app.dispatch(["STUCK"])
+        await eventually(lambda: _finished(app), what="the order to be given up")
+    row = (await app.rows())["STUCK"]
+    assert row["externalStatus"] == "manual_required"
+    assert row["lastMessage"].startswith("order-monitor gave up")
+    assert "max_attempts=4" in row["lastMessage"]
+    assert fake.poll_count("STUCK") == 4
+
+
+async def test_orders_dispatched_while_the_daemon_was_down_are_found_by_the_start_sweep(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    await app.dispatch([f"early-{n}" for n in range(50)])
+    async with running(Daemon(settings_for(db, fake))):
+        await eventually(lambda: _finished(app), what="orders from before the start")
+
+
+async def test_the_listen_connection_killed_repeatedly_misses_nothing(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    # A sweep interval longer than the test: only notifications and the
+    # reconnect sweeps can deliver the orders.
+    settings = settings_for(db, fake, sweep_interval=3600.0)
+    refs = []
+    async with running(Daemon(settings)) as daemon:
+        assert daemon.listener is not None
+        for wave in range(8):
+            wave_refs = [f"kill-{wave}-{n}" for n in range(25)]
+            refs += wave_refs
+            killed = await _kill(app, "listener")
+            await app.dispatch(wave_refs)  # some land while the listener is away
+            assert killed == 1
+            await eventually(
+                lambda: _listening(daemon), what=f"the listener to come back (wave {wave})"
+            )
+        await eventually(lambda: _finished(app), what="every order to finish")
+        assert daemon.metrics.reconnects._value.get() >= 8
+    rows = await app.rows()
+    assert {rows[r]["externalStatus"] for r in refs} == {"done"}
+
+
+async def _listening(daemon: Daemon) -> bool:
+    return daemon.listener is not None and daemon.listener.connected
+
+
+async def _kill(app: App, purpose: str) -> int:
+    cursor = await app.conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name LIKE %s",
+        (f"%({purpose})",),
+    )
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_the_database_restarting_under_the_reader_and_writer_is_survived(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    fake.behaviour.latency = 0.05
+    async with running(Daemon(settings_for(db, fake))):
+        await app.dispatch([f"blip-{n}" for n in range(100)])
+        for _ in range(3):
+            await _kill(app, "reader")
+            await _kill(app, "writer")
+            await asyncio.sleep(0.1)
+        await eventually(lambda: _finished(app), what="orders to finish after connection kills")
