@@ -145,5 +145,24 @@ def run_command(ctx: Context) -> None:
     run_forever(ctx.env_file)
 
 
+@cli.command("demo")
+@click.option("--orders", default=300, help="How many orders the simulated application dispatches.")
+@click.option("--rate", default=20.0, help="Orders per second the application dispatches.")
+@click.option(
+    "--keep", is_flag=True, help="Leave the database running at the end and print its DSN."
+)
+@click.option("--seed", default=1, help="Seed for the fake provider's behaviour (repeatable runs).")
+@friendly_errors
+def demo_command(orders: int, rate: float, keep: bool, seed: int) -> None:
+    """Watch it work: a throwaway Postgres, a fake provider, the real daemon.
+
+    Needs no server and no configuration. Ends by itself (under a minute with
+    the defaults) and cleans up after itself, also on Ctrl-C.
+    """
+    from order_monitor.demo import run_demo
+
+    sys.exit(run_demo(orders=orders, rate=rate, keep=keep, seed=seed))
+
+
 def main(argv: list[str] | None = None) -> Any:
     return cli.main(args=argv, prog_name="order-monitor")

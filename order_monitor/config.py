@@ -535,7 +535,7 @@ def parse_providers(
             )
         kind = entry.get("kind")
         if not isinstance(kind, str) or not kind:
-            raise ConfigError(f"{where}: 'kind' is required (znet, barakat, json_http or fake)")
+            raise ConfigError(f"{where}: 'kind' is required (znet, barakat, apstore or json_http)")
         base_url = entry.get("base_url")
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ConfigError(
