@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -27,7 +28,13 @@ from order_monitor.ops.leader import (
 )
 
 KEY = lock_key("public", "product_orders")
-FAST = {"poll": 0.05, "check_interval": 0.1, "check_timeout": 5.0}
+
+
+def fast(dsn: str, **options: Any) -> LeaderLock:
+    """A lock that polls and checks often, so the tests wait milliseconds, not seconds."""
+    return LeaderLock(dsn, KEY, **{"poll": 0.05, "check_interval": 0.1, **options})
+
+
 WITHIN = 10.0
 
 
@@ -103,8 +110,8 @@ async def test_the_documented_sql_gives_the_same_key(db: str) -> None:
 
 
 async def test_a_second_instance_waits_then_takes_over_when_the_first_dies(db: str) -> None:
-    first = LeaderLock(db, KEY, **FAST)
-    second = LeaderLock(db, KEY, **FAST)
+    first = fast(db)
+    second = fast(db)
 
     async with leading(first):
         await acquired(first)
@@ -129,8 +136,8 @@ async def test_a_second_instance_waits_then_takes_over_when_the_first_dies(db: s
 
 
 async def test_leaving_the_block_hands_the_lock_over(db: str) -> None:
-    first = LeaderLock(db, KEY, **FAST)
-    second = LeaderLock(db, KEY, **FAST)
+    first = fast(db)
+    second = fast(db)
     async with leading(first) as first_task:
         await acquired(first)
         async with leading(second):
@@ -144,7 +151,7 @@ async def test_leaving_the_block_hands_the_lock_over(db: str) -> None:
 
 
 async def test_raise_when_lost_ends_a_task_group(db: str) -> None:
-    lock = LeaderLock(db, KEY, **FAST)
+    lock = fast(db)
     work_cancelled = asyncio.Event()
 
     async def work() -> None:
@@ -171,8 +178,8 @@ async def test_raise_when_lost_ends_a_task_group(db: str) -> None:
 
 
 async def test_a_standby_survives_losing_its_own_connection(db: str) -> None:
-    first = LeaderLock(db, KEY, **FAST)
-    second = LeaderLock(db, KEY, **FAST)
+    first = fast(db)
+    second = fast(db)
     async with leading(first) as first_task:
         await acquired(first)
         async with leading(second):
@@ -190,7 +197,7 @@ async def test_a_standby_survives_losing_its_own_connection(db: str) -> None:
 
 
 async def test_the_session_is_named_for_pg_stat_activity(db: str) -> None:
-    lock = LeaderLock(db, KEY, **FAST)
+    lock = fast(db)
     async with leading(lock):
         await acquired(lock)
         async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
@@ -210,8 +217,8 @@ async def test_progress_is_reported_while_standby_and_while_leader(db: str) -> N
 
         return tick
 
-    first = LeaderLock(db, KEY, on_progress=counter("first"), **FAST)
-    second = LeaderLock(db, KEY, on_progress=counter("second"), **FAST)
+    first = fast(db, on_progress=counter("first"))
+    second = fast(db, on_progress=counter("second"))
     async with leading(first):
         await acquired(first)
         after_acquire = ticks["first"]
@@ -238,7 +245,7 @@ async def test_an_unreachable_database_keeps_a_standby_waiting_until_cancelled(d
 
 
 async def test_held_is_not_reentrant(db: str) -> None:
-    lock = LeaderLock(db, KEY, **FAST)
+    lock = fast(db)
     async with leading(lock):
         await acquired(lock)
         with pytest.raises(RuntimeError, match="already in use"):
@@ -247,7 +254,7 @@ async def test_held_is_not_reentrant(db: str) -> None:
 
 
 async def test_the_lock_can_be_taken_again_after_release(db: str) -> None:
-    lock = LeaderLock(db, KEY, **FAST)
+    lock = fast(db)
     for _ in range(2):
         async with lock.held():
             assert lock.role == LEADER
