@@ -10,30 +10,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
 from uuid import UUID
 
 import aiohttp
-import structlog
 
 from order_monitor.config import ProviderConfig
 from order_monitor.providers.base import Adapter, OrderRef, Outcome, clean_pin
 from order_monitor.providers.http import (
     BadAnswer,
     ErrorAnswer,
+    Matched,
     Transport,
     check_keys,
     first_text,
+    match_items,
     option_bool,
     option_int,
     scalar_text,
     transport,
 )
 from order_monitor.redaction import Secret
-
-log = structlog.get_logger()
 
 DONE_WORDS: Final = frozenset({"success", "ok", "done", "complete", "completed", "accept"})
 FAILED_WORDS: Final = frozenset(
@@ -106,44 +105,15 @@ def message_of(item: Mapping[str, Any]) -> str | None:
     return None
 
 
-@dataclass(slots=True)
-class Matched:
-    """Answers matched back to the orders asked about, and what did not fit."""
-
-    outcomes: dict[UUID, Outcome] = field(default_factory=dict)
-    duplicates: list[str] = field(default_factory=list)
-    unrequested: list[str] = field(default_factory=list)
-    unusable: int = 0
-
-
 def match(data: Sequence[Any], asked: Mapping[str, Sequence[UUID]], *, fold: bool) -> Matched:
-    """Pair ``data`` entries with the orders asked about by their ``order_id``.
-
-    *asked* maps each id sent to the orders that carry it. *fold* compares ids
-    case-insensitively (UUIDs may come back upper-cased).
-    """
-    result = Matched()
-    seen: set[str] = set()
-    for item in data:
-        order_key = scalar_text(item.get("order_id")) if isinstance(item, dict) else None
-        if order_key is None:
-            result.unusable += 1
-            continue
-        if fold:
-            order_key = order_key.lower()
-        if order_key not in asked:
-            result.unrequested.append(order_key)
-            continue
-        if order_key in seen:
-            # Two answers about one order may disagree; the first is as good
-            # a truth as any, and a later round will ask again anyway.
-            result.duplicates.append(order_key)
-            continue
-        seen.add(order_key)
-        outcome = outcome_of(item)
-        for order_id in asked[order_key]:
-            result.outcomes[order_id] = outcome
-    return result
+    """Pair ``data`` entries with the orders asked about by their ``order_id``."""
+    return match_items(
+        data,
+        asked,
+        fold=fold,
+        id_of=lambda item: item.get("order_id") if isinstance(item, dict) else None,
+        outcome_of=outcome_of,
+    )
 
 
 # --- the adapter ---------------------------------------------------------------------
@@ -186,19 +156,8 @@ class BarakatAdapter:
         except BadAnswer as exc:
             raise self.http.bad_answer(exc, reply.status) from None
         matched = match(data, asked, fold=self.use_order_uuid)
-        self._report(matched)
+        matched.report(self.http.provider)
         return matched.outcomes
-
-    def _report(self, matched: Matched) -> None:
-        provider = self.http.provider
-        for order_key in matched.duplicates:
-            log.warning("provider.duplicate_order", provider=provider, order_key=order_key)
-        if matched.unrequested:
-            log.info(
-                "provider.unrequested_orders", provider=provider, order_keys=matched.unrequested
-            )
-        if matched.unusable:
-            log.warning("provider.bad_item", provider=provider, count=matched.unusable)
 
 
 def build(config: ProviderConfig) -> Adapter:

@@ -10,18 +10,19 @@ from __future__ import annotations
 import email.utils
 import re
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 from urllib.parse import quote
+from uuid import UUID
 
 import aiohttp
 import structlog
 
 from order_monitor.config import ProviderConfig
 from order_monitor.errors import ConfigError, ProviderAuthError, ProviderError
-from order_monitor.providers.base import RateLimited
+from order_monitor.providers.base import Outcome, RateLimited
 from order_monitor.redaction import Secret, redact_url, scrub
 
 log = structlog.get_logger()
@@ -317,3 +318,59 @@ def first_text(values: object) -> str | None:
     if isinstance(values, str) and values.strip():
         return values.strip()
     return None
+
+
+@dataclass(slots=True)
+class Matched:
+    """Answers matched back to the orders asked about, and what did not fit."""
+
+    outcomes: dict[UUID, Outcome] = field(default_factory=dict)
+    duplicates: list[str] = field(default_factory=list)
+    unrequested: list[str] = field(default_factory=list)
+    unusable: int = 0
+
+    def report(self, provider: str) -> None:
+        for order_key in self.duplicates:
+            log.warning("provider.duplicate_order", provider=provider, order_key=order_key)
+        if self.unrequested:
+            log.info("provider.unrequested_orders", provider=provider, order_keys=self.unrequested)
+        if self.unusable:
+            log.warning("provider.bad_item", provider=provider, count=self.unusable)
+
+
+def match_items(
+    items: Sequence[Any],
+    asked: Mapping[str, Sequence[UUID]],
+    *,
+    fold: bool,
+    id_of: Callable[[Any], object],
+    outcome_of: Callable[[Any], Outcome | None],
+) -> Matched:
+    """Pair a batched answer's items with the orders asked about, by id.
+
+    *asked* maps each id sent to the orders that carry it; ids compare as
+    text (a provider may send them back as numbers), case-insensitively with
+    *fold* (UUIDs may come back upper-cased). Items about orders not asked
+    about are ignored; for an order answered twice the first answer wins.
+    """
+    result = Matched()
+    seen: set[str] = set()
+    for item in items:
+        order_key = scalar_text(id_of(item))
+        outcome = outcome_of(item) if order_key is not None else None
+        if order_key is None or outcome is None:
+            result.unusable += 1
+            continue
+        if fold:
+            order_key = order_key.lower()
+        if order_key not in asked:
+            result.unrequested.append(order_key)
+        elif order_key in seen:
+            # Two answers about one order may disagree; the first is as good a
+            # truth as any, and a later round asks again anyway.
+            result.duplicates.append(order_key)
+        else:
+            seen.add(order_key)
+            for order_id in asked[order_key]:
+                result.outcomes[order_id] = outcome
+    return result

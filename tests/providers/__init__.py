@@ -25,6 +25,7 @@ class Seen:
 
     method: str
     path: str
+    raw_path: str
     query: Mapping[str, str]
     raw_query: str
     headers: Mapping[str, str]
@@ -46,6 +47,7 @@ async def serve(handler: Handler) -> AsyncIterator[Served]:
             Seen(
                 request.method,
                 request.path,
+                request.raw_path,
                 dict(request.query),
                 request.query_string,
                 dict(request.headers),
