@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any, Final, NoReturn
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 from uuid import UUID
 
 import aiohttp
@@ -99,11 +99,20 @@ class Transport:
         values: list[str] = []
         for secret in self.secrets:
             raw = secret.reveal()
-            values += [raw, quote(raw, safe=""), quote(raw, safe="/")]
+            # Every form a URL or an echoing provider may carry it in.
+            values += [
+                raw,
+                quote(raw, safe=""),
+                quote(raw, safe="/"),
+                quote_plus(raw),
+                quote_plus(raw, safe="*[],"),
+            ]
         return scrub(text, values)
 
     def safe_url(self, url: str) -> str:
-        return self.safe(redact_url(url, set(self.secret_params)))
+        # Scrub first as well: redact_url re-encodes the query, which would
+        # turn a secret under an unexpected parameter into yet another form.
+        return self.safe(redact_url(self.safe(url), set(self.secret_params)))
 
     async def request(
         self,

@@ -1,5 +1,3 @@
-# Provider texts are Turkish and Arabic on purpose: the dotless i must survive.
-# ruff: noqa: RUF001
 """json_http: providers served by configuration alone, against loopback servers."""
 
 from __future__ import annotations

@@ -1,5 +1,3 @@
-# Provider texts are Turkish and Arabic on purpose: the dotless i must survive.
-# ruff: noqa: RUF001
 """znet: the pipe-separated text protocol, against a loopback server."""
 
 from __future__ import annotations
