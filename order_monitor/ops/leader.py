@@ -33,6 +33,9 @@ answers, or the lock is not ours) and reports the lock as lost.
 
 Usage in the daemon::
 
+    # on_progress: a standby's polls are its only progress, so they feed the
+    # watchdog; once leader, the engine's progress must (the lock still
+    # answering proves nothing about the engine).
     lock = LeaderLock(dsn, lock_key(layout.schema, layout.table), on_progress=notifier.watchdog)
     metrics.track(metrics.leader, lambda: 1.0 if lock.role == LEADER else 0.0)
     async with lock.held():                  # blocks while standby
@@ -126,6 +129,7 @@ class LeaderLock:
         application_name: str = DEFAULT_APPLICATION_NAME,
         on_progress: Callable[[], object] | None = None,
     ) -> None:
+        """*on_progress* is called after each answered poll while standby (for WATCHDOG=1)."""
         self.key = key
         self._dsn = dsn
         self._poll = poll
@@ -145,6 +149,8 @@ class LeaderLock:
         #: pg_try_advisory_lock calls made, and connection attempts that failed.
         self.attempts = 0
         self.connect_failures = 0
+        #: Successful checks that the held lock is still this session's.
+        self.checks = 0
 
     @property
     def role(self) -> str:
@@ -226,7 +232,6 @@ class LeaderLock:
                         conn.execute(_TRY_LOCK, (self.key,)), self._check_timeout
                     )
                     row = await cursor.fetchone()
-                    self._progress()
                     if row is not None and row[0]:
                         self._role = LEADER
                         log.info(
@@ -236,6 +241,10 @@ class LeaderLock:
                             waited_s=round(time.monotonic() - started, 3),
                         )
                         return conn
+                    # Only a standby reports progress here: once leader, the
+                    # engine's own progress must feed the watchdog, or a hung
+                    # engine would look alive because the lock still answers.
+                    self._progress()
                     if not announced_standby:
                         announced_standby = True
                         self._role = STANDBY
@@ -291,7 +300,7 @@ class LeaderLock:
                         "needs a direct or session-mode connection"
                     )
                     return
-                self._progress()
+                self.checks += 1
         except TimeoutError:
             self._lose(f"the lock connection did not answer within {self._check_timeout:g}s")
         except psycopg.Error as exc:
