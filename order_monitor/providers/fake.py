@@ -45,7 +45,7 @@ BARAKAT_PATH: Final = "/client/api/check"
 ZNET_PATH: Final = "/servis/pin_kontrol.php"
 
 MSG_PENDING: Final = "İşlem bekleniyor"
-MSG_DONE: Final = "İşlem tamamlandı"  # noqa: RUF001 - Turkish dotless i
+MSG_DONE: Final = "İşlem tamamlandı"
 MSG_FAILED: Final = "İşlem iptal edildi"
 
 #: znet error codes the fake uses (``{code}|{message}``).
@@ -329,13 +329,13 @@ class FakeProvider:
             if early is not None:
                 return early
             if request.query.get("kod") != self.kod or request.query.get("sifre") != self.sifre:
-                return _text(f"{ZNET_AUTH_ERROR}|Yetkisiz erişim: kod veya şifre hatalı")  # noqa: RUF001
+                return _text(f"{ZNET_AUTH_ERROR}|Yetkisiz erişim: kod veya şifre hatalı")
             if not ref:
                 return _text(f"{ZNET_BAD_REQUEST}|Eksik parametre: tahsilat_api_islem_id")
             script = self.script(ref)
             answer = self._answer(ref)
             if answer is Answer.UNKNOWN:
-                return _text(f"{ZNET_NOT_FOUND}|İşlem bulunamadı")  # noqa: RUF001
+                return _text(f"{ZNET_NOT_FOUND}|İşlem bulunamadı")
             if answer is Answer.PENDING:
                 return _text(f"OK|1| - |{MSG_PENDING}")
             if answer is Answer.DONE:
