@@ -17,7 +17,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 import aiohttp
 import psycopg
@@ -36,6 +35,9 @@ from order_monitor.db import ColumnLimits, ManagedConnection, Queries, column_li
 from order_monitor.listener import Listener
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
+from order_monitor.ops.http import serve_http
+from order_monitor.ops.leader import LeaderLock, lock_key
+from order_monitor.ops.sdnotify import Notifier
 from order_monitor.policy import describe
 from order_monitor.providers.base import Provider
 from order_monitor.providers.registry import build_provider
@@ -44,6 +46,8 @@ from order_monitor.sweep import Sweeper
 from order_monitor.writer import Writer
 
 log = get_logger()
+
+HOUSEKEEPING_INTERVAL = 5.0
 
 ProviderFactory = Callable[
     [Settings, aiohttp.ClientSession, asyncio.Semaphore, Metrics], Mapping[str, Provider]
@@ -67,16 +71,13 @@ def build_providers(
     return by_id
 
 
-@dataclass
-class DaemonState:
-    """What health checks and status lines read about a running daemon."""
-
-    started_at: float = field(default_factory=time.monotonic)
-    ready: bool = False
-    stopping: bool = False
-
-
 class Daemon:
+    """One order-monitor instance: standby until it holds the leader lock, then the engine.
+
+    Implements the :class:`~order_monitor.ops.http.Readiness` protocol that
+    /readyz asks.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -84,28 +85,44 @@ class Daemon:
         metrics: Metrics | None = None,
         provider_factory: ProviderFactory = build_providers,
         clock: Callable[[], float] = time.monotonic,
+        notifier: Notifier | None = None,
         on_ready: Callable[[], None] | None = None,
+        lock_poll: float = 1.5,
+        lock_check_interval: float = 5.0,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.scheduler = Scheduler()
-        self.state = DaemonState()
+        self.notifier = notifier or Notifier.from_environ()
         self._provider_factory = provider_factory
         self._clock = clock
         self._on_ready = on_ready
+        self._ready_sent = False
         self._stop = asyncio.Event()
-        self._reload: Callable[[], Settings] | None = None
+        self._lock = LeaderLock(
+            settings.dsn.reveal(),
+            lock_key(settings.layout.schema, settings.layout.table),
+            poll=lock_poll,
+            check_interval=lock_check_interval,
+            application_name=f"order-monitor {__version__} (leader lock)",
+            on_progress=self._standby_progress,
+        )
         self.listener: Listener | None = None
         self.sweeper: Sweeper | None = None
         self.checker: Checker | None = None
         self.writer: Writer | None = None
+        self._reader: ManagedConnection | None = None
         self._session: aiohttp.ClientSession | None = None
         self._session_limit = asyncio.Semaphore(settings.concurrency)
+        self._database_seen_at: float | None = None
         self.metrics.track(self.metrics.pending, lambda: float(len(self.scheduler)))
         self.metrics.track(self.metrics.lag, lambda: self.scheduler.lag(self._clock()))
+        self.metrics.track(self.metrics.leader, lambda: 1.0 if self._lock.is_leader else 0.0)
+
+    # --- control ------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        self.state.stopping = True
+        self.notifier.stopping()
         self._stop.set()
 
     def reload(self, new: Settings) -> None:
@@ -114,6 +131,13 @@ class Daemon:
         Connection, table layout and channels need a restart: a change to
         them is reported, not applied.
         """
+        self.notifier.reloading()
+        try:
+            self._reload(new)
+        finally:
+            self.notifier.ready()
+
+    def _reload(self, new: Settings) -> None:
         old = self.settings
         restart_needed = [
             name
@@ -128,7 +152,7 @@ class Daemon:
         if restart_needed:
             log.warning("config.restart_needed", settings=restart_needed)
         if self._session is None or self.checker is None or self.sweeper is None:
-            # Still waiting for the database: the new settings simply apply from the start.
+            # Not leading yet: the new settings apply when the engine starts.
             self.settings = new
             log.info("config.reloaded", running=False)
             return
@@ -145,9 +169,30 @@ class Daemon:
         # Orders of a newly configured provider are found by this sweep.
         self.sweeper.request()
 
+    # --- Readiness (for /readyz) ----------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        return self._lock.role
+
+    @property
+    def listener_connected(self) -> bool:
+        return self.listener is not None and self.listener.connected
+
+    async def database_ok(self) -> bool:
+        """True when housekeeping reached the database recently (no query per probe)."""
+        seen = self._database_seen_at
+        return seen is not None and time.monotonic() - seen < 3 * HOUSEKEEPING_INTERVAL
+
+    def last_sweep_age(self) -> float | None:
+        if self.sweeper is None or self.sweeper.last_completed is None:
+            return None
+        return time.monotonic() - self.sweeper.last_completed
+
+    # --- running ------------------------------------------------------------------
+
     async def run(self) -> None:
         settings = self.settings
-        dsn = settings.dsn.reveal()
         log.info(
             "daemon.starting",
             version=__version__,
@@ -157,28 +202,66 @@ class Daemon:
             providers=[p.name for p in settings.providers],
             schedule=describe(settings.policy).splitlines()[-1],
         )
-        reader = ManagedConnection(dsn, "reader")
-        writer_conn = ManagedConnection(dsn, "writer")
-        queries = Queries(settings.layout)
         try:
-            columns = await self._wait_for_database(reader)
-            if columns is None:
-                return
-            connector = aiohttp.TCPConnector(limit=settings.concurrency, ttl_dns_cache=300)
-            async with aiohttp.ClientSession(
-                connector=connector,
-                headers={"User-Agent": f"order-monitor/{__version__}"},
-                raise_for_status=False,
-            ) as session:
-                self._session = session
-                providers = self._provider_factory(
-                    settings, session, self._session_limit, self.metrics
-                )
-                await self._serve(reader, writer_conn, queries, columns, providers)
+            async with serve_http(
+                settings.http_listen,
+                metrics=self.metrics,
+                readiness=self,
+                max_sweep_age=settings.sweep_interval * 3,
+            ):
+                await self._lead_until_stopped()
         finally:
-            await reader.close()
-            await writer_conn.close()
+            self.notifier.close()
             log.info("daemon.stopped", pending=len(self.scheduler))
+
+    async def _lead_until_stopped(self) -> None:
+        """Standby, lead, and after a lost lock stand by again, until asked to stop.
+
+        Losing the lock (the database restarted, the network cut the lock
+        session) stops the engine at once, since another instance may take
+        over, and this one goes back to waiting: it recovers by itself, with
+        no restart by the service manager.
+        """
+        while not self._stop.is_set():
+            term = asyncio.create_task(self._lead(), name="leadership")
+            stop = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({term, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not term.done() and not self._lock.is_leader:
+                term.cancel()  # still waiting for the lock: nothing to drain
+            await asyncio.wait({term})
+            if not term.cancelled() and term.exception() is not None:
+                raise term.exception()  # type: ignore[misc]
+            if self._lock.lost.is_set() and not self._stop.is_set():
+                log.warning("daemon.standing_by_again", reason=self._lock.lost_reason)
+                self.scheduler = Scheduler()
+
+    async def _lead(self) -> None:
+        async with self._lock.held():
+            settings = self.settings
+            dsn = settings.dsn.reveal()
+            self._reader = reader = ManagedConnection(dsn, "reader")
+            writer_conn = ManagedConnection(dsn, "writer")
+            try:
+                columns = await self._wait_for_database(reader)
+                if columns is None:
+                    return
+                connector = aiohttp.TCPConnector(limit=settings.concurrency, ttl_dns_cache=300)
+                async with aiohttp.ClientSession(
+                    connector=connector,
+                    headers={"User-Agent": f"order-monitor/{__version__}"},
+                ) as session:
+                    self._session = session
+                    providers = self._provider_factory(
+                        settings, session, self._session_limit, self.metrics
+                    )
+                    await self._serve(
+                        reader, writer_conn, Queries(settings.layout), columns, providers
+                    )
+            finally:
+                self._session = None
+                await reader.close()
+                await writer_conn.close()
 
     async def _wait_for_database(self, reader: ManagedConnection) -> ColumnLimits | None:
         """Connect and check the table, retrying while the database is unreachable.
@@ -199,7 +282,7 @@ class Daemon:
         )
         async for attempt in retrying:
             with attempt:
-                if self._stop.is_set():
+                if self._stop.is_set() or self._lock.lost.is_set():
                     return None
                 try:
                     return await column_limits(await reader.get(), self.settings.layout)
@@ -257,33 +340,97 @@ class Daemon:
             metrics=self.metrics,
             health_interval=settings.listener_health_interval,
         )
+        lost = self._lock.lost
 
         async with asyncio.TaskGroup() as tg:
             background = [
                 tg.create_task(listener.run(), name="listener"),
                 tg.create_task(sweeper.run(), name="sweeper"),
+                tg.create_task(self._housekeeping(reader), name="housekeeping"),
             ]
             writer_task = tg.create_task(writer.run(), name="writer")
             checker_task = tg.create_task(checker.run(), name="checker")
-            await self._stop.wait()
+            stop_wait = tg.create_task(self._stop.wait())
+            lost_wait = tg.create_task(lost.wait())
+            await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            lost_wait.cancel()
 
-            log.info("daemon.stopping", under_way=checker.under_way, pending=len(self.scheduler))
             checker.stop()
             await checker_task
-            abandoned = await checker.drain(settings.drain_timeout)
-            await writer.close()
-            try:
-                await asyncio.wait_for(writer_task, settings.drain_timeout)
-            except TimeoutError:
-                log.error("daemon.write_abandoned", backlog=writer.backlog)
+            if lost.is_set():
+                # Another instance may be working already: stop at once, write nothing.
+                abandoned = await checker.drain(0)
+                writer_task.cancel()
+                log.warning("daemon.leadership_lost", checks_abandoned=abandoned)
+            else:
+                log.info(
+                    "daemon.stopping", under_way=checker.under_way, pending=len(self.scheduler)
+                )
+                abandoned = await checker.drain(settings.drain_timeout)
+                await writer.close()
+                try:
+                    await asyncio.wait_for(writer_task, settings.drain_timeout)
+                except TimeoutError:
+                    log.error("daemon.write_abandoned", backlog=writer.backlog)
+                if abandoned:
+                    log.warning(
+                        "daemon.checks_abandoned",
+                        orders=abandoned,
+                        note="checked again after restart, where the schedule stands",
+                    )
             for task in background:
                 task.cancel()
-            if abandoned:
-                log.warning(
-                    "daemon.checks_abandoned",
-                    orders=abandoned,
-                    note="checked again after restart, where the schedule stands",
-                )
+        self.listener = None
+        self.sweeper = None
+        self.checker = None
+        self.writer = None
+
+    async def _housekeeping(self, reader: ManagedConnection) -> None:
+        """Every few seconds: database round trip, metrics, STATUS=, and the watchdog.
+
+        WATCHDOG=1 is sent only when this loop completes an iteration: a wedged
+        event loop or a hung coroutine stops it, and systemd restarts us. The
+        database query is bounded by a timeout, so a database outage (which the
+        engine rides out by itself) does not count as a hang.
+        """
+        interval = min(
+            HOUSEKEEPING_INTERVAL, self.notifier.watchdog_interval() or HOUSEKEEPING_INTERVAL
+        )
+        while True:
+            try:
+                async with asyncio.timeout(interval):
+                    cursor = await (await reader.get()).execute(
+                        "SELECT pg_notification_queue_usage()"
+                    )
+                    row = await cursor.fetchone()
+                if row is not None:
+                    self.metrics.notification_queue.set(float(row[0]))
+                    self._database_seen_at = time.monotonic()
+                    if row[0] > 0.5:
+                        log.warning(
+                            "database.notification_queue_filling",
+                            usage=round(float(row[0]), 3),
+                            note="when full, the application's COMMITs that NOTIFY fail",
+                        )
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                await reader.reset()
+                log.warning("database.unreachable", error=str(exc).strip() or type(exc).__name__)
+            self.notifier.status(self.status_line())
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def status_line(self) -> str:
+        """The systemd STATUS= text: what `systemctl status` shows."""
+        if not self._lock.is_leader:
+            return f"{self._lock.role}: waiting for the leader lock"
+        sweep_age = self.last_sweep_age()
+        return (
+            f"leader: {len(self.scheduler)} pending, {self.scheduler.in_flight} being checked, "
+            f"lag {self.scheduler.lag(self._clock()):.1f}s, "
+            f"listener {'up' if self.listener_connected else 'DOWN'}, "
+            + (f"last sweep {sweep_age:.0f}s ago" if sweep_age is not None else "no sweep yet")
+        )
 
     def _notified(self, order: uuid.UUID) -> None:
         due = self._clock() + self.settings.policy.initial_delay
@@ -291,12 +438,21 @@ class Daemon:
             self.checker.wake()
 
     def _listener_connected(self) -> None:
-        assert self.sweeper is not None
-        self.sweeper.request()
-        if not self.state.ready:
-            self.state.ready = True
-            if self._on_ready is not None:
-                self._on_ready()
+        if self.sweeper is not None:
+            self.sweeper.request()
+        self._ready("leader: listening")
+
+    def _standby_progress(self) -> None:
+        self.notifier.watchdog()
+        self._ready("standby: waiting for the leader lock")
+
+    def _ready(self, status: str) -> None:
+        if self._ready_sent:
+            return
+        self._ready_sent = True
+        self.notifier.ready(status)
+        if self._on_ready is not None:
+            self._on_ready()
 
 
 def _lookup(providers: Mapping[str, Provider]) -> Callable[[str | None], Provider | None]:

@@ -226,7 +226,8 @@ async def test_the_listen_connection_killed_repeatedly_misses_nothing(
             await app.dispatch(wave_refs)  # some land while the listener is away
             assert killed == 1
             await eventually(
-                lambda: _listening(daemon), what=f"the listener to come back (wave {wave})"
+                lambda: _reconnected(daemon, times=wave + 1),
+                what=f"the listener to come back (wave {wave})",
             )
         await eventually(lambda: _finished(app), what="every order to finish")
         assert daemon.metrics.reconnects._value.get() >= 8
@@ -234,8 +235,13 @@ async def test_the_listen_connection_killed_repeatedly_misses_nothing(
     assert {rows[r]["externalStatus"] for r in refs} == {"done"}
 
 
-async def _listening(daemon: Daemon) -> bool:
-    return daemon.listener is not None and daemon.listener.connected
+async def _reconnected(daemon: Daemon, times: int) -> bool:
+    """The listener noticed the kill, came back, and is listening again."""
+    return (
+        daemon.metrics.reconnects._value.get() >= times
+        and daemon.listener is not None
+        and daemon.listener.connected
+    )
 
 
 async def _kill(app: App, purpose: str) -> int:

@@ -1,0 +1,51 @@
+"""Two daemons on one table: one works, one waits, and the waiting one takes over."""
+
+from __future__ import annotations
+
+import time
+
+from order_monitor.daemon import Daemon
+from order_monitor.ops.leader import LEADER, STANDBY
+from order_monitor.providers.fake import FakeProvider
+from tests.integration.conftest import App, eventually, running, settings_for
+
+
+def daemon(db: str, fake: FakeProvider) -> Daemon:
+    return Daemon(settings_for(db, fake), lock_poll=0.2, lock_check_interval=0.3)
+
+
+async def test_a_standby_takes_over_when_the_leader_loses_its_connection(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    async with running(daemon(db, fake)) as first, running(daemon(db, fake)) as second:
+        assert first.role == LEADER
+        await eventually(lambda: _role(second, STANDBY), what="the second instance to stand by")
+        assert not await second.database_ok()  # a standby does no work, not even housekeeping
+
+        await app.dispatch([f"before-{n}" for n in range(50)])
+        await eventually(lambda: _in_flight(app, 0), what="the leader to finish the first orders")
+
+        # The leader's lock session dies (a network cut, a DBA's pg_terminate_backend).
+        assert first._lock.backend_pid is not None
+        await app.conn.execute("SELECT pg_terminate_backend(%s)", (first._lock.backend_pid,))
+        cut = time.monotonic()
+        await eventually(lambda: _role(second, LEADER), within=15, what="the standby to take over")
+        takeover = time.monotonic() - cut
+        await eventually(lambda: _role(first, STANDBY), what="the old leader to stand by again")
+
+        await app.dispatch([f"after-{n}" for n in range(50)])
+        await eventually(lambda: _in_flight(app, 0), what="the new leader to finish new orders")
+        assert second.listener_connected
+        assert first.listener is None  # the old leader's engine is gone
+
+    assert takeover < 5.0
+    rows = await app.rows()
+    assert {r["externalStatus"] for r in rows.values()} == {"done"}
+
+
+async def _role(d: Daemon, role: str) -> bool:
+    return d.role == role
+
+
+async def _in_flight(app: App, count: int) -> bool:
+    return await app.in_flight() == count
