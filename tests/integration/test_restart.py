@@ -59,6 +59,10 @@ class DaemonProcess:
             pytest.fail(f"the daemon exited early: {self.events[-5:]}")
         return any(e["event"] == "listener.connected" for e in self.events)
 
+    def send(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
     async def signal(self, signum: int) -> int:
         assert self.process is not None
         assert self._reader is not None
@@ -71,18 +75,20 @@ class DaemonProcess:
         return [e for e in self.events if e["event"] == event]
 
 
-@pytest.fixture
-def daemon_env(db: str, fake: FakeProvider, tmp_path: Path) -> dict[str, str]:
-    providers = tmp_path / "providers.toml"
-    providers.write_text(
-        f"""
-[providers.fake]
+def providers_toml(fake: FakeProvider, name: str = "fake") -> str:
+    return f"""
+[providers.{name}]
 kind = "barakat"
 base_url = "{fake.base_url}"
 secrets = {{ token = {{ env = "FAKE_TOKEN" }} }}
 limits = {{ concurrency = 8, read_timeout = 2, breaker_failures = 50 }}
 """
-    )
+
+
+@pytest.fixture
+def daemon_env(db: str, fake: FakeProvider, tmp_path: Path) -> dict[str, str]:
+    providers = tmp_path / "providers.toml"
+    providers.write_text(providers_toml(fake))
     env = {
         key: value
         for key, value in os.environ.items()
@@ -175,3 +181,29 @@ async def _some_done(app: App, count: int) -> bool:
 
 async def _only_forever_left(app: App, forever: int) -> bool:
     return await app.in_flight() == forever
+
+
+async def test_sighup_rejects_a_bad_providers_file_and_applies_a_good_one(
+    daemon_env: dict[str, str], app: App, fake: FakeProvider
+) -> None:
+    providers = Path(daemon_env["ORDER_MONITOR_PROVIDERS_FILE"])
+    daemon = DaemonProcess(daemon_env)
+    await daemon.start()
+    await app.dispatch(["late-provider"], provider_id="latecomer")
+
+    providers.write_text(providers_toml(fake) + "\n[providers.broken]\nkind = 'znet'\n")  # noqa: ASYNC240 - a tiny file, in a test
+    daemon.send(signal.SIGHUP)
+    await eventually(lambda: _logged(daemon, "config.reload_rejected"), what="the rejection")
+    (rejected,) = daemon.named("config.reload_rejected")
+    assert "[providers.broken]" in str(rejected["error"])
+    assert rejected["level"] == "error"
+
+    providers.write_text(providers_toml(fake) + providers_toml(fake, "latecomer"))  # noqa: ASYNC240
+    daemon.send(signal.SIGHUP)
+    await eventually(lambda: _only_forever_left(app, 0), what="the latecomer's order to finish")
+    assert await daemon.signal(signal.SIGTERM) == 0
+    assert (await app.rows())["late-provider"]["externalStatus"] == "done"
+
+
+async def _logged(daemon: DaemonProcess, event: str) -> bool:
+    return bool(daemon.named(event))

@@ -1,0 +1,104 @@
+"""The daemon as systemd sees it (sd_notify), and live reconfiguration."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from order_monitor.daemon import Daemon
+from order_monitor.ops.sdnotify import Notifier
+from order_monitor.providers.fake import FakeProvider
+from tests.integration.conftest import App, eventually, running, settings_for
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def received(sock: socket.socket) -> list[dict[str, str]]:
+    messages = []
+    while True:
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return messages
+        messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+
+async def test_the_daemon_tells_systemd_ready_status_watchdog_reloading_and_stopping(
+    db: str, app: App, fake: FakeProvider, notify_socket: socket.socket
+) -> None:
+    notifier = Notifier(notify_socket.getsockname(), watchdog_usec="1000000")
+    settings = settings_for(db, fake)
+    messages: list[dict[str, str]] = []
+
+    async def saw(key: str, value: str | None = None) -> bool:
+        messages.extend(received(notify_socket))
+        return any(key in m and (value is None or m[key] == value) for m in messages)
+
+    daemon = Daemon(settings, notifier=notifier)
+    async with running(daemon):
+        await eventually(lambda: saw("READY", "1"), what="READY=1")
+        ready = next(m for m in messages if m.get("READY") == "1")
+        assert ready["STATUS"].startswith("leader")
+        await app.dispatch(["sd-1"])
+        await eventually(lambda: saw("WATCHDOG", "1"), what="a watchdog ping")
+        await eventually(lambda: saw("STATUS"), what="a STATUS= line")
+        assert any(m.get("STATUS", "").startswith("leader: ") for m in messages)
+
+        daemon.reload(replace(settings, sweep_interval=30.0))
+        await eventually(lambda: saw("RELOADING", "1"), what="RELOADING=1")
+        reloading = next(m for m in messages if m.get("RELOADING") == "1")
+        assert int(reloading["MONOTONIC_USEC"]) > 0
+        after = messages.index(reloading)
+        await eventually(lambda: saw("READY", "1"), what="READY=1 after the reload")
+        assert any(m.get("READY") == "1" for m in messages[after + 1 :])
+    await eventually(lambda: saw("STOPPING", "1"), what="STOPPING=1")
+
+
+async def test_orders_of_an_unconfigured_provider_wait_and_are_picked_up_after_a_reload(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    settings = settings_for(db, fake)
+    with capture_logs() as logs:
+        async with running(Daemon(settings)) as daemon:
+            await app.dispatch([f"other-{n}" for n in range(3)], provider_id="other")
+            await app.dispatch(["known"])
+            await eventually(
+                lambda: _status(app, "known", "done"), what="the configured provider's order"
+            )
+            await eventually(
+                lambda: _unconfigured_counted(daemon, 3), what="the unknown provider to be noticed"
+            )
+            warnings = [e for e in logs if e["event"] == "provider.not_configured"]
+            assert len(warnings) == 1  # once per provider, not once per order
+            assert warnings[0]["provider_id"] == "other"
+            assert await app.in_flight() == 3
+
+            (fake_config,) = settings.providers
+            other = replace(fake_config, name="other", provider_ids=("other",))
+            daemon.reload(replace(settings, providers=(fake_config, other)))
+            await eventually(lambda: _finished(app), what="the newly configured provider's orders")
+    assert any(e["event"] == "config.reloaded" for e in logs)
+
+
+async def _status(app: App, ref: str, status: str) -> bool:
+    return (await app.rows())[ref]["externalStatus"] == status
+
+
+async def _unconfigured_counted(daemon: Daemon, count: int) -> bool:
+    return daemon.metrics.unconfigured._value.get() >= count
+
+
+async def _finished(app: App) -> bool:
+    return await app.in_flight() == 0
