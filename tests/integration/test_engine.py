@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from structlog.testing import capture_logs
@@ -226,7 +227,7 @@ async def test_the_listen_connection_killed_repeatedly_misses_nothing(
             await app.dispatch(wave_refs)  # some land while the listener is away
             assert killed == 1
             await eventually(
-                lambda: _reconnected(daemon, times=wave + 1),
+                lambda w=wave: _reconnected(daemon, times=w + 1),  # type: ignore[misc]
                 what=f"the listener to come back (wave {wave})",
             )
         await eventually(lambda: _finished(app), what="every order to finish")
@@ -266,3 +267,38 @@ async def test_the_database_restarting_under_the_reader_and_writer_is_survived(
             await _kill(app, "writer")
             await asyncio.sleep(0.1)
         await eventually(lambda: _finished(app), what="orders to finish after connection kills")
+
+
+async def test_a_hanging_provider_does_not_hold_up_another(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    """The slow provider's requests hang for longer than the whole test; the fast
+    provider's orders must all finish meanwhile."""
+    base = settings_for(db, fake)
+    (fast,) = base.providers
+    slow = replace(
+        fast,
+        name="slow",
+        provider_ids=("slow",),
+        limits=replace(fast.limits, concurrency=4, read_timeout=120.0, connect_timeout=5.0),
+    )
+    hanging = [f"hang-{n}" for n in range(300)]
+    for ref in hanging:
+        fake.set_script(ref, Script.hang())
+    settings = replace(base, providers=(fast, slow), concurrency=12)
+    async with running(Daemon(settings)) as daemon:
+        await app.dispatch(hanging, provider_id="slow")
+        await eventually(lambda: _polled(fake, "hang-0"), what="the slow provider to be asked")
+        await app.dispatch([f"quick-{n}" for n in range(1000)])
+        await eventually(
+            lambda: _finished_except(app, len(hanging)), within=60, what="the fast orders"
+        )
+        # Nothing of the slow provider's came back: its requests are still hanging.
+        assert daemon.metrics.checks.labels("slow", "done")._value.get() == 0
+        assert daemon.metrics.checks.labels("slow", "error")._value.get() == 0
+    rows = await app.rows()
+    assert all(rows[f"quick-{n}"]["externalStatus"] == "done" for n in range(1000))
+
+
+async def _finished_except(app: App, left: int) -> bool:
+    return await app.in_flight() == left
