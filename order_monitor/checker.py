@@ -35,6 +35,7 @@ log = get_logger()
 # under way, and after a failed re-read.
 DEFER_BUSY = 1.0
 RETRY_AFTER_READ_FAILURE = 5.0
+RETRY_AFTER_BUG = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,19 @@ class Checker:
         return len(self._tasks)
 
     async def _check_batch(self, ids: list[int]) -> None:
+        try:
+            await self._check_batch_inner(ids)
+        except Exception:
+            # A bug, not provider or database trouble (those are handled
+            # below): say so loudly, and give the orders back to the schedule
+            # so none is stranded as "being checked" for ever.
+            log.exception("checker.unexpected_error", orders=len(ids))
+            retry_at = self._clock() + RETRY_AFTER_BUG
+            for order in ids:
+                if order in self._scheduler and self._scheduler.due_in(order) is None:
+                    self._scheduler.complete(order, retry_at)
+
+    async def _check_batch_inner(self, ids: list[int]) -> None:
         uuids = [uuid.UUID(int=i) for i in ids]
         try:
             conn = await self._conn.get()

@@ -81,9 +81,18 @@ class Writer:
 
     async def flush(self, batch: list[Decision]) -> None:
         to_write = [d for d in batch if d.writes]
+        rejected: set[uuid.UUID] = set()
         try:
-            written = await self._write(to_write) if to_write else {}
-        except psycopg.Error as exc:
+            try:
+                written = await self._write(to_write) if to_write else {}
+            except psycopg.OperationalError:
+                raise
+            except psycopg.Error:
+                # The database refused a value (a constraint, a length, another
+                # application's trigger): find the row at fault instead of
+                # failing the whole batch on every retry.
+                written, rejected = await self._write_one_by_one(to_write)
+        except psycopg.OperationalError as exc:
             await self._conn.reset()
             log.error(
                 "writer.failed",
@@ -98,8 +107,37 @@ class Writer:
             return
         now = self._clock()
         for decision in batch:
-            self._settle(decision, written, now)
+            if decision.row.id in rejected:
+                # Checked again at its next slot; the error is logged each time.
+                self._scheduler.complete(
+                    decision.row.id.int, now + max(decision.next_check_in or 0.0, 60.0)
+                )
+            else:
+                self._settle(decision, written, now)
         self.on_rescheduled()
+
+    async def _write_one_by_one(
+        self, decisions: list[Decision]
+    ) -> tuple[dict[uuid.UUID, str], set[uuid.UUID]]:
+        written: dict[uuid.UUID, str] = {}
+        rejected: set[uuid.UUID] = set()
+        for decision in decisions:
+            try:
+                written.update(await self._write([decision]))
+            except psycopg.OperationalError:
+                raise
+            except psycopg.Error as exc:
+                rejected.add(decision.row.id)
+                log.error(
+                    "writer.row_rejected",
+                    order_id=str(decision.row.id),
+                    provider=decision.provider,
+                    outcome=decision.kind,
+                    error=str(exc).strip(),
+                    hint="the database refused this row's values; see the error, "
+                    "then fix the column or the ORDER_MONITOR_*_STATUS settings",
+                )
+        return written, rejected
 
     async def _write(self, decisions: list[Decision]) -> dict[uuid.UUID, str]:
         batch = WriteBatch(

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from order_monitor.daemon import Daemon
+from order_monitor import checker as checker_module
+from order_monitor.daemon import Daemon, build_providers
 from order_monitor.policy import BackoffPolicy
+from order_monitor.providers.base import OrderRef, Outcome, Provider
 from order_monitor.providers.fake import (
     MSG_DONE,
     Answer,
@@ -302,3 +307,60 @@ async def test_a_hanging_provider_does_not_hold_up_another(
 
 async def _finished_except(app: App, left: int) -> bool:
     return await app.in_flight() == left
+
+
+async def test_a_row_the_database_refuses_does_not_block_the_batch(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    # Another application's rule: this PIN may not be stored.
+    await app.conn.execute(
+        """ALTER TABLE product_orders ADD CONSTRAINT no_bad_pin CHECK ("pinCode" <> 'BAD-PIN')"""
+    )
+    fake.set_script("refused", Script.done("BAD-PIN"))
+    refs = [f"fine-{n}" for n in range(30)]
+    with capture_logs() as logs:
+        async with running(Daemon(settings_for(db, fake))):
+            await app.dispatch([*refs, "refused"])
+            await eventually(lambda: _finished_except(app, 1), what="the fine orders")
+            await eventually(lambda: _logged(logs, "writer.row_rejected"), what="the rejection")
+    rejected = [e for e in logs if e["event"] == "writer.row_rejected"]
+    assert {e["order_id"] for e in rejected} == {str((await app.rows())["refused"]["id"])}
+    assert "no_bad_pin" in rejected[0]["error"]
+    rows = await app.rows()
+    assert all(rows[r]["externalStatus"] == "done" for r in refs)
+    assert rows["refused"]["externalStatus"] == "sent"  # still in flight, for a human to see
+
+
+class BrokenOnce:
+    """A provider with a bug that bites once: the engine must not strand its orders."""
+
+    name = "fake"
+
+    def __init__(self, inner: Provider) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    async def check(self, orders: Sequence[OrderRef]) -> dict[uuid.UUID, Outcome]:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("a bug in an adapter")
+        return await self.inner.check(orders)
+
+
+async def test_an_unexpected_error_in_a_check_strands_no_order(
+    db: str, app: App, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def factory(*args: Any) -> dict[str, Provider]:
+        return {pid: BrokenOnce(p) for pid, p in build_providers(*args).items()}
+
+    monkeypatch.setattr(checker_module, "RETRY_AFTER_BUG", 0.1)
+    with capture_logs() as logs:
+        async with running(Daemon(settings_for(db, fake), provider_factory=factory)):
+            await app.dispatch(["survivor"])
+            await eventually(lambda: _finished(app), what="the order after the bug")
+    assert any(e["event"] == "checker.unexpected_error" for e in logs)
+    assert (await app.rows())["survivor"]["externalStatus"] == "done"
+
+
+async def _logged(logs: list[dict[str, Any]], event: str) -> bool:
+    return any(e["event"] == event for e in logs)
