@@ -285,7 +285,9 @@ class Daemon:
                 if self._stop.is_set() or self._lock.lost.is_set():
                     return None
                 try:
-                    return await column_limits(await reader.get(), self.settings.layout)
+                    return await column_limits(
+                        await reader.get(), self.settings.layout, self.settings.writes
+                    )
                 except psycopg.OperationalError:
                     await reader.reset()
                     raise

@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from order_monitor import __version__, schema
-from order_monitor.config import Layout
+from order_monitor.config import Layout, OutcomeWrites
 from order_monitor.errors import SchemaError
 
 AsyncConn = psycopg.AsyncConnection[TupleRow]
@@ -228,12 +228,14 @@ FROM u"""
         return {row[0]: row[1] for row in await cursor.fetchall()}
 
 
-async def column_limits(conn: AsyncConn, layout: Layout) -> ColumnLimits:
+async def column_limits(
+    conn: AsyncConn, layout: Layout, writes: OutcomeWrites | None = None
+) -> ColumnLimits:
     """Check every configured column exists; read the lengths of those we write.
 
-    Raises SchemaError naming what is missing, so a typo in a column setting
-    stops the daemon at start-up with a clear line instead of failing every
-    batch later.
+    Raises SchemaError naming what is missing, or a configured status value
+    longer than its column, so a typo stops the daemon at start-up with a
+    clear line instead of failing every batch later.
     """
     cursor = await conn.execute(
         "SELECT column_name, character_maximum_length FROM information_schema.columns"
@@ -256,6 +258,20 @@ async def column_limits(conn: AsyncConn, layout: Layout) -> ColumnLimits:
         )
         raise SchemaError(f"table {table} has no column {', '.join(missing)}{hint}")
     c = layout.columns
+    if writes is not None:
+        for setting, value, column in (
+            ("DONE_EXTERNAL_STATUS", writes.done_external_status, c.external_status),
+            ("FAILED_EXTERNAL_STATUS", writes.failed_external_status, c.external_status),
+            ("GAVE_UP_EXTERNAL_STATUS", writes.gave_up_external_status, c.external_status),
+            ("DONE_STATUS", writes.done_status, c.status),
+            ("FAILED_STATUS", writes.failed_status, c.status),
+        ):
+            limit = found[column]
+            if value is not None and limit is not None and len(value) > limit:
+                raise SchemaError(
+                    f"ORDER_MONITOR_{setting}={value!r} is longer than column {column} "
+                    f"allows ({limit} characters)"
+                )
     return ColumnLimits(
         pin_code=found[c.pin_code],
         provider_message=found[c.provider_message],
