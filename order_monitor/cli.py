@@ -164,5 +164,122 @@ def demo_command(orders: int, rate: float, keep: bool, seed: int) -> None:
     sys.exit(run_demo(orders=orders, rate=rate, keep=keep, seed=seed))
 
 
+@cli.command("doctor")
+@click.option(
+    "--notify-timeout",
+    default=2.0,
+    envvar="ORDER_MONITOR_DOCTOR_NOTIFY_TIMEOUT",
+    show_envvar=True,
+    help="Seconds to wait for the self-NOTIFY to come back.",
+)
+@pass_context
+@friendly_errors
+def doctor_command(ctx: Context, notify_timeout: float) -> None:
+    """Check the installation; one PASS/WARN/FAIL line per check.
+
+    Settings; the database (a primary); the table, its columns and the
+    provider reference column; the index, trigger function and triggers
+    (present, valid, enabled, and matching the current settings); the role's
+    privileges; LISTEN/NOTIFY on this connection (PgBouncer in transaction
+    mode breaks it); the notification queue; and one real status request to
+    each provider, for a reference no order has. A FAIL says what to do.
+
+    Exit status: 0 when nothing FAILed (WARNs allowed), 1 otherwise, 78 when
+    the settings themselves are invalid. Changes nothing.
+    """
+    import asyncio
+    import logging
+
+    from order_monitor.errors import ConfigError
+    from order_monitor.operator import doctor, logs_to_stderr
+
+    try:
+        settings = ctx.settings
+    except ConfigError as exc:
+        click.echo(doctor.format_finding(doctor.settings_failed(exc)))
+        sys.exit(exc.exit_code)
+    click.echo(doctor.format_finding(doctor.settings_loaded(settings)))
+    # Every failure is a line of the report; log lines would only repeat them.
+    with logs_to_stderr(logging.CRITICAL):
+        findings = asyncio.run(
+            doctor.diagnose(
+                settings,
+                lambda finding: click.echo(doctor.format_finding(finding)),
+                notify_timeout=notify_timeout,
+            )
+        )
+    sys.exit(doctor.exit_status(findings))
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, ages in seconds.")
+@pass_context
+@friendly_errors
+def status_command(ctx: Context, as_json: bool) -> None:
+    """Orders in flight, orders that gave up, recent results, the leader.
+
+    In-flight orders by provider with the oldest age, the oldest order, the
+    orders that gave up in the last 24 h, those finished in the last hour,
+    and which session holds the leader lock.
+
+    Read-only, from the database alone (works while the daemon is down, and on
+    a read replica). The in-flight part uses the daemon's own index; the
+    24 h / 1 h counts read the whole table once.
+    """
+    import asyncio
+    import json
+
+    from order_monitor.operator import logs_to_stderr, status
+
+    settings = ctx.settings
+    with logs_to_stderr():
+        report = asyncio.run(status.gather(settings))
+    if as_json:
+        click.echo(json.dumps(status.to_json(report), ensure_ascii=False, indent=2))
+    else:
+        click.echo(status.format_text(report), nl=False)
+
+
+@cli.command("check")
+@click.argument("order_id")
+@click.option(
+    "--dry-run", is_flag=True, help="Ask the provider and show the decision; write nothing."
+)
+@pass_context
+@friendly_errors
+def check_command(ctx: Context, order_id: str, dry_run: bool) -> None:
+    """Ask the provider about one order now and write the outcome.
+
+    Prints the provider's raw and normalised answer (the PIN included, marked),
+    the decision the daemon would take, and what is written. Only an order in
+    flight is checked; for any other the row's state is shown and nobody is
+    asked (exit 1).
+
+    Safe while the daemon runs: the write is the daemon's own guarded UPDATE,
+    applied only if the order is still in flight with the same provider
+    reference; if the daemon (or anyone) finished it first, the result is
+    dropped and the command says so. Exit status 1 also when the provider
+    could not be asked (timeout, refused credentials, garbage answer).
+    """
+    import asyncio
+    import uuid
+
+    from order_monitor.operator import check, logs_to_stderr
+
+    try:
+        parsed = uuid.UUID(order_id.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{order_id!r} is not an order id (a UUID such as "
+            "1b4e28ba-2fa1-11d2-883f-0016d3cca427)",
+            param_hint="ORDER_ID",
+        ) from None
+    settings = ctx.settings
+    with logs_to_stderr():
+        result = asyncio.run(check.run_check(settings, parsed, dry_run=dry_run))
+    click.echo(check.format_result(result, settings.layout), nl=False)
+    sys.exit(result.exit_code)
+
+
 def main(argv: list[str] | None = None) -> Any:
     return cli.main(args=argv, prog_name="order-monitor")

@@ -1,0 +1,274 @@
+"""``order-monitor check ORDER_ID``: ask the provider about one order, now.
+
+Uses the daemon's own pieces end to end: the re-read query
+(:meth:`~order_monitor.db.Queries.fetch_in_flight`), the provider as
+:func:`~order_monitor.providers.registry.build_provider` builds it (limits,
+timeouts, secret scrubbing), :func:`~order_monitor.decisions.decide`, and the
+guarded write (:meth:`~order_monitor.db.Queries.write`). A running daemon is
+no obstacle: the write applies only while the row is still in flight with
+the same provider reference, so whichever of the two writes second finds the
+order finished and is dropped as stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Final
+
+import aiohttp
+from psycopg import sql
+
+from order_monitor import __version__, db, schema
+from order_monitor.config import Layout, Settings
+from order_monitor.db import InFlightRow, Queries, WriteBatch
+from order_monitor.decisions import Decision, decide
+from order_monitor.errors import OrderMonitorError
+from order_monitor.metrics import Metrics
+from order_monitor.policy import format_seconds
+from order_monitor.providers.base import OrderRef, Outcome, Status
+from order_monitor.providers.registry import build_provider
+
+PIN_MARK: Final = "  [the customer's code: keep it out of tickets and chats]"
+
+
+class CheckError(OrderMonitorError):
+    """The order cannot be checked (not found, not in flight, no provider)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True, slots=True)
+class OrderState:
+    """The row as it is, whether in flight or not."""
+
+    id: uuid.UUID
+    status: str | None
+    external_status: str | None
+    reference: str | None
+    provider_id: str | None
+    in_flight: bool
+
+
+@dataclass(slots=True)
+class CheckResult:
+    order: OrderState
+    row: InFlightRow
+    provider: str
+    kind: str
+    outcome: Outcome
+    asked_in_s: float
+    decision: Decision
+    dry_run: bool
+    #: None when nothing was to be written or it was a dry run.
+    written: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """1 when the provider could not be asked (a transport error), else 0."""
+        return 1 if self.outcome.status is Status.ERROR else 0
+
+
+# --- queries ---------------------------------------------------------------------------
+
+
+async def read_order(conn: db.AsyncConn, layout: Layout, order_id: uuid.UUID) -> OrderState | None:
+    c = layout.columns
+    cursor = await conn.execute(
+        sql.SQL(
+            "SELECT {id}, {status}::text, {ext}::text, {ref}::text, {pid}::text,"
+            " coalesce({in_flight}, false)"
+            " FROM {table} WHERE {id} = %s"
+        ).format(
+            id=sql.Identifier(c.id),
+            status=sql.Identifier(c.status),
+            ext=sql.Identifier(c.external_status),
+            ref=sql.Identifier(c.provider_ref),
+            pid=sql.Identifier(c.provider_id),
+            in_flight=schema.in_flight_predicate(layout),
+            table=schema.Names(layout).table,
+        ),
+        (order_id,),
+    )
+    row = await cursor.fetchone()
+    return None if row is None else OrderState(*row)
+
+
+def not_in_flight_reason(order: OrderState, layout: Layout) -> str:
+    """Why the daemon leaves this order alone, in the in-flight rule's own terms."""
+    c = layout.columns
+    if order.reference is None:
+        return f"it has no {c.provider_ref} (the application has not dispatched it)"
+    external = (order.external_status or "").lower()
+    if external not in layout.in_flight_external_statuses:
+        return (
+            f"{c.external_status} {order.external_status!r} is not one of the in-flight "
+            f"statuses ({', '.join(layout.in_flight_external_statuses)}): it is finished, "
+            "or waiting for a human"
+        )
+    if (order.status or "").lower() in layout.final_statuses:
+        return f"{c.status} {order.status!r} is final"
+    return "it left flight while being read"
+
+
+def describe_state(order: OrderState, layout: Layout) -> str:
+    c = layout.columns
+    return (
+        f"{c.status}={order.status!r}, {c.external_status}={order.external_status!r}, "
+        f"{c.provider_ref}={order.reference!r}, {c.provider_id}={order.provider_id!r}"
+    )
+
+
+async def run_check(settings: Settings, order_id: uuid.UUID, *, dry_run: bool) -> CheckResult:
+    """Check *order_id* once; raise CheckError (exit 1) when it cannot be checked."""
+    layout = settings.layout
+    table = f"{layout.schema}.{layout.table}"
+    async with await db.connect(settings.dsn.reveal(), "check") as conn:
+        order = await read_order(conn, layout, order_id)
+        if order is None:
+            raise CheckError(f"no order with id {order_id} in {table}")
+        queries = Queries(layout)
+        rows = await queries.fetch_in_flight(conn, [order_id])
+        read_at = time.monotonic()
+        if not order.in_flight or not rows:
+            raise CheckError(
+                f"order {order_id} is not in flight, so no provider was asked: "
+                f"{not_in_flight_reason(order, layout)} ({describe_state(order, layout)})"
+            )
+        (row,) = rows
+        config = settings.provider_for(row.provider_id) if row.provider_id is not None else None
+        if config is None:
+            source = settings.providers_file or "the providers file (none is configured)"
+            raise CheckError(
+                f"order {order_id} has {layout.columns.provider_id}={row.provider_id!r}, which no "
+                f"provider in {source} serves: add it to an entry's provider_ids"
+            )
+        limits = await db.column_limits(conn, layout)
+
+        async with aiohttp.ClientSession(
+            headers={"User-Agent": f"order-monitor/{__version__} (check)"}
+        ) as session:
+            provider = build_provider(
+                config, session=session, session_limit=asyncio.Semaphore(1), metrics=Metrics()
+            )
+            started = time.monotonic()
+            outcomes = await provider.check(
+                [OrderRef(row.id, row.reference, row.external_order_id)]
+            )
+            asked_in = time.monotonic() - started
+        outcome = outcomes.get(row.id) or Outcome.unknown()
+        decision = decide(
+            row,
+            provider.name,
+            outcome,
+            elapsed=row.elapsed + (time.monotonic() - read_at),
+            policy=settings.policy,
+            writes=settings.writes,
+            limits=limits,
+        )
+        result = CheckResult(
+            order, row, provider.name, config.kind, outcome, asked_in, decision, dry_run
+        )
+        if dry_run or not decision.writes:
+            return result
+        written = await queries.write(conn, _batch(decision))
+        result.written = row.id in written
+        return result
+
+
+def _batch(decision: Decision) -> WriteBatch:
+    """The writer's batch, for one decision."""
+    return WriteBatch(
+        ids=[decision.row.id],
+        references=[decision.row.reference],
+        kinds=[decision.kind],
+        external_statuses=[decision.external_status],
+        pins=[decision.pin],
+        provider_messages=[decision.provider_message],
+        last_messages=[decision.last_message],
+        statuses=[decision.status],
+    )
+
+
+# --- formatting (pure) -------------------------------------------------------------------
+
+
+def _or_dash(value: str | None) -> str:
+    return "-" if value is None else value
+
+
+def planned_writes(decision: Decision, layout: Layout) -> list[str]:
+    """The columns the decision sets, as ``column = value`` (PIN shown, as in the answer)."""
+    c = layout.columns
+    if not decision.writes:
+        return []
+    sets: list[tuple[str, str | None]] = [
+        (c.external_status, decision.external_status),
+        (c.pin_code, decision.pin),
+        (c.provider_message, decision.provider_message),
+        (c.last_message, decision.last_message),
+        (c.status, decision.status),
+    ]
+    lines = [f"{name} = {value!r}" for name, value in sets if value is not None]
+    lines.append(f"{c.last_sync_at} = now()")
+    if decision.finished:
+        lines.append(f"{c.completed_at} = now()")
+        lines.append(f"{c.duration_ms} = now() - coalesce({c.sent_at}, {c.created_at})")
+    return lines
+
+
+def format_result(result: CheckResult, layout: Layout) -> str:
+    o = result.outcome
+    d = result.decision
+    width = 11
+    lines = [
+        f"{'order':<{width}}{result.order.id}",
+        f"{'provider':<{width}}{result.provider} (kind {result.kind}, "
+        f"{layout.columns.provider_id} {result.row.provider_id!r})",
+        f"{'reference':<{width}}{result.row.reference}",
+        f"{'dispatched':<{width}}{format_seconds(result.row.elapsed)} ago",
+        f"{'asked':<{width}}{result.asked_in_s * 1000:.0f} ms",
+        f"{'raw status':<{width}}{_or_dash(o.raw_status)}",
+        f"{'outcome':<{width}}{o.status.value}",
+        f"{'PIN':<{width}}{_or_dash(o.pin)}{PIN_MARK if o.pin is not None else ''}",
+        f"{'message':<{width}}{_or_dash(o.message)}",
+        f"{'error':<{width}}{_or_dash(o.error)}",
+        f"{'decision':<{width}}{_decision_text(d)}",
+    ]
+    for entry in planned_writes(d, layout):
+        lines.append(f"{'':<{width}}  {entry}")
+    lines.append(f"{'write':<{width}}{_write_text(result)}")
+    return "\n".join(lines) + "\n"
+
+
+def _decision_text(decision: Decision) -> str:
+    if decision.kind == "deferred":
+        wait = format_seconds(decision.next_check_in or 0.0)
+        return f"deferred: nothing to write; the provider should not be asked for {wait}"
+    if decision.kind == "pending":
+        after = (
+            f"; by the schedule the next check is due in {format_seconds(decision.next_check_in)}"
+            if decision.next_check_in is not None
+            else ""
+        )
+        return f"pending: the order stays in flight{after}"
+    if decision.kind == "gave_up":
+        return "gave up: the order's checks are used up; it is left for a human"
+    return f"{decision.kind}: the order leaves flight"
+
+
+def _write_text(result: CheckResult) -> str:
+    if not result.decision.writes:
+        return "nothing to write"
+    if result.dry_run:
+        return "dry run: nothing written"
+    if result.written:
+        return "written (the same guarded UPDATE the daemon uses)"
+    return (
+        "NOT written: the row left flight or got a new provider reference while the "
+        "provider was asked (the daemon, the application or an operator was faster); "
+        "its newer state stands"
+    )

@@ -1,0 +1,378 @@
+"""``order-monitor status``: what the orders table says, right now.
+
+Read-only: one REPEATABLE READ READ ONLY transaction, so every number comes
+from the same snapshot (and it also runs on a read replica).
+
+Cost on a big table:
+
+* the in-flight part uses the daemon's own predicate, with the same literals
+  (:func:`order_monitor.schema.in_flight_predicate`), so the planner answers
+  it from the partial index: its cost follows the number of orders in
+  flight, not the size of the table;
+* "gave up in the last day" and "finished in the last hour" filter on
+  ``"lastSyncAt"`` and ``"completedAt"``, which the application's table does
+  not index: that part is one sequential scan of the table (a materialised
+  CTE read once for both), seconds on tens of millions of rows. It only
+  reads; the application's writes do not wait for it;
+* who holds the leader lock comes from ``pg_locks``: no table is read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+
+from order_monitor import db, schema
+from order_monitor.config import Settings
+from order_monitor.ops.leader import lock_key
+from order_monitor.policy import format_seconds
+
+#: How many of the orders that gave up are listed (all are counted).
+GAVE_UP_LISTED: Final = 10
+GAVE_UP_WINDOW: Final = dt.timedelta(hours=24)
+FINISHED_WINDOW: Final = dt.timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLine:
+    provider_id: str | None
+    count: int
+    oldest_age_s: float
+    #: Name of the configured provider serving this providerId; None: nobody.
+    served_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OldestOrder:
+    id: uuid.UUID
+    provider_id: str | None
+    reference: str
+    age_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUpOrder:
+    id: uuid.UUID
+    provider_id: str | None
+    reference: str | None
+    #: Seconds since its "lastSyncAt" (when it gave up).
+    age_s: float
+    last_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderInfo:
+    pid: int
+    application_name: str | None
+    client_addr: str | None
+    #: Seconds since that session started.
+    since_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    table: str
+    at: dt.datetime
+    in_flight: list[ProviderLine]
+    oldest: OldestOrder | None
+    gave_up_status: str
+    gave_up_count: int
+    gave_up: list[GaveUpOrder]
+    done_status: str
+    done_last_hour: int
+    failed_status: str
+    failed_last_hour: int
+    leader: LeaderInfo | None
+
+    @property
+    def in_flight_total(self) -> int:
+        return sum(line.count for line in self.in_flight)
+
+
+# --- queries ---------------------------------------------------------------------------
+
+
+async def gather(settings: Settings) -> Status:
+    """Read the status from the database named by *settings*."""
+    async with await db.connect(settings.dsn.reveal(), "status") as conn:
+        await conn.set_read_only(True)
+        await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+        async with conn.transaction():
+            return await read_status(conn, settings)
+
+
+async def read_status(conn: db.AsyncConn, settings: Settings) -> Status:
+    layout = settings.layout
+    c = layout.columns
+    names = schema.Names(layout)
+    table = names.table
+    in_flight = schema.in_flight_predicate(layout)
+    dispatched = sql.SQL("coalesce({sent}, {created})").format(
+        sent=sql.Identifier(c.sent_at), created=sql.Identifier(c.created_at)
+    )
+    ident = sql.Identifier
+
+    cursor = await conn.execute("SELECT now()")
+    row = await cursor.fetchone()
+    assert row is not None
+    at: dt.datetime = row[0]
+
+    cursor = await conn.execute(
+        sql.SQL(
+            "SELECT {pid}::text, count(*), extract(epoch FROM now() - min({dispatched}))::float8"
+            " FROM {table} WHERE {in_flight} GROUP BY 1 ORDER BY 1 NULLS LAST"
+        ).format(pid=ident(c.provider_id), dispatched=dispatched, table=table, in_flight=in_flight)
+    )
+    lines = []
+    for provider_id, count, age in await cursor.fetchall():
+        served = settings.provider_for(provider_id) if provider_id is not None else None
+        lines.append(
+            ProviderLine(
+                provider_id,
+                int(count),
+                float(age or 0.0),
+                served.name if served is not None else None,
+            )
+        )
+
+    oldest = None
+    if lines:
+        cursor = await conn.execute(
+            sql.SQL(
+                "SELECT {id}, {pid}::text, {ref}::text,"
+                " extract(epoch FROM now() - {dispatched})::float8"
+                " FROM {table} WHERE {in_flight} ORDER BY {dispatched}, {id} LIMIT 1"
+            ).format(
+                id=ident(c.id),
+                pid=ident(c.provider_id),
+                ref=ident(c.provider_ref),
+                dispatched=dispatched,
+                table=table,
+                in_flight=in_flight,
+            )
+        )
+        found = await cursor.fetchone()
+        if found is not None:
+            oldest = OldestOrder(found[0], found[1], found[2], float(found[3] or 0.0))
+
+    writes = settings.writes
+    cursor = await conn.execute(
+        sql.SQL(
+            """WITH recent AS MATERIALIZED (
+    SELECT {id} AS id, {pid}::text AS provider_id, {ref}::text AS reference,
+           {ext}::text AS external_status, {last_sync} AS last_sync,
+           {completed} AS completed, {last_message}::text AS last_message
+    FROM {table}
+    WHERE {last_sync} >= now() - %(gave_up_window)s OR {completed} >= now() - %(finished_window)s
+)
+SELECT
+    (SELECT count(*) FROM recent
+      WHERE external_status = %(gave_up)s AND last_sync >= now() - %(gave_up_window)s),
+    (SELECT count(*) FROM recent
+      WHERE external_status = %(done)s AND completed >= now() - %(finished_window)s),
+    (SELECT count(*) FROM recent
+      WHERE external_status = %(failed)s AND completed >= now() - %(finished_window)s),
+    (SELECT coalesce(json_agg(g), '[]') FROM (
+        SELECT id, provider_id, reference,
+               extract(epoch FROM now() - last_sync)::float8 AS age_s, last_message
+        FROM recent
+        WHERE external_status = %(gave_up)s AND last_sync >= now() - %(gave_up_window)s
+        ORDER BY last_sync DESC, id LIMIT %(listed)s) AS g)"""
+        ).format(
+            id=ident(c.id),
+            pid=ident(c.provider_id),
+            ref=ident(c.provider_ref),
+            ext=ident(c.external_status),
+            last_sync=ident(c.last_sync_at),
+            completed=ident(c.completed_at),
+            last_message=ident(c.last_message),
+            table=table,
+        ),
+        {
+            "gave_up_window": GAVE_UP_WINDOW,
+            "finished_window": FINISHED_WINDOW,
+            "gave_up": writes.gave_up_external_status,
+            "done": writes.done_external_status,
+            "failed": writes.failed_external_status,
+            "listed": GAVE_UP_LISTED,
+        },
+    )
+    counts = await cursor.fetchone()
+    assert counts is not None
+    gave_up_count, done, failed, listed = counts
+    gave_up = [
+        GaveUpOrder(
+            uuid.UUID(item["id"]),
+            item["provider_id"],
+            item["reference"],
+            float(item["age_s"]),
+            item["last_message"],
+        )
+        for item in listed
+    ]
+
+    return Status(
+        table=f"{layout.schema}.{layout.table}",
+        at=at,
+        in_flight=lines,
+        oldest=oldest,
+        gave_up_status=writes.gave_up_external_status,
+        gave_up_count=int(gave_up_count),
+        gave_up=gave_up,
+        done_status=writes.done_external_status,
+        done_last_hour=int(done),
+        failed_status=writes.failed_external_status,
+        failed_last_hour=int(failed),
+        leader=await read_leader(conn, layout.schema, layout.table),
+    )
+
+
+async def read_leader(conn: db.AsyncConn, schema_name: str, table: str) -> LeaderInfo | None:
+    """The session holding the daemon's leader lock for this table, if any.
+
+    A role without pg_read_all_stats sees another role's application_name
+    and client address as NULL; the pid is always visible.
+    """
+    cursor = await conn.execute(
+        "SELECT l.pid, a.application_name, host(a.client_addr),"
+        " extract(epoch FROM now() - a.backend_start)::float8"
+        " FROM pg_catalog.pg_locks l LEFT JOIN pg_catalog.pg_stat_activity a USING (pid)"
+        " WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted"
+        "   AND l.database = (SELECT oid FROM pg_catalog.pg_database"
+        "                     WHERE datname = current_database())"
+        "   AND ((l.classid::bigint << 32) | l.objid::bigint) = %s",
+        (lock_key(schema_name, table),),
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        return None
+    return LeaderInfo(int(row[0]), row[1], row[2], None if row[3] is None else float(row[3]))
+
+
+# --- formatting (pure) -------------------------------------------------------------------
+
+
+def _seconds(value: float) -> float:
+    return round(value, 1)
+
+
+def to_json(status: Status) -> dict[str, Any]:
+    """A dict with stable keys for ``--json``; every age in seconds."""
+    return {
+        "table": status.table,
+        "at": status.at.isoformat(),
+        "in_flight": {
+            "total": status.in_flight_total,
+            "by_provider": [
+                {
+                    "provider_id": line.provider_id,
+                    "count": line.count,
+                    "oldest_age_s": _seconds(line.oldest_age_s),
+                    "served_by": line.served_by,
+                }
+                for line in status.in_flight
+            ],
+            "oldest": None
+            if status.oldest is None
+            else {
+                "id": str(status.oldest.id),
+                "provider_id": status.oldest.provider_id,
+                "reference": status.oldest.reference,
+                "age_s": _seconds(status.oldest.age_s),
+            },
+        },
+        "gave_up_24h": {
+            "external_status": status.gave_up_status,
+            "count": status.gave_up_count,
+            "recent": [
+                {
+                    "id": str(order.id),
+                    "provider_id": order.provider_id,
+                    "reference": order.reference,
+                    "age_s": _seconds(order.age_s),
+                    "last_message": order.last_message,
+                }
+                for order in status.gave_up
+            ],
+        },
+        "finished_1h": {"done": status.done_last_hour, "failed": status.failed_last_hour},
+        "leader": None
+        if status.leader is None
+        else {
+            "pid": status.leader.pid,
+            "application_name": status.leader.application_name,
+            "client_addr": status.leader.client_addr,
+            "since_s": None if status.leader.since_s is None else _seconds(status.leader.since_s),
+        },
+    }
+
+
+def _pid(provider_id: str | None) -> str:
+    return "(none)" if provider_id is None else provider_id
+
+
+def format_text(status: Status) -> str:
+    """The human report: short, aligned, and saying what needs a look."""
+    at = status.at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    out = [f"order-monitor status of {status.table} at {at}", ""]
+
+    total = status.in_flight_total
+    out.append(f"In flight: {total} order{'' if total == 1 else 's'}")
+    if status.in_flight:
+        width = max(len("providerId"), *(len(_pid(line.provider_id)) for line in status.in_flight))
+        out.append(f"  {'providerId':<{width}}  {'orders':>7}  {'oldest':>7}  provider")
+        for line in status.in_flight:
+            served = line.served_by or "NOT CONFIGURED: these orders are not checked"
+            out.append(
+                f"  {_pid(line.provider_id):<{width}}  {line.count:>7}  "
+                f"{format_seconds(line.oldest_age_s):>7}  {served}"
+            )
+    if status.oldest is not None:
+        o = status.oldest
+        out.append(
+            f"  oldest: {o.id} (providerId {_pid(o.provider_id)}, reference {o.reference}), "
+            f"dispatched {format_seconds(o.age_s)} ago"
+        )
+    out.append("")
+
+    out.append(
+        f"Gave up in the last 24 h: {status.gave_up_count} "
+        f"(externalStatus = {status.gave_up_status!r}: a human must look)"
+    )
+    for order in status.gave_up:
+        message = f" — {order.last_message}" if order.last_message else ""
+        out.append(
+            f"  {order.id}  providerId {_pid(order.provider_id)}  reference "
+            f"{order.reference or '-'}  {format_seconds(order.age_s)} ago{message}"
+        )
+    if status.gave_up_count > len(status.gave_up):
+        out.append(f"  … and {status.gave_up_count - len(status.gave_up)} more")
+    out.append("")
+
+    out.append(
+        f"Finished in the last hour: {status.done_last_hour} done "
+        f"({status.done_status!r}), {status.failed_last_hour} failed ({status.failed_status!r})"
+    )
+    out.append("")
+
+    if status.leader is None:
+        out.append(
+            "Daemon: no session holds the leader lock for this table — is order-monitor "
+            "running? (systemctl status order-monitor)"
+        )
+    else:
+        leader = status.leader
+        name = leader.application_name or "(name hidden from this role)"
+        where = f" from {leader.client_addr}" if leader.client_addr else ""
+        since = (
+            f", connected {format_seconds(leader.since_s)} ago"
+            if leader.since_s is not None
+            else ""
+        )
+        out.append(f"Daemon: leader is {name}, server pid {leader.pid}{where}{since}")
+    return "\n".join(out) + "\n"
