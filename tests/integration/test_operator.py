@@ -566,3 +566,28 @@ def test_check_of_an_order_whose_provider_is_not_configured(db: str, env_file: P
     assert result.exit_code == 1
     assert "providerId='ghost', which no provider" in result.stderr
     assert "provider_ids" in result.stderr
+
+
+async def test_doctor_warns_when_a_provider_answers_the_probe_with_an_error(
+    db: str, fake: FakeProvider, env_file: Path, tmp_path: Path
+) -> None:
+    # znet answers an unknown reference with an error line (code 4, "not found"):
+    # the provider was reached and read us, which is what the probe wants to know.
+    assert fake.base_url is not None
+    path = tmp_path / "znet.toml"
+    path.write_text(
+        f"""
+[providers.znet]
+kind = "znet"
+base_url = "{fake.base_url}"
+secrets = {{ kod = "{fake.kod}", sifre = "{fake.sifre}" }}
+"""
+    )
+    fake.set_script("order-monitor-doctor", Script.unknown())
+
+    result = await invoke_async(["doctor"], environment(db, env_file, path))
+
+    assert result.exit_code == 0, result.output
+    line = lines(result)["provider znet"]
+    assert line.startswith("WARN  provider znet: znet at http://127.0.0.1:")
+    assert "İşlem bulunamadı" in line
