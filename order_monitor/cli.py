@@ -50,6 +50,11 @@ class Context:
         return load_settings(env_file=self.env_file)
 
     @property
+    def settings_without_provider_secrets(self) -> Settings:
+        """For commands that read the database but ask no provider."""
+        return load_settings(env_file=self.env_file, need_provider_secrets=False)
+
+    @property
     def offline_settings(self) -> Settings:
         """Settings for commands that never connect (a DSN is not required)."""
         return load_settings(env_file=self.env_file, need_database=False)
@@ -231,7 +236,7 @@ def status_command(ctx: Context, as_json: bool) -> None:
 
     from order_monitor.operator import logs_to_stderr, status
 
-    settings = ctx.settings
+    settings = ctx.settings_without_provider_secrets
     with logs_to_stderr():
         report = asyncio.run(status.gather(settings))
     if as_json:

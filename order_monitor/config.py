@@ -325,11 +325,15 @@ def load_settings(
     *,
     env_file: Path | None = None,
     need_database: bool = True,
+    need_provider_secrets: bool = True,
 ) -> Settings:
     """Read and validate every setting. Raises ConfigError on the first problem.
 
     With ``need_database=False`` (rendering SQL, printing the schedule) a
-    missing DSN is not an error.
+    missing DSN is not an error. With ``need_provider_secrets=False``
+    (`order-monitor status`, which asks no provider) the providers file is
+    read but its secrets are not: a systemd credential exists only inside
+    the service, and an operator's shell must still get a status.
     """
     values = load_environment(env_file) if environ is None else dict(environ)
     env = Env(values)
@@ -405,7 +409,11 @@ def load_settings(
         drain_timeout=env.duration("DRAIN_TIMEOUT", 10.0),
         listener_health_interval=env.duration("LISTENER_HEALTH_INTERVAL", 10.0),
         providers_file=providers_path,
-        providers=load_providers(providers_path, values) if providers_path else (),
+        providers=(
+            load_providers(providers_path, values, resolve_secrets=need_provider_secrets)
+            if providers_path
+            else ()
+        ),
         log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=env.choice("LOG_FORMAT", "auto", ("auto", "json", "console")),
         http_listen=_http_listen(env),
@@ -485,7 +493,9 @@ _LIMIT_TYPES: Final[dict[str, type]] = {
 }
 
 
-def load_providers(path: Path, environ: Mapping[str, str]) -> tuple[ProviderConfig, ...]:
+def load_providers(
+    path: Path, environ: Mapping[str, str], *, resolve_secrets: bool = True
+) -> tuple[ProviderConfig, ...]:
     """Parse the providers file (TOML).
 
     Layout::
@@ -507,11 +517,15 @@ def load_providers(path: Path, environ: Mapping[str, str]) -> tuple[ProviderConf
         raise ConfigError(f"providers file {str(path)!r} cannot be read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"providers file {str(path)!r} is not valid TOML: {exc}") from None
-    return parse_providers(document, environ, source=str(path))
+    return parse_providers(document, environ, source=str(path), resolve_secrets=resolve_secrets)
 
 
 def parse_providers(
-    document: Mapping[str, Any], environ: Mapping[str, str], *, source: str = "providers file"
+    document: Mapping[str, Any],
+    environ: Mapping[str, str],
+    *,
+    source: str = "providers file",
+    resolve_secrets: bool = True,
 ) -> tuple[ProviderConfig, ...]:
     unknown_top = set(document) - {"providers"}
     if unknown_top:
@@ -561,7 +575,9 @@ def parse_providers(
                 base_url=base_url.rstrip("/"),
                 provider_ids=provider_ids,
                 limits=_limits(entry.get("limits", {}), where),
-                secrets=_secrets(entry.get("secrets", {}), where, environ),
+                secrets=(
+                    _secrets(entry.get("secrets", {}), where, environ) if resolve_secrets else {}
+                ),
                 options=options,
             )
         )

@@ -297,3 +297,17 @@ def test_sql_print_needs_no_database() -> None:
     result = CliRunner().invoke(cli, ["sql", "print", "install"], env={"ORDER_MONITOR_DSN": ""})
     assert result.exit_code == 0, result.output
     assert "CREATE INDEX CONCURRENTLY" in result.output
+
+
+def test_provider_secrets_can_be_left_unresolved_for_commands_that_ask_no_provider(
+    tmp_path: Path,
+) -> None:
+    env = write_providers(
+        tmp_path,
+        "[providers.znet]\nkind='znet'\nbase_url='https://x'\nsecrets={kod={credential='k'}}",
+    )
+    with pytest.raises(ConfigError, match="credential 'k' is not available"):
+        load_settings(env)
+    (provider,) = load_settings(env, need_provider_secrets=False).providers
+    assert provider.provider_ids == ("znet",)
+    assert provider.secrets == {}
