@@ -35,7 +35,7 @@ from order_monitor.db import ColumnLimits, ManagedConnection, Queries, column_li
 from order_monitor.listener import Listener
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
-from order_monitor.ops.http import serve_http
+from order_monitor.ops.http import HttpServer, serve_http
 from order_monitor.ops.leader import LeaderLock, lock_key
 from order_monitor.ops.sdnotify import Notifier
 from order_monitor.policy import describe
@@ -115,6 +115,8 @@ class Daemon:
         self._session: aiohttp.ClientSession | None = None
         self._session_limit = asyncio.Semaphore(settings.concurrency)
         self._database_seen_at: float | None = None
+        #: The /healthz, /readyz, /metrics server while running (None when off).
+        self.http_server: HttpServer | None = None
         self.metrics.track(self.metrics.pending, lambda: float(len(self.scheduler)))
         self.metrics.track(self.metrics.lag, lambda: self.scheduler.lag(self._clock()))
         self.metrics.track(self.metrics.leader, lambda: 1.0 if self._lock.is_leader else 0.0)
@@ -208,7 +210,7 @@ class Daemon:
                 metrics=self.metrics,
                 readiness=self,
                 max_sweep_age=settings.sweep_interval * 3,
-            ):
+            ) as self.http_server:
                 await self._lead_until_stopped()
         finally:
             self.notifier.close()

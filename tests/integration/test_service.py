@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
@@ -102,3 +103,32 @@ async def _unconfigured_counted(daemon: Daemon, count: int) -> bool:
 
 async def _finished(app: App) -> bool:
     return await app.in_flight() == 0
+
+
+async def test_health_readiness_and_metrics_of_a_running_daemon(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    settings = replace(settings_for(db, fake), http_listen="127.0.0.1:0")
+    daemon = Daemon(settings)
+    async with running(daemon), aiohttp.ClientSession() as http:
+        assert daemon.http_server is not None
+        base = f"http://127.0.0.1:{daemon.http_server.port}"
+        await app.dispatch(["metered"])
+        await eventually(lambda: _finished(app), what="an order to finish")
+
+        async with http.get(f"{base}/healthz") as response:
+            assert response.status == 200
+
+        async def ready() -> bool:
+            async with http.get(f"{base}/readyz") as response:
+                return response.status == 200 and (await response.json())["role"] == "leader"
+
+        await eventually(ready, what="/readyz to say ready (after the first housekeeping)")
+
+        async with http.get(f"{base}/metrics") as response:
+            text = await response.text()
+        assert 'order_monitor_checks_total{outcome="done",provider="fake"} 1.0' in text
+        assert 'order_monitor_orders_finished_total{outcome="done"} 1.0' in text
+        assert "order_monitor_queue_lag_seconds" in text
+        assert "order_monitor_leader 1.0" in text
+        assert "order_id" not in text
