@@ -588,7 +588,7 @@ async def play(
                 app_task: asyncio.Task[None] | None = None
                 graceful = True
                 try:
-                    if await _until_ready(ready, stop, daemon_task, result):
+                    if await _until_ready(daemon, ready, stop, daemon_task, result):
                         app_task = asyncio.create_task(app.run(), name="application")
                         await _watch(
                             result, tally, view, conn, stop, daemon_task, app_task, orders, rate
@@ -666,7 +666,11 @@ async def _watch(
 
 
 async def _until_ready(
-    ready: asyncio.Event, stop: asyncio.Event, daemon_task: asyncio.Task[None], result: RunResult
+    daemon: Daemon,
+    ready: asyncio.Event,
+    stop: asyncio.Event,
+    daemon_task: asyncio.Task[None],
+    result: RunResult,
 ) -> bool:
     """Wait for the daemon to listen (it sweeps then): True when the run may begin."""
     waiters = {asyncio.create_task(ready.wait()), asyncio.create_task(stop.wait())}
@@ -680,7 +684,14 @@ async def _until_ready(
         if not daemon_task.done():
             result.error = "the daemon was not ready within 30 s"
         return False
-    return True
+    # Ready can mean "standing by for the leader lock"; the demo's first orders
+    # should find the daemon listening (a sweep would find them anyway, later).
+    deadline = time.monotonic() + 10
+    while not daemon.listener_connected and not daemon_task.done():
+        if stop.is_set() or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    return not stop.is_set()
 
 
 async def _server_version(conn: psycopg.AsyncConnection[Any]) -> str:
