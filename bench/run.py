@@ -760,7 +760,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
     return Plan(
         scenarios=args.scenarios or ALL,
         sizes=sizes,
-        latency_rates=args.latency_rates or ([200.0] if quick else [200.0, 1000.0]),
+        latency_rates=args.latency_rates or ([200.0] if quick else [200.0, 500.0, 1000.0]),
         latency_seconds=5.0 if quick else 15.0,
         lag_orders=2000 if quick else 10_000,
         lag_loads=[0.8] if quick else [0.5, 0.8],
@@ -868,10 +868,19 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
             "met": worst >= TARGETS["e2e_vs_bare_http"],
         }
     if results.get("latency"):
-        worst = max(r["p99_ms"] for r in results["latency"])
+        runs = results["latency"]
+        worst = max(r["p99_ms"] for r in runs)
         out["commit_to_request_p99_ms"] = {
             "target": f"< {TARGETS['commit_to_request_p99_ms']:g} ms",
-            "measured": f"{worst:.1f} ms (highest over rates)",
+            "measured": ", ".join(
+                f"{r['p99_ms']:.1f} ms at {r['rate']:g}/s"
+                + (
+                    f" (the application reached {r['achieved_rate']:.0f}/s)"
+                    if r["achieved_rate"] < 0.95 * r["rate"]
+                    else ""
+                )
+                for r in runs
+            ),
             "met": worst < TARGETS["commit_to_request_p99_ms"],
         }
     if "rss" in results:
@@ -993,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--latency-rates",
         type=lambda s: [float(x) for x in s.split(",")],
-        help="orders/s the application dispatches in the latency scenario (default 200,1000)",
+        help="orders/s the application dispatches in the latency scenario (default 200,500,1000)",
     )
     parser.add_argument("--sweep-rows", type=int, help="rows in the sweep table (default 1M)")
     parser.add_argument(
