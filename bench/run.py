@@ -891,11 +891,14 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
             "met": per < TARGETS["bytes_per_pending_order"],
         }
     if "sweep" in results:
-        seconds = results["sweep"]["seconds_median"]
+        sweep = results["sweep"]
+        seconds = sweep["seconds_median"]
+        full = sweep["rows"] >= 1_000_000 and sweep["in_flight"] >= 100_000
         out["sweep_seconds"] = {
-            "target": f"< {TARGETS['sweep_seconds']:g} s",
-            "measured": f"{seconds:.2f} s (median of {len(results['sweep']['seconds'])})",
-            "met": seconds < TARGETS["sweep_seconds"],
+            "target": f"< {TARGETS['sweep_seconds']:g} s on 1,000,000 rows, 100,000 in flight",
+            "measured": f"{seconds:.2f} s (median of {len(sweep['seconds'])})"
+            + ("" if full else f" on {sweep['rows']:,} rows: not judged"),
+            "met": seconds < TARGETS["sweep_seconds"] if full else None,
         }
     return out
 
@@ -979,7 +982,7 @@ def table(report: dict[str, Any]) -> str:
         )
     lines.append("")
     for name, verdict in report["targets"].items():
-        mark = "met" if verdict["met"] else "MISSED"
+        mark = {True: "met", False: "MISSED", None: "n/a"}[verdict["met"]]
         lines.append(f"target {name}: {verdict['target']}, measured {verdict['measured']}: {mark}")
     return "\n".join(lines)
 
