@@ -91,6 +91,10 @@ def test_ctrl_c_stops_the_demo_and_cleans_up() -> None:
     assert process.returncode == 130, out
     assert "Summary (interrupted" in out
     assert "Traceback" not in out
+    # An interrupted run keeps the daemon's log for reading, and says where.
+    kept_log = re.search(r"daemon log\s+(\S+\.log)", out)
+    assert kept_log is not None, out
+    Path(kept_log.group(1)).unlink()
     cleaned = CLEANED.search(out)
     assert cleaned is not None, out
     data = Path(cleaned.group(1))
