@@ -80,13 +80,24 @@ class BackoffPolicy:
         ``None`` for *last_checked* means the order was never checked: the
         first slot (which may already be past; the caller then checks now).
         ``None`` as the result means the order has used up its checks.
+
+        Walks the slots lazily (the same ones :meth:`slots` lists): the sweep
+        calls this for every order it schedules, and hashing all twenty slots
+        to return one was most of a sweep's time.
         """
-        slots = self.slots(key)
-        if last_checked is None:
-            return slots[0]
-        for slot in slots:
-            if slot.offset > last_checked:
-                return slot
+        offset = 0.0
+        for attempt in range(1, self.max_attempts + 1):
+            gap = (
+                self.initial_delay
+                if attempt == 1
+                else min(self.cap, self.base * 2 ** (attempt - 2))
+            )
+            gap *= 1.0 + self.jitter * _signed_unit(key, attempt)
+            offset += gap
+            if offset > self.max_age and attempt > 1:
+                return None
+            if last_checked is None or offset > last_checked:
+                return Slot(attempt, offset, gap)
         return None
 
 

@@ -123,3 +123,17 @@ def test_describe_prints_every_attempt() -> None:
 )
 def test_format_seconds(seconds: float, text: str) -> None:
     assert format_seconds(seconds) == text
+
+
+@given(
+    key=st.integers(min_value=0, max_value=2**128 - 1),
+    last=st.none() | st.floats(min_value=0, max_value=200_000, allow_nan=False),
+    max_age=st.floats(min_value=1, max_value=200_000, allow_nan=False),
+)
+def test_next_slot_agrees_with_the_full_list_of_slots(
+    key: int, last: float | None, max_age: float
+) -> None:
+    policy = BackoffPolicy(max_age=max_age)
+    slots = policy.slots(key)
+    expected = slots[0] if last is None else next((s for s in slots if s.offset > last), None)
+    assert policy.next_slot(key, last) == expected
