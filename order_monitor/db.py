@@ -124,7 +124,7 @@ class Queries:
 
         self._reread = sql.SQL(
             "SELECT {id}, {ref}, {provider_id}::text, {external_order_id}::text, {timing}"
-            " FROM {table} WHERE {id} = ANY(%s) AND {in_flight}"
+            " FROM {table} WHERE {id} = ANY(%b) AND {in_flight}"
         ).format(
             id=id_,
             ref=sql.Identifier(c.provider_ref),
@@ -135,6 +135,8 @@ class Queries:
             in_flight=in_flight,
         )
 
+        # Arrays go in binary (%b): dumping thousands of list elements as text
+        # was a tenth of the engine's CPU under load.
         o = sql.Identifier("o")
 
         def col(name: str) -> sql.Composed:
@@ -145,8 +147,8 @@ class Queries:
         # announcements in one statement, so they commit together.
         self._write = sql.SQL(
             """WITH v AS (
-    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
-                         %s::text[], %s::text[], %s::text[])
+    SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[],
+                         %b::text[], %b::text[], %b::text[])
         AS v(id, ref, kind, external_status, pin, provider_message, last_message, status)
 ), u AS (
     UPDATE {table} AS o SET
