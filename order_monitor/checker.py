@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -31,9 +32,10 @@ from order_monitor.writer import Writer
 
 log = get_logger()
 
-# How long an order waits when its provider already has its share of orders
-# under way, and after a failed re-read.
-DEFER_BUSY = 1.0
+# An order whose provider already has its share of orders under way waits
+# for room: it is offered again the moment that provider's checks finish,
+# and at the latest after this long (a fallback, should no check finish).
+DEFER_BUSY = 5.0
 RETRY_AFTER_READ_FAILURE = 5.0
 RETRY_AFTER_BUG = 60.0
 
@@ -77,6 +79,9 @@ class Checker:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._per_provider: Counter[str] = Counter()
+        #: Orders put back because their provider was at its cap, by provider
+        #: (a dict as an ordered set: an order deferred twice waits once).
+        self._waiting_for_room: defaultdict[str, dict[int, None]] = defaultdict(dict)
         self._unconfigured_warned: set[str] = set()
         self._stopping = False
 
@@ -190,8 +195,10 @@ class Checker:
         if room < len(rows):
             busy, rows = rows[max(room, 0) :], rows[: max(room, 0)]
             retry_at = self._clock() + DEFER_BUSY
+            waiting = self._waiting_for_room[name]
             for row in busy:
                 self._scheduler.complete(row.id.int, retry_at)
+                waiting[row.id.int] = None
             if not rows:
                 return
         self._per_provider[name] += len(rows)
@@ -201,6 +208,7 @@ class Checker:
             )
         finally:
             self._per_provider[name] -= len(rows)
+            self._make_room(name, len(rows))
         now = self._clock()
         for row in rows:
             outcome = outcomes.get(row.id) or Outcome.unknown()
@@ -215,6 +223,18 @@ class Checker:
                     limits=self._columns,
                 )
             )
+
+    def _make_room(self, name: str, freed: int) -> None:
+        """Bring forward as many orders waiting for *name* as its finished checks freed."""
+        waiting = self._waiting_for_room.get(name)
+        if not waiting:
+            return
+        now = self._clock()
+        for order in list(itertools.islice(waiting, freed)):
+            del waiting[order]
+            if order in self._scheduler:  # not finished meanwhile
+                self._scheduler.offer(order, now)
+        self.wake()
 
     def _unconfigured(self, provider_id: str | None, rows: list[InFlightRow]) -> None:
         """Orders whose provider is not in the providers file.

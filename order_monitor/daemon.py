@@ -71,6 +71,18 @@ def build_providers(
     return by_id
 
 
+def checker_limits(settings: Settings) -> CheckerLimits:
+    """How many orders may be under way: enough to keep every request slot busy,
+    and one provider never more than half, so a stuck provider leaves room for
+    the others."""
+    max_in_flight = max(settings.batch_size * 4, settings.concurrency * 50)
+    return CheckerLimits(
+        batch_size=settings.batch_size,
+        max_in_flight=max_in_flight,
+        max_in_flight_per_provider=max(settings.batch_size, max_in_flight // 2),
+    )
+
+
 class Daemon:
     """One order-monitor instance: standby until it holds the leader lock, then the engine.
 
@@ -316,11 +328,7 @@ class Daemon:
             policy=settings.policy,
             writes=settings.writes,
             columns=columns,
-            limits=CheckerLimits(
-                batch_size=settings.batch_size,
-                max_in_flight=max(settings.batch_size * 4, settings.concurrency * 50),
-                max_in_flight_per_provider=max(settings.batch_size * 2, 1000),
-            ),
+            limits=checker_limits(settings),
             metrics=self.metrics,
             clock=self._clock,
         )

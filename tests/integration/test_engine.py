@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from order_monitor import checker as checker_module
-from order_monitor.daemon import Daemon, build_providers
+from order_monitor.daemon import Daemon, build_providers, checker_limits
 from order_monitor.policy import BackoffPolicy
 from order_monitor.providers.base import OrderRef, Outcome, Provider
 from order_monitor.providers.fake import (
@@ -287,10 +287,13 @@ async def test_a_hanging_provider_does_not_hold_up_another(
         provider_ids=("slow",),
         limits=replace(fast.limits, concurrency=4, read_timeout=120.0, connect_timeout=5.0),
     )
-    hanging = [f"hang-{n}" for n in range(300)]
+    # More hanging orders than one provider may have under way: the rest wait
+    # for room, and must not take the fast provider's.
+    hanging = [f"hang-{n}" for n in range(1000)]
     for ref in hanging:
         fake.set_script(ref, Script.hang())
     settings = replace(base, providers=(fast, slow), concurrency=12)
+    assert checker_limits(settings).max_in_flight_per_provider < len(hanging)
     async with running(Daemon(settings)) as daemon:
         await app.dispatch(hanging, provider_id="slow")
         await eventually(lambda: _polled(fake, "hang-0"), what="the slow provider to be asked")
