@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from collections.abc import Callable
 
 import psycopg
@@ -106,14 +107,17 @@ class Writer:
             self.on_rescheduled()
             return
         now = self._clock()
+        finished: Counter[str] = Counter()
         for decision in batch:
             if decision.row.id in rejected:
                 # Checked again at its next slot; the error is logged each time.
                 self._scheduler.complete(
                     decision.row.id.int, now + max(decision.next_check_in or 0.0, 60.0)
                 )
-            else:
-                self._settle(decision, written, now)
+            elif self._settle(decision, written, now):
+                finished[decision.kind] += 1
+        for kind, count in finished.items():
+            self._metrics.finished.labels(kind).inc(count)
         self.on_rescheduled()
 
     async def _write_one_by_one(
@@ -153,7 +157,8 @@ class Writer:
         conn = await self._conn.get()
         return await self._queries.write(conn, batch)
 
-    def _settle(self, decision: Decision, written: dict[uuid.UUID, str], now: float) -> None:
+    def _settle(self, decision: Decision, written: dict[uuid.UUID, str], now: float) -> bool:
+        """Log the decision and give the order back to the schedule; True if it finished."""
         order = decision.row.id
         if decision.writes and order not in written:
             self._metrics.stale_results.inc()
@@ -167,9 +172,8 @@ class Writer:
             # Look again at once: the re-read drops a finished row and picks up
             # a new reference.
             self._scheduler.complete(order.int, now)
-            return
+            return False
         if decision.finished:
-            self._metrics.finished.labels(decision.kind).inc()
             log.info(
                 "order.finished",
                 order_id=str(order),
@@ -180,7 +184,7 @@ class Writer:
                 answer=describe(decision.outcome),
             )
             self._scheduler.complete(order.int, None)
-            return
+            return True
         next_due = None if decision.next_check_in is None else now + decision.next_check_in
         log.debug(
             "order.checked" if decision.kind == "pending" else "order.deferred",
@@ -190,3 +194,4 @@ class Writer:
             due_in_s=round(decision.next_check_in or 0.0, 3),
         )
         self._scheduler.complete(order.int, next_due)
+        return False

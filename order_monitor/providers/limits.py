@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Final, TypeVar
 from uuid import UUID
@@ -143,8 +144,9 @@ class LimitedProvider:
                 tasks = [group.create_task(self._check_chunk(chunk)) for chunk in chunks]
             for task in tasks:
                 results.update(task.result())
-        for outcome in results.values():
-            self._metrics.checks.labels(self.name, outcome.status.value).inc()
+        # One increment per outcome kind, not per order: this runs for every check.
+        for status, count in Counter(o.status.value for o in results.values()).items():
+            self._metrics.checks.labels(self.name, status).inc(count)
         return results
 
     async def _check_chunk(self, chunk: Sequence[OrderRef]) -> dict[UUID, Outcome]:
