@@ -17,6 +17,7 @@ tests). A check at elapsed time ``t`` is followed by the first slot after
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -59,20 +60,7 @@ class BackoffPolicy:
 
         Never empty: an order is checked at least once, however old it is.
         """
-        result: list[Slot] = []
-        offset = 0.0
-        for attempt in range(1, self.max_attempts + 1):
-            gap = (
-                self.initial_delay
-                if attempt == 1
-                else min(self.cap, self.base * 2 ** (attempt - 2))
-            )
-            gap *= 1.0 + self.jitter * _signed_unit(key, attempt)
-            offset += gap
-            if offset > self.max_age and result:
-                break
-            result.append(Slot(attempt, offset, gap))
-        return result
+        return list(self._walk(key))
 
     def next_slot(self, key: int, last_checked: float | None) -> Slot | None:
         """The slot after a check made *last_checked* seconds after dispatch.
@@ -80,11 +68,15 @@ class BackoffPolicy:
         ``None`` for *last_checked* means the order was never checked: the
         first slot (which may already be past; the caller then checks now).
         ``None`` as the result means the order has used up its checks.
-
-        Walks the slots lazily (the same ones :meth:`slots` lists): the sweep
-        calls this for every order it schedules, and hashing all twenty slots
-        to return one was most of a sweep's time.
         """
+        for slot in self._walk(key):
+            if last_checked is None or slot.offset > last_checked:
+                return slot
+        return None
+
+    def _walk(self, key: int) -> Iterator[Slot]:
+        # Lazy, because the sweep asks next_slot for every order it schedules:
+        # hashing all twenty slots to return the first was most of a sweep.
         offset = 0.0
         for attempt in range(1, self.max_attempts + 1):
             gap = (
@@ -95,10 +87,8 @@ class BackoffPolicy:
             gap *= 1.0 + self.jitter * _signed_unit(key, attempt)
             offset += gap
             if offset > self.max_age and attempt > 1:
-                return None
-            if last_checked is None or offset > last_checked:
-                return Slot(attempt, offset, gap)
-        return None
+                return
+            yield Slot(attempt, offset, gap)
 
 
 def _signed_unit(key: int, attempt: int) -> float:
