@@ -39,9 +39,10 @@ Usage in the daemon::
     lock = LeaderLock(dsn, lock_key(layout.schema, layout.table), on_progress=notifier.watchdog)
     metrics.track(metrics.leader, lambda: 1.0 if lock.role == LEADER else 0.0)
     async with lock.held():                  # blocks while standby
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(lock.raise_when_lost())   # cancels the work when the lock goes
-            tg.create_task(work())
+        ...                                  # work until lock.lost is set, then stop at once
+
+The daemon then stands by again (``Daemon._lead_until_stopped``): losing the
+lock is something it recovers from by itself, not a reason to exit.
 """
 
 from __future__ import annotations
@@ -51,11 +52,10 @@ import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import psycopg
 
-from order_monitor.errors import OrderMonitorError
 from order_monitor.logs import get_logger
 from order_monitor.redaction import redact_dsn
 
@@ -93,13 +93,6 @@ FROM pg_locks l LEFT JOIN pg_stat_activity a USING (pid)
 WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
   AND l.classid::bigint = %s AND l.objid::bigint = %s
 """
-
-
-class LeadershipLost(OrderMonitorError):
-    """The leader lock's session is gone: another instance may be working now."""
-
-    # EX_TEMPFAIL: Restart=on-failure brings the instance back, as a standby.
-    exit_code = 75
 
 
 def lock_key(schema: str, table: str) -> int:
@@ -191,14 +184,6 @@ class LeaderLock:
             self._in_use = False
             if self._role in (STARTING, STANDBY):
                 self._role = RELEASED
-
-    async def raise_when_lost(self) -> NoReturn:
-        """Wait for :attr:`lost`, then raise :class:`LeadershipLost` (for a TaskGroup)."""
-        await self.lost.wait()
-        raise LeadershipLost(
-            f"lost the leader lock ({self.lost_reason}); stopping so that only one "
-            "instance works on the orders table"
-        )
 
     # --- internals ------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from order_monitor.ops.leader import (
     RELEASED,
     STANDBY,
     LeaderLock,
-    LeadershipLost,
     lock_key,
 )
 
@@ -148,33 +147,6 @@ async def test_leaving_the_block_hands_the_lock_over(db: str) -> None:
             assert first.role == RELEASED
             assert not first.lost.is_set()
             await acquired(second)
-
-
-async def test_raise_when_lost_ends_a_task_group(db: str) -> None:
-    lock = fast(db)
-    work_cancelled = asyncio.Event()
-
-    async def work() -> None:
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            work_cancelled.set()
-            raise
-
-    async def run() -> None:
-        async with lock.held(), asyncio.TaskGroup() as tg:
-            tg.create_task(lock.raise_when_lost())
-            tg.create_task(work())
-            await terminate(db, lock.backend_pid)
-
-    with pytest.raises(ExceptionGroup) as caught:
-        await asyncio.wait_for(run(), WITHIN)
-    assert caught.group_contains(LeadershipLost)
-    lost = caught.value.exceptions[0]
-    assert isinstance(lost, LeadershipLost)
-    assert lost.exit_code == 75
-    assert "only one instance" in str(lost)
-    assert work_cancelled.is_set()
 
 
 async def test_a_standby_survives_losing_its_own_connection(db: str) -> None:
