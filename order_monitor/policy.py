@@ -131,7 +131,7 @@ def format_seconds(seconds: float) -> str:
     """'45s', '2m', '1h55m', '23h18m'."""
     total = round(seconds)
     if total < 60:
-        return f"{seconds:g}s" if seconds < 1 else f"{total}s"
+        return f"{seconds:.2g}s" if seconds < 1 else f"{total}s"
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     parts = []
