@@ -17,6 +17,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import aiohttp
 import psycopg
@@ -40,7 +41,7 @@ from order_monitor.ops.leader import LeaderLock, lock_key
 from order_monitor.ops.sdnotify import Notifier
 from order_monitor.policy import describe
 from order_monitor.providers.base import Provider
-from order_monitor.providers.registry import build_provider
+from order_monitor.providers.registry import build_adapter, build_provider
 from order_monitor.scheduler import Scheduler
 from order_monitor.sweep import Sweeper
 from order_monitor.writer import Writer
@@ -48,6 +49,8 @@ from order_monitor.writer import Writer
 log = get_logger()
 
 HOUSEKEEPING_INTERVAL = 5.0
+#: How long a start may wait for the database before READY=1 says so.
+READY_GRACE = 10.0
 
 ProviderFactory = Callable[
     [Settings, aiohttp.ClientSession, asyncio.Semaphore, Metrics], Mapping[str, Provider]
@@ -69,6 +72,12 @@ def build_providers(
         for provider_id in config.provider_ids:
             by_id[provider_id] = provider
     return by_id
+
+
+def validate_providers(settings: Settings) -> None:
+    """Build every configured adapter once: a bad option is a ConfigError now."""
+    for config in settings.providers:
+        build_adapter(config)
 
 
 def checker_limits(settings: Settings) -> CheckerLimits:
@@ -116,7 +125,6 @@ class Daemon:
             lock_key(settings.layout.schema, settings.layout.table),
             poll=lock_poll,
             check_interval=lock_check_interval,
-            application_name=f"order-monitor {__version__} (leader lock)",
             on_progress=self._standby_progress,
         )
         self.listener: Listener | None = None
@@ -127,6 +135,8 @@ class Daemon:
         self._session: aiohttp.ClientSession | None = None
         self._session_limit = asyncio.Semaphore(settings.concurrency)
         self._database_seen_at: float | None = None
+        #: True while the engine runs (listener, sweeper, checker, writer).
+        self._serving = False
         #: The /healthz, /readyz, /metrics server while running (None when off).
         self.http_server: HttpServer | None = None
         self.metrics.track(self.metrics.pending, lambda: float(len(self.scheduler)))
@@ -152,29 +162,51 @@ class Daemon:
             self.notifier.ready()
 
     def _reload(self, new: Settings) -> None:
+        # Every adapter is built (options checked) even on a standby, so a bad
+        # providers file is rejected now, not at a takeover months later.
+        validate_providers(new)
         old = self.settings
         restart_needed = [
             name
             for name, changed in (
                 ("ORDER_MONITOR_DSN", new.dsn != old.dsn),
                 ("table layout / channels", new.layout != old.layout),
+                ("ORDER_MONITOR_*_STATUS (outcome writes)", new.writes != old.writes),
                 ("ORDER_MONITOR_CONCURRENCY", new.concurrency != old.concurrency),
+                ("ORDER_MONITOR_BATCH_SIZE", new.batch_size != old.batch_size),
+                (
+                    "ORDER_MONITOR_LISTENER_HEALTH_INTERVAL",
+                    new.listener_health_interval != old.listener_health_interval,
+                ),
                 ("ORDER_MONITOR_HTTP_LISTEN", new.http_listen != old.http_listen),
             )
             if changed
         ]
         if restart_needed:
-            log.warning("config.restart_needed", settings=restart_needed)
+            log.warning(
+                "config.restart_needed",
+                settings=restart_needed,
+                note="these keep their old values until a restart",
+            )
+        # What is applied live: providers, the backoff policy, the sweep
+        # interval, the drain timeout (and, in the runner, the log level).
+        self.settings = replace(
+            new,
+            dsn=old.dsn,
+            layout=old.layout,
+            writes=old.writes,
+            concurrency=old.concurrency,
+            batch_size=old.batch_size,
+            listener_health_interval=old.listener_health_interval,
+            http_listen=old.http_listen,
+        )
         if self._session is None or self.checker is None or self.sweeper is None:
-            # Not leading yet: the new settings apply when the engine starts.
-            self.settings = new
             log.info("config.reloaded", running=False)
             return
         providers = self._provider_factory(new, self._session, self._session_limit, self.metrics)
         self.checker.reconfigure(_lookup(providers), new.policy)
         self.sweeper.policy = new.policy
         self.sweeper.interval = new.sweep_interval
-        self.settings = new
         log.info(
             "config.reloaded",
             providers=sorted({p.name for p in providers.values()}),
@@ -207,6 +239,7 @@ class Daemon:
 
     async def run(self) -> None:
         settings = self.settings
+        validate_providers(settings)
         log.info(
             "daemon.starting",
             version=__version__,
@@ -223,7 +256,12 @@ class Daemon:
                 readiness=self,
                 max_sweep_age=settings.sweep_interval * 3,
             ) as self.http_server:
-                await self._lead_until_stopped()
+                idle = asyncio.create_task(self._keep_systemd_informed(), name="idle-watchdog")
+                try:
+                    await self._lead_until_stopped()
+                finally:
+                    idle.cancel()
+                    await asyncio.wait({idle})
         finally:
             self.notifier.close()
             log.info("daemon.stopped", pending=len(self.scheduler))
@@ -241,8 +279,9 @@ class Daemon:
             stop = asyncio.create_task(self._stop.wait())
             await asyncio.wait({term, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
-            if not term.done() and not self._lock.is_leader:
-                term.cancel()  # still waiting for the lock: nothing to drain
+            if not term.done() and not self._serving:
+                # Waiting for the lock or the database: nothing to drain.
+                term.cancel()
             await asyncio.wait({term})
             if not term.cancelled() and term.exception() is not None:
                 raise term.exception()  # type: ignore[misc]
@@ -354,6 +393,25 @@ class Daemon:
         )
         lost = self._lock.lost
 
+        self._serving = True
+        try:
+            await self._run_engine(listener, sweeper, checker, writer, reader, lost)
+        finally:
+            self._serving = False
+            self.listener = None
+            self.sweeper = None
+            self.checker = None
+            self.writer = None
+
+    async def _run_engine(
+        self,
+        listener: Listener,
+        sweeper: Sweeper,
+        checker: Checker,
+        writer: Writer,
+        reader: ManagedConnection,
+        lost: asyncio.Event,
+    ) -> None:
         async with asyncio.TaskGroup() as tg:
             background = [
                 tg.create_task(listener.run(), name="listener"),
@@ -379,10 +437,12 @@ class Daemon:
                 log.info(
                     "daemon.stopping", under_way=checker.under_way, pending=len(self.scheduler)
                 )
-                abandoned = await checker.drain(settings.drain_timeout)
+                # Read now: a reload may have changed it since the engine started.
+                drain_timeout = self.settings.drain_timeout
+                abandoned = await checker.drain(drain_timeout)
                 await writer.close()
                 try:
-                    await asyncio.wait_for(writer_task, settings.drain_timeout)
+                    await asyncio.wait_for(writer_task, drain_timeout)
                 except TimeoutError:
                     log.error("daemon.write_abandoned", backlog=writer.backlog)
                 if abandoned:
@@ -393,22 +453,42 @@ class Daemon:
                     )
             for task in background:
                 task.cancel()
-        self.listener = None
-        self.sweeper = None
-        self.checker = None
-        self.writer = None
 
-    async def _housekeeping(self, reader: ManagedConnection) -> None:
-        """Every few seconds: database round trip, metrics, STATUS=, and the watchdog.
-
-        WATCHDOG=1 is sent only when this loop completes an iteration: a wedged
-        event loop or a hung coroutine stops it, and systemd restarts us. The
-        database query is bounded by a timeout, so a database outage (which the
-        engine rides out by itself) does not count as a hang.
-        """
-        interval = min(
+    def _tick(self) -> float:
+        """Seconds between STATUS=/WATCHDOG=1 updates: at most half of WatchdogSec."""
+        return min(
             HOUSEKEEPING_INTERVAL, self.notifier.watchdog_interval() or HOUSEKEEPING_INTERVAL
         )
+
+    async def _keep_systemd_informed(self) -> None:
+        """While the engine is not running (standby, or waiting for the database).
+
+        Nothing can wedge but the event loop itself then, and this loop turning
+        proves it does not: so it feeds the watchdog, keeps STATUS= current,
+        and, should the database stay unreachable, sends READY=1 after a grace
+        period, so that a database down at boot is "waiting for the database"
+        in `systemctl status` instead of a start timeout and a restart loop.
+        """
+        started = time.monotonic()
+        while True:
+            if not self._serving:
+                status = self.status_line()
+                self.notifier.status(status)
+                self.notifier.watchdog()
+                if time.monotonic() - started >= READY_GRACE:
+                    self._ready(status)
+            await asyncio.sleep(self._tick())
+
+    async def _housekeeping(self, reader: ManagedConnection) -> None:
+        """While the engine runs: database round trip, metrics, STATUS=, the watchdog.
+
+        WATCHDOG=1 is sent when this loop completes an iteration: a frozen event
+        loop, or this coroutine hanging, stops it and systemd restarts us. (A
+        hung checker or writer shows in the queue-lag metric, not here.) The
+        database query is bounded by a timeout, so a database outage, which the
+        engine rides out by itself, does not stop the pings.
+        """
+        interval = self._tick()
         while True:
             try:
                 async with asyncio.timeout(interval):
@@ -425,7 +505,11 @@ class Daemon:
                             usage=round(float(row[0]), 3),
                             note="when full, the application's COMMITs that NOTIFY fail",
                         )
-            except (psycopg.Error, OSError, TimeoutError) as exc:
+            except TimeoutError:
+                # Slow, or queued behind a sweep page on the shared connection:
+                # not a reason to cut that connection under the others.
+                log.warning("database.slow", waited_s=interval)
+            except (psycopg.Error, OSError) as exc:
                 await reader.reset()
                 log.warning("database.unreachable", error=str(exc).strip() or type(exc).__name__)
             self.notifier.status(self.status_line())
@@ -434,8 +518,12 @@ class Daemon:
 
     def status_line(self) -> str:
         """The systemd STATUS= text: what `systemctl status` shows."""
+        if self._lock.last_error is not None:
+            return f"waiting for the database: {self._lock.last_error}"[:200]
         if not self._lock.is_leader:
             return f"{self._lock.role}: waiting for the leader lock"
+        if not self._serving:
+            return "leader: connecting to the database"
         sweep_age = self.last_sweep_age()
         return (
             f"leader: {len(self.scheduler)} pending, {self.scheduler.in_flight} being checked, "
@@ -455,7 +543,6 @@ class Daemon:
         self._ready("leader: listening")
 
     def _standby_progress(self) -> None:
-        self.notifier.watchdog()
         self._ready("standby: waiting for the leader lock")
 
     def _ready(self, status: str) -> None:

@@ -56,6 +56,7 @@ from typing import Any, Final
 
 import psycopg
 
+from order_monitor.db import connect
 from order_monitor.logs import get_logger
 from order_monitor.redaction import redact_dsn
 
@@ -67,16 +68,8 @@ LEADER: Final = "leader"
 LOST: Final = "lost"
 RELEASED: Final = "released"
 
-#: libpq settings of the lock connection. Keepalives find a dead peer in about
-#: 10 + 5 * 3 = 25 s even when no query is running; the periodic check finds
-#: it sooner while the leader is up.
-CONNECTION_PARAMS: Final[dict[str, Any]] = {
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 5,
-    "keepalives_count": 3,
-}
-DEFAULT_APPLICATION_NAME: Final = "order-monitor leader lock"
+#: The lock session's name in pg_stat_activity (order-monitor <version> (leader lock)).
+PURPOSE: Final = "leader lock"
 _RETRY_CAP: Final = 30.0
 
 _TRY_LOCK: Final = "SELECT pg_try_advisory_lock(%s)"
@@ -116,20 +109,23 @@ class LeaderLock:
         key: int,
         *,
         poll: float = 1.5,
-        check_interval: float = 5.0,
+        check_interval: float = 2.0,
         check_timeout: float = 5.0,
         connect_timeout: int = 10,
-        application_name: str = DEFAULT_APPLICATION_NAME,
         on_progress: Callable[[], object] | None = None,
     ) -> None:
-        """*on_progress* is called after each answered poll while standby (for WATCHDOG=1)."""
+        """*on_progress* is called after each answered poll while standby.
+
+        *check_interval* bounds how long a leader whose session was cut keeps
+        working before it notices (a half-open connection: plus
+        *check_timeout*), while a standby may already have taken over.
+        """
         self.key = key
         self._dsn = dsn
         self._poll = poll
         self._check_interval = check_interval
         self._check_timeout = check_timeout
         self._connect_timeout = connect_timeout
-        self._application_name = application_name
         self._on_progress = on_progress
         self._role: str = STARTING
         self._in_use = False
@@ -139,6 +135,8 @@ class LeaderLock:
         self.lost_reason: str | None = None
         #: The server pid of the lock session (for pg_terminate_backend, pg_locks).
         self.backend_pid: int | None = None
+        #: Why the last attempt to reach the database failed; None once it answers.
+        self.last_error: str | None = None
         #: pg_try_advisory_lock calls made, and connection attempts that failed.
         self.attempts = 0
         self.connect_failures = 0
@@ -192,13 +190,9 @@ class LeaderLock:
             self._on_progress()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        conn = await psycopg.AsyncConnection.connect(
-            self._dsn,
-            autocommit=True,
-            application_name=self._application_name,
-            connect_timeout=self._connect_timeout,
-            **CONNECTION_PARAMS,
-        )
+        # The engine's connection settings (TCP keepalives, a name in
+        # pg_stat_activity), with the operator's own DSN settings winning.
+        conn = await connect(self._dsn, PURPOSE, connect_timeout=self._connect_timeout)
         self.backend_pid = conn.info.backend_pid
         return conn
 
@@ -211,6 +205,7 @@ class LeaderLock:
             try:
                 conn = await self._connect()
                 failures_in_a_row = 0
+                self.last_error = None
                 while True:
                     self.attempts += 1
                     cursor = await asyncio.wait_for(
@@ -242,6 +237,7 @@ class LeaderLock:
                     await _close(conn)
                 self._role = STANDBY
                 self.connect_failures += 1
+                self.last_error = _error_text(exc)
                 failures_in_a_row += 1
                 delay = min(self._poll * 2 ** (failures_in_a_row - 1), _RETRY_CAP)
                 log.warning(

@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from order_monitor import __version__
 from order_monitor.ops.leader import (
-    DEFAULT_APPLICATION_NAME,
     LEADER,
     LOST,
     RELEASED,
@@ -177,7 +177,7 @@ async def test_the_session_is_named_for_pg_stat_activity(db: str) -> None:
                 "SELECT application_name FROM pg_stat_activity WHERE pid = %s",
                 (lock.backend_pid,),
             )
-            assert (await cursor.fetchone()) == (DEFAULT_APPLICATION_NAME,)
+            assert (await cursor.fetchone()) == (f"order-monitor {__version__} (leader lock)",)
 
 
 async def test_progress_is_reported_while_standby_only(db: str) -> None:

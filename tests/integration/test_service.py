@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 from dataclasses import replace
@@ -11,6 +12,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from order_monitor import daemon as daemon_module
 from order_monitor.daemon import Daemon
 from order_monitor.ops.sdnotify import Notifier
 from order_monitor.providers.fake import FakeProvider
@@ -132,3 +134,38 @@ async def test_health_readiness_and_metrics_of_a_running_daemon(
         assert "order_monitor_queue_lag_seconds" in text
         assert "order_monitor_leader 1.0" in text
         assert "order_id" not in text
+
+
+async def test_with_the_database_down_systemd_still_hears_from_us_and_stop_is_prompt(
+    notify_socket: socket.socket, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database down at boot (or for longer than WatchdogSec) must not get us
+    killed by the watchdog or by the start timeout: we are waiting, not wedged."""
+    monkeypatch.setattr(daemon_module, "READY_GRACE", 0.5)
+    unreachable = "host=127.0.0.1 port=1 dbname=shop connect_timeout=1"
+    notifier = Notifier(notify_socket.getsockname(), watchdog_usec="1000000")
+    daemon = Daemon(settings_for(unreachable, fake), notifier=notifier, lock_poll=0.1)
+    messages: list[dict[str, str]] = []
+
+    async def saw(key: str, value: str) -> bool:
+        messages.extend(received(notify_socket))
+        return any(m.get(key) == value for m in messages)
+
+    task = asyncio.create_task(daemon.run())
+    await eventually(lambda: saw("READY", "1"), within=10, what="READY=1 while waiting")
+    ready = next(m for m in messages if m.get("READY") == "1")
+    assert ready["STATUS"].startswith("waiting for the database: ")
+    assert "port 1" in ready["STATUS"] or "Connection refused" in ready["STATUS"]
+    pings = sum(1 for m in messages if m.get("WATCHDOG") == "1")
+    await eventually(
+        lambda: _more_pings(notify_socket, messages, pings + 2),
+        within=10,
+        what="watchdog pings while the database is down",
+    )
+    daemon.request_stop()
+    await asyncio.wait_for(task, 5)  # not a 30 s backoff sleep
+
+
+async def _more_pings(sock: socket.socket, messages: list[dict[str, str]], count: int) -> bool:
+    messages.extend(received(sock))
+    return sum(1 for m in messages if m.get("WATCHDOG") == "1") >= count
