@@ -201,6 +201,11 @@ class Checker:
                 waiting[row.id.int] = None
             if not rows:
                 return
+        waiting = self._waiting_for_room.get(name)
+        if waiting:
+            # Going ahead now: no longer waiting for room.
+            for row in rows:
+                waiting.pop(row.id.int, None)
         self._per_provider[name] += len(rows)
         try:
             outcomes = await provider.check(
@@ -232,7 +237,9 @@ class Checker:
         now = self._clock()
         for order in list(itertools.islice(waiting, freed)):
             del waiting[order]
-            if order in self._scheduler:  # not finished meanwhile
+            # Only an order still waiting on the schedule: one being checked,
+            # or finished, must not be pulled forward (a second poll).
+            if self._scheduler.due_in(order) is not None:
                 self._scheduler.offer(order, now)
         self.wake()
 

@@ -12,6 +12,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from order_monitor import checker as checker_module
+from order_monitor import daemon as daemon_module
+from order_monitor.checker import CheckerLimits
 from order_monitor.daemon import Daemon, build_providers, checker_limits
 from order_monitor.policy import BackoffPolicy
 from order_monitor.providers.base import OrderRef, Outcome, Provider
@@ -367,3 +369,37 @@ async def test_an_unexpected_error_in_a_check_strands_no_order(
 
 async def _logged(logs: list[dict[str, Any]], event: str) -> bool:
     return any(e["event"] == event for e in logs)
+
+
+async def test_orders_waiting_for_room_at_a_busy_provider_are_polled_once(
+    db: str, app: App, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider at its cap makes the rest wait; when room frees up they go,
+    once each, and none is pulled forward again for a second poll."""
+    monkeypatch.setattr(
+        daemon_module,
+        "checker_limits",
+        lambda settings: CheckerLimits(
+            batch_size=10, max_in_flight=50, max_in_flight_per_provider=2
+        ),
+    )
+    # The fallback comes round before a check finishes: the case where an
+    # order could go ahead by the fallback and then be pulled forward again.
+    monkeypatch.setattr(checker_module, "DEFER_BUSY", 0.2)
+    fake.behaviour.latency = 0.7
+    refs = [f"slowpoke-{n}" for n in range(10)]
+    for ref in refs:
+        fake.set_script(ref, Script.pending())
+    # After the first check the next slot is a minute away: any second poll
+    # during the test is a duplicate.
+    policy = BackoffPolicy(initial_delay=0, base=60, cap=60, jitter=0, max_attempts=5, max_age=3600)
+    async with running(Daemon(settings_for(db, fake, policy=policy))) as daemon:
+        await app.dispatch(refs)
+        await eventually(
+            lambda: _all_polled_and_settled(daemon, fake, refs), what="every order checked once"
+        )
+    assert {ref: fake.poll_count(ref) for ref in refs} == dict.fromkeys(refs, 1)
+
+
+async def _all_polled_and_settled(daemon: Daemon, fake: FakeProvider, refs: list[str]) -> bool:
+    return all(fake.poll_count(r) >= 1 for r in refs) and daemon.scheduler.in_flight == 0
