@@ -47,6 +47,9 @@ CIRCUIT_OPEN: Final = "circuit open"
 PAUSED: Final = "provider asked us to wait (Retry-After)"
 # 429/503 without a usable Retry-After: wait this long rather than hammer.
 DEFAULT_RETRY_AFTER: Final = 30.0
+#: Bounds on a provider's Retry-After: above zero, and at most an hour.
+MIN_RETRY_AFTER: Final = 1.0
+MAX_RETRY_AFTER: Final = 3600.0
 # Error texts end up in "lastMessage" (varchar 250) and in log lines.
 _MAX_ERROR: Final = 200
 
@@ -199,7 +202,10 @@ class LimitedProvider:
             # No guidance (a bare 503): the provider may be down; let the breaker count it.
             self._transition(lambda: self.breaker.record_failure(admission, self._clock()))
         wait = exc.retry_after if exc.retry_after is not None else DEFAULT_RETRY_AFTER
-        wait = max(0.0, wait)
+        # "Retry-After: 0" or a date already past (clock skew) would make a hot
+        # loop of deferred checks that use no slot; a date years ahead would
+        # park the provider's orders for good. Keep it between the two bounds.
+        wait = min(max(wait, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
         until = self._clock() + wait
         if until > self._paused_until:
             self._paused_until = until

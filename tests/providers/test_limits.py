@@ -27,6 +27,8 @@ from order_monitor.providers.breaker import Admission, BreakerState, CircuitBrea
 from order_monitor.providers.limits import (
     CIRCUIT_OPEN,
     DEFAULT_RETRY_AFTER,
+    MAX_RETRY_AFTER,
+    MIN_RETRY_AFTER,
     LimitedProvider,
     client_timeout,
 )
@@ -409,6 +411,23 @@ async def test_retry_after_pauses_the_provider_without_requests() -> None:
     assert len(adapter.calls) == 2
     assert {o.status for o in after.values()} == {Status.DONE}
     assert state_of(provider) is BreakerState.CLOSED  # a Retry-After is not a failure
+
+
+@pytest.mark.parametrize(
+    ("asked", "paused"),
+    [(0.0, MIN_RETRY_AFTER), (-5.0, MIN_RETRY_AFTER), (99_999_999.0, MAX_RETRY_AFTER)],
+)
+async def test_retry_after_is_kept_within_bounds(asked: float, paused: float) -> None:
+    """0 (or a date already past) would be a hot loop of deferrals; years would park
+    the provider's orders for good."""
+    clock = Clock()
+    adapter = ScriptedAdapter(respond=failing(RateLimited("429", asked)))
+    provider = limited(adapter, clock=clock)
+    result = await provider.check(orders(1))
+    assert [o.retry_after for o in result.values()] == [paused]
+    again = await provider.check(orders(1))
+    assert len(adapter.calls) == 1  # paused: not asked again at once
+    assert [o.status for o in again.values()] == [Status.ERROR]
 
 
 async def test_a_bare_503_pauses_for_a_default_and_counts_as_a_failure() -> None:
