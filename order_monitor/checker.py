@@ -195,17 +195,16 @@ class Checker:
         if room < len(rows):
             busy, rows = rows[max(room, 0) :], rows[: max(room, 0)]
             retry_at = self._clock() + DEFER_BUSY
-            waiting = self._waiting_for_room[name]
             for row in busy:
                 self._scheduler.complete(row.id.int, retry_at)
-                waiting[row.id.int] = None
+                self._waiting_for_room[name][row.id.int] = None
             if not rows:
                 return
-        waiting = self._waiting_for_room.get(name)
-        if waiting:
+        still_waiting = self._waiting_for_room.get(name)
+        if still_waiting:
             # Going ahead now: no longer waiting for room.
             for row in rows:
-                waiting.pop(row.id.int, None)
+                still_waiting.pop(row.id.int, None)
         self._per_provider[name] += len(rows)
         try:
             outcomes = await provider.check(
