@@ -7,6 +7,7 @@ one statement text serves any batch size and stays a prepared statement.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,7 +104,9 @@ class Queries:
         c = layout.columns
         names = schema.Names(layout)
         table = names.table
-        dispatched = sql.SQL("coalesce({sent}, {created})").format(
+        # now() last: a row with neither time (a nullable column mapping) is
+        # treated as dispatched just now rather than having no age at all.
+        dispatched = sql.SQL("coalesce({sent}, {created}, now())").format(
             sent=sql.Identifier(c.sent_at), created=sql.Identifier(c.created_at)
         )
         timing = sql.SQL(
@@ -293,18 +296,30 @@ class ManagedConnection:
         self._dsn = dsn
         self._purpose = purpose
         self._conn: AsyncConn | None = None
+        # Several checker batches may find the connection gone at once: one
+        # reconnects, the others wait for it (no burst of connections).
+        self._connecting = asyncio.Lock()
 
     async def get(self) -> AsyncConn:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            if self._conn is not None:
-                await self._conn.close()
-            self._conn = await connect(self._dsn, self._purpose)
-        return self._conn
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        async with self._connecting:
+            conn = self._conn
+            if conn is None or conn.closed or conn.broken:
+                if conn is not None:
+                    await conn.close()
+                self._conn = conn = await connect(self._dsn, self._purpose)
+            return conn
 
     async def reset(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        """Drop the connection after a failure, unless another task already replaced it."""
+        conn = self._conn
+        if conn is not None and (conn.broken or conn.closed):
+            self._conn = None
             await conn.close()
 
     async def close(self) -> None:
-        await self.reset()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -51,20 +52,26 @@ def redact_dsn(dsn: str) -> str:
             if ":" in userinfo:
                 userinfo = userinfo.split(":", 1)[0] + ":" + REDACTED
             netloc = f"{userinfo}@{hostinfo}"
-        query = redact_query(parts.query, {"password"})
+        query = redact_query(parts.query, _is_password_key)
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     return _CONNINFO_PASSWORD.sub(r"\1" + REDACTED, dsn)
 
 
-def redact_query(query: str, secret_keys: set[str]) -> str:
-    """Redact the values of *secret_keys* in a URL query string."""
+def redact_query(query: str, secret_keys: set[str] | Callable[[str], bool]) -> str:
+    """Redact the values of *secret_keys* (names, or a test on the name) in a query string."""
     if not query:
         return query
+    is_secret = secret_keys if callable(secret_keys) else secret_keys.__contains__
     pairs = parse_qsl(query, keep_blank_values=True)
     return urlencode(
-        [(key, REDACTED if key.lower() in secret_keys else value) for key, value in pairs],
+        [(key, REDACTED if is_secret(key.lower()) else value) for key, value in pairs],
         safe="*[],",
     )
+
+
+def _is_password_key(key: str) -> bool:
+    # password, sslpassword: every libpq parameter that carries a secret.
+    return key.endswith("password")
 
 
 def redact_url(url: str, secret_keys: set[str]) -> str:
@@ -91,6 +98,6 @@ def scrub(text: str, secrets: list[str]) -> str:
     return _PASSWORD_IN_TEXT.sub(r"\1" + REDACTED, text)
 
 
-_PASSWORD_IN_TEXT: Final = re.compile(r"(password=)\S+", re.IGNORECASE)
+_PASSWORD_IN_TEXT: Final = re.compile(r"(\w*password=)\S+", re.IGNORECASE)
 # key=value conninfo; a value may be single-quoted with backslash escapes.
-_CONNINFO_PASSWORD: Final = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+_CONNINFO_PASSWORD: Final = re.compile(r"(\b\w*password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")

@@ -128,6 +128,12 @@ class Sweeper:
             # Try again soon rather than a whole interval later.
             asyncio.get_running_loop().call_later(min(self.interval, 10.0), self.request)
             return None
+        except Exception:
+            # A bug or a row we cannot make sense of: the sweep is the safety
+            # net, so it must not take the daemon down (and, at every restart,
+            # down again). Say so loudly and try again at the next interval.
+            log.exception("sweep.unexpected_error", retry_in_s=self.interval)
+            return None
         self.completed += 1
         self.last_completed = time.monotonic()
         self._metrics.sweeps.inc()

@@ -257,6 +257,11 @@ def test_secret_never_shows_itself() -> None:
             "postgresql://db/shop?password=***&sslmode=require",
         ),
         ("host=db dbname=shop", "host=db dbname=shop"),
+        ("host=db password=pw sslpassword=keypass", "host=db password=*** sslpassword=***"),
+        (
+            "postgresql://db/shop?sslpassword=kp&sslmode=require",
+            "postgresql://db/shop?sslpassword=***&sslmode=require",
+        ),
     ],
 )
 def test_redact_dsn(dsn: str, expected: str) -> None:
