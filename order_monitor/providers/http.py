@@ -23,6 +23,7 @@ import structlog
 from order_monitor.config import ProviderConfig
 from order_monitor.errors import ConfigError, ProviderAuthError, ProviderError
 from order_monitor.providers.base import Outcome, RateLimited
+from order_monitor.providers.limits import client_timeout
 from order_monitor.redaction import Secret, redact_url, scrub
 
 log = structlog.get_logger()
@@ -92,6 +93,9 @@ class Transport:
     #: Query parameters whose values are credentials (lower case).
     secret_params: frozenset[str] = frozenset()
     secrets: tuple[Secret, ...] = ()
+    #: The provider's connect and read timeouts, per request: the shared
+    #: session serves every provider and carries none of its own.
+    timeout: aiohttp.ClientTimeout | None = None
     clock: Callable[[], float] = field(default=time.time, repr=False)
 
     def safe(self, text: str) -> str:
@@ -131,7 +135,11 @@ class Transport:
             # No redirects: a custom auth header (api-token) would follow the
             # request to whatever host the Location names.
             async with session.request(
-                method, url, headers=dict(headers or {}), allow_redirects=False
+                method,
+                url,
+                headers=dict(headers or {}),
+                allow_redirects=False,
+                timeout=self.timeout if self.timeout is not None else session.timeout,
             ) as response:
                 if not 200 <= response.status < 300:
                     await self._refuse(response, safe_url)
@@ -299,6 +307,7 @@ def transport(config: ProviderConfig, secret_params: Collection[str] = ()) -> Tr
         max_body=config.limits.max_body,
         secret_params=frozenset(p.lower() for p in secret_params),
         secrets=tuple(config.secrets.values()),
+        timeout=client_timeout(config.limits),
     )
 
 

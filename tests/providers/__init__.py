@@ -143,13 +143,14 @@ def provider_config(
     secrets: Mapping[str, str] | None = None,
     max_body: int = 1_048_576,
     name: str = "p1",
+    read_timeout: float = 5.0,
 ) -> ProviderConfig:
     return ProviderConfig(
         name=name,
         kind=kind,
         base_url=base_url,
         provider_ids=(name,),
-        limits=ProviderLimits(max_body=max_body),
+        limits=ProviderLimits(max_body=max_body, read_timeout=read_timeout),
         secrets={k: Secret(v) for k, v in (secrets or {}).items()},
         options=dict(options or {}),
     )

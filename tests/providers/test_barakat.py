@@ -30,9 +30,15 @@ TURKISH = "İşlem tamamlandı"
 ARABIC = "تم تنفيذ الطلب بنجاح"
 
 
-def adapter(base_url: str, **options: Any) -> barakat.BarakatAdapter:
+def adapter(base_url: str, *, read_timeout: float = 5.0, **options: Any) -> barakat.BarakatAdapter:
     built = barakat.build(
-        provider_config("barakat", base_url, options=options, secrets={"token": TOKEN})
+        provider_config(
+            "barakat",
+            base_url,
+            options=options,
+            secrets={"token": TOKEN},
+            read_timeout=read_timeout,
+        )
     )
     assert isinstance(built, barakat.BarakatAdapter)
     return built
@@ -277,9 +283,10 @@ async def test_connection_refused() -> None:
 
 
 async def test_slow_answer_times_out() -> None:
-    async with stalled() as handler, serve(handler) as srv, client(total=0.2) as session:
+    # The provider's own read timeout, not the shared session's.
+    async with stalled() as handler, serve(handler) as srv, client() as session:
         with pytest.raises(ProviderError):
-            await adapter(srv.base_url).fetch(session, [order("1")])
+            await adapter(srv.base_url, read_timeout=0.2).fetch(session, [order("1")])
 
 
 async def test_token_never_in_logs_or_errors() -> None:

@@ -78,9 +78,15 @@ def from_toml(template: str, base_url: str) -> ProviderConfig:
     return config
 
 
-def build(base_url: str, **options: Any) -> json_http.JsonHttpAdapter:
+def build(base_url: str, *, read_timeout: float = 5.0, **options: Any) -> json_http.JsonHttpAdapter:
     built = json_http.build(
-        provider_config("json_http", base_url, options=options, secrets={"token": TOKEN})
+        provider_config(
+            "json_http",
+            base_url,
+            options=options,
+            secrets={"token": TOKEN},
+            read_timeout=read_timeout,
+        )
     )
     assert isinstance(built, json_http.JsonHttpAdapter)
     return built
@@ -355,9 +361,9 @@ async def test_transport_failures_are_errors_and_never_leak_the_token() -> None:
                     session, [order("1")]
                 )
             texts.append(str(caught.value))
-        async with stalled() as handler, serve(handler) as srv, client(total=0.2) as session:
+        async with stalled() as handler, serve(handler) as srv, client() as session:
             with pytest.raises(ProviderError) as caught:
-                await build(srv.base_url, **SINGLE).fetch(session, [order("1")])
+                await build(srv.base_url, read_timeout=0.2, **SINGLE).fetch(session, [order("1")])
             texts.append(str(caught.value))
     assert len(texts) == 6
     assert all(TOKEN not in text for text in texts)

@@ -32,9 +32,16 @@ TURKISH_WAIT = "İşlem bekleniyor"
 ARABIC = "تم الإنجاز بنجاح"
 
 
-def adapter(base_url: str, max_body: int = 1_048_576, **options: Any) -> znet.ZnetAdapter:
+def adapter(
+    base_url: str, max_body: int = 1_048_576, *, read_timeout: float = 5.0, **options: Any
+) -> znet.ZnetAdapter:
     config = provider_config(
-        "znet", base_url, options=options, secrets={"kod": KOD, "sifre": SIFRE}, max_body=max_body
+        "znet",
+        base_url,
+        options=options,
+        secrets={"kod": KOD, "sifre": SIFRE},
+        max_body=max_body,
+        read_timeout=read_timeout,
     )
     built = znet.build(config)
     assert isinstance(built, znet.ZnetAdapter)
@@ -234,9 +241,10 @@ async def test_connection_refused() -> None:
 
 
 async def test_slow_answer_times_out() -> None:
-    async with stalled() as handler, serve(handler) as srv, client(total=0.2) as session:
+    # The provider's own read timeout, not the shared session's.
+    async with stalled() as handler, serve(handler) as srv, client() as session:
         with pytest.raises(ProviderError):
-            await adapter(srv.base_url).fetch(session, [order()])
+            await adapter(srv.base_url, read_timeout=0.2).fetch(session, [order()])
 
 
 async def test_credentials_never_in_logs_or_errors() -> None:
