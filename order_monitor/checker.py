@@ -245,8 +245,9 @@ class Checker:
     def _unconfigured(self, provider_id: str | None, rows: list[InFlightRow]) -> None:
         """Orders whose provider is not in the providers file.
 
-        Logged once per provider id (not once per order or check), counted,
-        and left alone: the next sweep after a reload that names the
+        Logged once per provider id (not once per order or check) and not
+        checked. Every sweep finds them again (one re-read each, counted in
+        the metric), so the first sweep after a reload that names the
         provider picks them up.
         """
         key = provider_id if provider_id is not None else "<none>"

@@ -6,10 +6,11 @@ a PIN too long for its column) is tested with plain values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from order_monitor.config import OutcomeWrites
-from order_monitor.db import ColumnLimits, InFlightRow
+from order_monitor.db import ColumnLimits, InFlightRow, WriteBatch
 from order_monitor.policy import BackoffPolicy, format_seconds
 from order_monitor.providers.base import Outcome, Status
 
@@ -38,6 +39,20 @@ class Decision:
     @property
     def finished(self) -> bool:
         return self.kind in {"done", "failed", "gave_up"}
+
+
+def write_batch(decisions: Sequence[Decision]) -> WriteBatch:
+    """The guarded UPDATE's column arrays for these decisions."""
+    return WriteBatch(
+        ids=[d.row.id for d in decisions],
+        references=[d.row.reference for d in decisions],
+        kinds=[d.kind for d in decisions],
+        external_statuses=[d.external_status for d in decisions],
+        pins=[d.pin for d in decisions],
+        provider_messages=[d.provider_message for d in decisions],
+        last_messages=[d.last_message for d in decisions],
+        statuses=[d.status for d in decisions],
+    )
 
 
 def truncate(text: str | None, limit: int | None) -> str | None:
@@ -111,7 +126,7 @@ def decide(
             limits,
             f"order-monitor gave up {format_seconds(elapsed)} after dispatch "
             f"(max_attempts={policy.max_attempts}, max_age={format_seconds(policy.max_age)}); "
-            f"last answer: {describe(outcome)}",
+            f"last answer: {describe_outcome(outcome)}",
         )
     return Decision(
         row, provider, outcome, "pending", next_check_in=max(0.0, slot.offset - elapsed)
@@ -136,7 +151,7 @@ def _gave_up(
     )
 
 
-def describe(outcome: Outcome) -> str:
+def describe_outcome(outcome: Outcome) -> str:
     """The outcome in a few words for a person: 'pending (İşlem bekleniyor)'."""
     if outcome.status is Status.ERROR:
         return f"error ({outcome.error})"

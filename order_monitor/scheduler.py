@@ -11,7 +11,6 @@ re-reads the row anyway), which costs well under 300 bytes an order.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
 
 
 class Scheduler:
@@ -109,10 +108,6 @@ class Scheduler:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
-
-    def __iter__(self) -> Iterator[int]:
-        yield from self._due
-        yield from self._in_flight
 
     def _push(self, order: int, due: float) -> None:
         self._due[order] = due

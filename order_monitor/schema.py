@@ -59,23 +59,6 @@ class Names:
         self.update_trigger_name = f"order_monitor_update_v{VERSION}"
         self.role = sql.Identifier(layout.role)
 
-    def col(self, name: str) -> sql.Identifier:
-        return sql.Identifier(name)
-
-    @property
-    def c(self) -> _Cols:
-        return _Cols(self.layout)
-
-
-class _Cols:
-    """Column identifiers by their logical name: ``names.c.external_status``."""
-
-    def __init__(self, layout: Layout) -> None:
-        self._columns = layout.columns
-
-    def __getattr__(self, logical: str) -> sql.Identifier:
-        return sql.Identifier(getattr(self._columns, logical))
-
 
 def in_flight_predicate(layout: Layout, row: str | None = None) -> sql.Composed:
     """The "order is in flight" rule, optionally on a row alias (NEW, OLD, o).
@@ -346,11 +329,7 @@ _HEADERS = {
 
 def render(kind: str, layout: Layout, writes: OutcomeWrites | None = None) -> str:
     """The text of sql/<kind>.sql for this layout."""
-    statements = {
-        "install": lambda: install_statements(layout),
-        "uninstall": lambda: uninstall_statements(layout),
-        "role": lambda: role_statements(layout, writes or OutcomeWrites()),
-    }[kind]()
+    statements = list(statements_for(kind, layout, writes))
     c = layout.columns
     header = _HEADERS[kind].format(
         version=VERSION,

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import psycopg
 
-from order_monitor.db import ManagedConnection, Queries, WriteBatch
-from order_monitor.decisions import Decision, describe
+from order_monitor.db import ManagedConnection, Queries
+from order_monitor.decisions import Decision, describe_outcome, write_batch
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 from order_monitor.scheduler import Scheduler
@@ -144,18 +144,8 @@ class Writer:
         return written, rejected
 
     async def _write(self, decisions: list[Decision]) -> dict[uuid.UUID, str]:
-        batch = WriteBatch(
-            ids=[d.row.id for d in decisions],
-            references=[d.row.reference for d in decisions],
-            kinds=[d.kind for d in decisions],
-            external_statuses=[d.external_status for d in decisions],
-            pins=[d.pin for d in decisions],
-            provider_messages=[d.provider_message for d in decisions],
-            last_messages=[d.last_message for d in decisions],
-            statuses=[d.status for d in decisions],
-        )
         conn = await self._conn.get()
-        return await self._queries.write(conn, batch)
+        return await self._queries.write(conn, write_batch(decisions))
 
     def _settle(self, decision: Decision, written: dict[uuid.UUID, str], now: float) -> bool:
         """Log the decision and give the order back to the schedule; True if it finished."""
@@ -181,7 +171,7 @@ class Writer:
                 outcome=decision.kind,
                 external_status=decision.external_status,
                 pin_written=decision.pin is not None,
-                answer=describe(decision.outcome),
+                answer=describe_outcome(decision.outcome),
             )
             self._scheduler.complete(order.int, None)
             return True
@@ -190,7 +180,7 @@ class Writer:
             "order.checked" if decision.kind == "pending" else "order.deferred",
             order_id=str(order),
             provider=decision.provider,
-            answer=describe(decision.outcome),
+            answer=describe_outcome(decision.outcome),
             due_in_s=round(decision.next_check_in or 0.0, 3),
         )
         self._scheduler.complete(order.int, next_due)

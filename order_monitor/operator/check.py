@@ -23,8 +23,8 @@ from psycopg import sql
 
 from order_monitor import __version__, db, schema
 from order_monitor.config import Layout, Settings
-from order_monitor.db import InFlightRow, Queries, WriteBatch
-from order_monitor.decisions import Decision, decide
+from order_monitor.db import InFlightRow, Queries
+from order_monitor.decisions import Decision, decide, write_batch
 from order_monitor.errors import OrderMonitorError
 from order_monitor.metrics import Metrics
 from order_monitor.policy import format_seconds
@@ -174,23 +174,9 @@ async def run_check(settings: Settings, order_id: uuid.UUID, *, dry_run: bool) -
         )
         if dry_run or not decision.writes:
             return result
-        written = await queries.write(conn, _batch(decision))
+        written = await queries.write(conn, write_batch([decision]))
         result.written = row.id in written
         return result
-
-
-def _batch(decision: Decision) -> WriteBatch:
-    """The writer's batch, for one decision."""
-    return WriteBatch(
-        ids=[decision.row.id],
-        references=[decision.row.reference],
-        kinds=[decision.kind],
-        external_statuses=[decision.external_status],
-        pins=[decision.pin],
-        provider_messages=[decision.provider_message],
-        last_messages=[decision.last_message],
-        statuses=[decision.status],
-    )
 
 
 # --- formatting (pure) -------------------------------------------------------------------

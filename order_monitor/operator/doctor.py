@@ -38,7 +38,7 @@ from psycopg import sql
 
 from order_monitor import __version__, db, schema
 from order_monitor.config import Layout, ProviderConfig, Settings
-from order_monitor.decisions import describe
+from order_monitor.decisions import describe_outcome
 from order_monitor.errors import OrderMonitorError, ProviderAuthError, ProviderError
 from order_monitor.metrics import Metrics
 from order_monitor.operator import database_error
@@ -727,7 +727,7 @@ async def probe(
     outcome = answered.get(order.order_id) or Outcome.unknown()
     return (
         Verdict.PASS,
-        f"{where} answered in {elapsed_ms:.0f} ms ({describe(outcome)} for the test "
+        f"{where} answered in {elapsed_ms:.0f} ms ({describe_outcome(outcome)} for the test "
         f"reference {PROBE_REFERENCE!r})",
         config,
     )

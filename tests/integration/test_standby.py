@@ -38,7 +38,9 @@ async def test_a_standby_takes_over_when_the_leader_loses_its_connection(
         assert second.listener_connected
         assert first.listener is None  # the old leader's engine is gone
 
-    assert takeover < 5.0
+    # "Within a few seconds": the standby polls every 0.2 s here; the margin is
+    # for a loaded CI machine, not for the daemon.
+    assert takeover < 10.0
     rows = await app.rows()
     assert {r["externalStatus"] for r in rows.values()} == {"done"}
 

@@ -8,7 +8,7 @@ import pytest
 
 from order_monitor.config import OutcomeWrites
 from order_monitor.db import ColumnLimits, InFlightRow
-from order_monitor.decisions import Decision, decide, describe, truncate
+from order_monitor.decisions import Decision, decide, describe_outcome, truncate
 from order_monitor.listener import parse_payload
 from order_monitor.policy import BackoffPolicy
 from order_monitor.providers.base import Outcome, clean_pin
@@ -119,9 +119,11 @@ def test_truncate_leaves_short_text_alone() -> None:
 
 
 def test_describe_is_short_and_human() -> None:
-    assert describe(Outcome.pending("1", "İşlem bekleniyor")) == "pending (İşlem bekleniyor)"
-    assert describe(Outcome.transport_error("timeout")) == "error (timeout)"
-    assert describe(Outcome.unknown()) == "unknown"
+    assert (
+        describe_outcome(Outcome.pending("1", "İşlem bekleniyor")) == "pending (İşlem bekleniyor)"
+    )
+    assert describe_outcome(Outcome.transport_error("timeout")) == "error (timeout)"
+    assert describe_outcome(Outcome.unknown()) == "unknown"
 
 
 # --- where a swept order stands -------------------------------------------------------

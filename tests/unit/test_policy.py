@@ -119,7 +119,14 @@ def test_describe_prints_every_attempt() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0.25, "0.25s"), (0.796576, "0.8s"), (45, "45s"), (90, "1m30s"), (6900, "1h55m"), (86400, "24h")],
+    [
+        (0.25, "0.25s"),
+        (0.796576, "0.8s"),
+        (45, "45s"),
+        (90, "1m30s"),
+        (6900, "1h55m"),
+        (86400, "24h"),
+    ],
 )
 def test_format_seconds(seconds: float, text: str) -> None:
     assert format_seconds(seconds) == text
