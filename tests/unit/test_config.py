@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from order_monitor.cli import cli
-from order_monitor.config import load_settings, parse_duration
+from order_monitor.config import load_providers, load_settings, parse_duration
 from order_monitor.errors import ConfigError
 from order_monitor.redaction import Secret, redact_dsn, redact_url
 
@@ -316,3 +316,20 @@ def test_provider_secrets_can_be_left_unresolved_for_commands_that_ask_no_provid
     (provider,) = load_settings(env, need_provider_secrets=False).providers
     assert provider.provider_ids == ("znet",)
     assert provider.secrets == {}
+
+
+def test_the_readme_provider_examples_parse_and_build(tmp_path: Path) -> None:
+    """The examples an operator copies must be valid: they cannot drift from the code."""
+    from order_monitor.providers.registry import build_adapter
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```toml\n")[1:]]
+    examples = [b for b in blocks if b.lstrip().startswith("[providers.")]
+    assert len(examples) >= 2
+    (tmp_path / "znet-sifre").write_text("s")
+    env = {"ZNET_KOD": "k", "INTERNAL_TOKEN": "t", "CREDENTIALS_DIRECTORY": str(tmp_path)}
+    for example in examples:
+        path = tmp_path / "providers.toml"
+        path.write_text(example)
+        for provider in load_providers(path, env):
+            assert build_adapter(provider).max_batch >= 1
