@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Final
 
 import aiohttp
 import psycopg
@@ -49,6 +50,16 @@ from order_monitor.writer import Writer
 log = get_logger()
 
 HOUSEKEEPING_INTERVAL = 5.0
+#: Settings a reload cannot change (field, and how an operator knows it).
+RESTART_ONLY: Final = (
+    ("dsn", "ORDER_MONITOR_DSN"),
+    ("layout", "table layout / channels"),
+    ("writes", "ORDER_MONITOR_*_STATUS (outcome writes)"),
+    ("concurrency", "ORDER_MONITOR_CONCURRENCY"),
+    ("batch_size", "ORDER_MONITOR_BATCH_SIZE"),
+    ("listener_health_interval", "ORDER_MONITOR_LISTENER_HEALTH_INTERVAL"),
+    ("http_listen", "ORDER_MONITOR_HTTP_LISTEN"),
+)
 #: How long a start may wait for the database before READY=1 says so.
 READY_GRACE = 10.0
 
@@ -167,20 +178,9 @@ class Daemon:
         validate_providers(new)
         old = self.settings
         restart_needed = [
-            name
-            for name, changed in (
-                ("ORDER_MONITOR_DSN", new.dsn != old.dsn),
-                ("table layout / channels", new.layout != old.layout),
-                ("ORDER_MONITOR_*_STATUS (outcome writes)", new.writes != old.writes),
-                ("ORDER_MONITOR_CONCURRENCY", new.concurrency != old.concurrency),
-                ("ORDER_MONITOR_BATCH_SIZE", new.batch_size != old.batch_size),
-                (
-                    "ORDER_MONITOR_LISTENER_HEALTH_INTERVAL",
-                    new.listener_health_interval != old.listener_health_interval,
-                ),
-                ("ORDER_MONITOR_HTTP_LISTEN", new.http_listen != old.http_listen),
-            )
-            if changed
+            label
+            for field_name, label in RESTART_ONLY
+            if getattr(new, field_name) != getattr(old, field_name)
         ]
         if restart_needed:
             log.warning(
@@ -188,18 +188,9 @@ class Daemon:
                 settings=restart_needed,
                 note="these keep their old values until a restart",
             )
-        # What is applied live: providers, the backoff policy, the sweep
-        # interval, the drain timeout (and, in the runner, the log level).
-        self.settings = replace(
-            new,
-            dsn=old.dsn,
-            layout=old.layout,
-            writes=old.writes,
-            concurrency=old.concurrency,
-            batch_size=old.batch_size,
-            listener_health_interval=old.listener_health_interval,
-            http_listen=old.http_listen,
-        )
+        # Everything else is applied live: providers, the backoff policy, the
+        # sweep interval, the drain timeout (and, in the runner, the log level).
+        self.settings = replace(new, **{name: getattr(old, name) for name, _ in RESTART_ONLY})
         if self._session is None or self.checker is None or self.sweeper is None:
             log.info("config.reloaded", running=False)
             return

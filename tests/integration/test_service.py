@@ -169,3 +169,18 @@ async def test_with_the_database_down_systemd_still_hears_from_us_and_stop_is_pr
 async def _more_pings(sock: socket.socket, messages: list[dict[str, str]], count: int) -> bool:
     messages.extend(received(sock))
     return sum(1 for m in messages if m.get("WATCHDOG") == "1") >= count
+
+
+async def test_a_reload_keeps_the_settings_that_need_a_restart(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    settings = settings_for(db, fake)
+    with capture_logs() as logs:
+        async with running(Daemon(settings)) as daemon:
+            daemon.reload(replace(settings, batch_size=7, sweep_interval=42.0))
+            assert daemon.settings.batch_size == settings.batch_size  # needs a restart
+            assert daemon.settings.sweep_interval == 42.0  # applied live
+            assert daemon.sweeper is not None
+            assert daemon.sweeper.interval == 42.0
+    (warning,) = [e for e in logs if e["event"] == "config.restart_needed"]
+    assert warning["settings"] == ["ORDER_MONITOR_BATCH_SIZE"]
