@@ -22,18 +22,17 @@ from typing import Final
 
 import aiohttp
 import psycopg
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_never,
-    wait_exponential,
-    wait_random,
-)
 
 from order_monitor import __version__
 from order_monitor.checker import Checker, CheckerLimits
 from order_monitor.config import Settings
-from order_monitor.db import ColumnLimits, ManagedConnection, Queries, column_limits
+from order_monitor.db import (
+    ColumnLimits,
+    ManagedConnection,
+    Queries,
+    column_limits,
+    retry_forever,
+)
 from order_monitor.listener import Listener
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
@@ -313,17 +312,7 @@ class Daemon:
         A database that is still starting is waited for; a table or column that
         does not exist is a configuration error and stops the daemon.
         """
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(psycopg.OperationalError),
-            wait=wait_exponential(multiplier=0.5, max=30.0) + wait_random(0, 1),
-            stop=stop_never,
-            before_sleep=lambda state: log.warning(
-                "database.unreachable",
-                error=str(state.outcome.exception()).strip() if state.outcome else None,
-                retry_in_s=round(state.upcoming_sleep, 1),
-            ),
-            reraise=True,
-        )
+        retrying = retry_forever("database.unreachable", psycopg.OperationalError, first_wait=0.5)
         async for attempt in retrying:
             with attempt:
                 if self._stop.is_set() or self._lock.lost.is_set():

@@ -17,12 +17,22 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_never,
+    wait_exponential,
+    wait_random,
+)
 
 from order_monitor import __version__, schema
 from order_monitor.config import Layout, OutcomeWrites
 from order_monitor.errors import SchemaError
+from order_monitor.logs import get_logger
 
 AsyncConn = psycopg.AsyncConnection[TupleRow]
+
+log = get_logger()
 
 # A half-open TCP connection (a failover, a dropped NAT entry) is noticed in
 # about idle + interval * count = 25 s instead of the kernel's two hours.
@@ -32,6 +42,33 @@ KEEPALIVES: Final = {
     "keepalives_interval": "5",
     "keepalives_count": "3",
 }
+
+
+def retry_forever(
+    event: str,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...],
+    *,
+    first_wait: float,
+    max_wait: float = 30.0,
+) -> AsyncRetrying:
+    """Retry reaching the database for ever, with capped, jittered exponential waits.
+
+    Capped, so a failover or a standby answering "cannot execute LISTEN during
+    recovery" is retried every few seconds, not hammered. Each failure is
+    logged as *event* with the error and the wait before the next attempt.
+    """
+    return AsyncRetrying(
+        retry=retry_if_exception_type(retry_on),
+        wait=wait_exponential(multiplier=first_wait, max=max_wait) + wait_random(0, 1),
+        stop=stop_never,
+        before_sleep=lambda state: log.warning(
+            event,
+            attempt=state.attempt_number,
+            error=str(state.outcome.exception()).strip() if state.outcome else None,
+            retry_in_s=round(state.upcoming_sleep, 2),
+        ),
+        reraise=True,
+    )
 
 
 async def connect(dsn: str, purpose: str, *, connect_timeout: int = 10) -> AsyncConn:

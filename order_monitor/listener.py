@@ -19,15 +19,8 @@ from typing import Final
 
 import psycopg
 from psycopg import sql
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_never,
-    wait_exponential,
-    wait_random,
-)
 
-from order_monitor.db import AsyncConn, connect
+from order_monitor.db import AsyncConn, connect, retry_forever
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 
@@ -90,22 +83,12 @@ class Listener:
                     await asyncio.wait_for(conn.close(), self._health_timeout)
 
     async def _connect(self) -> AsyncConn:
-        """Connect and LISTEN, retrying with capped jittered backoff, never giving up.
-
-        Capped so a failover or a standby answering "cannot execute LISTEN
-        during recovery" is retried every few seconds, not hammered.
-        """
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type((psycopg.Error, OSError, TimeoutError)),
-            wait=wait_exponential(multiplier=0.2, max=self._max_backoff) + wait_random(0, 1),
-            stop=stop_never,
-            before_sleep=lambda state: log.warning(
-                "listener.connect_failed",
-                attempt=state.attempt_number,
-                error=str(state.outcome.exception()).strip() if state.outcome else None,
-                retry_in_s=round(state.upcoming_sleep, 2),
-            ),
-            reraise=True,
+        """Connect and LISTEN, retrying (db.retry_forever) until it works."""
+        retrying = retry_forever(
+            "listener.connect_failed",
+            (psycopg.Error, OSError, TimeoutError),
+            first_wait=0.2,
+            max_wait=self._max_backoff,
         )
         async for attempt in retrying:
             with attempt:
