@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 
@@ -101,23 +101,16 @@ def _signed_unit(key: int, attempt: int) -> float:
 
 def describe(policy: BackoffPolicy) -> str:
     """The schedule without jitter, as a table for people (README, `order-monitor schedule`)."""
-    plain = BackoffPolicy(
-        initial_delay=policy.initial_delay,
-        base=policy.base,
-        cap=policy.cap,
-        jitter=0.0,
-        max_attempts=policy.max_attempts,
-        max_age=policy.max_age,
-    )
+    slots = replace(policy, jitter=0.0).slots(0)
     lines = [
         "| attempt | after the previous | since dispatch |",
         "| ---: | ---: | ---: |",
     ]
-    for slot in plain.slots(0):
+    for slot in slots:
         lines.append(
             f"| {slot.attempt} | {format_seconds(slot.gap)} | {format_seconds(slot.offset)} |"
         )
-    last = plain.slots(0)[-1]
+    last = slots[-1]
     lines.append("")
     lines.append(
         f"Each gap varies by up to ±{policy.jitter:.0%} per order. After attempt {last.attempt} "

@@ -82,15 +82,7 @@ async def test_ten_thousand_orders_each_end_right_and_are_polled_by_the_policy(
     rows = await app.rows()
     assert len(rows) == 10_000
     earliest = [
-        s.offset * (1 - FAST_POLICY.jitter)
-        for s in BackoffPolicy(
-            initial_delay=FAST_POLICY.initial_delay,
-            base=FAST_POLICY.base,
-            cap=FAST_POLICY.cap,
-            jitter=0.0,
-            max_attempts=FAST_POLICY.max_attempts,
-            max_age=FAST_POLICY.max_age,
-        ).slots(0)
+        s.offset * (1 - FAST_POLICY.jitter) for s in replace(FAST_POLICY, jitter=0.0).slots(0)
     ]
     for ref in refs:
         kind, polls, _ = ref.split(":")
