@@ -50,21 +50,28 @@ class Columns:
     duration_ms: str = "durationMs"
     created_at: str = "createdAt"
 
-    def read(self) -> tuple[str, ...]:
-        """Columns the daemon reads."""
+    def configured(self) -> tuple[str, ...]:
+        """Every column named here: each must exist in the table."""
         return tuple(getattr(self, f.name) for f in fields(self))
 
-    def written(self) -> tuple[str, ...]:
-        """Columns the daemon may write (the least-privilege role gets UPDATE on these only)."""
+    def read(self) -> tuple[str, ...]:
+        """Columns the daemon and its operator commands read (the role's SELECT grant).
+
+        Not the PIN, the provider's message or the duration: the daemon writes
+        those (through the write function) but never needs to see them.
+        """
         return (
+            self.id,
             self.status,
             self.external_status,
-            self.pin_code,
-            self.provider_message,
+            self.provider_ref,
+            self.provider_id,
+            self.external_order_id,
             self.last_message,
+            self.sent_at,
             self.last_sync_at,
             self.completed_at,
-            self.duration_ms,
+            self.created_at,
         )
 
 

@@ -27,10 +27,13 @@ from order_monitor import __version__
 from order_monitor.checker import Checker, CheckerLimits
 from order_monitor.config import Settings
 from order_monitor.db import (
+    AsyncConn,
     ColumnLimits,
     ManagedConnection,
     Queries,
+    check_write_function,
     column_limits,
+    connect,
     retry_forever,
 )
 from order_monitor.listener import Listener
@@ -195,6 +198,8 @@ class Daemon:
             return
         providers = self._provider_factory(new, self._session, self._session_limit, self.metrics)
         self.checker.reconfigure(_lookup(providers), new.policy)
+        if self.writer is not None:
+            self.writer.policy = new.policy
         self.sweeper.policy = new.policy
         self.sweeper.interval = new.sweep_interval
         log.info(
@@ -239,6 +244,7 @@ class Daemon:
             providers=[p.name for p in settings.providers],
             schedule=describe(settings.policy).splitlines()[-1],
         )
+        await self._check_schema_at_start()
         try:
             async with serve_http(
                 settings.http_listen,
@@ -255,6 +261,31 @@ class Daemon:
         finally:
             self.notifier.close()
             log.info("daemon.stopped", pending=len(self.scheduler))
+
+    async def _check_schema_at_start(self) -> None:
+        """Refuse to start (exit 78) on a table or install that cannot work.
+
+        At start, not at a takeover months later: a standby with a typo in
+        its settings must fail now, where its operator is looking. A database
+        that cannot be reached yet is no verdict; leading checks again.
+        """
+        try:
+            conn = await connect(self.settings.dsn.reveal(), "start-up check", connect_timeout=5)
+        except (psycopg.OperationalError, OSError) as exc:
+            log.warning(
+                "database.unreachable",
+                error=str(exc).strip() or type(exc).__name__,
+                note="the table and the install are checked once it answers",
+            )
+            return
+        async with conn:
+            await self._check_schema(conn)
+
+    async def _check_schema(self, conn: AsyncConn) -> ColumnLimits:
+        settings = self.settings
+        limits = await column_limits(conn, settings.layout, settings.writes)
+        await check_write_function(conn, settings.layout, settings.writes)
+        return limits
 
     async def _lead_until_stopped(self) -> None:
         """Standby, lead, and after a lost lock stand by again, until asked to stop.
@@ -318,9 +349,7 @@ class Daemon:
                 if self._stop.is_set() or self._lock.lost.is_set():
                     return None
                 try:
-                    return await column_limits(
-                        await reader.get(), self.settings.layout, self.settings.writes
-                    )
+                    return await self._check_schema(await reader.get())
                 except psycopg.OperationalError:
                     await reader.reset()
                     raise
@@ -336,7 +365,15 @@ class Daemon:
     ) -> None:
         settings = self.settings
         self.writer = writer = Writer(
-            writer_conn, queries, self.scheduler, self.metrics, self._clock, settings.batch_size
+            writer_conn,
+            queries,
+            self.scheduler,
+            self.metrics,
+            self._clock,
+            settings.batch_size,
+            policy=settings.policy,
+            writes=settings.writes,
+            columns=columns,
         )
         self.checker = checker = Checker(
             conn=reader,

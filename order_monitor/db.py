@@ -125,12 +125,11 @@ class WriteBatch:
 
     ids: list[uuid.UUID]
     references: list[str]
+    provider_ids: list[str | None]
     kinds: list[str]
-    external_statuses: list[str | None]
     pins: list[str | None]
     provider_messages: list[str | None]
     last_messages: list[str | None]
-    statuses: list[str | None]
 
 
 class Queries:
@@ -175,67 +174,13 @@ class Queries:
             in_flight=in_flight,
         )
 
+        # One round trip per batch, through the write function (install.sql):
+        # the guarded UPDATE and the result announcements commit together.
         # Arrays go in binary (%b): dumping thousands of list elements as text
         # was a tenth of the engine's CPU under load.
-        o = sql.Identifier("o")
-
-        def col(name: str) -> sql.Composed:
-            return sql.Composed([o, sql.SQL("."), sql.Identifier(name)])
-
-        finished = sql.SQL("v.kind IN ('done', 'failed', 'gave_up')")
-        # One round trip per batch: the guarded UPDATE and the result
-        # announcements in one statement, so they commit together.
         self._write = sql.SQL(
-            """WITH v AS (
-    SELECT * FROM unnest(%b::uuid[], %b::text[], %b::text[], %b::text[], %b::text[],
-                         %b::text[], %b::text[], %b::text[])
-        AS v(id, ref, kind, external_status, pin, provider_message, last_message, status)
-), u AS (
-    UPDATE {table} AS o SET
-        {external_status} = coalesce(v.external_status, {o_external_status}),
-        {pin} = coalesce(v.pin, {o_pin}),
-        {provider_message} = coalesce(v.provider_message, {o_provider_message}),
-        {last_message} = coalesce(v.last_message, {o_last_message}),
-        {last_sync} = now(),
-        {completed} = CASE WHEN {finished} THEN now() ELSE {o_completed} END,
-        {duration} = CASE WHEN {finished} THEN least(
-            extract(epoch FROM now() - coalesce({o_sent}, {o_created})) * 1000,
-            2147483647)::integer ELSE {o_duration} END,
-        {status} = coalesce(v.status, {o_status})
-    FROM v
-    WHERE {o_id} = v.id AND {o_ref} = v.ref AND {guard}
-    RETURNING {o_id} AS id, v.kind, {o_external_status} AS external_status, {o_status} AS status
-)
-SELECT u.id, u.kind,
-       CASE WHEN u.kind <> 'pending' THEN pg_notify({channel}, json_build_object(
-           'id', u.id, 'outcome', u.kind,
-           'externalStatus', u.external_status, 'status', u.status)::text)::text END
-FROM u"""
-        ).format(
-            table=table,
-            external_status=sql.Identifier(c.external_status),
-            o_external_status=col(c.external_status),
-            pin=sql.Identifier(c.pin_code),
-            o_pin=col(c.pin_code),
-            provider_message=sql.Identifier(c.provider_message),
-            o_provider_message=col(c.provider_message),
-            last_message=sql.Identifier(c.last_message),
-            o_last_message=col(c.last_message),
-            last_sync=sql.Identifier(c.last_sync_at),
-            completed=sql.Identifier(c.completed_at),
-            o_completed=col(c.completed_at),
-            finished=finished,
-            duration=sql.Identifier(c.duration_ms),
-            o_duration=col(c.duration_ms),
-            o_sent=col(c.sent_at),
-            o_created=col(c.created_at),
-            status=sql.Identifier(c.status),
-            o_status=col(c.status),
-            o_id=col(c.id),
-            o_ref=col(c.provider_ref),
-            guard=schema.in_flight_predicate(layout, "o"),
-            channel=sql.Literal(layout.result_channel),
-        )
+            "SELECT order_id, outcome FROM {function}(%b, %b, %b, %b, %b, %b, %b)"
+        ).format(function=names.write_function)
 
     async def sweep_page(
         self, conn: AsyncConn, after: uuid.UUID | None, limit: int
@@ -259,12 +204,11 @@ FROM u"""
         params: list[Any] = [
             batch.ids,
             batch.references,
+            batch.provider_ids,
             batch.kinds,
-            batch.external_statuses,
             batch.pins,
             batch.provider_messages,
             batch.last_messages,
-            batch.statuses,
         ]
         cursor = await conn.execute(self._write, params)
         return {row[0]: row[1] for row in await cursor.fetchall()}
@@ -275,23 +219,31 @@ async def column_limits(
 ) -> ColumnLimits:
     """Check every configured column exists; read the lengths of those we write.
 
+    Read from pg_catalog, which every role may read: the daemon's role has no
+    privilege at all on the columns it only writes through the write function.
     Raises SchemaError naming what is missing, or a configured status value
     longer than its column, so a typo stops the daemon at start-up with a
     clear line instead of failing every batch later.
     """
     cursor = await conn.execute(
-        "SELECT column_name, character_maximum_length FROM information_schema.columns"
-        " WHERE table_schema = %s AND table_name = %s",
+        "SELECT a.attname,"
+        " CASE WHEN a.atttypid IN ('pg_catalog.varchar'::regtype, 'pg_catalog.bpchar'::regtype)"
+        "       AND a.atttypmod > 0 THEN a.atttypmod - 4 END"
+        " FROM pg_catalog.pg_attribute a"
+        " JOIN pg_catalog.pg_class t ON t.oid = a.attrelid"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace"
+        " WHERE n.nspname = %s AND t.relname = %s AND t.relkind IN ('r', 'p')"
+        " AND a.attnum > 0 AND NOT a.attisdropped",
         (layout.schema, layout.table),
     )
     found = {name: length for name, length in await cursor.fetchall()}
     table = f"{layout.schema}.{layout.table}"
     if not found:
         raise SchemaError(
-            f"table {table} does not exist or this role cannot see it "
-            "(check ORDER_MONITOR_SCHEMA/ORDER_MONITOR_TABLE and the grants in sql/role.sql)"
+            f"table {table} does not exist (check ORDER_MONITOR_SCHEMA, ORDER_MONITOR_TABLE "
+            "and the database in ORDER_MONITOR_DSN)"
         )
-    missing = [name for name in layout.columns.read() if name not in found]
+    missing = [name for name in layout.columns.configured() if name not in found]
     if missing:
         hint = (
             " (sql/install.sql adds it)"
@@ -319,6 +271,52 @@ async def column_limits(
         provider_message=found[c.provider_message],
         last_message=found[c.last_message],
     )
+
+
+async def write_function_problem(
+    conn: AsyncConn, layout: Layout, writes: OutcomeWrites
+) -> str | None:
+    """Why the installed write function cannot serve these settings, or None.
+
+    The function fixes what each outcome writes at install time, so a daemon
+    whose ORDER_MONITOR_*_STATUS settings differ from the install would
+    write other words than its operator expects. Compared on the body's text
+    as stored (pg_proc.prosrc keeps it verbatim).
+    """
+    names = schema.Names(layout)
+    cursor = await conn.execute(
+        "SELECT p.prosrc, p.prosecdef, pg_catalog.has_function_privilege(p.oid, 'EXECUTE')"
+        " FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = %s AND p.proname = %s",
+        (layout.schema, names.write_function_name),
+    )
+    rows = await cursor.fetchall()
+    qualified = names.write_function.as_string(None)
+    if not rows:
+        return (
+            f"the write function {qualified}() is missing: run `order-monitor sql install` "
+            "(or psql -f sql/install.sql) as the table's owner, then sql/role.sql"
+        )
+    source, security_definer, executable = rows[0]
+    if source != schema.write_function_body(layout, writes) or not security_definer:
+        return (
+            f"the write function {qualified}() was installed for other settings or by another "
+            "release (ORDER_MONITOR_*_STATUS, columns or channels differ): run "
+            "`order-monitor sql install` with these settings as the table's owner"
+        )
+    if not executable:
+        return (
+            f"this role may not execute {qualified}(): apply `order-monitor sql print role` "
+            "(sql/role.sql) for this role"
+        )
+    return None
+
+
+async def check_write_function(conn: AsyncConn, layout: Layout, writes: OutcomeWrites) -> None:
+    """Raise SchemaError when :func:`write_function_problem` finds one."""
+    problem = await write_function_problem(conn, layout, writes)
+    if problem is not None:
+        raise SchemaError(problem)
 
 
 class ManagedConnection:

@@ -31,6 +31,8 @@ class Decision:
     status: str | None = None
     #: Seconds from now until the next check; None: no further check.
     next_check_in: float | None = None
+    #: Seconds since dispatch when the decision was made.
+    elapsed: float = 0.0
 
     @property
     def writes(self) -> bool:
@@ -46,12 +48,11 @@ def write_batch(decisions: Sequence[Decision]) -> WriteBatch:
     return WriteBatch(
         ids=[d.row.id for d in decisions],
         references=[d.row.reference for d in decisions],
+        provider_ids=[d.row.provider_id for d in decisions],
         kinds=[d.kind for d in decisions],
-        external_statuses=[d.external_status for d in decisions],
         pins=[d.pin for d in decisions],
         provider_messages=[d.provider_message for d in decisions],
         last_messages=[d.last_message for d in decisions],
-        statuses=[d.status for d in decisions],
     )
 
 
@@ -88,6 +89,7 @@ def decide(
                 limits,
                 f"order-monitor: the provider reports done, but its PIN has {len(outcome.pin)} "
                 f"characters and the PIN column holds {limits.pin_code}; not written",
+                elapsed,
             )
         return Decision(
             row,
@@ -99,6 +101,7 @@ def decide(
             provider_message=truncate(outcome.message, limits.provider_message),
             last_message=truncate(outcome.message or "Completed", limits.last_message),
             status=writes.done_status,
+            elapsed=elapsed,
         )
     if outcome.status is Status.FAILED:
         return Decision(
@@ -110,11 +113,14 @@ def decide(
             provider_message=truncate(outcome.message, limits.provider_message),
             last_message=truncate(outcome.message or "Failed at the provider", limits.last_message),
             status=writes.failed_status,
+            elapsed=elapsed,
         )
     if outcome.status is Status.ERROR and outcome.retry_after is not None:
         # No request was made (breaker open, Retry-After pause), or the
         # provider asked us to wait: no slot is used, nothing is written.
-        return Decision(row, provider, outcome, "deferred", next_check_in=outcome.retry_after)
+        return Decision(
+            row, provider, outcome, "deferred", next_check_in=outcome.retry_after, elapsed=elapsed
+        )
 
     slot = policy.next_slot(row.id.int, last_checked=elapsed)
     if slot is None:
@@ -127,9 +133,49 @@ def decide(
             f"order-monitor gave up {format_seconds(elapsed)} after dispatch "
             f"(max_attempts={policy.max_attempts}, max_age={format_seconds(policy.max_age)}); "
             f"last answer: {describe_outcome(outcome)}",
+            elapsed,
         )
     return Decision(
-        row, provider, outcome, "pending", next_check_in=max(0.0, slot.offset - elapsed)
+        row,
+        provider,
+        outcome,
+        "pending",
+        next_check_in=max(0.0, slot.offset - elapsed),
+        elapsed=elapsed,
+    )
+
+
+def after_refusal(
+    decision: Decision,
+    *,
+    policy: BackoffPolicy,
+    writes: OutcomeWrites,
+    limits: ColumnLimits,
+    reason: str,
+) -> Decision | float:
+    """What follows when the database refused to write *decision*.
+
+    A refusal counts like a check without an answer: the order is checked
+    again at its next slot (a number: seconds from the decision), and once
+    the policy's limits are reached it is given up like any other (a
+    Decision to write), with a message of our own that carries none of the
+    refused values. A refused give-up leaves nothing else to write: it is
+    tried again a whole cap later, logged each time.
+    """
+    if decision.kind == "gave_up":
+        return policy.cap
+    slot = policy.next_slot(decision.row.id.int, last_checked=decision.elapsed)
+    if slot is not None:
+        return max(0.0, slot.offset - decision.elapsed)
+    return _gave_up(
+        decision.row,
+        decision.provider,
+        decision.outcome,
+        writes,
+        limits,
+        f"order-monitor gave up {format_seconds(decision.elapsed)} after dispatch: the "
+        f"database refused to store the provider's {decision.kind} answer ({reason})",
+        decision.elapsed,
     )
 
 
@@ -140,6 +186,7 @@ def _gave_up(
     writes: OutcomeWrites,
     limits: ColumnLimits,
     message: str,
+    elapsed: float,
 ) -> Decision:
     return Decision(
         row,
@@ -148,6 +195,7 @@ def _gave_up(
         "gave_up",
         external_status=writes.gave_up_external_status,
         last_message=truncate(message, limits.last_message),
+        elapsed=elapsed,
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Final
 
 from psycopg import sql
 
@@ -55,6 +56,8 @@ class Names:
         self.index = sql.Identifier(layout.schema, self.index_name)
         self.function_name = object_name("order_monitor", layout.table, f"notify_v{VERSION}")
         self.function = sql.Identifier(layout.schema, self.function_name)
+        self.write_function_name = object_name("order_monitor", layout.table, f"write_v{VERSION}")
+        self.write_function = sql.Identifier(layout.schema, self.write_function_name)
         self.insert_trigger_name = f"order_monitor_insert_v{VERSION}"
         self.update_trigger_name = f"order_monitor_update_v{VERSION}"
         self.role = sql.Identifier(layout.role)
@@ -103,10 +106,183 @@ def _dollar_quoted(body: str) -> sql.SQL:
     return sql.SQL(tag + body + tag)  # the tag is ours, the body was composed
 
 
+#: The write function's parameters, in order: what the daemon sends per order.
+WRITE_PARAMETERS: Final = (
+    ("p_ids", "uuid[]"),
+    ("p_references", "text[]"),
+    ("p_provider_ids", "text[]"),
+    ("p_kinds", "text[]"),
+    ("p_pins", "text[]"),
+    ("p_provider_messages", "text[]"),
+    ("p_last_messages", "text[]"),
+)
+#: The outcomes the write function accepts; anything else is ignored.
+WRITE_KINDS: Final = ("done", "failed", "gave_up", "pending")
+
+
+def write_signature() -> sql.Composed:
+    """The write function's argument types, as DROP/GRANT/REVOKE name them."""
+    return sql.SQL(", ").join(sql.SQL(t) for _, t in WRITE_PARAMETERS)
+
+
+def write_function_body(layout: Layout, writes: OutcomeWrites) -> str:
+    """The plpgsql body of the write function, for these settings.
+
+    What each outcome writes is fixed here, at install time, from the
+    settings: the daemon sends only the outcome and the provider's text, so
+    its role cannot set a status word the DBA did not install.
+    """
+    c = layout.columns
+    o = sql.Identifier("o")
+
+    def col(name: str) -> sql.Composed:
+        return sql.Composed([o, sql.SQL("."), sql.Identifier(name)])
+
+    def by_kind(column: str, values: dict[str, str | None]) -> sql.Composed:
+        arms = [
+            sql.SQL("WHEN {kind} THEN {value}").format(
+                kind=sql.Literal(kind), value=sql.Literal(value)
+            )
+            for kind, value in values.items()
+            if value is not None
+        ]
+        return sql.SQL(
+            "CASE v.kind\n                {arms}\n                ELSE {old} END"
+        ).format(arms=sql.SQL("\n                ").join(arms), old=col(column))
+
+    sets = [
+        sql.SQL("{column} = {value}").format(
+            column=sql.Identifier(c.external_status),
+            value=by_kind(
+                c.external_status,
+                {
+                    "done": writes.done_external_status,
+                    "failed": writes.failed_external_status,
+                    "gave_up": writes.gave_up_external_status,
+                },
+            ),
+        ),
+        sql.SQL(
+            "{pin} = CASE WHEN v.kind = 'done' THEN coalesce(v.pin, {o_pin}) ELSE {o_pin} END"
+        ).format(pin=sql.Identifier(c.pin_code), o_pin=col(c.pin_code)),
+        sql.SQL("{column} = coalesce(v.provider_message, {old})").format(
+            column=sql.Identifier(c.provider_message), old=col(c.provider_message)
+        ),
+        sql.SQL("{column} = coalesce(v.last_message, {old})").format(
+            column=sql.Identifier(c.last_message), old=col(c.last_message)
+        ),
+        sql.SQL("{column} = now()").format(column=sql.Identifier(c.last_sync_at)),
+        sql.SQL("{column} = CASE WHEN v.kind <> 'pending' THEN now() ELSE {old} END").format(
+            column=sql.Identifier(c.completed_at), old=col(c.completed_at)
+        ),
+        sql.SQL(
+            "{column} = CASE WHEN v.kind <> 'pending' THEN least(\n"
+            "                extract(epoch FROM now() - coalesce({sent}, {created})) * 1000,\n"
+            "                2147483647)::integer ELSE {old} END"
+        ).format(
+            column=sql.Identifier(c.duration_ms),
+            sent=col(c.sent_at),
+            created=col(c.created_at),
+            old=col(c.duration_ms),
+        ),
+    ]
+    if writes.done_status is not None or writes.failed_status is not None:
+        sets.append(
+            sql.SQL("{column} = {value}").format(
+                column=sql.Identifier(c.status),
+                value=by_kind(
+                    c.status, {"done": writes.done_status, "failed": writes.failed_status}
+                ),
+            )
+        )
+    params = [sql.SQL(name) for name, _ in WRITE_PARAMETERS]
+    body = sql.SQL(
+        """
+DECLARE
+    w record;
+BEGIN
+    FOR w IN
+        WITH v AS (
+            SELECT * FROM unnest({params})
+                AS v(id, ref, provider_id, kind, pin, provider_message, last_message)
+        )
+        UPDATE {table} AS o SET
+            {sets}
+        FROM v
+        WHERE {o_id} = v.id
+          -- The guard: the same reference and provider as when the daemon read
+          -- the row, and the row still in flight. A result that lost a race
+          -- (an operator finished the order, the application re-sent it) is
+          -- not written, and a finished row, its PIN included, is out of reach.
+          AND {o_ref} = v.ref
+          AND {o_provider_id}::text IS NOT DISTINCT FROM v.provider_id
+          AND v.kind IN ({kinds})
+          AND {in_flight}
+        RETURNING {o_id} AS id, v.kind AS kind, {o_external_status}::text AS external_status,
+                  {o_status}::text AS status, {o_ref}::text AS reference
+    LOOP
+        IF w.kind <> 'pending' THEN
+            -- A hint for the application: anyone may NOTIFY on any channel, so
+            -- it re-reads the row (by id, and reference) before acting on it.
+            PERFORM pg_notify({channel}, json_build_object(
+                'id', w.id, 'outcome', w.kind, 'reference', w.reference,
+                'externalStatus', w.external_status, 'status', w.status)::text);
+        END IF;
+        order_id := w.id;
+        outcome := w.kind;
+        RETURN NEXT;
+    END LOOP;
+END
+"""
+    ).format(
+        params=sql.SQL(",\n                         ").join(params),
+        table=sql.Identifier(layout.schema, layout.table),
+        sets=sql.SQL(",\n            ").join(sets),
+        o_id=col(c.id),
+        o_ref=col(c.provider_ref),
+        o_provider_id=col(c.provider_id),
+        kinds=sql.SQL(", ").join(sql.Literal(k) for k in WRITE_KINDS),
+        in_flight=in_flight_predicate(layout, "o"),
+        o_external_status=col(c.external_status),
+        o_status=col(c.status),
+        channel=sql.Literal(layout.result_channel),
+    )
+    return body.as_string(None)
+
+
+def write_function_statement(layout: Layout, writes: OutcomeWrites) -> Statement:
+    n = Names(layout)
+    params = sql.SQL(",\n    ").join(
+        sql.SQL("{name} {type}").format(name=sql.SQL(name), type=sql.SQL(type_))
+        for name, type_ in WRITE_PARAMETERS
+    )
+    return Statement(
+        "The daemon's only way to write: one call applies a batch of results, each\n"
+        "guarded (same reference and provider, row still in flight), and announces\n"
+        "the finished ones on the result channel in the same transaction.\n"
+        "SECURITY DEFINER: it runs with the rights of its owner (install as the\n"
+        "table's owner, not as a superuser), so the daemon's role needs no UPDATE\n"
+        "on the table and cannot touch a row that is not in flight. What each\n"
+        "outcome writes is fixed here, from the settings at install time.",
+        sql.SQL(
+            "CREATE OR REPLACE FUNCTION {function}(\n    {params}\n)"
+            " RETURNS TABLE (order_id uuid, outcome text)\n"
+            "    LANGUAGE plpgsql\n"
+            "    SECURITY DEFINER\n"
+            "    SET search_path = pg_catalog, pg_temp\n"
+            "AS {body}"
+        ).format(
+            function=n.write_function,
+            params=params,
+            body=_dollar_quoted(write_function_body(layout, writes)),
+        ),
+    )
+
+
 # --- install / uninstall -------------------------------------------------------------
 
 
-def install_statements(layout: Layout) -> list[Statement]:
+def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> list[Statement]:
     n = Names(layout)
     c = layout.columns
     notify_body = sql.SQL(
@@ -198,6 +374,14 @@ def install_statements(layout: Layout) -> list[Statement]:
                 channel=channel,
             ),
         ),
+        write_function_statement(layout, writes or OutcomeWrites()),
+        Statement(
+            "Functions are executable by PUBLIC by default: this one only by the\n"
+            "roles granted it (sql/role.sql).",
+            sql.SQL("REVOKE ALL ON FUNCTION {function}({signature}) FROM PUBLIC").format(
+                function=n.write_function, signature=write_signature()
+            ),
+        ),
         Statement("", sql.SQL("RESET lock_timeout")),
     ]
 
@@ -223,6 +407,12 @@ def uninstall_statements(layout: Layout) -> list[Statement]:
             sql.SQL("DROP FUNCTION IF EXISTS {function}()").format(function=n.function),
         ),
         Statement(
+            "From here on the daemon cannot write results.",
+            sql.SQL("DROP FUNCTION IF EXISTS {function}({signature})").format(
+                function=n.write_function, signature=write_signature()
+            ),
+        ),
+        Statement(
             "CONCURRENTLY: dropping the index does not block the application's writes.",
             sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {index}").format(index=n.index),
         ),
@@ -234,12 +424,9 @@ def uninstall_statements(layout: Layout) -> list[Statement]:
     ]
 
 
-def role_statements(layout: Layout, writes: OutcomeWrites) -> list[Statement]:
+def role_statements(layout: Layout) -> list[Statement]:
     n = Names(layout)
     c = layout.columns
-    written = [col for col in c.written() if col != c.status]
-    if writes.done_status is not None or writes.failed_status is not None:
-        written.append(c.status)
     create_role = sql.SQL(
         "\nBEGIN\n"
         "    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = {name}) THEN\n"
@@ -261,7 +448,13 @@ def role_statements(layout: Layout, writes: OutcomeWrites) -> list[Statement]:
             ),
         ),
         Statement(
-            "Read: only the columns the daemon looks at.",
+            "Start from nothing on the table (this also takes back what an older\n"
+            "release granted: UPDATE on columns, SELECT on the PIN).",
+            sql.SQL("REVOKE ALL ON TABLE {table} FROM {role}").format(table=n.table, role=n.role),
+        ),
+        Statement(
+            "Read: only the columns the daemon looks at. Not the PIN, the provider's\n"
+            "message or the duration: it writes those, and never needs to see them.",
             sql.SQL("GRANT SELECT ({columns}) ON TABLE {table} TO {role}").format(
                 columns=sql.SQL(", ").join(sql.Identifier(x) for x in c.read()),
                 table=n.table,
@@ -269,17 +462,11 @@ def role_statements(layout: Layout, writes: OutcomeWrites) -> list[Statement]:
             ),
         ),
         Statement(
-            "Write: only the columns an outcome sets. No INSERT, no DELETE, no other\n"
-            "column (prices, user, notes are out of reach)"
-            + (
-                "; status because DONE_STATUS/FAILED_STATUS is configured."
-                if c.status in written
-                else ";\nstatus only if ORDER_MONITOR_DONE_STATUS/FAILED_STATUS is configured."
-            ),
-            sql.SQL("GRANT UPDATE ({columns}) ON TABLE {table} TO {role}").format(
-                columns=sql.SQL(", ").join(sql.Identifier(x) for x in written),
-                table=n.table,
-                role=n.role,
+            "Write: only through the write function (install.sql), which writes\n"
+            "nothing but results into rows still in flight. No UPDATE, INSERT or\n"
+            "DELETE on the table itself.",
+            sql.SQL("GRANT EXECUTE ON FUNCTION {function}({signature}) TO {role}").format(
+                function=n.write_function, signature=write_signature(), role=n.role
             ),
         ),
     ]
@@ -295,7 +482,9 @@ _HEADERS = {
 --   * adds the column {ref} (if missing; no rewrite, data untouched);
 --   * builds a small partial index of the orders in flight, CONCURRENTLY;
 --   * adds a trigger that sends NOTIFY {channel} with the order id when an
---     order enters flight or gets a new provider reference.
+--     order enters flight or gets a new provider reference;
+--   * creates the function through which the daemon writes results (and
+--     nothing else): {writes}.
 -- An order is "in flight" when {ref} is set, lower({external_status}) is one of
 -- ({in_flight}) and lower({status}) is not one of ({final}).
 --
@@ -308,7 +497,8 @@ _HEADERS = {
     "uninstall": """\
 -- order-monitor: uninstall (schema version {version})
 --
--- Removes the triggers, the trigger function and the index from {table}.
+-- Removes the triggers, the trigger function, the write function and the index
+-- from {table}.
 -- Keeps the column {ref} and every row: nothing the application wrote is lost.
 -- Apply with psql, not inside a transaction (DROP INDEX CONCURRENTLY):
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/uninstall.sql
@@ -316,11 +506,13 @@ _HEADERS = {
     "role": """\
 -- order-monitor: a least-privilege login role for the daemon
 --
--- The daemon needs to read some columns of {table} and write a few; it
--- never inserts or deletes rows, and never touches prices or user data.
+-- The daemon reads some columns of {table} and writes results only through
+-- the write function install.sql creates; it has no UPDATE, INSERT or DELETE
+-- on the table, and never sees prices, user data or PINs.
 -- LISTEN/NOTIFY and advisory locks need no grant.
 -- Apply with psql as a role that may create roles, after install.sql (the
--- grants name the provider reference column it adds):
+-- grants name the column and the function it adds); running it again is
+-- harmless, and brings an older release's grants down to these:
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/role.sql
 -- then give the role a password in psql with: \\password {role}
 """,
@@ -341,8 +533,23 @@ def render(kind: str, layout: Layout, writes: OutcomeWrites | None = None) -> st
         in_flight=", ".join(layout.in_flight_external_statuses),
         final=", ".join(layout.final_statuses),
         role=sql.Identifier(layout.role).as_string(None),
+        writes=describe_writes(writes or OutcomeWrites()),
     )
     return header + "".join(_render_statement(s) for s in statements)
+
+
+def describe_writes(writes: OutcomeWrites) -> str:
+    """What each outcome writes, in the words of the install's header."""
+    parts = [
+        f"done sets {writes.done_external_status!r}",
+        f"failed {writes.failed_external_status!r}",
+        f"gave_up {writes.gave_up_external_status!r}",
+    ]
+    if writes.done_status is None and writes.failed_status is None:
+        parts.append("status is never written")
+    else:
+        parts.append(f"status {writes.done_status!r} / {writes.failed_status!r}")
+    return ", ".join(parts)
 
 
 def _render_statement(statement: Statement) -> str:
@@ -354,10 +561,10 @@ def statements_for(
     kind: str, layout: Layout, writes: OutcomeWrites | None = None
 ) -> Iterator[Statement]:
     if kind == "install":
-        yield from install_statements(layout)
+        yield from install_statements(layout, writes)
     elif kind == "uninstall":
         yield from uninstall_statements(layout)
     elif kind == "role":
-        yield from role_statements(layout, writes or OutcomeWrites())
+        yield from role_statements(layout)
     else:
         raise ValueError(kind)

@@ -16,10 +16,12 @@ from collections.abc import Callable
 
 import psycopg
 
-from order_monitor.db import ManagedConnection, Queries
-from order_monitor.decisions import Decision, describe_outcome, write_batch
+from order_monitor.config import OutcomeWrites
+from order_monitor.db import ColumnLimits, ManagedConnection, Queries
+from order_monitor.decisions import Decision, after_refusal, describe_outcome, write_batch
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
+from order_monitor.policy import BackoffPolicy
 from order_monitor.scheduler import Scheduler
 
 log = get_logger()
@@ -39,8 +41,16 @@ class Writer:
         metrics: Metrics,
         clock: Callable[[], float],
         batch_size: int,
+        *,
+        policy: BackoffPolicy,
+        writes: OutcomeWrites,
+        columns: ColumnLimits,
     ) -> None:
         self._conn = conn
+        #: Read at each refusal: a reload may change it.
+        self.policy = policy
+        self._writes = writes
+        self._columns = columns
         self._queries = queries
         self._scheduler = scheduler
         self._metrics = metrics
@@ -82,17 +92,17 @@ class Writer:
 
     async def flush(self, batch: list[Decision]) -> None:
         to_write = [d for d in batch if d.writes]
-        rejected: set[uuid.UUID] = set()
+        refused: dict[uuid.UUID, str] = {}
         try:
             try:
                 written = await self._write(to_write) if to_write else {}
             except psycopg.OperationalError:
                 raise
-            except psycopg.Error:
+            except Exception:  # narrowed row by row just below
                 # The database refused a value (a constraint, a length, another
-                # application's trigger): find the row at fault instead of
-                # failing the whole batch on every retry.
-                written, rejected = await self._write_one_by_one(to_write)
+                # application's trigger), or a value could not even be sent:
+                # find the row at fault instead of failing the whole batch.
+                written, refused = await self._write_one_by_one(to_write)
         except psycopg.OperationalError as exc:
             await self._conn.reset()
             log.error(
@@ -109,11 +119,9 @@ class Writer:
         now = self._clock()
         finished: Counter[str] = Counter()
         for decision in batch:
-            if decision.row.id in rejected:
-                # Checked again at its next slot; the error is logged each time.
-                self._scheduler.complete(
-                    decision.row.id.int, now + max(decision.next_check_in or 0.0, 60.0)
-                )
+            reason = refused.get(decision.row.id)
+            if reason is not None:
+                self._refused(decision, reason, now)
             elif self._settle(decision, written, now):
                 finished[decision.kind] += 1
         for kind, count in finished.items():
@@ -122,26 +130,45 @@ class Writer:
 
     async def _write_one_by_one(
         self, decisions: list[Decision]
-    ) -> tuple[dict[uuid.UUID, str], set[uuid.UUID]]:
+    ) -> tuple[dict[uuid.UUID, str], dict[uuid.UUID, str]]:
+        """Write each decision alone; return what was written and why the rest was refused."""
         written: dict[uuid.UUID, str] = {}
-        rejected: set[uuid.UUID] = set()
+        refused: dict[uuid.UUID, str] = {}
         for decision in decisions:
             try:
                 written.update(await self._write([decision]))
             except psycopg.OperationalError:
                 raise
-            except psycopg.Error as exc:
-                rejected.add(decision.row.id)
+            except Exception as exc:  # one row's trouble is that row's alone
+                reason = refusal_reason(exc)
+                refused[decision.row.id] = reason
                 log.error(
                     "writer.row_rejected",
                     order_id=str(decision.row.id),
                     provider=decision.provider,
                     outcome=decision.kind,
-                    error=str(exc).strip(),
+                    error=reason,
                     hint="the database refused this row's values; see the error, "
                     "then fix the column or the ORDER_MONITOR_*_STATUS settings",
                 )
-        return written, rejected
+        return written, refused
+
+    def _refused(self, decision: Decision, reason: str, now: float) -> None:
+        """Count a refused write against the order's policy (decisions.after_refusal)."""
+        follow_up = after_refusal(
+            decision,
+            policy=self.policy,
+            writes=self._writes,
+            limits=self._columns,
+            reason=reason,
+        )
+        order = decision.row.id.int
+        if isinstance(follow_up, Decision):
+            # The order's checks are used up: the give-up is written in a later
+            # batch, and the order stays "being checked" until then.
+            self.submit(follow_up)
+        else:
+            self._scheduler.complete(order, now + follow_up)
 
     async def _write(self, decisions: list[Decision]) -> dict[uuid.UUID, str]:
         conn = await self._conn.get()
@@ -185,3 +212,16 @@ class Writer:
         )
         self._scheduler.complete(order.int, next_due)
         return False
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why a row was refused, without the row's values.
+
+    A psycopg error's full text may carry a DETAIL with the whole failing row
+    (a PIN among it): only its class, SQLSTATE and primary message are kept.
+    """
+    kind = type(exc).__name__
+    if not isinstance(exc, psycopg.Error):
+        return kind
+    code = f" {exc.sqlstate}" if exc.sqlstate else ""
+    return f"{kind}{code}: {exc.diag.message_primary or 'no message'}"

@@ -4,7 +4,9 @@
 --   * adds the column "provider_referans" (if missing; no rewrite, data untouched);
 --   * builds a small partial index of the orders in flight, CONCURRENTLY;
 --   * adds a trigger that sends NOTIFY order_monitor with the order id when an
---     order enters flight or gets a new provider reference.
+--     order enters flight or gets a new provider reference;
+--   * creates the function through which the daemon writes results (and
+--     nothing else): done sets 'done', failed 'failed', gave_up 'manual_required', status is never written.
 -- An order is "in flight" when "provider_referans" is set, lower("externalStatus") is one of
 -- (sent, processing, queued, pending, unknown) and lower("status") is not one of (approved, rejected).
 --
@@ -62,5 +64,84 @@ CREATE OR REPLACE TRIGGER "order_monitor_update_v1"
           AND (OLD."provider_referans" IS DISTINCT FROM NEW."provider_referans"
                OR NOT coalesce(OLD."provider_referans" IS NOT NULL AND lower(OLD."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(OLD."status") NOT IN ('approved', 'rejected'), false)))
     EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v1"('order_monitor');
+
+-- The daemon's only way to write: one call applies a batch of results, each
+-- guarded (same reference and provider, row still in flight), and announces
+-- the finished ones on the result channel in the same transaction.
+-- SECURITY DEFINER: it runs with the rights of its owner (install as the
+-- table's owner, not as a superuser), so the daemon's role needs no UPDATE
+-- on the table and cannot touch a row that is not in flight. What each
+-- outcome writes is fixed here, from the settings at install time.
+CREATE OR REPLACE FUNCTION "public"."order_monitor_product_orders_write_v1"(
+    p_ids uuid[],
+    p_references text[],
+    p_provider_ids text[],
+    p_kinds text[],
+    p_pins text[],
+    p_provider_messages text[],
+    p_last_messages text[]
+) RETURNS TABLE (order_id uuid, outcome text)
+    LANGUAGE plpgsql
+    SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $om$
+DECLARE
+    w record;
+BEGIN
+    FOR w IN
+        WITH v AS (
+            SELECT * FROM unnest(p_ids,
+                         p_references,
+                         p_provider_ids,
+                         p_kinds,
+                         p_pins,
+                         p_provider_messages,
+                         p_last_messages)
+                AS v(id, ref, provider_id, kind, pin, provider_message, last_message)
+        )
+        UPDATE "public"."product_orders" AS o SET
+            "externalStatus" = CASE v.kind
+                WHEN 'done' THEN 'done'
+                WHEN 'failed' THEN 'failed'
+                WHEN 'gave_up' THEN 'manual_required'
+                ELSE "o"."externalStatus" END,
+            "pinCode" = CASE WHEN v.kind = 'done' THEN coalesce(v.pin, "o"."pinCode") ELSE "o"."pinCode" END,
+            "providerMessage" = coalesce(v.provider_message, "o"."providerMessage"),
+            "lastMessage" = coalesce(v.last_message, "o"."lastMessage"),
+            "lastSyncAt" = now(),
+            "completedAt" = CASE WHEN v.kind <> 'pending' THEN now() ELSE "o"."completedAt" END,
+            "durationMs" = CASE WHEN v.kind <> 'pending' THEN least(
+                extract(epoch FROM now() - coalesce("o"."sentAt", "o"."createdAt")) * 1000,
+                2147483647)::integer ELSE "o"."durationMs" END
+        FROM v
+        WHERE "o"."id" = v.id
+          -- The guard: the same reference and provider as when the daemon read
+          -- the row, and the row still in flight. A result that lost a race
+          -- (an operator finished the order, the application re-sent it) is
+          -- not written, and a finished row, its PIN included, is out of reach.
+          AND "o"."provider_referans" = v.ref
+          AND "o"."providerId"::text IS NOT DISTINCT FROM v.provider_id
+          AND v.kind IN ('done', 'failed', 'gave_up', 'pending')
+          AND o."provider_referans" IS NOT NULL AND lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(o."status") NOT IN ('approved', 'rejected')
+        RETURNING "o"."id" AS id, v.kind AS kind, "o"."externalStatus"::text AS external_status,
+                  "o"."status"::text AS status, "o"."provider_referans"::text AS reference
+    LOOP
+        IF w.kind <> 'pending' THEN
+            -- A hint for the application: anyone may NOTIFY on any channel, so
+            -- it re-reads the row (by id, and reference) before acting on it.
+            PERFORM pg_notify('order_monitor_result', json_build_object(
+                'id', w.id, 'outcome', w.kind, 'reference', w.reference,
+                'externalStatus', w.external_status, 'status', w.status)::text);
+        END IF;
+        order_id := w.id;
+        outcome := w.kind;
+        RETURN NEXT;
+    END LOOP;
+END
+$om$;
+
+-- Functions are executable by PUBLIC by default: this one only by the
+-- roles granted it (sql/role.sql).
+REVOKE ALL ON FUNCTION "public"."order_monitor_product_orders_write_v1"(uuid[], text[], text[], text[], text[], text[], text[]) FROM PUBLIC;
 
 RESET lock_timeout;

@@ -1,10 +1,12 @@
 -- order-monitor: a least-privilege login role for the daemon
 --
--- The daemon needs to read some columns of "public"."product_orders" and write a few; it
--- never inserts or deletes rows, and never touches prices or user data.
+-- The daemon reads some columns of "public"."product_orders" and writes results only through
+-- the write function install.sql creates; it has no UPDATE, INSERT or DELETE
+-- on the table, and never sees prices, user data or PINs.
 -- LISTEN/NOTIFY and advisory locks need no grant.
 -- Apply with psql as a role that may create roles, after install.sql (the
--- grants name the provider reference column it adds):
+-- grants name the column and the function it adds); running it again is
+-- harmless, and brings an older release's grants down to these:
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/role.sql
 -- then give the role a password in psql with: \password "order_monitor"
 
@@ -21,10 +23,15 @@ $om$;
 
 GRANT USAGE ON SCHEMA "public" TO "order_monitor";
 
--- Read: only the columns the daemon looks at.
-GRANT SELECT ("id", "status", "externalStatus", "provider_referans", "providerId", "externalOrderId", "pinCode", "providerMessage", "lastMessage", "sentAt", "lastSyncAt", "completedAt", "durationMs", "createdAt") ON TABLE "public"."product_orders" TO "order_monitor";
+-- Start from nothing on the table (this also takes back what an older
+-- release granted: UPDATE on columns, SELECT on the PIN).
+REVOKE ALL ON TABLE "public"."product_orders" FROM "order_monitor";
 
--- Write: only the columns an outcome sets. No INSERT, no DELETE, no other
--- column (prices, user, notes are out of reach);
--- status only if ORDER_MONITOR_DONE_STATUS/FAILED_STATUS is configured.
-GRANT UPDATE ("externalStatus", "pinCode", "providerMessage", "lastMessage", "lastSyncAt", "completedAt", "durationMs") ON TABLE "public"."product_orders" TO "order_monitor";
+-- Read: only the columns the daemon looks at. Not the PIN, the provider's
+-- message or the duration: it writes those, and never needs to see them.
+GRANT SELECT ("id", "status", "externalStatus", "provider_referans", "providerId", "externalOrderId", "lastMessage", "sentAt", "lastSyncAt", "completedAt", "createdAt") ON TABLE "public"."product_orders" TO "order_monitor";
+
+-- Write: only through the write function (install.sql), which writes
+-- nothing but results into rows still in flight. No UPDATE, INSERT or
+-- DELETE on the table itself.
+GRANT EXECUTE ON FUNCTION "public"."order_monitor_product_orders_write_v1"(uuid[], text[], text[], text[], text[], text[], text[]) TO "order_monitor";

@@ -1,6 +1,7 @@
 -- order-monitor: uninstall (schema version 1)
 --
--- Removes the triggers, the trigger function and the index from "public"."product_orders".
+-- Removes the triggers, the trigger function, the write function and the index
+-- from "public"."product_orders".
 -- Keeps the column "provider_referans" and every row: nothing the application wrote is lost.
 -- Apply with psql, not inside a transaction (DROP INDEX CONCURRENTLY):
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/uninstall.sql
@@ -14,6 +15,9 @@ DROP TRIGGER IF EXISTS "order_monitor_insert_v1" ON "public"."product_orders";
 DROP TRIGGER IF EXISTS "order_monitor_update_v1" ON "public"."product_orders";
 
 DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v1"();
+
+-- From here on the daemon cannot write results.
+DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_write_v1"(uuid[], text[], text[], text[], text[], text[], text[]);
 
 -- CONCURRENTLY: dropping the index does not block the application's writes.
 DROP INDEX CONCURRENTLY IF EXISTS "public"."order_monitor_product_orders_inflight_v1";

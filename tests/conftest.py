@@ -23,10 +23,50 @@ from psycopg.conninfo import make_conninfo
 
 import order_monitor
 from order_monitor import schema
-from order_monitor.config import Layout
+from order_monitor.config import Layout, OutcomeWrites
 from order_monitor.embedded import throwaway_postgres
 
 REFERENCE_DDL = Path(order_monitor.__file__).with_name("product_orders.sql")
+
+#: The daemon runs as this role in the integration tests, created by our own
+#: role.sql, as users deploy it. Roles are cluster-wide: the name is unique to
+#: this test session. Its password needs escaping in every DSN form.
+DAEMON_ROLE = f"om_daemon_{os.getpid()}"
+#: The application's role, which owns the table and applies our install, as a
+#: DBA would (never a superuser: the write function runs with its owner's rights).
+OWNER_ROLE = f"om_owner_{os.getpid()}"
+DAEMON_PASSWORD = "p@ss:w/rd %&'\"\\=?#+ü"
+
+
+def as_daemon(dsn: str) -> str:
+    """*dsn* logging in as the least-privilege daemon role instead of the superuser."""
+    return make_conninfo(dsn, user=DAEMON_ROLE, password=DAEMON_PASSWORD)
+
+
+def deploy(admin_dsn: str, writes: OutcomeWrites | None = None) -> None:
+    """Apply sql/install as the table's owner and sql/role for the daemon role, as a DBA would."""
+    daemon = Layout(role=DAEMON_ROLE)
+    owner = sql.Identifier(OWNER_ROLE)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {name})"
+                " THEN CREATE ROLE {owner} NOLOGIN; END IF; END $$"
+            ).format(name=sql.Literal(OWNER_ROLE), owner=owner)
+        )
+        conn.execute(sql.SQL("ALTER TABLE product_orders OWNER TO {}").format(owner))
+        conn.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(owner))
+        conn.execute(sql.SQL("SET ROLE {}").format(owner))
+        for statement in schema.install_statements(daemon, writes):
+            conn.execute(statement.query)
+        conn.execute("RESET ROLE")
+        for statement in schema.role_statements(daemon):
+            conn.execute(statement.query)
+        conn.execute(
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(DAEMON_ROLE), sql.Literal(DAEMON_PASSWORD)
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -74,14 +114,13 @@ def templates(pg_server: Server) -> Iterator[tuple[str, str]]:
         dsn = pg_server.create_database(bare)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(REFERENCE_DDL.read_text())  # type: ignore[call-overload]
-        dsn = pg_server.create_database(installed, template=bare)
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            for statement in schema.install_statements(Layout()):
-                conn.execute(statement.query)
+        deploy(pg_server.create_database(installed, template=bare))
         yield bare, installed
     finally:
         pg_server.drop_database(installed)
         pg_server.drop_database(bare)
+        for role in (DAEMON_ROLE, OWNER_ROLE):
+            pg_server.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
 def _fresh(pg_server: Server, template: str) -> Iterator[str]:

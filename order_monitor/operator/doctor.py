@@ -140,6 +140,7 @@ async def _database_checks(settings: Settings, emit: Emit, notify_timeout: float
             table = await _table_checks(conn, settings.layout, emit)
             if table is not None:
                 await _installed_objects(conn, settings.layout, table, emit)
+                await _write_function(conn, settings, emit)
                 privileges_ok = await _privileges(conn, settings, table, emit)
                 if privileges_ok and table.complete:
                     await _unserved_orders(conn, settings, emit)
@@ -227,7 +228,7 @@ async def _table_checks(conn: db.AsyncConn, layout: Layout, emit: Emit) -> _Tabl
     emit(Verdict.PASS, "table", f"{table} exists")
 
     c = layout.columns
-    wanted = [name for name in c.read() if name != c.provider_ref]
+    wanted = [name for name in c.configured() if name != c.provider_ref]
     missing = [name for name in wanted if name not in columns]
     if missing:
         emit(
@@ -380,6 +381,11 @@ async def _reference_objects(conn: db.AsyncConn, layout: Layout, table: _Table) 
         finally:
             await conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(names.table))
             await conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(names.function))
+            await conn.execute(
+                sql.SQL("DROP FUNCTION IF EXISTS {}({})").format(
+                    names.write_function, schema.write_signature()
+                )
+            )
     except psycopg.Error as exc:
         return " ".join(str(exc).split())
 
@@ -487,31 +493,59 @@ async def _installed_objects(conn: db.AsyncConn, layout: Layout, table: _Table, 
 # --- privileges ---------------------------------------------------------------------------
 
 
+async def _write_function(conn: db.AsyncConn, settings: Settings, emit: Emit) -> None:
+    """The write function: present, made for these settings, and not a superuser's."""
+    layout = settings.layout
+    names = schema.Names(layout)
+    qualified = names.write_function.as_string(conn)
+    problem = await db.write_function_problem(conn, layout, settings.writes)
+    if problem is not None:
+        emit(Verdict.FAIL, "write function", problem)
+        return
+    row = await _one(
+        conn,
+        "SELECT r.rolname, r.rolsuper FROM pg_catalog.pg_proc p"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+        " JOIN pg_catalog.pg_roles r ON r.oid = p.proowner"
+        " WHERE n.nspname = %s AND p.proname = %s",
+        (layout.schema, names.write_function_name),
+    )
+    owner, superuser = row
+    if superuser:
+        emit(
+            Verdict.WARN,
+            "write function",
+            f"{qualified}() is owned by the superuser {owner}, so it runs with every right: "
+            "install as the table's owner instead (ALTER FUNCTION ... OWNER TO that role)",
+        )
+    else:
+        emit(
+            Verdict.PASS,
+            "write function",
+            f"{qualified}() matches the settings and runs as {owner}",
+        )
+
+
 async def _privileges(conn: db.AsyncConn, settings: Settings, table: _Table, emit: Emit) -> bool:
+    """What the role may do, proven on the daemon's own statements, not on a list beside them."""
     layout = settings.layout
     c = layout.columns
-    written = [name for name in c.written() if name != c.status]
-    if settings.writes.done_status is not None or settings.writes.failed_status is not None:
-        written.append(c.status)
     readable = [name for name in c.read() if name in table.columns]
-    writable = [name for name in written if name in table.columns]
     row = await _one(
         conn,
         "SELECT current_user, pg_catalog.has_schema_privilege(%s, 'USAGE'),"
         " ARRAY(SELECT col FROM unnest(%s::text[]) AS col"
-        "       WHERE NOT pg_catalog.has_column_privilege(%s::oid, col, 'SELECT')),"
-        " ARRAY(SELECT col FROM unnest(%s::text[]) AS col"
-        "       WHERE NOT pg_catalog.has_column_privilege(%s::oid, col, 'UPDATE'))",
-        (layout.schema, readable, table.oid, writable, table.oid),
+        "       WHERE NOT pg_catalog.has_column_privilege(%s::oid, col, 'SELECT'))",
+        (layout.schema, readable, table.oid),
     )
-    user, usage, no_select, no_update = row
+    user, usage, no_select = row
     problems = []
     if not usage:
         problems.append(f"USAGE on schema {layout.schema}")
     if no_select:
         problems.append(f"SELECT on {', '.join(no_select)}")
-    if no_update:
-        problems.append(f"UPDATE on {', '.join(no_update)}")
+    if not problems and table.complete:
+        problems += await _daemon_statements_refused(conn, settings)
     if problems:
         emit(
             Verdict.FAIL,
@@ -523,10 +557,34 @@ async def _privileges(conn: db.AsyncConn, settings: Settings, table: _Table, emi
     emit(
         Verdict.PASS,
         "privileges",
-        f"role {user} may read the {len(readable)} columns it reads and update the "
-        f"{len(writable)} it writes",
+        f"role {user} may run the daemon's statements: the sweep, the re-read and the write "
+        f"(reading {len(readable)} columns, writing only through the write function)",
     )
     return True
+
+
+async def _daemon_statements_refused(conn: db.AsyncConn, settings: Settings) -> list[str]:
+    """Run the daemon's own statements with nothing to do; name the ones refused.
+
+    The write gets empty arrays, inside a transaction that is rolled back:
+    it proves the call is permitted and changes nothing.
+    """
+    queries = db.Queries(settings.layout)
+    empty = db.WriteBatch([], [], [], [], [], [], [])
+    refused = []
+    for what, run in (
+        ("the sweep's SELECT", lambda: queries.sweep_page(conn, None, 1)),
+        ("the re-read's SELECT", lambda: queries.fetch_in_flight(conn, [])),
+        ("EXECUTE on the write function", lambda: queries.write(conn, empty)),
+    ):
+        try:
+            async with conn.transaction(force_rollback=True):
+                await run()
+        except psycopg.errors.InsufficientPrivilege:
+            refused.append(what)
+        except psycopg.errors.UndefinedFunction:
+            refused.append(f"{what} (it is missing)")
+    return refused
 
 
 async def _unserved_orders(conn: db.AsyncConn, settings: Settings, emit: Emit) -> None:

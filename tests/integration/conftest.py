@@ -18,6 +18,7 @@ from order_monitor.daemon import Daemon
 from order_monitor.policy import BackoffPolicy
 from order_monitor.providers.fake import Behaviour, FakeProvider
 from order_monitor.redaction import Secret
+from tests.conftest import as_daemon
 
 # Short gaps so a run takes seconds; the shape is the production policy's.
 # The schedule still spans about a minute, so a loaded test machine running
@@ -93,6 +94,7 @@ async def fake() -> AsyncIterator[FakeProvider]:
 
 
 def settings_for(db: str, fake: FakeProvider, **overrides: Any) -> Settings:
+    """Settings for a daemon on *db*, logging in as the least-privilege role (as deployed)."""
     assert fake.base_url is not None
     provider = ProviderConfig(
         name="fake",
@@ -104,7 +106,7 @@ def settings_for(db: str, fake: FakeProvider, **overrides: Any) -> Settings:
         options={},
     )
     base = Settings(
-        dsn=Secret(db),
+        dsn=Secret(as_daemon(db)),
         policy=FAST_POLICY,
         sweep_interval=60.0,
         batch_size=200,

@@ -26,7 +26,7 @@ from order_monitor.cli import cli
 from order_monitor.config import Layout
 from order_monitor.ops.leader import lock_key
 from order_monitor.providers.fake import MSG_DONE, FakeProvider, Script
-from tests.conftest import Server
+from tests.conftest import Server, as_daemon
 from tests.integration.conftest import App, eventually
 
 ROLE_PASSWORD = "s3cret-Doctor-pw"
@@ -141,6 +141,7 @@ async def test_doctor_passes_everything_on_an_installed_database(
         "trigger function",
         "trigger order_monitor_insert_v1",
         "trigger order_monitor_update_v1",
+        "write function",
         "privileges",
         "orders in flight",
         "listen/notify",
@@ -271,14 +272,46 @@ def test_doctor_reports_an_invalid_index_and_a_disabled_trigger(db: str, env_fil
 
 def test_doctor_names_the_missing_privileges(role_dsn: str, db: str, env_file: Path) -> None:
     role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
-    execute(db, f'REVOKE UPDATE ("pinCode") ON product_orders FROM "{role}"')
+    execute(db, f'REVOKE SELECT ("sentAt") ON product_orders FROM "{role}"')
 
     result = invoke(["doctor"], environment(role_dsn, env_file))
 
     assert result.exit_code == 1
     line = lines(result)["privileges"]
-    assert line.startswith(f"FAIL  privileges: role {role} lacks UPDATE on pinCode")
+    assert line.startswith(f"FAIL  privileges: role {role} lacks SELECT on sentAt")
     assert "sql print role" in line
+
+
+def test_doctor_proves_the_write_itself_is_permitted(
+    role_dsn: str, db: str, env_file: Path
+) -> None:
+    role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
+    function = '"public"."order_monitor_product_orders_write_v1"'
+    execute(
+        db,
+        f"REVOKE EXECUTE ON FUNCTION {function}(uuid[], text[], text[], text[], text[], text[],"
+        f' text[]) FROM "{role}"',
+    )
+
+    result = invoke(["doctor"], environment(role_dsn, env_file))
+
+    assert result.exit_code == 1
+    assert lines(result)["privileges"].startswith(
+        f"FAIL  privileges: role {role} lacks EXECUTE on the write function"
+    )
+    assert "may not execute" in lines(result)["write function"]
+
+
+def test_doctor_sees_a_write_function_installed_for_other_status_words(
+    db: str, env_file: Path
+) -> None:
+    result = invoke(["doctor"], environment(db, env_file, DONE_STATUS="approved"))
+
+    assert result.exit_code == 1
+    line = lines(result)["write function"]
+    assert line.startswith("FAIL  write function: ")
+    assert "installed for other settings" in line
+    assert "order-monitor sql install" in line
 
 
 def test_doctor_warns_about_in_flight_orders_no_provider_serves(db: str, env_file: Path) -> None:
@@ -345,7 +378,7 @@ def seed_orders(dsn: str) -> dict[str, uuid.UUID]:
 
 def test_status_counts_match_the_rows(db: str, env_file: Path, tmp_path: Path) -> None:
     ids = seed_orders(db)
-    env = environment(db, env_file, providers_file(tmp_path, "http://127.0.0.1:9"))
+    env = environment(as_daemon(db), env_file, providers_file(tmp_path, "http://127.0.0.1:9"))
 
     result = invoke(["status", "--json"], env)
 
@@ -388,7 +421,7 @@ def test_status_names_the_session_holding_the_leader_lock(db: str, env_file: Pat
         holder.execute("SELECT pg_advisory_lock(%s)", (lock_key("public", "product_orders"),))
         pid = holder.info.backend_pid
 
-        result = invoke(["status", "--json"], environment(db, env_file))
+        result = invoke(["status", "--json"], environment(as_daemon(db), env_file))
 
     assert result.exit_code == 0, result.output
     leader = json.loads(result.stdout)["leader"]
@@ -415,7 +448,8 @@ async def order_row(app: App, order: uuid.UUID) -> dict[str, Any]:
 @pytest.fixture
 def check_env(db: str, fake: FakeProvider, env_file: Path, tmp_path: Path) -> dict[str, str]:
     assert fake.base_url is not None
-    return environment(db, env_file, providers_file(tmp_path, fake.base_url))
+    # As the daemon's own least-privilege role: an operator runs `check` with its settings.
+    return environment(as_daemon(db), env_file, providers_file(tmp_path, fake.base_url))
 
 
 async def test_check_dry_run_prints_the_answer_and_writes_nothing(

@@ -19,12 +19,11 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 import order_monitor
-from order_monitor import install
-from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
 from order_monitor.embedded import EmbeddedServer
 from order_monitor.ops.leader import LEADER
 from order_monitor.providers.fake import FakeProvider
+from tests.conftest import deploy
 from tests.integration.conftest import App, eventually, running, settings_for
 
 DDL = Path(order_monitor.__file__).with_name("product_orders.sql")
@@ -40,7 +39,7 @@ def private_server() -> Iterator[tuple[EmbeddedServer, str]]:
         dsn = make_conninfo(admin, dbname="shop")
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(DDL.read_text().encode())
-        list(install.apply(dsn, "install", Layout()))
+        deploy(dsn)
         yield server, dsn
     finally:
         server.stop_and_delete()

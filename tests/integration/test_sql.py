@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,8 @@ from psycopg import sql
 
 from order_monitor import install, schema
 from order_monitor.config import Columns, Layout, OutcomeWrites
-from tests.conftest import Server
+from order_monitor.db import Queries
+from tests.conftest import DAEMON_ROLE, Server, as_daemon, deploy
 
 SQL_DIR = Path(__file__).parents[2] / "sql"
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -124,6 +126,16 @@ def test_notify_is_delivered_only_on_commit(db: str, listener: Conn) -> None:
     assert received(listener) == []
 
 
+def conn_functions(db: str) -> list[str]:
+    with psycopg.connect(db) as conn:
+        return [
+            str(name)
+            for (name,) in conn.execute(
+                "SELECT proname FROM pg_proc WHERE proname LIKE 'order_monitor%' ORDER BY 1"
+            ).fetchall()
+        ]
+
+
 def test_install_twice_is_harmless(db: str) -> None:
     lines = list(install.apply(db, "install", Layout()))
     assert len(lines) == len(schema.install_statements(Layout()))
@@ -136,6 +148,10 @@ def test_install_twice_is_harmless(db: str) -> None:
             "SELECT indexname FROM pg_indexes WHERE indexname LIKE 'order_monitor%'"
         ).fetchall()
     assert triggers == [("order_monitor_insert_v1",), ("order_monitor_update_v1",)]
+    assert conn_functions(db) == [
+        "order_monitor_product_orders_notify_v1",
+        "order_monitor_product_orders_write_v1",
+    ]
     assert indexes == [("order_monitor_product_orders_inflight_v1",)]
 
 
@@ -198,40 +214,56 @@ def test_sweep_query_uses_the_partial_index(db: str, app: Conn) -> None:
 
 
 @pytest.fixture
-def role_dsn(db: str, pg_server: Server) -> Iterator[str]:
-    """DSN logging in as a freshly created daemon role (roles are cluster-wide: unique name)."""
-    layout = Layout(role=f"om_role_{uuid.uuid4().hex[:8]}")
-    list(install.apply(db, "role", layout))
-    with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("ALTER ROLE {} PASSWORD 'test-only'").format(sql.Identifier(layout.role))
-        )
-    try:
-        yield psycopg.conninfo.make_conninfo(db, user=layout.role, password="test-only")
-    finally:
-        with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(layout.role)))
-        pg_server.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(layout.role)))
+def role_dsn(db: str) -> str:
+    """DSN of the daemon role that tests/conftest.py created with our role.sql."""
+    return as_daemon(db)
+
+
+def write(conn: Conn, *rows: tuple[object, ...]) -> list[tuple[object, ...]]:
+    """Call the write function with rows of (id, reference, provider id, kind, pin, messages)."""
+    columns = list(zip(*rows, strict=True)) if rows else [[]] * 7
+    return conn.execute(
+        sql.SQL("SELECT order_id, outcome FROM {}(%s, %s, %s, %s, %s, %s, %s)").format(
+            schema.Names(Layout()).write_function
+        ),
+        [list(c) for c in columns],
+    ).fetchall()
+
+
+def row_of(app: Conn, order: uuid.UUID) -> tuple[object, ...]:
+    found = app.execute(
+        'SELECT status, "externalStatus", "pinCode", "providerMessage", "lastMessage",'
+        ' "completedAt" IS NOT NULL, "durationMs" IS NOT NULL FROM product_orders WHERE id = %s',
+        (order,),
+    ).fetchone()
+    assert found is not None
+    return found
 
 
 def test_role_can_do_what_the_daemon_needs(role_dsn: str, app: Conn) -> None:
-    order = insert(app, provider_referans="P1", externalStatus="sent")
+    order = insert(app, provider_referans="P1", externalStatus="sent", providerId="fake")
     with psycopg.connect(role_dsn, autocommit=True) as daemon:
         daemon.execute("LISTEN order_monitor")
-        row = daemon.execute(
-            'SELECT id, status, "externalStatus", provider_referans, "providerId", "sentAt",'
-            ' "createdAt", "lastSyncAt" FROM product_orders WHERE id = %s',
-            (order,),
-        ).fetchone()
-        assert row is not None
-        daemon.execute(
-            """UPDATE product_orders SET "externalStatus" = 'done', "pinCode" = 'X',
-               "providerMessage" = 'ok', "lastMessage" = 'ok', "lastSyncAt" = now(),
-               "completedAt" = now(), "durationMs" = 1 WHERE id = %s AND provider_referans = 'P1'""",
-            (order,),
-        )
-        daemon.execute("SELECT pg_notify('order_monitor_result', %s)", (str(order),))
+        queries = Queries(Layout())
+        assert daemon.execute(queries._reread, ([order],)).fetchall()
+        assert daemon.execute(queries._sweep_first, (10,)).fetchall()
+        listen = psycopg.connect(role_dsn, autocommit=True)
+        listen.execute("LISTEN order_monitor_result")
+        assert write(daemon, (order, "P1", "fake", "done", "PIN-1", "ok", "ok")) == [
+            (order, "done")
+        ]
         assert daemon.execute("SELECT pg_try_advisory_lock(42)").fetchone() == (True,)
+        announced = [n.payload for n in listen.notifies(timeout=1, stop_after=1)]
+        listen.close()
+    assert row_of(app, order) == ("pending", "done", "PIN-1", "ok", "ok", True, True)
+    assert len(announced) == 1
+    assert json.loads(announced[0]) == {
+        "id": str(order),
+        "outcome": "done",
+        "reference": "P1",
+        "externalStatus": "done",
+        "status": "pending",
+    }
 
 
 @pytest.mark.parametrize(
@@ -240,8 +272,13 @@ def test_role_can_do_what_the_daemon_needs(role_dsn: str, app: Conn) -> None:
         "DELETE FROM product_orders",
         """UPDATE product_orders SET "sellPriceAmount" = 0""",
         "UPDATE product_orders SET status = 'approved'",
+        """UPDATE product_orders SET "pinCode" = 'X'""",
+        """UPDATE product_orders SET "externalStatus" = 'done'""",
+        """UPDATE product_orders SET "lastSyncAt" = now()""",
         "INSERT INTO product_orders DEFAULT VALUES",
         'SELECT "userId" FROM product_orders',
+        'SELECT "pinCode" FROM product_orders',
+        'SELECT "providerMessage" FROM product_orders',
         "SELECT * FROM product_orders",
         "TRUNCATE product_orders",
         "CREATE TABLE stolen (x int)",
@@ -255,20 +292,130 @@ def test_role_can_do_nothing_more(role_dsn: str, statement: str) -> None:
         daemon.execute(statement)  # type: ignore[call-overload]
 
 
-def test_role_gets_status_only_when_configured_to_write_it(db: str, pg_server: Server) -> None:
-    layout = Layout(role=f"om_role_{uuid.uuid4().hex[:8]}")
+def test_a_finished_row_is_out_of_the_roles_reach(role_dsn: str, app: Conn) -> None:
+    done = insert(
+        app, provider_referans="F1", externalStatus="done", pinCode="REAL", providerId="p"
+    )
+    approved = insert(app, provider_referans="F2", externalStatus="sent", status="APPROVED")
+    with psycopg.connect(role_dsn, autocommit=True) as daemon:
+        assert (
+            write(
+                daemon,
+                (done, "F1", "p", "done", "FORGED", "x", "x"),
+                (approved, "F2", None, "failed", None, "x", "x"),
+            )
+            == []
+        )
+    assert row_of(app, done) == ("pending", "done", "REAL", None, None, False, False)
+    assert row_of(app, approved)[:2] == ("APPROVED", "sent")
+
+
+def test_the_write_is_guarded_by_reference_and_provider(role_dsn: str, app: Conn) -> None:
+    rerouted = insert(app, provider_referans="G1", externalStatus="sent", providerId="new")
+    resent = insert(app, provider_referans="G2-new", externalStatus="sent", providerId="p")
+    with psycopg.connect(role_dsn, autocommit=True) as daemon:
+        assert (
+            write(
+                daemon,
+                (rerouted, "G1", "old", "done", "OLD-PROVIDERS-PIN", "x", "x"),
+                (resent, "G2-old", "p", "done", "STALE", "x", "x"),
+            )
+            == []
+        )
+        assert write(daemon, (rerouted, "G1", "new", "done", "NEW", "ok", "ok")) == [
+            (rerouted, "done")
+        ]
+    assert row_of(app, rerouted)[2] == "NEW"
+    assert row_of(app, resent)[2] is None
+
+
+def test_each_outcome_writes_only_its_own_columns(role_dsn: str, app: Conn) -> None:
+    orders = {
+        kind: insert(app, provider_referans=kind, externalStatus="sent", pinCode="KEEP")
+        for kind in ("pending", "failed", "gave_up", "bogus")
+    }
+    with psycopg.connect(role_dsn, autocommit=True) as daemon:
+        written = write(
+            daemon,
+            *[
+                (order, kind, None, kind, "NEW-PIN", "msg", "last")
+                for kind, order in orders.items()
+            ],
+        )
+    assert sorted(str(k) for _, k in written) == ["failed", "gave_up", "pending"]
+    # A PIN only ever comes with done; an unknown outcome writes nothing.
+    assert row_of(app, orders["pending"]) == (
+        "pending",
+        "sent",
+        "KEEP",
+        "msg",
+        "last",
+        False,
+        False,
+    )
+    assert row_of(app, orders["failed"]) == ("pending", "failed", "KEEP", "msg", "last", True, True)
+    assert row_of(app, orders["gave_up"])[:3] == ("pending", "manual_required", "KEEP")
+    assert row_of(app, orders["bogus"]) == ("pending", "sent", "KEEP", None, None, False, False)
+
+
+def test_status_is_written_only_by_an_install_made_for_it(db: str, app: Conn) -> None:
+    before = insert(app, provider_referans="S1", externalStatus="sent")
+    with psycopg.connect(as_daemon(db), autocommit=True) as daemon:
+        write(daemon, (before, "S1", None, "done", None, None, None))
+    assert row_of(app, before)[:2] == ("pending", "done")
+
+    deploy(db, OutcomeWrites(done_status="approved", failed_status="rejected"))
+    done = insert(app, provider_referans="S2", externalStatus="sent")
+    failed = insert(app, provider_referans="S3", externalStatus="sent")
+    with psycopg.connect(as_daemon(db), autocommit=True) as daemon:
+        write(
+            daemon,
+            (done, "S2", None, "done", None, None, None),
+            (failed, "S3", None, "failed", None, None, None),
+        )
+    assert row_of(app, done)[:2] == ("approved", "done")
+    assert row_of(app, failed)[:2] == ("rejected", "failed")
+
+
+@pytest.fixture
+def other_role(db: str, pg_server: Server) -> Iterator[str]:
+    """DSN of a login role that was granted nothing (roles are cluster-wide: unique name)."""
+    name = f"om_other_{uuid.uuid4().hex[:8]}"
+    pg_server.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
     try:
-        list(install.apply(db, "role", layout, OutcomeWrites(done_status="approved")))
-        with psycopg.connect(db) as conn:
-            granted = conn.execute(
-                "SELECT has_column_privilege(%s, 'product_orders', 'status', 'UPDATE')",
-                (layout.role,),
-            ).fetchone()
-        assert granted == (True,)
+        yield psycopg.conninfo.make_conninfo(db, user=name)
     finally:
         with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(layout.role)))
-        pg_server.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(layout.role)))
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+        pg_server.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_no_other_role_may_call_the_write_function(other_role: str, app: Conn) -> None:
+    order = insert(app, provider_referans="X1", externalStatus="sent")
+    with (
+        psycopg.connect(other_role, autocommit=True) as stranger,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        write(stranger, (order, "X1", None, "done", "PWNED", None, None))
+
+
+def test_role_sql_takes_back_what_an_older_release_granted(db: str) -> None:
+    role = sql.Identifier(DAEMON_ROLE)
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                'GRANT UPDATE ("pinCode", "externalStatus", status), SELECT ("pinCode")'
+                " ON product_orders TO {}"
+            ).format(role)
+        )
+        list(install.apply(db, "role", Layout(role=DAEMON_ROLE)))
+        left = conn.execute(
+            "SELECT count(*) FROM information_schema.column_privileges"
+            " WHERE grantee = %s AND table_name = 'product_orders'"
+            " AND (privilege_type <> 'SELECT' OR column_name = 'pinCode')",
+            (DAEMON_ROLE,),
+        ).fetchone()
+    assert left == (0,)
 
 
 # --- identifiers are quoted, never pasted ------------------------------------------------
