@@ -16,7 +16,7 @@ from order_monitor import daemon as daemon_module
 from order_monitor.checker import CheckerLimits
 from order_monitor.daemon import Daemon, build_providers, checker_limits
 from order_monitor.policy import BackoffPolicy
-from order_monitor.providers.base import OrderRef, Outcome, Provider
+from order_monitor.providers.base import OrderRef, Outcome, Provider, Status
 from order_monitor.providers.fake import (
     MSG_DONE,
     Answer,
@@ -323,9 +323,70 @@ async def test_a_row_the_database_refuses_does_not_block_the_batch(
     rejected = [e for e in logs if e["event"] == "writer.row_rejected"]
     assert {e["order_id"] for e in rejected} == {str((await app.rows())["refused"]["id"])}
     assert "no_bad_pin" in rejected[0]["error"]
+    # The error names the rule, but not the refused row's values (its PIN).
+    assert "BAD-PIN" not in repr(rejected)
     rows = await app.rows()
     assert all(rows[r]["externalStatus"] == "done" for r in refs)
-    assert rows["refused"]["externalStatus"] == "sent"  # still in flight, for a human to see
+
+
+async def test_a_refused_row_counts_against_the_policy_and_is_given_up(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    await app.conn.execute(
+        """ALTER TABLE product_orders ADD CONSTRAINT no_bad_pin CHECK ("pinCode" <> 'BAD-PIN')"""
+    )
+    fake.set_script("refused", Script.done("BAD-PIN"))
+    policy = replace(FAST_POLICY, max_attempts=4)
+    with capture_logs() as logs:
+        async with running(Daemon(settings_for(db, fake, policy=policy))):
+            await app.dispatch(["refused"])
+            await eventually(lambda: _finished(app), what="the refused order to be given up")
+    row = (await app.rows())["refused"]
+    assert row["externalStatus"] == "manual_required"
+    assert row["pinCode"] is None
+    assert "database refused to store the provider's done answer" in row["lastMessage"]
+    assert "no_bad_pin" in row["lastMessage"]
+    # Checked once per slot of the policy, never more: refusals are not retried in a loop.
+    assert fake.poll_count("refused") == policy.max_attempts
+    assert sum(e["event"] == "writer.row_rejected" for e in logs) == policy.max_attempts
+
+
+class Hostile:
+    """A provider whose answer for one reference carries a lone surrogate, past any parser."""
+
+    name = "fake"
+
+    def __init__(self, inner: Provider) -> None:
+        self.inner = inner
+
+    async def check(self, orders: Sequence[OrderRef]) -> dict[uuid.UUID, Outcome]:
+        outcomes = await self.inner.check(orders)
+        for order in orders:
+            if order.reference == "hostile":
+                # Built directly: no parser's sanitising stands between it and the writer.
+                outcomes[order.order_id] = Outcome(Status.DONE, pin="AB\ud800CD")
+        return outcomes
+
+
+async def test_a_value_that_cannot_even_be_sent_is_that_rows_rejection_only(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    def hostile_providers(*args: Any) -> dict[str, Provider]:
+        return {k: Hostile(v) for k, v in build_providers(*args).items()}
+
+    refs = [f"fine-{n}" for n in range(20)]
+    policy = replace(FAST_POLICY, max_attempts=2)
+    settings = settings_for(db, fake, policy=policy)
+    with capture_logs() as logs:
+        async with running(Daemon(settings, provider_factory=hostile_providers)):
+            await app.dispatch([*refs, "hostile"])
+            await eventually(lambda: _finished(app), what="every order to end")
+    rows = await app.rows()
+    assert all(rows[r]["externalStatus"] == "done" for r in refs)
+    assert rows["hostile"]["externalStatus"] == "manual_required"
+    rejected = [e for e in logs if e["event"] == "writer.row_rejected"]
+    assert {e["order_id"] for e in rejected} == {str(rows["hostile"]["id"])}
+    assert rejected[0]["error"] == "UnicodeEncodeError"
 
 
 class BrokenOnce:

@@ -8,7 +8,7 @@ import pytest
 
 from order_monitor.config import OutcomeWrites
 from order_monitor.db import ColumnLimits, InFlightRow
-from order_monitor.decisions import Decision, decide, describe_outcome, truncate
+from order_monitor.decisions import Decision, after_refusal, decide, describe_outcome, truncate
 from order_monitor.listener import parse_payload
 from order_monitor.policy import BackoffPolicy
 from order_monitor.providers.base import Outcome, clean_pin
@@ -161,3 +161,36 @@ def test_an_order_id_payload_is_parsed() -> None:
     order = uuid.uuid4()
     assert parse_payload(str(order)) == order
     assert parse_payload(f" {order}\n") == order
+
+
+# --- a write the database refused -------------------------------------------------------
+
+
+def refused(decision: Decision) -> Decision | float:
+    return after_refusal(
+        decision, policy=POLICY, writes=OutcomeWrites(), limits=LIMITS, reason="CheckViolation"
+    )
+
+
+def test_a_refused_write_is_checked_again_at_the_next_slot() -> None:
+    decision = decide_at(Outcome.done("PIN"), elapsed=100.0)
+    slot = POLICY.next_slot(ROW.id.int, last_checked=100.0)
+    assert slot is not None
+    assert refused(decision) == pytest.approx(slot.offset - 100.0)
+
+
+def test_a_refused_write_past_the_policy_is_given_up_without_the_values() -> None:
+    decision = decide_at(Outcome.done("SECRET-PIN"), elapsed=POLICY.max_age + 1)
+    follow_up = refused(decision)
+    assert isinstance(follow_up, Decision)
+    assert (follow_up.kind, follow_up.external_status) == ("gave_up", "manual_required")
+    assert follow_up.pin is None
+    assert follow_up.last_message is not None
+    assert "refused to store the provider's done answer (CheckViolation)" in follow_up.last_message
+    assert "SECRET-PIN" not in follow_up.last_message
+
+
+def test_a_refused_give_up_is_tried_again_a_cap_later() -> None:
+    decision = decide_at(Outcome.pending(), elapsed=POLICY.max_age + 1)
+    assert decision.kind == "gave_up"
+    assert refused(decision) == POLICY.cap
