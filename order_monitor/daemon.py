@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Final
@@ -36,6 +35,7 @@ from order_monitor.db import (
     connect,
     retry_forever,
 )
+from order_monitor.inbox import Confirmer, Inbox
 from order_monitor.listener import Listener
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
@@ -93,6 +93,11 @@ def validate_providers(settings: Settings) -> None:
         build_adapter(config)
 
 
+def inbox_capacity(settings: Settings) -> int:
+    """Notified ids waiting for confirmation at most (about 100 bytes each)."""
+    return max(10_000, settings.batch_size * 20)
+
+
 def checker_limits(settings: Settings) -> CheckerLimits:
     """How many orders may be under way: enough to keep every request slot busy,
     and one provider never more than half, so a stuck provider leaves room for
@@ -141,6 +146,7 @@ class Daemon:
             on_progress=self._standby_progress,
         )
         self.listener: Listener | None = None
+        self.confirmer: Confirmer | None = None
         self.sweeper: Sweeper | None = None
         self.checker: Checker | None = None
         self.writer: Writer | None = None
@@ -201,6 +207,8 @@ class Daemon:
         if self.writer is not None:
             self.writer.policy = new.policy
         self.sweeper.policy = new.policy
+        if self.confirmer is not None:
+            self.confirmer.policy = new.policy
         self.sweeper.interval = new.sweep_interval
         log.info(
             "config.reloaded",
@@ -400,10 +408,22 @@ class Daemon:
             clock=self._clock,
             on_scheduled=checker.wake,
         )
+        self.confirmer = confirmer = Confirmer(
+            Inbox(inbox_capacity(settings)),
+            reader,
+            queries,
+            self.scheduler,
+            policy=settings.policy,
+            batch_size=settings.batch_size,
+            metrics=self.metrics,
+            clock=self._clock,
+            on_scheduled=checker.wake,
+            on_lost=sweeper.request,
+        )
         self.listener = listener = Listener(
             settings.dsn.reveal(),
             settings.layout.channel,
-            on_order=self._notified,
+            on_order=confirmer.notified,
             on_connected=self._listener_connected,
             metrics=self.metrics,
             health_interval=settings.listener_health_interval,
@@ -412,10 +432,11 @@ class Daemon:
 
         self._serving = True
         try:
-            await self._run_engine(listener, sweeper, checker, writer, reader, lost)
+            await self._run_engine(listener, confirmer, sweeper, checker, writer, reader, lost)
         finally:
             self._serving = False
             self.listener = None
+            self.confirmer = None
             self.sweeper = None
             self.checker = None
             self.writer = None
@@ -423,6 +444,7 @@ class Daemon:
     async def _run_engine(
         self,
         listener: Listener,
+        confirmer: Confirmer,
         sweeper: Sweeper,
         checker: Checker,
         writer: Writer,
@@ -432,6 +454,7 @@ class Daemon:
         async with asyncio.TaskGroup() as tg:
             background = [
                 tg.create_task(listener.run(), name="listener"),
+                tg.create_task(confirmer.run(), name="confirmer"),
                 tg.create_task(sweeper.run(), name="sweeper"),
                 tg.create_task(self._housekeeping(reader), name="housekeeping"),
             ]
@@ -548,11 +571,6 @@ class Daemon:
             f"listener {'up' if self.listener_connected else 'DOWN'}, "
             + (f"last sweep {sweep_age:.0f}s ago" if sweep_age is not None else "no sweep yet")
         )
-
-    def _notified(self, order: uuid.UUID) -> None:
-        due = self._clock() + self.settings.policy.initial_delay
-        if self.scheduler.offer(order.int, due) and self.checker is not None:
-            self.checker.wake()
 
     def _listener_connected(self) -> None:
         if self.sweeper is not None:

@@ -161,6 +161,10 @@ class Queries:
             " ORDER BY {id} LIMIT %s"
         ).format(id=id_, timing=timing, table=table, in_flight=in_flight)
 
+        self._confirm = sql.SQL(
+            "SELECT {id}, {timing} FROM {table} WHERE {id} = ANY(%b) AND {in_flight}"
+        ).format(id=id_, timing=timing, table=table, in_flight=in_flight)
+
         self._reread = sql.SQL(
             "SELECT {id}, {ref}, {provider_id}::text, {external_order_id}::text, {timing}"
             " FROM {table} WHERE {id} = ANY(%b) AND {in_flight}"
@@ -189,6 +193,11 @@ class Queries:
             cursor = await conn.execute(self._sweep_first, (limit,))
         else:
             cursor = await conn.execute(self._sweep_next, (after, limit))
+        return [SweepRow(*row) for row in await cursor.fetchall()]
+
+    async def confirm(self, conn: AsyncConn, ids: Sequence[uuid.UUID]) -> list[SweepRow]:
+        """Those of *ids* that are orders in flight, with where they stand."""
+        cursor = await conn.execute(self._confirm, (list(ids),))
         return [SweepRow(*row) for row in await cursor.fetchall()]
 
     async def fetch_in_flight(self, conn: AsyncConn, ids: Sequence[uuid.UUID]) -> list[InFlightRow]:

@@ -49,7 +49,8 @@ class Metrics:
         )
         self.notifications = Counter(
             "order_monitor_notifications",
-            "Notifications received on the channel, by result (accepted, rejected).",
+            "Notifications received on the channel, by result: accepted (an order id), rejected"
+            " (not an id), not_in_flight (no such order in flight), dropped (inbox full).",
             ["result"],
             registry=r,
         )

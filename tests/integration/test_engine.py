@@ -170,6 +170,34 @@ async def test_junk_notifications_change_nothing_and_crash_nothing(
     assert (await app.rows())["after-junk"]["externalStatus"] == "done"
 
 
+async def test_a_flood_of_phantom_notifications_keeps_memory_bounded(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    # First checks an hour away: a phantom that got onto the schedule would stay there.
+    policy = replace(FAST_POLICY, initial_delay=3600.0, max_age=86400.0)
+    phantoms = 50_000
+    async with running(Daemon(settings_for(db, fake, policy=policy))) as daemon:
+        assert daemon.confirmer is not None
+        capacity = daemon.confirmer.inbox.capacity
+        assert capacity < phantoms
+        # Any login may NOTIFY: one statement, tens of thousands of made-up ids.
+        await app.conn.execute(
+            "SELECT pg_notify('order_monitor', gen_random_uuid()::text)"
+            " FROM generate_series(1, %s)",
+            (phantoms,),
+        )
+        (real,) = await app.dispatch(["real-after-the-flood"])
+        counts = daemon.metrics.notifications
+
+        async def all_handled() -> bool:
+            handled = sum(counts.labels(r)._value.get() for r in ("not_in_flight", "dropped"))
+            return handled == phantoms and real.int in daemon.scheduler
+
+        await eventually(all_handled, what="every phantom dropped and the real order scheduled")
+        assert daemon.confirmer.inbox.high_water <= capacity
+        assert len(daemon.scheduler) == 1  # the real order, and no phantom
+
+
 async def test_transport_errors_reschedule_and_are_counted(
     db: str, app: App, fake: FakeProvider
 ) -> None:

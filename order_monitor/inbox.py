@@ -1,0 +1,155 @@
+"""Notified order ids, confirmed in flight before they are scheduled.
+
+Anyone who may connect may NOTIFY on our channel, and a NOTIFY carries no
+proof that the order exists. Scheduling every notified id at once let one
+statement of 300,000 random uuids put 300,000 phantom orders in memory. So
+a notification only lands in a bounded inbox; a confirmer reads the ids
+back in batches (one indexed query per batch) and schedules only the rows
+that are really in flight, where the policy says they stand. When the inbox
+is full, further ids are dropped and a sweep is asked for: the sweep is the
+safety net that finds every real order, so memory stays bounded by the
+real orders in flight and nothing real is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import psycopg
+
+from order_monitor.db import ManagedConnection, Queries
+from order_monitor.logs import get_logger
+from order_monitor.metrics import Metrics
+from order_monitor.policy import BackoffPolicy
+from order_monitor.scheduler import Scheduler
+from order_monitor.sweep import due_in
+
+log = get_logger()
+
+
+class Inbox:
+    """A bounded, ordered set of notified order ids (pure: no I/O, no clock)."""
+
+    __slots__ = ("_ids", "capacity", "dropped", "high_water")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._ids: dict[int, None] = {}
+        #: Ids refused since the last :meth:`take_dropped`.
+        self.dropped = 0
+        #: The most ids ever held at once.
+        self.high_water = 0
+
+    def add(self, order: int) -> bool:
+        """Keep *order* for confirmation; False when the inbox is full and it was dropped."""
+        if order in self._ids:
+            return True
+        if len(self._ids) >= self.capacity:
+            self.dropped += 1
+            return False
+        self._ids[order] = None
+        self.high_water = max(self.high_water, len(self._ids))
+        return True
+
+    def take(self, limit: int) -> list[int]:
+        """Up to *limit* ids, oldest first, removed from the inbox."""
+        taken: list[int] = []
+        for order in self._ids:
+            if len(taken) == limit:
+                break
+            taken.append(order)
+        for order in taken:
+            del self._ids[order]
+        return taken
+
+    def take_dropped(self) -> int:
+        dropped, self.dropped = self.dropped, 0
+        return dropped
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+class Confirmer:
+    """Drains the inbox: confirms ids in flight, schedules them, drops the rest."""
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        conn: ManagedConnection,
+        queries: Queries,
+        scheduler: Scheduler,
+        *,
+        policy: BackoffPolicy,
+        batch_size: int,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        on_scheduled: Callable[[], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.inbox = inbox
+        self._conn = conn
+        self._queries = queries
+        self._scheduler = scheduler
+        #: Read at each batch: a reload may change it.
+        self.policy = policy
+        self._batch_size = batch_size
+        self._metrics = metrics
+        self._clock = clock
+        self._on_scheduled = on_scheduled
+        #: Called when notified ids were dropped or could not be confirmed:
+        #: a sweep finds whichever of them are real.
+        self._on_lost = on_lost
+        self._wake = asyncio.Event()
+
+    def notified(self, order: uuid.UUID) -> None:
+        self.inbox.add(order.int)
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while len(self.inbox):
+                await self._confirm(self.inbox.take(self._batch_size))
+            dropped = self.inbox.take_dropped()
+            if dropped:
+                self._metrics.notifications.labels("dropped").inc(dropped)
+                log.warning(
+                    "listener.inbox_full",
+                    dropped=dropped,
+                    capacity=self.inbox.capacity,
+                    note="more notifications than the inbox holds (a flood, or someone "
+                    "NOTIFYing junk); a sweep now finds every real order among them",
+                )
+                self._on_lost()
+
+    async def _confirm(self, ids: list[int]) -> None:
+        try:
+            rows = await self._queries.confirm(
+                await self._conn.get(), [uuid.UUID(int=i) for i in ids]
+            )
+        except psycopg.Error as exc:
+            await self._conn.reset()
+            log.error(
+                "listener.confirm_failed",
+                orders=len(ids),
+                error=str(exc).strip() or type(exc).__name__,
+                note="a sweep finds these orders instead",
+            )
+            self._on_lost()
+            return
+        now = self._clock()
+        woke = False
+        for row in rows:
+            key = row.id.int
+            woke |= self._scheduler.offer(
+                key, now + due_in(self.policy, key, row.elapsed, row.last_checked)
+            )
+        if len(rows) < len(ids):
+            # Not an order in flight (finished already, or never one): not ours.
+            self._metrics.notifications.labels("not_in_flight").inc(len(ids) - len(rows))
+        if woke:
+            self._on_scheduled()

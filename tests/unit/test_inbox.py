@@ -1,0 +1,52 @@
+"""The notification inbox: bounded, de-duplicated, oldest first (pure)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from order_monitor.inbox import Inbox
+
+
+def test_ids_come_out_oldest_first_once_each() -> None:
+    inbox = Inbox(capacity=10)
+    for order in (3, 1, 3, 2, 1):
+        assert inbox.add(order)
+    assert inbox.take(2) == [3, 1]
+    assert inbox.take(10) == [2]
+    assert len(inbox) == 0
+
+
+def test_a_full_inbox_drops_and_counts_what_it_cannot_hold() -> None:
+    inbox = Inbox(capacity=2)
+    assert [inbox.add(o) for o in (1, 2, 3, 4, 1)] == [True, True, False, False, True]
+    assert inbox.take_dropped() == 2
+    assert inbox.take_dropped() == 0
+    assert inbox.take(5) == [1, 2]
+    assert inbox.add(3)  # room again
+
+
+@given(
+    capacity=st.integers(1, 50),
+    steps=st.lists(st.one_of(st.integers(0, 100), st.just(-1)), max_size=300),
+)
+def test_never_holds_more_than_its_capacity_and_loses_nothing_silently(
+    capacity: int, steps: list[int]
+) -> None:
+    inbox = Inbox(capacity)
+    held: dict[int, None] = {}
+    dropped = 0
+    for step in steps:
+        if step < 0:
+            out = inbox.take(3)
+            assert out == list(held)[:3]
+            for order in out:
+                del held[order]
+        elif inbox.add(step):
+            held.setdefault(step, None)
+        else:
+            assert step not in held
+            dropped += 1
+        assert len(inbox) == len(held) <= capacity
+        assert inbox.high_water <= capacity
+    assert inbox.take_dropped() == dropped
