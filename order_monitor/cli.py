@@ -232,15 +232,14 @@ def status_command(ctx: Context, as_json: bool) -> None:
     24 h / 1 h counts read the whole table once.
     """
     import asyncio
-    import json
 
-    from order_monitor.operator import logs_to_stderr, status
+    from order_monitor.operator import dumps, logs_to_stderr, status
 
     settings = ctx.settings_without_provider_secrets
     with logs_to_stderr():
         report = asyncio.run(status.gather(settings))
     if as_json:
-        click.echo(json.dumps(status.to_json(report), ensure_ascii=False, indent=2))
+        click.echo(dumps(status.to_json(report)))
     else:
         click.echo(status.format_text(report), nl=False)
 

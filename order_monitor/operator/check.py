@@ -27,6 +27,7 @@ from order_monitor.db import InFlightRow, Queries
 from order_monitor.decisions import Decision, decide, write_batch
 from order_monitor.errors import OrderMonitorError
 from order_monitor.metrics import Metrics
+from order_monitor.operator import printable
 from order_monitor.policy import format_seconds
 from order_monitor.providers.base import OrderRef, Outcome, Status
 from order_monitor.providers.registry import build_provider
@@ -227,7 +228,7 @@ def format_result(result: CheckResult, layout: Layout) -> str:
     for entry in planned_writes(d, layout):
         lines.append(f"{'':<{width}}  {entry}")
     lines.append(f"{'write':<{width}}{_write_text(result)}")
-    return "\n".join(lines) + "\n"
+    return "".join(printable(line) + "\n" for line in lines)
 
 
 def _decision_text(decision: Decision) -> str:

@@ -41,7 +41,7 @@ from order_monitor.config import Layout, ProviderConfig, Settings
 from order_monitor.decisions import describe_outcome
 from order_monitor.errors import OrderMonitorError, ProviderAuthError, ProviderError
 from order_monitor.metrics import Metrics
-from order_monitor.operator import database_error
+from order_monitor.operator import database_error, printable
 from order_monitor.providers.base import OrderRef, Outcome, RateLimited
 from order_monitor.providers.limits import request_budget
 from order_monitor.providers.registry import build_provider
@@ -77,7 +77,7 @@ Report = Callable[[Finding], None]
 
 
 def format_finding(finding: Finding) -> str:
-    return f"{finding.verdict.value}  {finding.check}: {finding.detail}"
+    return printable(f"{finding.verdict.value}  {finding.check}: {finding.detail}")
 
 
 def exit_status(findings: Sequence[Finding]) -> int:

@@ -29,6 +29,7 @@ from psycopg import sql
 
 from order_monitor import db, schema
 from order_monitor.config import Settings
+from order_monitor.operator import printable
 from order_monitor.ops.leader import lock_key
 from order_monitor.policy import format_seconds
 
@@ -375,4 +376,4 @@ def format_text(status: Status) -> str:
             else ""
         )
         out.append(f"Daemon: leader is {name}, server pid {leader.pid}{where}{since}")
-    return "\n".join(out) + "\n"
+    return "".join(printable(line) + "\n" for line in out)
