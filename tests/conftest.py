@@ -101,8 +101,38 @@ class Server:
 def pg_server() -> Iterator[Server]:
     configured = os.environ.get("ORDER_MONITOR_TEST_DSN")
     with ExitStack() as stack:
-        admin = configured or stack.enter_context(throwaway_postgres())
+        if configured:
+            yield Server(configured)
+            return
+        admin = stack.enter_context(throwaway_postgres())
+        require_password(admin)
         yield Server(admin)
+
+
+def require_password(admin_dsn: str) -> None:
+    """Make our own throwaway server check the daemon role's password (SCRAM).
+
+    The wheel's cluster trusts every local connection; with this line first in
+    its pg_hba.conf the daemon logs in with a password that needs escaping in
+    every DSN form, as deployed, and a wrong one is refused.
+    """
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        row = conn.execute("SHOW hba_file").fetchone()
+        assert row is not None
+        hba = Path(str(row[0]))
+        hba.write_text(f"local all {DAEMON_ROLE} scram-sha-256\n" + hba.read_text())
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def password_required(admin_dsn: str) -> bool:
+    """True when pg_hba.conf asks the daemon role for its password (see require_password)."""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_hba_file_rules WHERE %s = ANY(user_name)"
+            " AND auth_method = 'scram-sha-256'",
+            (DAEMON_ROLE,),
+        ).fetchone()
+    return row is not None and int(row[0]) > 0
 
 
 @pytest.fixture(scope="session")

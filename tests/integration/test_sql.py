@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -14,7 +16,14 @@ from psycopg import sql
 from order_monitor import install, schema
 from order_monitor.config import Columns, Layout, OutcomeWrites
 from order_monitor.db import Queries
-from tests.conftest import DAEMON_ROLE, Server, as_daemon, deploy
+from tests.conftest import (
+    DAEMON_PASSWORD,
+    DAEMON_ROLE,
+    Server,
+    as_daemon,
+    deploy,
+    password_required,
+)
 
 SQL_DIR = Path(__file__).parents[2] / "sql"
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -375,6 +384,36 @@ def test_status_is_written_only_by_an_install_made_for_it(db: str, app: Conn) ->
         )
     assert row_of(app, done)[:2] == ("approved", "done")
     assert row_of(app, failed)[:2] == ("rejected", "failed")
+
+
+def test_the_daemon_role_logs_in_with_its_escaped_password_and_only_with_it(
+    db: str, pg_server: Server
+) -> None:
+    if not password_required(pg_server.admin_dsn):
+        pytest.skip(
+            "this server (ORDER_MONITOR_TEST_DSN) trusts the connection: the run on the "
+            "embedded server checks the password"
+        )
+    wrong = psycopg.conninfo.make_conninfo(db, user=DAEMON_ROLE, password="wrong")
+    # pg_reload_conf() only signals the server: wait (bounded) for the rule to apply.
+    deadline = time.monotonic() + 10
+    refusal = ""
+    while not refusal:
+        try:
+            psycopg.connect(wrong).close()
+        except psycopg.OperationalError as exc:
+            refusal = str(exc)
+        assert time.monotonic() < deadline, "a wrong password was still accepted after 10 s"
+        time.sleep(0.05)
+    assert "password authentication failed" in refusal
+    # The right one, as a key=value conninfo and as a URL with the password percent-encoded.
+    psycopg.connect(as_daemon(db)).close()
+    params = psycopg.conninfo.conninfo_to_dict(db)
+    url = (
+        f"postgresql://{quote(DAEMON_ROLE)}:{quote(DAEMON_PASSWORD, safe='')}@/"
+        f"{quote(str(params['dbname']))}?host={quote(str(params['host']), safe='')}"
+    )
+    psycopg.connect(url).close()
 
 
 @pytest.fixture
