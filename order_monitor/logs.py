@@ -99,7 +99,9 @@ def _json_default(value: object) -> str:
 
 
 def _dumps(value: Any, **kwargs: Any) -> str:
-    return json.dumps(value, default=_json_default, **kwargs)
+    # structlog passes its own fallback (repr); ours also survives a failing str().
+    kwargs["default"] = _json_default
+    return json.dumps(value, **kwargs)
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
