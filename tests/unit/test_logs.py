@@ -43,13 +43,15 @@ def test_lone_surrogate_and_nul_render_as_valid_json() -> None:
     event = json.loads(line)
     assert event["message"] == "AB\\ud800CD\\x00\\x1b[2J\\x0d\n\\x9b\\udfff"
     assert event["order_keys"][1]["nested"] == event["message"]
-    assert "\x00" not in line and "\x1b" not in line
+    assert "\x00" not in line
+    assert "\x1b" not in line
 
 
 def test_console_output_carries_no_terminal_escapes() -> None:
     text = render("console", message=HOSTILE)
     text.encode("utf-8")
-    assert "\x1b" not in text and "\x00" not in text
+    assert "\x1b" not in text
+    assert "\x00" not in text
 
 
 def test_objects_json_does_not_know_are_rendered_not_raised() -> None:
