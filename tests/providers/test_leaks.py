@@ -255,3 +255,20 @@ async def test_an_answer_echoing_the_credentials_is_scrubbed_before_it_leaves() 
     assert outcome.message.startswith("invalid request: kod=***&sifre=***&tahsilat_api_islem_id=R")
     assert not leaks(outcome.message, sifre)
     assert not leaks(outcome.message, "54421999998")
+
+
+def test_a_pin_holding_a_credential_is_neither_written_nor_cut() -> None:
+    transport = Transport("p", 1024, secrets=(Secret("tok-123"),))
+    outcome = transport.safe_outcome(Outcome.done(pin="AAtok-123", message="tok-123 ok"))
+    assert outcome.status is Status.ERROR
+    assert outcome.pin is None
+    assert outcome.message == "*** ok"
+    assert outcome.error is not None
+    assert "credentials" in outcome.error
+
+
+def test_a_credential_with_a_control_character_is_found_after_cleaning() -> None:
+    # Provider text goes through clean_str before it is scrubbed.
+    transport = Transport("p", 1024, secrets=(Secret("ab\x01cd"),))
+    outcome = transport.safe_outcome(Outcome.failed(message="echo ab\x01cd"))
+    assert outcome.message == "echo ***"

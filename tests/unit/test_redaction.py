@@ -2,70 +2,14 @@
 
 from __future__ import annotations
 
-import html
-import json
-import re
-from urllib.parse import quote, quote_plus, urlencode
-
 import pytest
-import yarl
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from order_monitor.providers.base import clean_str
-from order_monitor.redaction import MIN_FREE_TEXT, REDACTED, redact_dsn, redact_url, scrub
+from order_monitor.redaction import REDACTED, redact_dsn, redact_url, scrub
+from tests.providers import forms, leaks, yarl_form
 
 SIFRE = "Zs+9/Qw=x&k7~Q!"
-
-
-def yarl_form(secret: str) -> str:
-    """The secret as yarl re-encodes a query value on the wire."""
-    return yarl.URL("http://h/p").with_query({"k": secret}).raw_query_string[len("k=") :]
-
-
-def forms(secret: str, *, cleaned: bool = False) -> set[str]:
-    """Every form a client, a library or an echoing provider may carry *secret* in.
-
-    *cleaned*: also as provider text shows it after clean_str (the transport
-    scrubs that form too; scrub alone knows nothing of cleaning).
-    """
-    found = {
-        secret,
-        quote(secret, safe=""),
-        quote(secret, safe="/"),
-        quote(secret, safe="/~!*'()"),
-        quote(secret, safe="/:@!$'()*,;=~"),
-        re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), quote(secret, safe="")),
-        quote_plus(secret),
-        quote_plus(secret, safe="*[],"),
-        urlencode({"k": secret})[2:],
-        yarl_form(secret),
-        str(yarl.URL.build(path="/" + secret))[1:],
-        json.dumps(secret)[1:-1],
-        json.dumps(secret, ensure_ascii=False)[1:-1],
-        json.dumps(secret).replace("/", "\\/")[1:-1],
-        repr(secret)[1:-1],
-        html.escape(secret),
-    }
-    if cleaned:
-        found.add(clean_str(secret))
-    return {f for f in found if f}
-
-
-_VALUE_END = r"(?=[&;,|#'\"<>)\]}\s]|$)"
-
-
-def leaks(text: str, secret: str, *, cleaned: bool = False) -> list[str]:
-    """The forms of *secret* that *text* shows (as a whole value only, for short ones)."""
-    if len(secret) >= MIN_FREE_TEXT:
-        return [form for form in forms(secret, cleaned=cleaned) if form in text]
-    return [
-        form
-        for form in forms(secret, cleaned=cleaned)
-        if re.search("=" + re.escape(form) + _VALUE_END, text)
-        or re.search(r'":\s*"' + re.escape(form) + '"', text)
-        or re.search("//[^/:@\\s]*:" + re.escape(form) + "@", text)
-    ]
 
 
 # Everything a secret could be: printable ASCII, controls, any script, emoji.
