@@ -8,8 +8,10 @@ stores, so ``journalctl -p err -u order-monitor`` works.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Final, TextIO
 
@@ -42,6 +44,66 @@ def _drop_color_message(_: WrappedLogger, __: str, event_dict: EventDict) -> Eve
     return event_dict
 
 
+# Lone surrogates (cannot be encoded), and control characters but tab and
+# newline (NUL, a terminal's ESC, CR that would forge a line).
+_UNPRINTABLE: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def safe_text(text: str) -> str:
+    """*text* with every character a log line must not hold written as an escape.
+
+    ``"AB\ud800\x00"`` becomes ``"AB\\ud800\\x00"``: readable, encodable
+    as strict UTF-8 and harmless on a terminal.
+    """
+    if not _UNPRINTABLE.search(text):
+        return text
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _safe_value(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return safe_text(value)
+    if depth > 8:
+        return safe_text(repr(value))
+    if isinstance(value, dict):
+        return {_safe_value(k, depth + 1): _safe_value(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_safe_value(v, depth + 1) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((_safe_value(v, depth + 1) for v in value), key=repr)
+    return value
+
+
+def _safe_strings(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Make every string of the event (keys, values, nested ones) safe to render.
+
+    Provider text is cleaned where it is read; this is the guarantee that no
+    odd string anywhere (an exception's text, a field nobody cleaned) can
+    make the renderer raise and take the daemon down with it.
+    """
+    return {_safe_value(k): _safe_value(v) for k, v in event_dict.items()}
+
+
+def _json_default(value: object) -> str:
+    # Objects json does not know (UUID, datetime, Decimal...): their str, or
+    # repr when str itself fails; never an exception out of the renderer.
+    try:
+        return safe_text(str(value))
+    except Exception:
+        return safe_text(object.__repr__(value))
+
+
+def _dumps(value: Any, **kwargs: Any) -> str:
+    # structlog passes its own fallback (repr); ours also survives a failing str().
+    kwargs["default"] = _json_default
+    return json.dumps(value, **kwargs)
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Set up structlog for the whole process. Safe to call again (SIGHUP)."""
     out = stream or sys.stdout
@@ -55,11 +117,12 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     ]
     renderer: list[Processor]
     if fmt == "console":
-        renderer = [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        renderer = [_safe_strings, structlog.dev.ConsoleRenderer(colors=out.isatty())]
     else:
         renderer = [
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(ensure_ascii=False),
+            _safe_strings,
+            structlog.processors.JSONRenderer(serializer=_dumps, ensure_ascii=False),
         ]
         if os.environ.get("JOURNAL_STREAM"):
             # A processor that runs after the renderer sees the rendered string.

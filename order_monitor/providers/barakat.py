@@ -18,7 +18,7 @@ from uuid import UUID
 import aiohttp
 
 from order_monitor.config import ProviderConfig
-from order_monitor.providers.base import Adapter, OrderRef, Outcome, clean_pin
+from order_monitor.providers.base import Adapter, OrderRef, Outcome, UnusablePin, first_pin
 from order_monitor.providers.http import (
     BadAnswer,
     ErrorAnswer,
@@ -78,7 +78,11 @@ def outcome_of(item: Mapping[str, Any]) -> Outcome:
     word = (raw or "").lower()
     message = message_of(item)
     if word in DONE_WORDS:
-        return Outcome.done(pin=pin_of(item), message=message, raw_status=raw)
+        try:
+            pin = pin_of(item)
+        except UnusablePin as exc:
+            return Outcome.unusable_pin(str(exc), message=message, raw_status=raw)
+        return Outcome.done(pin=pin, message=message, raw_status=raw)
     if word in FAILED_WORDS:
         return Outcome.failed(message=message, raw_status=raw)
     # PENDING_WORDS and anything else: the application keeps polling on an
@@ -87,11 +91,8 @@ def outcome_of(item: Mapping[str, Any]) -> Outcome:
 
 
 def pin_of(item: Mapping[str, Any]) -> str | None:
-    for key in PIN_KEYS:
-        pin = clean_pin(scalar_text(item.get(key)))
-        if pin is not None:
-            return pin
-    return None
+    """The item's PIN; raises UnusablePin for a float, list, object or unclean one."""
+    return first_pin(item.get(key) for key in PIN_KEYS)
 
 
 def message_of(item: Mapping[str, Any]) -> str | None:
@@ -156,8 +157,8 @@ class BarakatAdapter:
         except BadAnswer as exc:
             raise self.http.bad_answer(exc, reply.status) from None
         matched = match(data, asked, fold=self.use_order_uuid)
-        matched.report(self.http.provider)
-        return matched.outcomes
+        matched.report(self.http)
+        return self.http.safe_outcomes(matched.outcomes)
 
 
 def build(config: ProviderConfig) -> Adapter:

@@ -10,9 +10,10 @@ exception from a provider.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 from uuid import UUID
 
 import aiohttp
@@ -37,20 +38,97 @@ class Status(enum.Enum):
 # PINs the providers send when they have none.
 _NO_PIN = frozenset({"", "-", "--", "n/a", "null", "none"})
 
+#: Longest message (and raw status, error) an Outcome carries. The columns
+#: are far shorter (decisions.truncate fits them); this only keeps a 1 MB
+#: "message" from being carried around, logged and compared.
+MAX_MESSAGE: Final = 4096
+#: Longest PIN an Outcome carries. A longer one is no PIN but an unusable
+#: answer (never cut: a cut PIN is a wrong code).
+MAX_PIN: Final = 1024
+
+# Lone surrogates (JSON "\ud800" decodes to one; it cannot be encoded as
+# UTF-8), NUL, every other C0 control but tab and newline, DEL and the C1
+# controls (a terminal reads U+009B as CSI, like ESC [).
+_UNSAFE: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _unsafe_char(match: re.Match[str]) -> str:
+    # A carriage return is line-ending noise ("\r\n"): dropped. Anything
+    # else is replaced, so that a reader sees something was there.
+    return "" if match.group() == "\r" else "\ufffd"
+
+
+def clean_str(text: str) -> str:
+    """Provider text made safe to store, log and print.
+
+    The result encodes as strict UTF-8 and holds no NUL or control character
+    but tab and newline: lone surrogates and control characters (ESC of a
+    terminal escape sequence included) become U+FFFD, carriage returns are
+    dropped. Every string read from a provider passes through here, at the
+    parse boundary, so that neither the writer (UnicodeEncodeError, "NUL
+    not allowed") nor the JSON log renderer ever meets one.
+    """
+    return _UNSAFE.sub(_unsafe_char, text)
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """*text* cut to *limit* characters, the cut marked with an ellipsis."""
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
+
+
+class UnusablePin(ProviderError):
+    """A PIN that cannot be written as the code the customer paid for."""
+
 
 def clean_pin(value: object) -> str | None:
-    """A real PIN or None; never '-', ' - ' or an empty string."""
+    """A real PIN, or None when the provider sent none ('-', ' - ', '', null).
+
+    Only strings and integers are PINs. A JSON float has already lost what
+    the provider meant (``1.5e3`` reads as 1500.0, ``123456789012345678``
+    as ...680), a bool, list or object is no code at all, and a PIN that
+    needs :func:`clean_str` (control characters, a lone surrogate) or is
+    longer than :data:`MAX_PIN` would be a different code once cleaned or
+    cut: all of these raise :class:`UnusablePin`.
+    """
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise UnusablePin(f"its PIN is a JSON {_json_type(value)}, not a string or an integer")
     text = str(value).strip()
-    return None if text.lower() in _NO_PIN else text
+    if text.lower() in _NO_PIN:
+        return None
+    if clean_str(text) != text:
+        raise UnusablePin("its PIN holds control characters or invalid text")
+    if len(text) > MAX_PIN:
+        raise UnusablePin(f"its PIN has {len(text)} characters (more than {MAX_PIN})")
+    return text
 
 
-def clean_text(value: object) -> str | None:
+def first_pin(values: Iterable[object]) -> str | None:
+    """The PIN among the values of a provider's PIN keys, taken in order.
+
+    The first value that is not a "no PIN" placeholder decides: an unusable
+    one raises :class:`UnusablePin` rather than letting a later key (some
+    other code of the item) stand in for it.
+    """
+    for value in values:
+        pin = clean_pin(value)
+        if pin is not None:
+            return pin
+    return None
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "boolean", float: "float", list: "array", dict: "object"}
+    return next((n for t, n in names.items() if isinstance(value, t)), type(value).__name__)
+
+
+def clean_text(value: object, limit: int = MAX_MESSAGE) -> str | None:
+    """Provider text through :func:`clean_str`, stripped and bounded; None when empty."""
     if value is None:
         return None
-    text = str(value).strip()
-    return text or None
+    text = clean_str(str(value)).strip()
+    return bounded(text, limit) if text else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,16 +154,49 @@ class Outcome:
     #: (Retry-After, an open circuit breaker). None: the normal schedule.
     retry_after: float | None = None
 
+    def __post_init__(self) -> None:
+        # Whoever built it, an Outcome's text is clean and bounded: it goes
+        # to the table, the log and the operator's terminal.
+        for name in ("message", "raw_status", "error"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, bounded(clean_str(value)))
+        if self.pin is not None and (clean_str(self.pin) != self.pin or len(self.pin) > MAX_PIN):
+            raise ValueError("an Outcome's PIN must come through clean_pin (Outcome.done)")
+
     @classmethod
-    def pending(cls, raw_status: str | None = None, message: str | None = None) -> Outcome:
+    def pending(cls, raw_status: str | None = None, message: object = None) -> Outcome:
         return cls(Status.PENDING, raw_status=raw_status, message=clean_text(message))
 
     @classmethod
     def done(
         cls, pin: object = None, message: object = None, raw_status: str | None = None
     ) -> Outcome:
+        """Completed, with its PIN; or, when the PIN is unusable, an ERROR.
+
+        A ``done`` without the code the customer paid for must not be
+        written, and the order did not fail either: an unusable PIN
+        (:func:`clean_pin`) gives an ERROR outcome for this order alone, so
+        it stays pending, is asked again on the normal schedule and, if the
+        provider never sends a usable PIN, is given up with this error as its
+        last answer for a person to settle.
+        """
+        try:
+            clean = clean_pin(pin)
+        except UnusablePin as exc:
+            return cls.unusable_pin(str(exc), message=message, raw_status=raw_status)
+        return cls(Status.DONE, pin=clean, message=clean_text(message), raw_status=raw_status)
+
+    @classmethod
+    def unusable_pin(
+        cls, reason: str, message: object = None, raw_status: str | None = None
+    ) -> Outcome:
+        """The ERROR for a ``done`` answer whose PIN cannot be written."""
         return cls(
-            Status.DONE, pin=clean_pin(pin), message=clean_text(message), raw_status=raw_status
+            Status.ERROR,
+            message=clean_text(message),
+            raw_status=raw_status,
+            error=f"the provider reports done, but {reason}; not written",
         )
 
     @classmethod
@@ -93,8 +204,8 @@ class Outcome:
         return cls(Status.FAILED, message=clean_text(message), raw_status=raw_status)
 
     @classmethod
-    def unknown(cls, message: str | None = None) -> Outcome:
-        return cls(Status.UNKNOWN, message=message)
+    def unknown(cls, message: object = None) -> Outcome:
+        return cls(Status.UNKNOWN, message=clean_text(message))
 
     @classmethod
     def transport_error(cls, error: str, retry_after: float | None = None) -> Outcome:

@@ -8,21 +8,22 @@ here so the three adapters behave the same way when a provider misbehaves.
 from __future__ import annotations
 
 import email.utils
+import errno
 import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC
 from typing import Any, Final, NoReturn
-from urllib.parse import quote, quote_plus
 from uuid import UUID
 
 import aiohttp
 import structlog
+import yarl
 
 from order_monitor.config import ProviderConfig
 from order_monitor.errors import ConfigError, ProviderAuthError, ProviderError
-from order_monitor.providers.base import Outcome, RateLimited
+from order_monitor.providers.base import Outcome, RateLimited, clean_str, clean_text
 from order_monitor.providers.limits import client_timeout
 from order_monitor.redaction import Secret, redact_url, scrub
 
@@ -61,6 +62,53 @@ def parse_retry_after(value: str, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A request that got no reply, described without the library's own text."""
+
+    kind: str
+    host: str
+    port: int | None
+    os_error: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.host}:{self.port}" if self.port is not None else self.host
+        text = f"{self.kind} connecting to {where}"
+        return f"{text}: {self.os_error}" if self.os_error else text
+
+
+def describe_failure(exc: BaseException, url: str) -> Failure:
+    """What went wrong, from the exception's type and attributes only.
+
+    The host and port come from the URL we built (or the connector's
+    attributes), the OS error from errno/strerror: never ``str(exc)``, which
+    for some aiohttp errors carries the URL with its credentials.
+    """
+    try:
+        parsed = yarl.URL(url)
+        host, port = parsed.host or "?", parsed.port
+    except (ValueError, TypeError):
+        host, port = "?", None
+    os_error: OSError | None = None
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        host, port = exc.host, exc.port
+    elif isinstance(exc, OSError):
+        os_error = exc
+    detail = None
+    if os_error is not None and (os_error.errno is not None or os_error.strerror):
+        name = errno.errorcode.get(os_error.errno or -1, "")
+        strerror = os_error.strerror or ""
+        detail = " ".join(p for p in (f"[{name}]" if name else "", strerror) if p) or None
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        detail = "connect timed out"
+    elif isinstance(exc, aiohttp.SocketTimeoutError):
+        detail = "read timed out"
+    elif isinstance(exc, TimeoutError) and detail is None:
+        detail = "timed out"
+    return Failure(type(exc).__name__, clean_str(host), port, detail)
+
+
 class BadAnswer(ProviderError):
     """A body that is not an answer in the provider's protocol.
 
@@ -69,7 +117,7 @@ class BadAnswer(ProviderError):
     """
 
     def __init__(self, reason: str, body: str) -> None:
-        super().__init__(f"{reason}: {excerpt(body)!r}")
+        super().__init__(f"{reason}: {excerpt(clean_str(body))!r}")
         self.reason = reason
         self.body = body
 
@@ -99,24 +147,56 @@ class Transport:
     clock: Callable[[], float] = field(default=time.time, repr=False)
 
     def safe(self, text: str) -> str:
-        """*text* with every credential value removed, also in URL-encoded form."""
-        values: list[str] = []
-        for secret in self.secrets:
-            raw = secret.reveal()
-            # Every form a URL or an echoing provider may carry it in.
-            values += [
-                raw,
-                quote(raw, safe=""),
-                quote(raw, safe="/"),
-                quote_plus(raw),
-                quote_plus(raw, safe="*[],"),
-            ]
-        return scrub(text, values)
+        """*text* with every credential value removed, in any encoding (see :func:`scrub`)."""
+        return scrub(text, self._secret_forms())
+
+    def _secret_forms(self) -> list[str]:
+        values = [secret.reveal() for secret in self.secrets]
+        # Provider text has been through clean_str before it is scrubbed, so
+        # a secret holding a control character shows in its cleaned form.
+        return values + [clean_str(v) for v in values if clean_str(v) != v]
 
     def safe_url(self, url: str) -> str:
-        # Scrub first as well: redact_url re-encodes the query, which would
-        # turn a secret under an unexpected parameter into yet another form.
-        return self.safe(redact_url(self.safe(url), set(self.secret_params)))
+        return self.safe(redact_url(url, set(self.secret_params)))
+
+    def safe_outcome(self, outcome: Outcome) -> Outcome:
+        """*outcome* with the credentials scrubbed from every text it carries.
+
+        A PIN that holds a credential can be neither written (the secret
+        would land in the table) nor scrubbed (the customer would get a wrong
+        code): the order gets an ERROR outcome instead, as for any unusable
+        PIN (see :meth:`Outcome.done`).
+        """
+        if outcome.pin is not None and self.safe(outcome.pin) != outcome.pin:
+            return Outcome.unusable_pin(
+                "its PIN contains one of our credentials",
+                message=self._maybe(outcome.message),
+                raw_status=self._maybe(outcome.raw_status),
+            )
+        return replace(
+            outcome,
+            message=self._maybe(outcome.message),
+            raw_status=self._maybe(outcome.raw_status),
+            error=self._maybe(outcome.error),
+        )
+
+    def safe_outcomes(self, outcomes: Mapping[UUID, Outcome]) -> dict[UUID, Outcome]:
+        """Every outcome an adapter returns passes here: none leaves it unscrubbed."""
+        return {order_id: self.safe_outcome(o) for order_id, o in outcomes.items()}
+
+    def log(self, level: str, event: str, **fields: Any) -> None:
+        """Log *event* with every string field scrubbed, whatever produced it."""
+        getattr(log, level)(event, **{k: self._scrubbed(v) for k, v in fields.items()})
+
+    def _scrubbed(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.safe(value)
+        if isinstance(value, list | tuple):
+            return [self._scrubbed(v) for v in value]
+        return value
+
+    def _maybe(self, text: str | None) -> str | None:
+        return None if text is None else self.safe(text)
 
     async def request(
         self,
@@ -147,38 +227,49 @@ class Transport:
                 return Reply(response.status, body.decode("utf-8", errors="replace"))
         except ProviderError:
             raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # Library texts may echo the URL with its credentials: scrub them.
-            detail = self.safe(str(exc)) or "no detail"
-            kind = type(exc).__name__
-            log.warning(
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # Never str(exc): aiohttp's texts carry the URL as yarl re-encoded
+            # it on the wire (ConnectionTimeoutError), a form no list of
+            # encodings we make is sure to hold. What it is, where and the
+            # OS's word for it is all a sysadmin needs.
+            failure = describe_failure(exc, url)
+            self.log(
+                "warning",
                 "provider.request_failed",
                 provider=self.provider,
                 url=safe_url,
-                error=kind,
-                detail=detail,
+                error=failure.kind,
+                host=failure.host,
+                port=failure.port,
+                os_error=failure.os_error,
             )
             raise ProviderError(
-                f"{self.provider}: request failed ({kind}: {detail}) for {safe_url}"
+                self.safe(f"{self.provider}: request failed ({failure}) for {safe_url}")
             ) from None
 
     def bad_answer(self, exc: BadAnswer, status: int) -> ProviderError:
         """Log a body that is no answer and return the error to raise."""
-        log.warning(
+        reason = self.safe(clean_str(exc.reason))
+        body = self.safe(excerpt(clean_str(exc.body)))
+        self.log(
+            "warning",
             "provider.error_answer" if isinstance(exc, ErrorAnswer) else "provider.bad_body",
             provider=self.provider,
             status=status,
-            reason=self.safe(exc.reason),
-            body=self.safe(excerpt(exc.body)),
+            reason=reason,
+            body=body,
         )
-        return ProviderError(f"{self.provider}: HTTP {status}: {self.safe(str(exc))}")
+        # Rendered from the scrubbed parts, then scrubbed again: repr() adds
+        # escapes, and scrub reads those too.
+        return ProviderError(self.safe(f"{self.provider}: HTTP {status}: {reason}: {body!r}"))
 
     async def _refuse(self, response: aiohttp.ClientResponse, safe_url: str) -> None:
         status = response.status
-        body = self.safe(excerpt(await self._peek(response)))
+        body = self.safe(excerpt(clean_str(await self._peek(response))))
         if status == 429 or (status == 503 and "Retry-After" in response.headers):
             retry_after = parse_retry_after(response.headers.get("Retry-After", ""), self.clock())
-            log.warning(
+            self.log(
+                "warning",
                 "provider.rate_limited",
                 provider=self.provider,
                 status=status,
@@ -191,7 +282,8 @@ class Transport:
         if status in (401, 403):
             # Wrong credentials or a caller IP off the whitelist: an operator
             # must act, so this is an error, not a warning.
-            log.error(
+            self.log(
+                "error",
                 "provider.auth_failed",
                 provider=self.provider,
                 status=status,
@@ -202,10 +294,15 @@ class Transport:
                 f"{self.provider}: HTTP {status} from {safe_url}: "
                 "credentials or caller IP refused; check the providers file"
             )
-        log.warning(
-            "provider.http_error", provider=self.provider, status=status, url=safe_url, body=body
+        self.log(
+            "warning",
+            "provider.http_error",
+            provider=self.provider,
+            status=status,
+            url=safe_url,
+            body=body,
         )
-        raise ProviderError(f"{self.provider}: HTTP {status} from {safe_url}: {body!r}")
+        raise ProviderError(self.safe(f"{self.provider}: HTTP {status} from {safe_url}: {body!r}"))
 
     async def _peek(self, response: aiohttp.ClientResponse) -> str:
         """A little of an error reply's body, for the log; never fails."""
@@ -231,8 +328,12 @@ class Transport:
         return b"".join(chunks)
 
     def _too_large(self, status: int, safe_url: str) -> NoReturn:
-        log.warning(
-            "provider.body_too_large", provider=self.provider, status=status, limit=self.max_body
+        self.log(
+            "warning",
+            "provider.body_too_large",
+            provider=self.provider,
+            status=status,
+            limit=self.max_body,
         )
         raise ProviderError(
             f"{self.provider}: HTTP {status} body larger than {self.max_body} bytes "
@@ -315,26 +416,24 @@ def transport(config: ProviderConfig, secret_params: Collection[str] = ()) -> Tr
 
 
 def scalar_text(value: object) -> str | None:
-    """A JSON scalar as text (numbers included), or None for anything else."""
+    """A JSON scalar as clean text (numbers included), or None for anything else."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         # Ids sent as 123 may come back as 123.0 from some serialisers.
         return str(int(value))
     if isinstance(value, str | int | float):
-        return str(value).strip() or None
+        return clean_text(value)
     return None
 
 
 def first_text(values: object) -> str | None:
-    """The first non-empty string among *values* (a list) or *values* itself."""
-    if isinstance(values, list):
-        for value in values:
-            if isinstance(value, str) and value.strip():
-                return value.strip()
-        return None
-    if isinstance(values, str) and values.strip():
-        return values.strip()
+    """The first non-empty string among *values* (a list) or *values* itself, cleaned."""
+    for value in values if isinstance(values, list) else [values]:
+        if isinstance(value, str):
+            text = clean_text(value)
+            if text is not None:
+                return text
     return None
 
 
@@ -347,13 +446,19 @@ class Matched:
     unrequested: list[str] = field(default_factory=list)
     unusable: int = 0
 
-    def report(self, provider: str) -> None:
+    def report(self, http: Transport) -> None:
+        provider = http.provider
         for order_key in self.duplicates:
-            log.warning("provider.duplicate_order", provider=provider, order_key=order_key)
+            http.log("warning", "provider.duplicate_order", provider=provider, order_key=order_key)
         if self.unrequested:
-            log.info("provider.unrequested_orders", provider=provider, order_keys=self.unrequested)
+            http.log(
+                "info",
+                "provider.unrequested_orders",
+                provider=provider,
+                order_keys=self.unrequested,
+            )
         if self.unusable:
-            log.warning("provider.bad_item", provider=provider, count=self.unusable)
+            http.log("warning", "provider.bad_item", provider=provider, count=self.unusable)
 
 
 def match_items(

@@ -35,7 +35,7 @@ import aiohttp
 
 from order_monitor.config import ProviderConfig
 from order_monitor.errors import ConfigError
-from order_monitor.providers.base import Adapter, OrderRef, Outcome, clean_pin
+from order_monitor.providers.base import Adapter, OrderRef, Outcome, UnusablePin, first_pin
 from order_monitor.providers.http import (
     BadAnswer,
     ErrorAnswer,
@@ -125,19 +125,16 @@ class AnswerSpec:
         kind = self.status_map.get(raw.lower(), self.unmapped)
         message = self._message(item)
         if kind == "done":
-            return Outcome.done(pin=self._pin(item), message=message, raw_status=raw)
+            try:
+                pin = first_pin(get_path(item, path) for path in self.pin_paths)
+            except UnusablePin as exc:
+                return Outcome.unusable_pin(str(exc), message=message, raw_status=raw)
+            return Outcome.done(pin=pin, message=message, raw_status=raw)
         if kind == "failed":
             return Outcome.failed(message=message, raw_status=raw)
         if kind == "unknown":
             return Outcome.unknown(message)
         return Outcome.pending(raw_status=raw, message=message)
-
-    def _pin(self, item: object) -> str | None:
-        for path in self.pin_paths:
-            pin = clean_pin(scalar_text(get_path(item, path)))
-            if pin is not None:
-                return pin
-        return None
 
     def _message(self, item: object) -> str | None:
         for path in self.message_paths:
@@ -234,9 +231,10 @@ class JsonHttpAdapter:
             asked.setdefault(self.key(order), []).append(order.order_id)
         reply = await self.http.request(session, self.method, self.url(list(asked)), self.headers())
         try:
-            return self._outcomes(reply.text, asked)
+            outcomes = self._outcomes(reply.text, asked)
         except BadAnswer as exc:
             raise self.http.bad_answer(exc, reply.status) from None
+        return self.http.safe_outcomes(outcomes)
 
     def _outcomes(self, text: str, asked: Mapping[str, list[UUID]]) -> dict[UUID, Outcome]:
         spec = self.spec
@@ -252,7 +250,7 @@ class JsonHttpAdapter:
             id_of=lambda item: get_path(item, id_path),
             outcome_of=spec.outcome,
         )
-        matched.report(self.http.provider)
+        matched.report(self.http)
         return matched.outcomes
 
 

@@ -30,7 +30,14 @@ from order_monitor.config import ProviderLimits
 from order_monitor.errors import ProviderAuthError, ProviderError
 from order_monitor.logs import get_logger
 from order_monitor.metrics import CIRCUIT_STATES, Metrics
-from order_monitor.providers.base import Adapter, OrderRef, Outcome, RateLimited
+from order_monitor.providers.base import (
+    Adapter,
+    OrderRef,
+    Outcome,
+    RateLimited,
+    bounded,
+    clean_str,
+)
 from order_monitor.providers.breaker import Admission, BreakerState, CircuitBreaker, TokenBucket
 from order_monitor.redaction import Secret, scrub
 
@@ -238,8 +245,10 @@ class LimitedProvider:
         return text
 
     def _text(self, exc: BaseException) -> str:
-        text = str(exc).strip() or type(exc).__name__
-        return scrub(text, self._secrets)[:_MAX_ERROR]
+        # Our own errors are scrubbed where they are made; an adapter's bug
+        # may raise anything, so scrub (in every encoding) here as well.
+        text = clean_str(str(exc)).strip() or type(exc).__name__
+        return bounded(scrub(text, self._secrets), _MAX_ERROR)
 
     def _deferral(self) -> Outcome | None:
         now = self._clock()

@@ -16,11 +16,10 @@ from urllib.parse import urlencode
 from uuid import UUID
 
 import aiohttp
-import structlog
 
 from order_monitor.config import ProviderConfig
 from order_monitor.errors import ConfigError, ProviderAuthError, ProviderError
-from order_monitor.providers.base import Adapter, OrderRef, Outcome
+from order_monitor.providers.base import Adapter, OrderRef, Outcome, bounded, clean_str
 from order_monitor.providers.http import (
     BadAnswer,
     ErrorAnswer,
@@ -31,8 +30,6 @@ from order_monitor.providers.http import (
     where,
 )
 from order_monitor.redaction import Secret
-
-log = structlog.get_logger()
 
 DEFAULT_PATH: Final = "/servis/pin_kontrol.php"
 OPTIONS: Final = frozenset({"path", "auth_codes"})
@@ -90,12 +87,14 @@ def parse_answer(text: str) -> Outcome:
     if head.strip().upper() == "OK" and rest:
         return _outcome(rest, text)
     if _ERROR_CODE.match(head.strip()) and rest:
-        raise ZnetError(head.strip(), body.split("|", 1)[1].strip(), text)
+        raise ZnetError(head.strip(), clean_str(body.split("|", 1)[1]).strip(), text)
     raise BadAnswer("not a znet answer", text)
 
 
 def _outcome(fields: list[str], text: str) -> Outcome:
-    durum = fields[0].strip()
+    # Each field is cleaned by the Outcome it goes into (clean_pin refuses an
+    # unclean PIN rather than cleaning it into a different code).
+    durum = clean_str(fields[0]).strip()
     pin = fields[1] if len(fields) > 1 else None
     message = fields[2] if len(fields) > 2 else None
     if durum == "1":
@@ -105,7 +104,7 @@ def _outcome(fields: list[str], text: str) -> Outcome:
     if durum == "3":
         return Outcome.failed(message=message, raw_status=durum)
     # A status we do not know must not end an order either way.
-    raise BadAnswer(f"unknown DURUM {durum!r}", text)
+    raise BadAnswer(f"unknown DURUM {bounded(durum, 40)!r}", text)
 
 
 # --- the adapter ---------------------------------------------------------------------
@@ -148,7 +147,7 @@ class ZnetAdapter:
             raise self._error_answer(exc, reply.status) from None
         except BadAnswer as exc:
             raise self.http.bad_answer(exc, reply.status) from None
-        return {order.order_id: outcome}
+        return {order.order_id: self.http.safe_outcome(outcome)}
 
     def _error_answer(self, exc: ZnetError, status: int) -> ProviderError:
         # Which codes mean "credentials or IP refused" is not documented (the
@@ -158,7 +157,13 @@ class ZnetAdapter:
         error = self.http.bad_answer(exc, status)
         if exc.code not in self.auth_codes:
             return error
-        log.error("provider.auth_failed", provider=self.http.provider, status=status, code=exc.code)
+        self.http.log(
+            "error",
+            "provider.auth_failed",
+            provider=self.http.provider,
+            status=status,
+            code=exc.code,
+        )
         return ProviderAuthError(f"{error} (options.auth_codes: credentials or IP refused)")
 
 

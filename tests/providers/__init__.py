@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import html
+import json
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, quote_plus, urlencode
 
 import aiohttp
+import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from order_monitor.config import ProviderConfig, ProviderLimits
-from order_monitor.redaction import Secret
+from order_monitor.providers.base import clean_str
+from order_monitor.redaction import MIN_FREE_TEXT, Secret
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -144,13 +150,16 @@ def provider_config(
     max_body: int = 1_048_576,
     name: str = "p1",
     read_timeout: float = 5.0,
+    connect_timeout: float = 5.0,
 ) -> ProviderConfig:
     return ProviderConfig(
         name=name,
         kind=kind,
         base_url=base_url,
         provider_ids=(name,),
-        limits=ProviderLimits(max_body=max_body, read_timeout=read_timeout),
+        limits=ProviderLimits(
+            max_body=max_body, read_timeout=read_timeout, connect_timeout=connect_timeout
+        ),
         secrets={k: Secret(v) for k, v in (secrets or {}).items()},
         options=dict(options or {}),
     )
@@ -163,3 +172,56 @@ def flatten(value: object) -> str:
     if isinstance(value, list | tuple | set | frozenset):
         return " ".join(flatten(v) for v in value)
     return str(value)
+
+
+# --- secrets in every form ---------------------------------------------------------
+
+
+def yarl_form(secret: str) -> str:
+    """The secret as yarl re-encodes a query value on the wire."""
+    return yarl.URL("http://h/p").with_query({"k": secret}).raw_query_string[len("k=") :]
+
+
+def forms(secret: str, *, cleaned: bool = False) -> set[str]:
+    """Every form a client, a library or an echoing provider may carry *secret* in.
+
+    *cleaned*: also as provider text shows it after clean_str (the transport
+    scrubs that form too; scrub alone knows nothing of cleaning).
+    """
+    found = {
+        secret,
+        quote(secret, safe=""),
+        quote(secret, safe="/"),
+        quote(secret, safe="/~!*'()"),
+        quote(secret, safe="/:@!$'()*,;=~"),
+        re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), quote(secret, safe="")),
+        quote_plus(secret),
+        quote_plus(secret, safe="*[],"),
+        urlencode({"k": secret})[2:],
+        yarl_form(secret),
+        str(yarl.URL.build(path="/" + secret))[1:],
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        json.dumps(secret).replace("/", "\\/")[1:-1],
+        repr(secret)[1:-1],
+        html.escape(secret),
+    }
+    if cleaned:
+        found.add(clean_str(secret))
+    return {f for f in found if f}
+
+
+_VALUE_END = r"(?=[&;,|#'\"<>)\]}\s]|$)"
+
+
+def leaks(text: str, secret: str, *, cleaned: bool = False) -> list[str]:
+    """The forms of *secret* that *text* shows (as a whole value only, for short ones)."""
+    if len(secret) >= MIN_FREE_TEXT:
+        return [form for form in forms(secret, cleaned=cleaned) if form in text]
+    return [
+        form
+        for form in forms(secret, cleaned=cleaned)
+        if re.search("=" + re.escape(form) + _VALUE_END, text)
+        or re.search(r'":\s*"' + re.escape(form) + '"', text)
+        or re.search("//[^/:@\\s]*:" + re.escape(form) + "@", text)
+    ]
