@@ -15,8 +15,9 @@ from order_monitor import checker as checker_module
 from order_monitor import daemon as daemon_module
 from order_monitor.checker import CheckerLimits
 from order_monitor.daemon import Daemon, build_providers, checker_limits
+from order_monitor.decisions import Decision
 from order_monitor.policy import BackoffPolicy
-from order_monitor.providers.base import OrderRef, Outcome, Provider, Status
+from order_monitor.providers.base import OrderRef, Outcome, Provider
 from order_monitor.providers.fake import (
     MSG_DONE,
     Answer,
@@ -387,34 +388,27 @@ async def test_a_refused_row_counts_against_the_policy_and_is_given_up(
     assert sum(e["event"] == "writer.row_rejected" for e in logs) == policy.max_attempts
 
 
-class Hostile:
-    """A provider whose answer for one reference carries a lone surrogate, past any parser."""
-
-    name = "fake"
-
-    def __init__(self, inner: Provider) -> None:
-        self.inner = inner
-
-    async def check(self, orders: Sequence[OrderRef]) -> dict[uuid.UUID, Outcome]:
-        outcomes = await self.inner.check(orders)
-        for order in orders:
-            if order.reference == "hostile":
-                # Built directly: no parser's sanitising stands between it and the writer.
-                outcomes[order.order_id] = Outcome(Status.DONE, pin="AB\ud800CD")
-        return outcomes
-
-
 async def test_a_value_that_cannot_even_be_sent_is_that_rows_rejection_only(
     db: str, app: App, fake: FakeProvider
 ) -> None:
-    def hostile_providers(*args: Any) -> dict[str, Provider]:
-        return {k: Hostile(v) for k, v in build_providers(*args).items()}
-
     refs = [f"fine-{n}" for n in range(20)]
+    for ref in [*refs, "hostile"]:
+        fake.set_script(ref, Script.done())
     policy = replace(FAST_POLICY, max_attempts=2)
-    settings = settings_for(db, fake, policy=policy)
     with capture_logs() as logs:
-        async with running(Daemon(settings, provider_factory=hostile_providers)):
+        async with running(Daemon(settings_for(db, fake, policy=policy))) as daemon:
+            writer = daemon.writer
+            assert writer is not None
+            submit = writer.submit
+
+            def past_every_parser(decision: Decision) -> None:
+                # The adapters' sanitising never lets such a value through; the
+                # writer must still survive one (a future adapter's bug).
+                if decision.row.reference == "hostile" and decision.kind == "done":
+                    decision = replace(decision, pin="AB\ud800CD")
+                submit(decision)
+
+            writer.submit = past_every_parser  # type: ignore[method-assign]
             await app.dispatch([*refs, "hostile"])
             await eventually(lambda: _finished(app), what="every order to end")
     rows = await app.rows()
