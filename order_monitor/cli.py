@@ -12,7 +12,7 @@ import click
 import psycopg
 
 from order_monitor import __version__, schema
-from order_monitor.config import Settings, load_settings
+from order_monitor.config import ENV_FILE_VARIABLE, PREFIX, Settings, load_settings
 from order_monitor.errors import OrderMonitorError
 
 P = ParamSpec("P")
@@ -41,23 +41,58 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def option_variables(group: click.Group) -> frozenset[str]:
+    """The ORDER_MONITOR_* variables the command line's own options read.
+
+    Taken from the options themselves, so a new option's variable is never
+    reported as an unknown setting.
+    """
+    found: set[str] = set()
+    commands: list[click.Command] = [group]
+    while commands:
+        command = commands.pop()
+        for param in command.params:
+            envvars = param.envvar if isinstance(param.envvar, list | tuple) else [param.envvar]
+            found.update(v for v in envvars if isinstance(v, str) and v.startswith(PREFIX))
+        if isinstance(command, click.Group):
+            commands.extend(command.commands.values())
+    return frozenset(found)
+
+
+def warn_unknown(settings: Settings) -> Settings:
+    """One line on stderr per ORDER_MONITOR_* name nothing reads (a typo is otherwise silent)."""
+    for unknown in settings.unknown_variables:
+        click.echo(f"order-monitor: warning: {unknown}", err=True)
+    return settings
+
+
 class Context:
     def __init__(self, env_file: Path | None) -> None:
         self.env_file = env_file
 
+    def load(self, *, need_database: bool = True, need_provider_secrets: bool = True) -> Settings:
+        return warn_unknown(
+            load_settings(
+                env_file=self.env_file,
+                need_database=need_database,
+                need_provider_secrets=need_provider_secrets,
+                also_known=option_variables(cli),
+            )
+        )
+
     @property
     def settings(self) -> Settings:
-        return load_settings(env_file=self.env_file)
+        return self.load()
 
     @property
     def settings_without_provider_secrets(self) -> Settings:
         """For commands that read the database but ask no provider."""
-        return load_settings(env_file=self.env_file, need_provider_secrets=False)
+        return self.load(need_provider_secrets=False)
 
     @property
     def offline_settings(self) -> Settings:
         """Settings for commands that never connect (a DSN is not required)."""
-        return load_settings(env_file=self.env_file, need_database=False)
+        return self.load(need_database=False)
 
 
 pass_context = click.make_pass_decorator(Context)
@@ -66,8 +101,10 @@ pass_context = click.make_pass_decorator(Context)
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option(
     "--env-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="ORDER_MONITOR_ENV_FILE",
+    # No dir_okay=False: click would exit 2 with a usage text; a directory is
+    # a configuration error (78, one line) when the settings are read.
+    type=click.Path(path_type=Path),
+    envvar=ENV_FILE_VARIABLE,
     show_envvar=True,
     help="A .env file with ORDER_MONITOR_* settings (default: ./.env if present). "
     "Variables already in the environment win.",
@@ -147,7 +184,7 @@ def run_command(ctx: Context) -> None:
     """
     from order_monitor.runner import run_forever
 
-    run_forever(ctx.env_file)
+    run_forever(ctx.env_file, also_known=option_variables(cli))
 
 
 @cli.command("demo")

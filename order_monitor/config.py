@@ -8,11 +8,14 @@ expected.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+import unicodedata
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -20,7 +23,7 @@ import psycopg.conninfo
 from dotenv import dotenv_values
 
 from order_monitor.errors import ConfigError
-from order_monitor.policy import BackoffPolicy
+from order_monitor.policy import MAX_ATTEMPTS_LIMIT, BackoffPolicy, format_seconds
 from order_monitor.redaction import Secret, redact_dsn
 
 PREFIX: Final = "ORDER_MONITOR_"
@@ -29,6 +32,19 @@ DEFAULT_PROVIDERS_FILE: Final = Path("/etc/order-monitor/providers.toml")
 # Postgres truncates identifiers longer than this silently; we refuse them.
 _MAX_IDENTIFIER: Final = 63
 _CHANNEL_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# Line and paragraph breaks, NUL, tabs and invisible format characters. Any of
+# them in a name or a word ends the `--` comment that `sql print` puts it in,
+# and whatever follows runs when a DBA applies the file.
+_CONTROL_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
+#: The longest any interval, delay or age may be. Beyond a month a setting is a
+#: mistake, and unbounded ones reach float('inf') ("9" * 400 parses).
+_LONGEST: Final = 30 * 86400.0
+#: ORDER_MONITOR_* names read outside load_settings, so Env never sees them
+#: asked for: the env file is found before there is an Env, and the test suite
+#: reads its own database (tests/conftest.py).
+ENV_FILE_VARIABLE: Final = PREFIX + "ENV_FILE"
+TEST_DSN_VARIABLE: Final = PREFIX + "TEST_DSN"
+_READ_ELSEWHERE: Final = frozenset({ENV_FILE_VARIABLE, TEST_DSN_VARIABLE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +186,9 @@ class Settings:
     log_format: str = "auto"
     #: host:port for /healthz, /readyz and /metrics; None keeps it off.
     http_listen: str | None = None
+    #: ORDER_MONITOR_* names in the environment that no setting reads (typos).
+    #: Not part of the configuration: two loads differing only here are equal.
+    unknown_variables: tuple[UnknownVariable, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def safe_dsn(self) -> str:
@@ -182,6 +201,41 @@ class Settings:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class UnknownVariable:
+    """An ORDER_MONITOR_* name nothing reads: most often a misspelt setting."""
+
+    name: str
+    #: The closest known name, if one is close.
+    suggestion: str | None
+
+    def __str__(self) -> str:
+        hint = f"; did you mean {self.suggestion}?" if self.suggestion else ""
+        return f"{self.name} is not an order-monitor setting and is ignored{hint}"
+
+
+def unknown_variables(names: Iterable[str], known: Collection[str]) -> tuple[UnknownVariable, ...]:
+    """The ORDER_MONITOR_* names among *names* that are not *known*, with a suggestion each.
+
+    Environment names are case-sensitive: ``order_monitor_dsn`` is not read,
+    so it is reported too (suggesting ``ORDER_MONITOR_DSN``).
+    """
+    # Compared without the prefix every name shares, which would make any two
+    # names look alike.
+    by_suffix = {k.removeprefix(PREFIX): k for k in known}
+    found = []
+    for name in sorted(names):
+        if not name.upper().startswith(PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name.upper().removeprefix(PREFIX), by_suffix, n=1)
+        found.append(UnknownVariable(name, by_suffix[close[0]] if close else None))
+    return tuple(found)
+
+
+def has_control_characters(text: str) -> bool:
+    return any(unicodedata.category(ch) in _CONTROL_CATEGORIES for ch in text)
+
+
 # --- reading -----------------------------------------------------------------
 
 
@@ -190,8 +244,13 @@ class Env:
 
     def __init__(self, values: Mapping[str, str]) -> None:
         self._values = values
+        #: Every name asked for, set or not (with the prefix). After
+        #: load_settings this is the list of settings, kept by the code that
+        #: reads them rather than by hand.
+        self.asked: set[str] = set()
 
     def raw(self, name: str) -> str | None:
+        self.asked.add(PREFIX + name)
         value = self._values.get(PREFIX + name)
         if value is None or value.strip() == "":
             return None
@@ -203,16 +262,21 @@ class Env:
     def optional(self, name: str) -> str | None:
         return self.raw(name)
 
-    def integer(self, name: str, default: int, *, minimum: int = 1) -> int:
+    def integer(
+        self, name: str, default: int, *, minimum: int = 1, maximum: int | None = None
+    ) -> int:
         raw = self.raw(name)
         if raw is None:
             return default
+        expected = f"a whole number >= {minimum}" + (
+            "" if maximum is None else f" and <= {maximum}"
+        )
         try:
             value = int(raw.replace("_", ""))
         except ValueError:
-            raise self._error(name, raw, f"a whole number >= {minimum}") from None
-        if value < minimum:
-            raise self._error(name, raw, f"a whole number >= {minimum}")
+            raise self._error(name, raw, expected) from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise self._error(name, raw, expected)
         return value
 
     def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
@@ -223,20 +287,31 @@ class Env:
             value = float(raw)
         except ValueError:
             raise self._error(name, raw, f"a number >= {minimum}") from None
-        if value < minimum or value != value:  # NaN
+        if not math.isfinite(value) or value < minimum:
             raise self._error(name, raw, f"a number >= {minimum}")
         return value
 
-    def duration(self, name: str, default: float) -> float:
+    def duration(
+        self, name: str, default: float, *, minimum: float = 0.0, maximum: float = _LONGEST
+    ) -> float:
+        """Seconds; *minimum* keeps an interval from turning into a busy loop."""
         raw = self.raw(name)
         if raw is None:
             return default
         try:
-            return parse_duration(raw)
+            value = parse_duration(raw)
         except ValueError:
             raise self._error(
                 name, raw, "a duration such as 30, 30s, 1.5m, 2h or 1h30m (no sign)"
             ) from None
+        if not minimum <= value <= maximum:
+            raise self._error(
+                name,
+                raw,
+                f"a duration of at least {format_seconds(minimum)} "
+                f"and at most {format_seconds(maximum)}",
+            )
+        return value
 
     def boolean(self, name: str, default: bool) -> bool:
         raw = self.raw(name)
@@ -249,10 +324,20 @@ class Env:
             return False
         raise self._error(name, raw, "one of true/false, yes/no, on/off, 1/0")
 
-    def word_list(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    def status_word(self, name: str, default: str) -> str:
+        """A value of the status columns, written as given and compared with lower()."""
+        return self._check_status_word(name, self.string(name, default))
+
+    def optional_status_word(self, name: str) -> str | None:
+        value = self.optional(name)
+        return None if value is None else self._check_status_word(name, value)
+
+    def status_words(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """A comma-separated list of status words, lower-cased."""
         raw = self.raw(name)
         if raw is None:
             return default
+        self._check_status_word(name, raw)
         words = tuple(w.strip().lower() for w in raw.split(",") if w.strip())
         if not words:
             raise self._error(name, raw, "a comma-separated list with at least one value")
@@ -268,14 +353,36 @@ class Env:
 
     def identifier(self, name: str, default: str) -> str:
         value = self.string(name, default)
-        if len(value.encode()) > _MAX_IDENTIFIER or "\x00" in value:
-            raise self._error(name, value, f"a PostgreSQL name of at most {_MAX_IDENTIFIER} bytes")
+        if len(value.encode()) > _MAX_IDENTIFIER or has_control_characters(value):
+            raise self._error(
+                name,
+                value,
+                f"a PostgreSQL name of at most {_MAX_IDENTIFIER} bytes, without line breaks, "
+                "tabs or other control characters",
+            )
         return value
 
     def channel(self, name: str, default: str) -> str:
         value = self.string(name, default)
         if not _CHANNEL_RE.match(value):
             raise self._error(name, value, "a channel name: letters, digits and _, at most 63")
+        return value
+
+    def _check_status_word(self, name: str, value: str) -> str:
+        if has_control_characters(value):
+            raise self._error(
+                name, value, "words without line breaks, tabs or other control characters"
+            )
+        if not value.isascii():
+            # Python's 'İ'.lower() is two code points, PostgreSQL's lower()
+            # depends on the collation: the daemon's comparison and the index's
+            # would disagree, and the order would never match.
+            raise self._error(
+                name,
+                value,
+                "ASCII words: Python and PostgreSQL lower-case other letters differently, "
+                "so a non-ASCII status would never match",
+            )
         return value
 
     @staticmethod
@@ -312,16 +419,21 @@ def load_environment(env_file: Path | None = None) -> dict[str, str]:
     """The process environment over the .env file (the environment wins)."""
     path = env_file
     if path is None:
-        configured = os.environ.get(PREFIX + "ENV_FILE")
+        configured = os.environ.get(ENV_FILE_VARIABLE)
         path = Path(configured) if configured else Path(".env")
         if not configured and not path.exists():
             return dict(os.environ)
+    if path.is_dir():
+        raise ConfigError(f"env file {str(path)!r} is a directory: name the file in it")
     if not path.is_file():
         raise ConfigError(f"env file {str(path)!r} does not exist or is not a file")
     try:
         file_values = dotenv_values(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"env file {str(path)!r} cannot be read: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"env file {str(path)!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        # The decoder's message quotes a byte of the file, which may hold the DSN.
+        raise ConfigError(f"env file {str(path)!r} is not UTF-8 text") from None
     merged = {k: v for k, v in file_values.items() if v is not None}
     merged.update(os.environ)
     return merged
@@ -333,6 +445,7 @@ def load_settings(
     env_file: Path | None = None,
     need_database: bool = True,
     need_provider_secrets: bool = True,
+    also_known: Collection[str] = (),
 ) -> Settings:
     """Read and validate every setting. Raises ConfigError on the first problem.
 
@@ -341,6 +454,9 @@ def load_settings(
     (`order-monitor status`, which asks no provider) the providers file is
     read but its secrets are not: a systemd credential exists only inside
     the service, and an operator's shell must still get a status.
+
+    ``also_known`` names ORDER_MONITOR_* variables read by someone else (the
+    command line's own options), so they are not reported as unknown.
     """
     values = load_environment(env_file) if environ is None else dict(environ)
     env = Env(values)
@@ -357,10 +473,10 @@ def load_settings(
         columns=columns,
         channel=env.channel("CHANNEL", "order_monitor"),
         result_channel=env.channel("RESULT_CHANNEL", "order_monitor_result"),
-        in_flight_external_statuses=env.word_list(
+        in_flight_external_statuses=env.status_words(
             "IN_FLIGHT_EXTERNAL_STATUSES", Layout().in_flight_external_statuses
         ),
-        final_statuses=env.word_list("FINAL_STATUSES", Layout().final_statuses),
+        final_statuses=env.status_words("FINAL_STATUSES", Layout().final_statuses),
         role=env.identifier("ROLE", "order_monitor"),
     )
     if layout.channel == layout.result_channel:
@@ -372,26 +488,28 @@ def load_settings(
     try:
         policy = BackoffPolicy(
             initial_delay=env.duration("INITIAL_DELAY", 60.0),
-            base=env.duration("BACKOFF_BASE", 30.0),
-            cap=env.duration("BACKOFF_CAP", 6900.0),
+            # A zero gap would check an order back to back; a tenth of a second
+            # is already more than any provider wants, but tests need short ones.
+            base=env.duration("BACKOFF_BASE", 30.0, minimum=0.1),
+            cap=env.duration("BACKOFF_CAP", 6900.0, minimum=0.1),
             jitter=env.number("BACKOFF_JITTER", 0.1),
-            max_attempts=env.integer("MAX_ATTEMPTS", 20),
-            max_age=env.duration("MAX_AGE", 86400.0),
+            max_attempts=env.integer("MAX_ATTEMPTS", 20, maximum=MAX_ATTEMPTS_LIMIT),
+            max_age=env.duration("MAX_AGE", 86400.0, minimum=1.0),
         )
     except ValueError as exc:
         raise ConfigError(f"backoff settings are inconsistent: {exc}") from None
 
     defaults = OutcomeWrites()
     writes = OutcomeWrites(
-        done_external_status=env.string("DONE_EXTERNAL_STATUS", defaults.done_external_status),
-        failed_external_status=env.string(
+        done_external_status=env.status_word("DONE_EXTERNAL_STATUS", defaults.done_external_status),
+        failed_external_status=env.status_word(
             "FAILED_EXTERNAL_STATUS", defaults.failed_external_status
         ),
-        gave_up_external_status=env.string(
+        gave_up_external_status=env.status_word(
             "GAVE_UP_EXTERNAL_STATUS", defaults.gave_up_external_status
         ),
-        done_status=env.optional("DONE_STATUS"),
-        failed_status=env.optional("FAILED_STATUS"),
+        done_status=env.optional_status_word("DONE_STATUS"),
+        failed_status=env.optional_status_word("FAILED_STATUS"),
     )
     for name, value in (
         ("DONE_EXTERNAL_STATUS", writes.done_external_status),
@@ -405,16 +523,21 @@ def load_settings(
             )
 
     providers_path = _providers_path(env)
-    return Settings(
-        dsn=_dsn(values, required=need_database),
+    settings = Settings(
+        dsn=_dsn(env, values, required=need_database),
         layout=layout,
         policy=policy,
         writes=writes,
-        sweep_interval=env.duration("SWEEP_INTERVAL", 300.0),
+        # Each sweep reads every order in flight: seconds apart would keep the
+        # database busy for a safety net.
+        sweep_interval=env.duration("SWEEP_INTERVAL", 300.0, minimum=10.0, maximum=86400.0),
         batch_size=env.integer("BATCH_SIZE", 500),
         concurrency=env.integer("CONCURRENCY", 64),
-        drain_timeout=env.duration("DRAIN_TIMEOUT", 10.0),
-        listener_health_interval=env.duration("LISTENER_HEALTH_INTERVAL", 10.0),
+        drain_timeout=env.duration("DRAIN_TIMEOUT", 10.0, maximum=3600.0),
+        # A round trip on the LISTEN connection each time.
+        listener_health_interval=env.duration(
+            "LISTENER_HEALTH_INTERVAL", 10.0, minimum=1.0, maximum=3600.0
+        ),
         providers_file=providers_path,
         providers=(
             load_providers(providers_path, values, resolve_secrets=need_provider_secrets)
@@ -425,10 +548,14 @@ def load_settings(
         log_format=env.choice("LOG_FORMAT", "auto", ("auto", "json", "console")),
         http_listen=_http_listen(env),
     )
+    return replace(
+        settings,
+        unknown_variables=unknown_variables(values, env.asked | _READ_ELSEWHERE | set(also_known)),
+    )
 
 
-def _dsn(values: Mapping[str, str], *, required: bool) -> Secret:
-    dsn = values.get(PREFIX + "DSN", "").strip()
+def _dsn(env: Env, values: Mapping[str, str], *, required: bool) -> Secret:
+    dsn = env.raw("DSN") or ""
     if not dsn:
         dsn = read_credential("dsn", values) or ""
     if not dsn and not required:
@@ -461,6 +588,9 @@ def read_credential(name: str, values: Mapping[str, str]) -> str | None:
         return None
     except OSError as exc:
         raise ConfigError(f"credential {name!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        # The decoder's message quotes the offending byte: part of the secret.
+        raise ConfigError(f"credential {name!r} ({path}) is not UTF-8 text") from None
 
 
 def _providers_path(env: Env) -> Path | None:
@@ -522,7 +652,10 @@ def load_providers(
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"providers file {str(path)!r} cannot be read: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        # Not the decoder's message: it quotes a byte, maybe of a literal secret.
+        raise ConfigError(f"providers file {str(path)!r} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"providers file {str(path)!r} is not valid TOML: {exc}") from None
     return parse_providers(document, environ, source=str(path), resolve_secrets=resolve_secrets)
 
@@ -602,10 +735,16 @@ def _limits(raw: object, where: str) -> ProviderLimits:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         expected = _LIMIT_TYPES[key]
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        # TOML has nan and inf; neither is a timeout or a rate (nan <= 0 is False).
+        ok = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value > 0
+        )
         if expected is int:
             ok = ok and float(value).is_integer()
-        if not ok or value <= 0:
+        if not ok:
             kind = "a whole number" if expected is int else "a number"
             raise ConfigError(f"{where}.limits.{key} = {value!r} is invalid: expected {kind} > 0")
         values[key] = expected(value)
@@ -636,6 +775,9 @@ def _secrets(raw: object, where: str, environ: Mapping[str, str]) -> dict[str, S
                     raise ConfigError(
                         f"{at}: file {ref!r} cannot be read: {exc.strerror}"
                     ) from None
+                except UnicodeDecodeError:
+                    # The decoder's message quotes the offending byte of the secret.
+                    raise ConfigError(f"{at}: file {ref!r} is not UTF-8 text") from None
             elif source == "credential":
                 value = read_credential(ref, environ)
                 if value is None:

@@ -17,9 +17,16 @@ tests). A check at elapsed time ``t`` is followed by the first slot after
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Final, NamedTuple
+
+#: The most attempts a policy may have: far above any sane schedule, and the
+#: arithmetic needs a bound. ``base * 2**(n-2)`` raises OverflowError once
+#: 2**(n-2) no longer fits a float (n > 1025), before the cap is applied; and
+#: the jitter hashes the attempt number as two bytes.
+MAX_ATTEMPTS_LIMIT: Final = 1000
 
 
 class Slot(NamedTuple):
@@ -43,6 +50,12 @@ class BackoffPolicy:
     max_age: float = 86400.0
 
     def __post_init__(self) -> None:
+        # nan passes every comparison below, and inf makes every later slot inf.
+        if not all(
+            math.isfinite(v)
+            for v in (self.initial_delay, self.base, self.cap, self.jitter, self.max_age)
+        ):
+            raise ValueError("initial_delay, base, cap, jitter and max_age must be finite")
         if self.initial_delay < 0:
             raise ValueError("initial_delay must be >= 0")
         if self.base <= 0 or self.cap <= 0:
@@ -50,8 +63,8 @@ class BackoffPolicy:
         if not 0 <= self.jitter < 0.5:
             # Below 0.5 consecutive jittered slots can never swap order.
             raise ValueError("jitter must be >= 0 and < 0.5")
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
+            raise ValueError(f"max_attempts must be >= 1 and <= {MAX_ATTEMPTS_LIMIT}")
         if self.max_age <= 0:
             raise ValueError("max_age must be > 0")
 
@@ -82,6 +95,8 @@ class BackoffPolicy:
             gap = (
                 self.initial_delay
                 if attempt == 1
+                # Finite for every attempt MAX_ATTEMPTS_LIMIT allows; a huge base
+                # makes the product inf, which min() turns into the cap.
                 else min(self.cap, self.base * 2 ** (attempt - 2))
             )
             gap *= 1.0 + self.jitter * _signed_unit(key, attempt)

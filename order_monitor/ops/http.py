@@ -10,6 +10,14 @@
   A standby instance is not ready (``"role": "standby"``): it does no work.
 * ``/metrics`` is the Prometheus text exposition of the daemon's own registry.
 
+The server is bounded, because it shares the process's file descriptors with
+the database and provider connections: at most ``max_connections`` are open
+at once (more are answered 503 and closed at once, and counted in a warning
+logged at most once a minute), and a client has ``header_timeout`` seconds
+from connecting to send a whole request (and from the end of a response to
+send the next one). Without both, a few hundred clients that connect and send
+nothing use up the descriptors and the daemon's own connections fail.
+
 Usage in the daemon::
 
     async with serve_http(settings.http_listen, metrics=metrics, readiness=state,
@@ -20,26 +28,157 @@ Usage in the daemon::
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Final, Protocol, Self
+from typing import Any, Final, Protocol, Self, cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from order_monitor.errors import OrderMonitorError
+from order_monitor.errors import ConfigError
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 
 log = get_logger(component="http")
 
 LEADER: Final = "leader"
+MAX_CONNECTIONS: Final = 64
+HEADER_TIMEOUT: Final = 5.0
+REFUSAL_LOG_INTERVAL: Final = 60.0
+_REFUSED: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 21\r\nConnection: close\r\n\r\n"
+    b"too many connections\n"
+)
 
 
-class HttpListenError(OrderMonitorError):
-    """The probe/metrics server cannot listen where it was told to."""
+class HttpListenError(ConfigError):
+    """The probe/metrics server cannot listen where it was told to.
+
+    A configuration error (exit 78): the address in ORDER_MONITOR_HTTP_LISTEN
+    is wrong or taken, and restarting in a loop does not free it.
+    """
+
+
+class ConnectionGate:
+    """Counts open connections and says whether one more may open.
+
+    Refusals are counted; the warning about them is logged at most once per
+    *log_interval* (by *clock*), carrying how many were refused since the
+    last one: a flood must not become a flood of log lines.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        log_interval: float = REFUSAL_LOG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self.limit = limit
+        self.open = 0
+        self.refused_total = 0
+        self._log_interval = log_interval
+        self._clock = clock
+        self._unlogged = 0
+        self._next_log_at = -math.inf
+
+    def admit(self) -> bool:
+        if self.open < self.limit:
+            self.open += 1
+            return True
+        self.refused_total += 1
+        self._unlogged += 1
+        now = self._clock()
+        if now >= self._next_log_at:
+            log.warning(
+                "http.connections_refused",
+                limit=self.limit,
+                refused=self._unlogged,
+                refused_total=self.refused_total,
+                next_report_in_s=self._log_interval,
+            )
+            self._unlogged = 0
+            self._next_log_at = now + self._log_interval
+        return False
+
+    def release(self) -> None:
+        self.open -= 1
+
+
+class _GatedProtocol(asyncio.Protocol):
+    """aiohttp's protocol for an admitted connection; a 503 and close for the rest.
+
+    Admission is decided in connection_made, which the loop runs one at a
+    time, so the count is exact even when many connections are accepted in
+    one pass of the loop.
+    """
+
+    def __init__(self, gate: ConnectionGate, factory: Callable[[], asyncio.Protocol]) -> None:
+        self._gate = gate
+        self._factory = factory
+        self._inner: asyncio.Protocol | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._gate.admit():
+            cast(asyncio.Transport, transport).write(_REFUSED)
+            transport.close()
+            return
+        self._inner = self._factory()
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is not None:
+            inner, self._inner = self._inner, None
+            self._gate.release()
+            inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
+class _GatedSite(web.BaseSite):
+    """aiohttp's TCPSite, with every connection passing through a ConnectionGate."""
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str | None, port: int, gate: ConnectionGate
+    ) -> None:
+        super().__init__(runner)
+        self._host = host
+        self._port = port
+        self._gate = gate
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host or '*'}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _GatedProtocol(self._gate, server),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+        )
 
 
 class Readiness(Protocol):
@@ -86,6 +225,10 @@ class HttpServer:
         readiness: Readiness,
         database_timeout: float = 2.0,
         max_sweep_age: float | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        header_timeout: float = HEADER_TIMEOUT,
+        refusal_log_interval: float = REFUSAL_LOG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._listen = listen
         self._host, self._port = parse_listen(listen)
@@ -95,6 +238,8 @@ class HttpServer:
         self._max_sweep_age = max_sweep_age
         self._started = time.monotonic()
         self._runner: web.AppRunner | None = None
+        self._header_timeout = header_timeout
+        self.gate = ConnectionGate(max_connections, log_interval=refusal_log_interval, clock=clock)
         self.addresses: list[tuple[str, int]] = []
 
         app = web.Application()
@@ -113,9 +258,22 @@ class HttpServer:
     async def start(self) -> None:
         # Probes come every few seconds; an access log line each would bury
         # the daemon's own events in the journal.
-        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            self._app,
+            access_log=None,
+            shutdown_timeout=1.0,
+            # aiohttp arms this timer when a connection opens and again after
+            # each response, and does not move it as bytes trickle in: it is the
+            # time allowed for a whole request, so a client that sends half a
+            # request line and stops is dropped. Probes and scrapes take
+            # milliseconds and reconnect freely.
+            keepalive_timeout=self._header_timeout,
+            # How long an unread request body may keep the connection after the
+            # response: no longer than a request may take to arrive.
+            lingering_time=self._header_timeout,
+        )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
+        site = _GatedSite(runner, self._host, self._port, self.gate)
         try:
             await site.start()
         except OSError as exc:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from order_monitor.cli import cli
-from order_monitor.config import load_providers, load_settings, parse_duration
+from order_monitor.config import UnknownVariable, load_providers, load_settings, parse_duration
 from order_monitor.errors import ConfigError
+from order_monitor.policy import BackoffPolicy, describe
 from order_monitor.redaction import Secret, redact_dsn, redact_url
+from order_monitor.runner import log_unknown_variables
 
 DSN = "postgresql://monitor:s3cr3t-pw@db.internal:5432/shop"
 BASE = {"ORDER_MONITOR_DSN": DSN}
@@ -333,3 +341,265 @@ def test_the_readme_provider_examples_parse_and_build(tmp_path: Path) -> None:
         path.write_text(example)
         for provider in load_providers(path, env):
             assert build_adapter(provider).max_batch >= 1
+
+
+# --- bounds: no busy loops, no overflow ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("SWEEP_INTERVAL", "0", "at least 10s"),
+        ("SWEEP_INTERVAL", "9s", "at least 10s"),
+        ("SWEEP_INTERVAL", "9" * 400, "at most 24h"),  # float('9' * 400) is inf
+        ("LISTENER_HEALTH_INTERVAL", "0", "at least 1s"),
+        ("LISTENER_HEALTH_INTERVAL", "1ms", "at least 1s"),
+        ("DRAIN_TIMEOUT", "2h", "at most 1h"),
+        ("BACKOFF_BASE", "0", "at least 0.1s"),
+        ("BACKOFF_CAP", "1ms", "at least 0.1s"),
+        ("INITIAL_DELAY", "31d", "at most 720h"),
+        ("MAX_AGE", "365d", "at most 720h"),
+        ("MAX_AGE", "0", "at least 1s"),
+        ("MAX_ATTEMPTS", "2000", "a whole number >= 1 and <= 1000"),
+        ("BACKOFF_JITTER", "inf", "a number >= 0"),
+        ("BACKOFF_JITTER", "nan", "a number >= 0"),
+    ],
+)
+def test_intervals_and_limits_out_of_bounds_name_variable_value_and_bound(
+    name: str, value: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected) as caught:
+        settings(**{name: value})
+    message = str(caught.value)
+    assert message.startswith(f"ORDER_MONITOR_{name}={value!r} is invalid")
+    assert "\n" not in message
+
+
+def test_the_bounds_themselves_are_accepted_and_the_schedule_computes() -> None:
+    s = load_settings(
+        {
+            **BASE,
+            "ORDER_MONITOR_SWEEP_INTERVAL": "10s",
+            "ORDER_MONITOR_LISTENER_HEALTH_INTERVAL": "1s",
+            "ORDER_MONITOR_DRAIN_TIMEOUT": "0",
+            "ORDER_MONITOR_MAX_ATTEMPTS": "1000",
+            "ORDER_MONITOR_MAX_AGE": "30d",
+            "ORDER_MONITOR_BACKOFF_BASE": "0.1s",
+            "ORDER_MONITOR_BACKOFF_CAP": "30d",
+        }
+    )
+    assert (s.sweep_interval, s.listener_health_interval, s.drain_timeout) == (10, 1, 0)
+    assert "max_attempts=1000" in describe(s.policy)
+
+
+def test_the_command_line_refuses_the_overflowing_schedule_with_exit_78() -> None:
+    """MAX_ATTEMPTS=2000 with MAX_AGE=365d was an OverflowError traceback."""
+    result = CliRunner().invoke(
+        cli,
+        ["schedule"],
+        env={"ORDER_MONITOR_MAX_ATTEMPTS": "2000", "ORDER_MONITOR_MAX_AGE": "365d"},
+    )
+    assert result.exit_code == 78, result.output
+    assert result.stderr.count("\n") == 1
+    assert "ORDER_MONITOR_MAX_ATTEMPTS='2000'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"max_attempts": 2000}, {"base": float("nan")}, {"max_age": float("inf")}],
+)
+def test_the_policy_refuses_what_its_arithmetic_cannot_take(change: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        BackoffPolicy(**change)  # type: ignore[arg-type]
+
+
+DAY = 86400.0
+
+
+@given(
+    initial=st.floats(min_value=0, max_value=30 * DAY),
+    base=st.floats(min_value=0.1, max_value=30 * DAY),
+    cap=st.floats(min_value=0.1, max_value=30 * DAY),
+    jitter=st.floats(min_value=0, max_value=0.49),
+    attempts=st.integers(min_value=1, max_value=1000),
+    age=st.floats(min_value=1, max_value=30 * DAY),
+)
+@settings_(max_examples=60, deadline=None)
+def test_every_accepted_backoff_setting_gives_a_finite_schedule(
+    initial: float, base: float, cap: float, jitter: float, attempts: int, age: float
+) -> None:
+    s = load_settings(
+        {
+            **BASE,
+            # Durations take no exponent: fixed-point, rounded down to stay in range.
+            "ORDER_MONITOR_INITIAL_DELAY": f"{math.floor(initial * 1000) / 1000:.3f}",
+            "ORDER_MONITOR_BACKOFF_BASE": f"{math.floor(base * 1000) / 1000:.3f}",
+            "ORDER_MONITOR_BACKOFF_CAP": f"{math.floor(cap * 1000) / 1000:.3f}",
+            "ORDER_MONITOR_BACKOFF_JITTER": repr(jitter),
+            "ORDER_MONITOR_MAX_ATTEMPTS": str(attempts),
+            "ORDER_MONITOR_MAX_AGE": f"{math.floor(age * 1000) / 1000:.3f}",
+        }
+    )
+    slots = s.policy.slots(12345)
+    assert 1 <= len(slots) <= attempts
+    offsets = [slot.offset for slot in slots]
+    assert all(math.isfinite(o) for o in offsets)
+    assert offsets == sorted(offsets)
+    describe(s.policy)
+
+
+# --- names and words that reach SQL --------------------------------------------------
+
+HOSTILE_BREAKS = ["\n", "\r", "\t", "\x00", "\x0b", "\x85", "\u2028", "\u2029", "\u200b", "\ufeff"]
+SQL_NAMES = ["SCHEMA", "TABLE", "ROLE", "COLUMN_ID", "COLUMN_PROVIDER_REF", "COLUMN_STATUS"]
+SQL_WORDS = [
+    "IN_FLIGHT_EXTERNAL_STATUSES",
+    "FINAL_STATUSES",
+    "DONE_EXTERNAL_STATUS",
+    "FAILED_EXTERNAL_STATUS",
+    "GAVE_UP_EXTERNAL_STATUS",
+    "DONE_STATUS",
+    "FAILED_STATUS",
+]
+
+
+def test_a_newline_in_the_table_name_cannot_smuggle_a_statement() -> None:
+    with pytest.raises(ConfigError, match="without line breaks") as caught:
+        settings(TABLE="orders\nDROP TABLE x;--")
+    assert str(caught.value).startswith("ORDER_MONITOR_TABLE='orders\\nDROP TABLE x;--'")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", SQL_NAMES + SQL_WORDS)
+@pytest.mark.parametrize("char", HOSTILE_BREAKS)
+def test_control_characters_are_refused_in_every_name_and_word(name: str, char: str) -> None:
+    with pytest.raises(ConfigError, match="control characters") as caught:
+        settings(**{name: f"x{char}y"})
+    message = str(caught.value)
+    assert message.startswith(f"ORDER_MONITOR_{name}=")
+    # The message itself is one line whatever the value held.
+    assert len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", SQL_WORDS)
+@pytest.mark.parametrize("word", ["İptal", "onaylandı", "gönderildi", "ｓｅｎｔ"])
+def test_non_ascii_status_words_are_refused_with_the_reason(name: str, word: str) -> None:
+    with pytest.raises(ConfigError, match="ASCII words: Python and PostgreSQL") as caught:
+        settings(**{name: word})
+    assert f"ORDER_MONITOR_{name}=" in str(caught.value)
+
+
+def test_non_ascii_table_and_column_names_are_still_fine() -> None:
+    # Identifiers are compared by PostgreSQL byte for byte, never case-folded by us.
+    s = settings(TABLE="siparişler", COLUMN_PIN_CODE="pinKodu_İ")
+    assert (s.layout.table, s.layout.columns.pin_code) == ("siparişler", "pinKodu_İ")
+
+
+# --- files that are not what they should be ----------------------------------------
+
+
+def test_a_secret_file_that_is_not_utf8_is_a_config_error_without_its_bytes(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "token").write_bytes(b"tok\xff\xfe-PW9z")
+    env = write_providers(
+        tmp_path,
+        "[providers.a]\nkind='barakat'\nbase_url='https://x'\n"
+        f"secrets={{token={{file='{tmp_path / 'token'}'}}}}",
+    )
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as caught:
+        load_settings(env)
+    assert "PW9z" not in str(caught.value)
+    assert "0xff" not in str(caught.value)
+
+
+def test_a_credential_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "dsn").write_bytes(b"postgresql://m:pw\xff@db/shop")
+    with pytest.raises(ConfigError, match=r"credential 'dsn' .* is not UTF-8 text") as caught:
+        load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert "0xff" not in str(caught.value)
+
+
+def test_an_env_file_that_is_a_directory_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_settings(env_file=tmp_path)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0", "+nan"])
+@pytest.mark.parametrize("key", ["rate", "connect_timeout", "read_timeout", "breaker_cooldown"])
+def test_provider_limits_must_be_finite_and_positive(tmp_path: Path, key: str, value: str) -> None:
+    env = write_providers(
+        tmp_path, f"[providers.a]\nkind='znet'\nbase_url='https://x'\nlimits={{{key}={value}}}"
+    )
+    with pytest.raises(ConfigError, match=rf"limits\.{key} = .* is invalid: expected a number > 0"):
+        load_settings(env)
+
+
+# --- unknown ORDER_MONITOR_* names ---------------------------------------------------
+
+
+def test_a_misspelt_setting_is_reported_with_the_name_it_resembles() -> None:
+    s = load_settings({**BASE, "ORDER_MONITOR_MAX_ATEMPTS": "5", "order_monitor_table": "x"})
+    assert s.policy.max_attempts == 20  # ignored, as before: but now said
+    assert s.unknown_variables == (
+        UnknownVariable("ORDER_MONITOR_MAX_ATEMPTS", "ORDER_MONITOR_MAX_ATTEMPTS"),
+        UnknownVariable("order_monitor_table", "ORDER_MONITOR_TABLE"),
+    )
+    assert str(s.unknown_variables[0]) == (
+        "ORDER_MONITOR_MAX_ATEMPTS is not an order-monitor setting and is ignored; "
+        "did you mean ORDER_MONITOR_MAX_ATTEMPTS?"
+    )
+    # Not part of the configuration: a reload does not see a change.
+    assert s == load_settings(BASE)
+
+
+def test_a_name_like_nothing_gets_no_suggestion() -> None:
+    (unknown,) = load_settings({**BASE, "ORDER_MONITOR_XYZZY": "1"}).unknown_variables
+    assert unknown.suggestion is None
+    assert str(unknown).endswith("is ignored")
+
+
+def test_names_read_elsewhere_are_known() -> None:
+    s = load_settings(
+        {
+            **BASE,
+            "ORDER_MONITOR_TEST_DSN": DSN,
+            "ORDER_MONITOR_ENV_FILE": "",
+            "ORDER_MONITOR_DOCTOR_NOTIFY_TIMEOUT": "3",
+            "OTHER_MAX_ATEMPTS": "1",
+        },
+        also_known={"ORDER_MONITOR_DOCTOR_NOTIFY_TIMEOUT"},
+    )
+    assert s.unknown_variables == ()
+
+
+def test_the_command_line_warns_once_per_unknown_name_on_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./.env of the developer's
+    env = {k: None for k in os.environ if k.upper().startswith("ORDER_MONITOR_")}
+    result = CliRunner().invoke(
+        cli,
+        ["schedule"],
+        env={
+            **env,
+            "ORDER_MONITOR_MAX_ATEMPTS": "5",
+            # The doctor's own option: read by the command line, not a typo.
+            "ORDER_MONITOR_DOCTOR_NOTIFY_TIMEOUT": "3",
+            "ORDER_MONITOR_TEST_DSN": DSN,
+        },
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "order-monitor: warning: ORDER_MONITOR_MAX_ATEMPTS is not an order-monitor setting "
+        "and is ignored; did you mean ORDER_MONITOR_MAX_ATTEMPTS?"
+    ]
+
+
+def test_the_daemon_logs_each_unknown_name() -> None:
+    s = load_settings({**BASE, "ORDER_MONITOR_SWEEP_INTERVALL": "5m"})
+    with capture_logs() as logs:
+        log_unknown_variables(s)
+    assert [(e["event"], e["variable"], e["did_you_mean"]) for e in logs] == [
+        ("config.unknown_variable", "ORDER_MONITOR_SWEEP_INTERVALL", "ORDER_MONITOR_SWEEP_INTERVAL")
+    ]

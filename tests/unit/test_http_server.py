@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,9 +14,17 @@ import aiohttp
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
+from order_monitor.errors import ConfigError
 from order_monitor.metrics import Metrics
-from order_monitor.ops.http import HttpListenError, HttpServer, parse_listen, serve_http
+from order_monitor.ops.http import (
+    ConnectionGate,
+    HttpListenError,
+    HttpServer,
+    parse_listen,
+    serve_http,
+)
 
 
 @dataclass
@@ -218,3 +228,105 @@ def test_parse_listen(listen: str, expected: tuple[str | None, int]) -> None:
 def test_parse_listen_refuses_what_it_cannot_bind(listen: str) -> None:
     with pytest.raises(HttpListenError, match="host:port"):
         parse_listen(listen)
+
+
+def test_a_listen_failure_is_a_configuration_error() -> None:
+    # Exit 78, which the unit does not restart on: the address stays wrong.
+    assert issubclass(HttpListenError, ConfigError)
+    assert HttpListenError("x").exit_code == 78
+
+
+# --- slow and idle clients --------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def wait_until(condition: Callable[[], bool], deadline: float, what: str) -> None:
+    """Poll *condition* until it holds, failing after *deadline* seconds."""
+    give_up = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > give_up:
+            pytest.fail(f"not within {deadline}s: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def closed_by_server(sock: socket.socket) -> None:
+    """Read until the server closes the connection (EOF or reset)."""
+    loop = asyncio.get_running_loop()
+    try:
+        while await loop.sock_recv(sock, 4096):
+            pass
+    except ConnectionResetError:
+        pass
+
+
+async def test_idle_and_half_sent_clients_cannot_exhaust_descriptors_or_healthz() -> None:
+    limit, timeout, clients = 32, 0.5, 200
+    loop = asyncio.get_running_loop()
+    server = HttpServer(
+        "127.0.0.1:0",
+        metrics=Metrics(),
+        readiness=FakeState(),
+        max_connections=limit,
+        header_timeout=timeout,
+    )
+    socks: list[socket.socket] = []
+    baseline = open_fds()
+    try:
+        with capture_logs() as logs:
+            async with server, aiohttp.ClientSession() as session:
+                for n in range(clients):
+                    sock = socket.socket()
+                    sock.setblocking(False)
+                    socks.append(sock)
+                    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+                    if n % 2:
+                        # Half a request line, then nothing: a slowloris client.
+                        await loop.sock_sendall(sock, b"GET /healthz HT")
+                gate = server.gate
+                await wait_until(
+                    lambda: gate.open + gate.refused_total >= clients,
+                    2.0,
+                    "the server accepted every connection",
+                )
+                # Our own client sockets plus the session's are in the count:
+                # what the server holds on top of them is bounded by the cap.
+                assert open_fds() - baseline - clients <= limit + 8
+                assert gate.open == limit
+
+                started = time.monotonic()
+                status = 0
+                while status != 200:
+                    assert time.monotonic() - started < timeout + 1.0, "/healthz never answered"
+                    async with session.get(f"http://127.0.0.1:{server.port}/healthz") as response:
+                        # 503 while the slots are held, 200 once the timeout frees them.
+                        status = response.status
+                assert time.monotonic() - started < timeout + 1.0
+
+                async with asyncio.timeout(timeout + 1.0):
+                    await asyncio.gather(*(closed_by_server(s) for s in socks))
+                await wait_until(lambda: gate.open == 0, 1.0, "every connection was released")
+    finally:
+        for sock in socks:
+            sock.close()
+    refusals = [e for e in logs if e["event"] == "http.connections_refused"]
+    assert len(refusals) == 1, "a flood of refusals is one log line, not one per connection"
+    assert refusals[0]["limit"] == limit
+
+
+def test_refusals_are_logged_at_most_once_per_interval() -> None:
+    now = [1000.0]
+    gate = ConnectionGate(1, log_interval=60.0, clock=lambda: now[0])
+    with capture_logs() as logs:
+        assert gate.admit()
+        assert not any(gate.admit() for _ in range(100))
+        now[0] += 59.0
+        assert not gate.admit()
+        now[0] += 1.0
+        assert not gate.admit()
+        gate.release()
+        assert gate.admit()
+    assert [(e["refused"], e["refused_total"]) for e in logs] == [(1, 1), (101, 102)]
+    assert gate.refused_total == 102
