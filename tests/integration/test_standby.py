@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import replace
 
+import pytest
+
+from order_monitor.config import Columns, Layout, OutcomeWrites
 from order_monitor.daemon import Daemon
+from order_monitor.errors import SchemaError
 from order_monitor.ops.leader import LEADER, STANDBY
 from order_monitor.providers.fake import FakeProvider
 from tests.integration.conftest import App, eventually, running, settings_for
@@ -51,3 +57,28 @@ async def _role(d: Daemon, role: str) -> bool:
 
 async def _in_flight(app: App, count: int) -> bool:
     return await app.in_flight() == count
+
+
+async def test_a_standby_refuses_a_table_it_cannot_serve_at_start_not_at_takeover(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    async with running(daemon(db, fake)) as leader:
+        assert leader.role == LEADER
+        misspelt = replace(
+            settings_for(db, fake),
+            layout=replace(Layout(), columns=Columns(pin_code="pin_code")),
+        )
+        standby = Daemon(misspelt, lock_poll=0.2, lock_check_interval=0.3)
+        # The lock is held: this instance would wait for ever before reading the table.
+        with pytest.raises(SchemaError, match="no column pin_code"):
+            await asyncio.wait_for(standby.run(), 10)
+        assert standby.role != LEADER
+
+
+async def test_a_standby_refuses_an_install_made_for_other_settings_at_start(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    async with running(daemon(db, fake)):
+        other = replace(settings_for(db, fake), writes=OutcomeWrites(done_status="approved"))
+        with pytest.raises(SchemaError, match="installed for other settings"):
+            await asyncio.wait_for(Daemon(other, lock_poll=0.2).run(), 10)
