@@ -296,9 +296,10 @@ def check_command(ctx: Context, order_id: str, dry_run: bool) -> None:
     flight is checked; for any other the row's state is shown and nobody is
     asked (exit 1).
 
-    Safe while the daemon runs: the write is the daemon's own guarded UPDATE,
-    applied only if the order is still in flight with the same provider
-    reference; if the daemon (or anyone) finished it first, the result is
+    Safe while the daemon runs: the write goes through the daemon's own write
+    function, applied only if the order is still in flight with the same
+    provider reference and provider; if the daemon (or anyone) finished it
+    first, the result is
     dropped and the command says so. Exit status 1 also when the provider
     could not be asked (timeout, refused credentials, garbage answer).
     """

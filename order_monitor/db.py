@@ -121,7 +121,7 @@ class ColumnLimits:
 
 @dataclass(frozen=True, slots=True)
 class WriteBatch:
-    """Column-wise arrays for the guarded UPDATE, one entry per order."""
+    """Column-wise arrays for the write function, one entry per order."""
 
     ids: list[uuid.UUID]
     references: list[str]

@@ -253,7 +253,7 @@ def _write_text(result: CheckResult) -> str:
     if result.dry_run:
         return "dry run: nothing written"
     if result.written:
-        return "written (the same guarded UPDATE the daemon uses)"
+        return "written (through the write function the daemon uses)"
     return (
         "NOT written: the row left flight or got a new provider reference while the "
         "provider was asked (the daemon, the application or an operator was faster); "
