@@ -289,6 +289,10 @@ def _html(units: _Reading) -> _Reading:
     return out
 
 
+#: The characters a decoder in :func:`_readings` acts on.
+_DECODABLE: Final = re.compile(r"[%+\\&]")
+
+
 def _readings(text: str) -> list[_Reading]:
     """The text as it is, and as each plausible decoding (or two in a row) reads it."""
     plain = [_Unit(c, i, i + 1) for i, c in enumerate(text)]
@@ -358,6 +362,17 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     passwords whatever they are. Never raises.
     """
     values = sorted({s for s in secrets if s}, key=len, reverse=True)
+    # The common case (a provider's status word, a Turkish message): no
+    # decoder applies, so the only reading is the text itself, and no secret
+    # is in it. Skips building the readings, a cost paid for every answer.
+    if _DECODABLE.search(text) or any(v in text for v in values):
+        text = _hide(text, values)
+    text = _URI_PASSWORD.sub(r"\1" + REDACTED, text)
+    return _CONNINFO_PASSWORD.sub(r"\1" + REDACTED, text)
+
+
+def _hide(text: str, values: list[str]) -> str:
+    """*text* with every reading's occurrence of *values* (longest first) replaced."""
     # Replacing can make a new occurrence out of the marker and its
     # neighbours ("x**" in "xx**" -> "x***"): repeat until nothing is found.
     # Each round removes at least one character that is not "*", so it ends.
@@ -369,8 +384,7 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
         if replaced == text:
             break
         text = replaced
-    text = _URI_PASSWORD.sub(r"\1" + REDACTED, text)
-    return _CONNINFO_PASSWORD.sub(r"\1" + REDACTED, text)
+    return text
 
 
 def _replace(text: str, spans: list[tuple[int, int]]) -> str:

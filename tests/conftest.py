@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import settings
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -25,6 +26,15 @@ import order_monitor
 from order_monitor import schema
 from order_monitor.config import Layout, OutcomeWrites
 from order_monitor.embedded import throwaway_postgres
+
+# CI runs the properties with a fixed seed, so a red build is reproducible and
+# never an accident of the draw; `HYPOTHESIS_PROFILE=explore pytest` searches
+# far wider before a change lands.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", max_examples=2000, deadline=None)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default")
+)
 
 REFERENCE_DDL = Path(order_monitor.__file__).with_name("product_orders.sql")
 

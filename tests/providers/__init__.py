@@ -17,6 +17,7 @@ import aiohttp
 import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import strategies as st
 
 from order_monitor.config import ProviderConfig, ProviderLimits
 from order_monitor.providers.base import clean_str
@@ -177,6 +178,10 @@ def flatten(value: object) -> str:
 # --- secrets in every form ---------------------------------------------------------
 
 
+#: Every printable character, ASCII or not: what a credential is made of.
+PRINTABLE = st.characters(blacklist_categories=("Cc", "Cs"))
+
+
 def yarl_form(secret: str) -> str:
     """The secret as yarl re-encodes a query value on the wire."""
     return yarl.URL("http://h/p").with_query({"k": secret}).raw_query_string[len("k=") :]
@@ -199,7 +204,9 @@ def forms(secret: str, *, cleaned: bool = False) -> set[str]:
         quote_plus(secret, safe="*[],"),
         urlencode({"k": secret})[2:],
         yarl_form(secret),
-        str(yarl.URL.build(path="/" + secret))[1:],
+        # raw_path, not str(): a URL with no host renders a path that starts
+        # with "//" as "////", which is no form of the secret.
+        yarl.URL.build(path="/" + secret).raw_path[1:],
         json.dumps(secret)[1:-1],
         json.dumps(secret, ensure_ascii=False)[1:-1],
         json.dumps(secret).replace("/", "\\/")[1:-1],

@@ -31,9 +31,10 @@ from order_monitor.providers.base import OrderRef, Outcome, Status
 from order_monitor.providers.http import Transport
 from order_monitor.providers.registry import build_provider
 from order_monitor.redaction import REDACTED, Secret
-from tests.providers import client, closed_port, leaks, provider_config, serve
+from tests.providers import PRINTABLE, client, closed_port, leaks, provider_config, serve
 
-credentials = st.text(min_size=1, max_size=16).filter(lambda s: s != REDACTED)
+# Credentials are printable text (a token, a password): all of it, ASCII or not.
+credentials = st.text(PRINTABLE, min_size=1, max_size=16).filter(lambda s: s != REDACTED)
 MODES = ("pending-echo", "failed-echo", "error-echo", "bad-body", "http-500", "read-timeout")
 # Only the paths that must time out get short timeouts; the others keep the
 # default 5 s, so that a loaded machine cannot turn an answer into an error.

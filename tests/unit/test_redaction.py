@@ -7,13 +7,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from order_monitor.redaction import REDACTED, redact_dsn, redact_url, scrub
-from tests.providers import forms, leaks, yarl_form
+from tests.providers import PRINTABLE, forms, leaks, yarl_form
 
 SIFRE = "Zs+9/Qw=x&k7~Q!"
 
 
 # Everything a secret could be: printable ASCII, controls, any script, emoji.
-secrets = st.text(min_size=1, max_size=24).filter(lambda s: s != REDACTED)
+# Credentials are printable text (a token, a password): all of it, ASCII or not.
+secrets = st.text(PRINTABLE, min_size=1, max_size=24).filter(lambda s: s != REDACTED)
 # What a provider's answer or an exception text may put around it.
 surroundings = st.text(max_size=20)
 
