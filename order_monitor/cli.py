@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,14 +32,27 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except OrderMonitorError as exc:
-            click.echo(f"order-monitor: {exc}", err=True)
+            click.echo(error_line(f"order-monitor: {exc}"), err=True)
             sys.exit(exc.exit_code)
         except psycopg.OperationalError as exc:
             # libpq's text names host and port, never the password.
-            click.echo(f"order-monitor: cannot reach the database: {exc}".rstrip(), err=True)
+            click.echo(
+                error_line(f"order-monitor: cannot reach the database: {exc}".rstrip()), err=True
+            )
             sys.exit(69)  # EX_UNAVAILABLE
 
     return wrapper
+
+
+def error_line(text: str) -> str:
+    """*text* as a line journald stores at priority err when stderr goes there.
+
+    These lines come before logging is configured (a bad setting is why it
+    could not be), so without the prefix logs.py would give them, journald
+    stores them at info and `journalctl -p err` misses the one line that says
+    what is wrong.
+    """
+    return f"<3>{text}" if os.environ.get("JOURNAL_STREAM") else text
 
 
 class Context:
