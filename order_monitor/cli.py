@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 import psycopg
@@ -191,9 +191,12 @@ def demo_command(orders: int, rate: float, keep: bool, seed: int) -> None:
     show_envvar=True,
     help="Seconds to wait for the self-NOTIFY to come back.",
 )
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object at the end: verdicts and details."
+)
 @pass_context
 @friendly_errors
-def doctor_command(ctx: Context, notify_timeout: float) -> None:
+def doctor_command(ctx: Context, notify_timeout: float, as_json: bool) -> None:
     """Check the installation; one PASS/WARN/FAIL line per check.
 
     Settings; the database (a primary); the table, its columns and the
@@ -204,30 +207,37 @@ def doctor_command(ctx: Context, notify_timeout: float) -> None:
     each provider, for a reference no order has. A FAIL says what to do.
 
     Exit status: 0 when nothing FAILed (WARNs allowed), 1 otherwise, 78 when
-    the settings themselves are invalid. Changes nothing.
+    the settings themselves are invalid. Changes nothing. With --json the same
+    findings come as one object (keys: ok, exit_status, counts, findings).
     """
     import asyncio
+    import json
     import logging
 
     from order_monitor.errors import ConfigError
     from order_monitor.operator import doctor, logs_to_stderr
 
+    def show(finding: doctor.Finding) -> None:
+        if not as_json:  # the JSON object comes whole, at the end
+            click.echo(doctor.format_finding(finding))
+
+    def finish(findings: list[doctor.Finding], code: int) -> NoReturn:
+        if as_json:
+            click.echo(json.dumps(doctor.to_json(findings, code), ensure_ascii=False, indent=2))
+        sys.exit(code)
+
     try:
         settings = ctx.settings
     except ConfigError as exc:
-        click.echo(doctor.format_finding(doctor.settings_failed(exc)))
-        sys.exit(exc.exit_code)
-    click.echo(doctor.format_finding(doctor.settings_loaded(settings)))
+        failed = doctor.settings_failed(exc)
+        show(failed)
+        finish([failed], exc.exit_code)
+    loaded = doctor.settings_loaded(settings)
+    show(loaded)
     # Every failure is a line of the report; log lines would only repeat them.
     with logs_to_stderr(logging.CRITICAL):
-        findings = asyncio.run(
-            doctor.diagnose(
-                settings,
-                lambda finding: click.echo(doctor.format_finding(finding)),
-                notify_timeout=notify_timeout,
-            )
-        )
-    sys.exit(doctor.exit_status(findings))
+        findings = asyncio.run(doctor.diagnose(settings, show, notify_timeout=notify_timeout))
+    finish([loaded, *findings], doctor.exit_status(findings))
 
 
 @cli.command("status")
@@ -264,9 +274,10 @@ def status_command(ctx: Context, as_json: bool) -> None:
 @click.option(
     "--dry-run", is_flag=True, help="Ask the provider and show the decision; write nothing."
 )
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, seconds as numbers.")
 @pass_context
 @friendly_errors
-def check_command(ctx: Context, order_id: str, dry_run: bool) -> None:
+def check_command(ctx: Context, order_id: str, dry_run: bool, as_json: bool) -> None:
     """Ask the provider about one order now and write the outcome.
 
     Prints the provider's raw and normalised answer (the PIN included, marked),
@@ -279,8 +290,12 @@ def check_command(ctx: Context, order_id: str, dry_run: bool) -> None:
     reference; if the daemon (or anyone) finished it first, the result is
     dropped and the command says so. Exit status 1 also when the provider
     could not be asked (timeout, refused credentials, garbage answer).
+    With --json the result is one object (checked, order, answer, decision,
+    written...); an order that could not be checked is {"checked": false,
+    "error": ...}, also on stdout.
     """
     import asyncio
+    import json
     import uuid
 
     from order_monitor.operator import check, logs_to_stderr
@@ -295,8 +310,17 @@ def check_command(ctx: Context, order_id: str, dry_run: bool) -> None:
         ) from None
     settings = ctx.settings
     with logs_to_stderr():
-        result = asyncio.run(check.run_check(settings, parsed, dry_run=dry_run))
-    click.echo(check.format_result(result, settings.layout), nl=False)
+        try:
+            result = asyncio.run(check.run_check(settings, parsed, dry_run=dry_run))
+        except check.CheckError as exc:
+            if not as_json:
+                raise
+            click.echo(json.dumps(check.error_to_json(parsed, exc), ensure_ascii=False, indent=2))
+            sys.exit(exc.exit_code)
+    if as_json:
+        click.echo(json.dumps(check.to_json(result), ensure_ascii=False, indent=2))
+    else:
+        click.echo(check.format_result(result, settings.layout), nl=False)
     sys.exit(result.exit_code)
 
 
