@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 import psycopg
@@ -31,11 +32,13 @@ def friendly_errors(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except OrderMonitorError as exc:
-            click.echo(f"order-monitor: {exc}", err=True)
+            click.echo(error_line(f"order-monitor: {exc}"), err=True)
             sys.exit(exc.exit_code)
         except psycopg.OperationalError as exc:
             # libpq's text names host and port, never the password.
-            click.echo(f"order-monitor: cannot reach the database: {exc}".rstrip(), err=True)
+            click.echo(
+                error_line(f"order-monitor: cannot reach the database: {exc}".rstrip()), err=True
+            )
             sys.exit(69)  # EX_UNAVAILABLE
 
     return wrapper
@@ -64,6 +67,17 @@ def warn_unknown(settings: Settings) -> Settings:
     for unknown in settings.unknown_variables:
         click.echo(f"order-monitor: warning: {unknown}", err=True)
     return settings
+
+
+def error_line(text: str) -> str:
+    """*text* as a line journald stores at priority err when stderr goes there.
+
+    These lines come before logging is configured (a bad setting is why it
+    could not be), so without the prefix logs.py would give them, journald
+    stores them at info and `journalctl -p err` misses the one line that says
+    what is wrong.
+    """
+    return f"<3>{text}" if os.environ.get("JOURNAL_STREAM") else text
 
 
 class Context:
@@ -214,9 +228,12 @@ def demo_command(orders: int, rate: float, keep: bool, seed: int) -> None:
     show_envvar=True,
     help="Seconds to wait for the self-NOTIFY to come back.",
 )
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object at the end: verdicts and details."
+)
 @pass_context
 @friendly_errors
-def doctor_command(ctx: Context, notify_timeout: float) -> None:
+def doctor_command(ctx: Context, notify_timeout: float, as_json: bool) -> None:
     """Check the installation; one PASS/WARN/FAIL line per check.
 
     Settings; the database (a primary); the table, its columns and the
@@ -227,30 +244,36 @@ def doctor_command(ctx: Context, notify_timeout: float) -> None:
     each provider, for a reference no order has. A FAIL says what to do.
 
     Exit status: 0 when nothing FAILed (WARNs allowed), 1 otherwise, 78 when
-    the settings themselves are invalid. Changes nothing.
+    the settings themselves are invalid. Changes nothing. With --json the same
+    findings come as one object (keys: ok, exit_status, counts, findings).
     """
     import asyncio
     import logging
 
     from order_monitor.errors import ConfigError
-    from order_monitor.operator import doctor, logs_to_stderr
+    from order_monitor.operator import doctor, dumps, logs_to_stderr
+
+    def show(finding: doctor.Finding) -> None:
+        if not as_json:  # the JSON object comes whole, at the end
+            click.echo(doctor.format_finding(finding))
+
+    def finish(findings: list[doctor.Finding], code: int) -> NoReturn:
+        if as_json:
+            click.echo(dumps(doctor.to_json(findings, code)))
+        sys.exit(code)
 
     try:
         settings = ctx.settings
     except ConfigError as exc:
-        click.echo(doctor.format_finding(doctor.settings_failed(exc)))
-        sys.exit(exc.exit_code)
-    click.echo(doctor.format_finding(doctor.settings_loaded(settings)))
+        failed = doctor.settings_failed(exc)
+        show(failed)
+        finish([failed], exc.exit_code)
+    loaded = doctor.settings_loaded(settings)
+    show(loaded)
     # Every failure is a line of the report; log lines would only repeat them.
     with logs_to_stderr(logging.CRITICAL):
-        findings = asyncio.run(
-            doctor.diagnose(
-                settings,
-                lambda finding: click.echo(doctor.format_finding(finding)),
-                notify_timeout=notify_timeout,
-            )
-        )
-    sys.exit(doctor.exit_status(findings))
+        findings = asyncio.run(doctor.diagnose(settings, show, notify_timeout=notify_timeout))
+    finish([loaded, *findings], doctor.exit_status(findings))
 
 
 @cli.command("status")
@@ -286,9 +309,10 @@ def status_command(ctx: Context, as_json: bool) -> None:
 @click.option(
     "--dry-run", is_flag=True, help="Ask the provider and show the decision; write nothing."
 )
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, seconds as numbers.")
 @pass_context
 @friendly_errors
-def check_command(ctx: Context, order_id: str, dry_run: bool) -> None:
+def check_command(ctx: Context, order_id: str, dry_run: bool, as_json: bool) -> None:
     """Ask the provider about one order now and write the outcome.
 
     Prints the provider's raw and normalised answer (the PIN included, marked),
@@ -302,11 +326,14 @@ def check_command(ctx: Context, order_id: str, dry_run: bool) -> None:
     first, the result is
     dropped and the command says so. Exit status 1 also when the provider
     could not be asked (timeout, refused credentials, garbage answer).
+    With --json the result is one object (checked, order, answer, decision,
+    written...); an order that could not be checked is {"checked": false,
+    "error": ...}, also on stdout.
     """
     import asyncio
     import uuid
 
-    from order_monitor.operator import check, logs_to_stderr
+    from order_monitor.operator import check, dumps, logs_to_stderr
 
     try:
         parsed = uuid.UUID(order_id.strip())
@@ -318,8 +345,17 @@ def check_command(ctx: Context, order_id: str, dry_run: bool) -> None:
         ) from None
     settings = ctx.settings
     with logs_to_stderr():
-        result = asyncio.run(check.run_check(settings, parsed, dry_run=dry_run))
-    click.echo(check.format_result(result, settings.layout), nl=False)
+        try:
+            result = asyncio.run(check.run_check(settings, parsed, dry_run=dry_run))
+        except check.CheckError as exc:
+            if not as_json:
+                raise
+            click.echo(dumps(check.error_to_json(parsed, exc)))
+            sys.exit(exc.exit_code)
+    if as_json:
+        click.echo(dumps(check.to_json(result)))
+    else:
+        click.echo(check.format_result(result, settings.layout), nl=False)
     sys.exit(result.exit_code)
 
 

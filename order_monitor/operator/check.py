@@ -259,3 +259,58 @@ def _write_text(result: CheckResult) -> str:
         "provider was asked (the daemon, the application or an operator was faster); "
         "its newer state stands"
     )
+
+
+def order_to_json(order: OrderState) -> dict[str, object]:
+    return {
+        "id": str(order.id),
+        "status": order.status,
+        "external_status": order.external_status,
+        "provider_reference": order.reference,
+        "provider_id": order.provider_id,
+        "in_flight": order.in_flight,
+    }
+
+
+def to_json(result: CheckResult) -> dict[str, object]:
+    """The result for scripts: stable keys, seconds as numbers, absent values null.
+
+    The PIN is included, as in the text output: it is what the provider said.
+    """
+    o = result.outcome
+    d = result.decision
+    return {
+        "checked": True,
+        "order": order_to_json(result.order),
+        "provider": result.provider,
+        "kind": result.kind,
+        "dispatched_s_ago": round(result.row.elapsed, 3),
+        "asked_in_s": round(result.asked_in_s, 3),
+        "answer": {
+            "raw_status": o.raw_status,
+            "outcome": o.status.value,
+            "pin": o.pin,
+            "message": o.message,
+            "error": o.error,
+        },
+        "decision": {
+            "kind": d.kind,
+            "writes": d.writes,
+            "finished": d.finished,
+            "external_status": d.external_status,
+            "status": d.status,
+            "pin": d.pin,
+            "provider_message": d.provider_message,
+            "last_message": d.last_message,
+            "next_check_in_s": d.next_check_in,
+        },
+        "dry_run": result.dry_run,
+        "written": result.written,
+        "notes": list(result.notes),
+        "exit_status": result.exit_code,
+    }
+
+
+def error_to_json(order_id: uuid.UUID, error: CheckError) -> dict[str, object]:
+    """Why the order was not checked (not found, not in flight, no provider)."""
+    return {"checked": False, "order_id": str(order_id), "error": str(error), "exit_status": 1}

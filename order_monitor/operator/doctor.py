@@ -789,3 +789,22 @@ async def probe(
         f"reference {PROBE_REFERENCE!r})",
         config,
     )
+
+
+def to_json(findings: Sequence[Finding], exit_code: int) -> dict[str, object]:
+    """The report for scripts: stable keys, one entry per check in the order run.
+
+    ``ok`` is what the exit status says (nothing FAILed); ``counts`` always
+    has all three verdicts, so a script need not test for a missing key.
+    """
+    counts = {v.value.lower(): 0 for v in Verdict}
+    for finding in findings:
+        counts[finding.verdict.value.lower()] += 1
+    return {
+        "ok": exit_code == 0,
+        "exit_status": exit_code,
+        "counts": counts,
+        "findings": [
+            {"check": f.check, "verdict": f.verdict.value, "detail": f.detail} for f in findings
+        ],
+    }

@@ -1,0 +1,223 @@
+"""The alert rules and the dashboard, against promtool and a real Prometheus.
+
+promtool checks the rules file and runs its unit tests (one case or more per
+alert). Then a real Prometheus scrapes a running daemon every second, and
+every dashboard expression and every alert expression is evaluated through
+its HTTP API.
+
+An alert expression is silent by design when all is well (``up == 0``), so
+"returns a series" is asked of what it is made of: every metric selector in
+it, with its label matchers (``order_monitor_checks_total{outcome="error"}``),
+must select a series the daemon exports, and the whole expression must
+evaluate without error. A typo in a metric name, a label name or a label
+value selects nothing and fails. Dashboard expressions must return a series
+as written. The daemon is driven through a done order, a failed request, a
+give-up and an order nobody serves first, since a labelled series exists
+only once it has been counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg
+import pytest
+
+from order_monitor.daemon import Daemon
+from order_monitor.policy import BackoffPolicy
+from order_monitor.providers.fake import Behaviour, FakeProvider, Script
+from tests.integration.conftest import App, running, settings_for
+
+MONITORING = Path(__file__).parents[2] / "monitoring"
+RULES = MONITORING / "order-monitor.rules.yml"
+RULE_TESTS = MONITORING / "tests" / "order-monitor.rules.test.yml"
+DASHBOARD = MONITORING / "grafana-dashboard.json"
+SELECTOR = re.compile(r"\b(order_monitor_\w+|up)\b(\{[^}]*\})?")
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(
+        shutil.which("promtool") is None or shutil.which("prometheus") is None,
+        reason="promtool/prometheus are not installed (Debian: apt-get install prometheus)",
+    ),
+]
+once = pytest.mark.skipif(
+    bool(os.environ.get("ORDER_MONITOR_TEST_SKIP_PROMETHEUS")),
+    reason="ORDER_MONITOR_TEST_SKIP_PROMETHEUS is set: .ci/run ran it on the first run",
+)
+
+
+def alert_exprs() -> dict[str, str]:
+    """alert name -> expr, from the rules file (the two shapes it uses: inline and >-)."""
+    found: dict[str, str] = {}
+    for block in re.split(r"\n\s+- alert: ", RULES.read_text())[1:]:
+        name = block.split("\n", 1)[0].strip()
+        expr = re.search(r"\n\s+expr: (?:>-\n((?:\s{10,}.*\n)+)|(.*)\n)", block)
+        assert expr, f"no expr for {name}"
+        found[name] = " ".join((expr.group(1) or expr.group(2)).split())
+    return found
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(p["title"], t["expr"]) for p in panels for t in p["targets"]]
+
+
+def test_promtool_checks_the_rules() -> None:
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(alert_exprs())} rules found" in result.stdout
+
+
+def test_promtool_unit_tests_pass_and_cover_every_alert() -> None:
+    result = subprocess.run(
+        ["promtool", "test", "rules", str(RULE_TESTS)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    tested = set(re.findall(r"alertname: (\w+)", RULE_TESTS.read_text()))
+    firing = {
+        name
+        for name in tested
+        if re.search(
+            rf"alertname: {name}\n\s+eval_time: \w+\n\s+exp_alerts:\n\s+- ", RULE_TESTS.read_text()
+        )
+    }
+    assert firing == set(alert_exprs()), "every alert needs a case where it fires"
+
+
+def test_every_runbook_names_a_command() -> None:
+    for block in re.split(r"\n\s+- alert: ", RULES.read_text())[1:]:
+        runbook = block.split("runbook:", 1)[1]
+        assert re.search(r"`(order-monitor|systemctl|journalctl|curl) ", runbook), block
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def app(db: str) -> AsyncIterator[App]:
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+        yield App(conn)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeProvider]:
+    provider = FakeProvider(Behaviour(), token="test-token", clock=time.time)
+    async with provider.running():
+        yield provider
+
+
+async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[Any]:
+    async with session.get(f"{base}/api/v1/query", params={"query": expr}) as response:
+        body = await response.json()
+    assert body["status"] == "success", (expr, body)
+    return list(body["data"]["result"])
+
+
+@once
+async def test_every_expression_selects_real_series(
+    db: str, app: App, fake: FakeProvider, tmp_path: Path
+) -> None:
+    # Two attempts and the order gives up, so a give-up is quick to get.
+    policy = BackoffPolicy(
+        initial_delay=0.0, base=0.1, cap=0.2, jitter=0.0, max_attempts=2, max_age=3600
+    )
+    settings = replace(settings_for(db, fake), policy=policy, http_listen="127.0.0.1:0")
+    daemon = Daemon(settings)
+    async with running(daemon):
+        assert daemon.http_server is not None
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            f"""
+global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+rule_files: ["{RULES}"]
+scrape_configs:
+  - job_name: order-monitor
+    static_configs: [{{targets: ["127.0.0.1:{daemon.http_server.port}"]}}]
+"""
+        )
+        log = tmp_path / "prometheus.log"
+        with log.open("wb") as log_file:
+            server = subprocess.Popen(  # noqa: ASYNC220 - returns at once; it runs beside the loop
+                [
+                    "prometheus",
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
+        try:
+            registry = daemon.metrics.registry
+
+            async def counted(name: str, labels: dict[str, str]) -> None:
+                deadline = time.monotonic() + 30
+                while not registry.get_sample_value(name, labels):
+                    assert time.monotonic() < deadline, f"{name}{labels} never counted"
+                    await asyncio.sleep(0.05)
+
+            fake.set_script("M-GIVEUP", Script.pending())
+            await app.dispatch(["M-DONE", "M-GIVEUP"])
+            await app.dispatch(["M-NOBODY"], provider_id="nobody")
+            await counted("order_monitor_orders_finished_total", {"outcome": "done"})
+            await counted("order_monitor_orders_finished_total", {"outcome": "gave_up"})
+            await counted("order_monitor_unconfigured_provider_orders_total", {})
+            fake.behaviour.error_rate = 1.0
+            await app.dispatch(["M-ERR"])
+            await counted("order_monitor_checks_total", {"provider": "fake", "outcome": "error"})
+            fake.behaviour.error_rate = 0.0
+
+            alerts = alert_exprs()
+            selectors = sorted({m.group(0) for e in alerts.values() for m in SELECTOR.finditer(e)})
+            panels = dashboard_exprs()
+            async with aiohttp.ClientSession() as session:
+                missing: list[str] = ["(not asked yet)"]
+                deadline = time.monotonic() + 60
+                while missing:
+                    assert time.monotonic() < deadline, (
+                        f"no series for: {missing}\n" + log.read_text()[-2000:]
+                    )
+                    await asyncio.sleep(0.5)
+                    try:
+                        for _name, expr in alerts.items():
+                            await query(session, base, expr)  # evaluates, series or not
+                    except aiohttp.ClientConnectionError:
+                        continue  # not listening yet
+                    missing = [s for s in selectors if not await query(session, base, s)]
+                    missing += [
+                        f"{title}: {expr}"
+                        for title, expr in panels
+                        if not await query(session, base, expr)
+                    ]
+                # The server loaded the very rules file, and none fails to evaluate.
+                async with session.get(f"{base}/api/v1/rules") as response:
+                    groups = (await response.json())["data"]["groups"]
+                loaded = {r["name"]: r for g in groups for r in g["rules"]}
+                assert set(loaded) == set(alerts)
+                assert all(r["health"] != "err" for r in loaded.values()), loaded
+        finally:
+            server.terminate()
+            server.wait(30)
