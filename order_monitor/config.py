@@ -45,6 +45,9 @@ _LONGEST: Final = 30 * 86400.0
 ENV_FILE_VARIABLE: Final = PREFIX + "ENV_FILE"
 TEST_DSN_VARIABLE: Final = PREFIX + "TEST_DSN"
 _READ_ELSEWHERE: Final = frozenset({ENV_FILE_VARIABLE, TEST_DSN_VARIABLE})
+#: The test suite's own switches (ORDER_MONITOR_TEST_DSN, _TEST_SKIP_…): never
+#: a setting of the daemon, so never reported as an unknown one.
+TEST_PREFIX: Final = PREFIX + "TEST_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +228,7 @@ def unknown_variables(names: Iterable[str], known: Collection[str]) -> tuple[Unk
     by_suffix = {k.removeprefix(PREFIX): k for k in known}
     found = []
     for name in sorted(names):
-        if not name.upper().startswith(PREFIX) or name in known:
+        if not name.upper().startswith(PREFIX) or name in known or name.startswith(TEST_PREFIX):
             continue
         close = difflib.get_close_matches(name.upper().removeprefix(PREFIX), by_suffix, n=1)
         found.append(UnknownVariable(name, by_suffix[close[0]] if close else None))

@@ -564,6 +564,7 @@ def test_names_read_elsewhere_are_known() -> None:
         {
             **BASE,
             "ORDER_MONITOR_TEST_DSN": DSN,
+            "ORDER_MONITOR_TEST_SKIP_PROMETHEUS": "1",
             "ORDER_MONITOR_ENV_FILE": "",
             "ORDER_MONITOR_DOCTOR_NOTIFY_TIMEOUT": "3",
             "OTHER_MAX_ATEMPTS": "1",
