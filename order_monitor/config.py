@@ -45,7 +45,7 @@ _LONGEST: Final = 30 * 86400.0
 ENV_FILE_VARIABLE: Final = PREFIX + "ENV_FILE"
 TEST_DSN_VARIABLE: Final = PREFIX + "TEST_DSN"
 _READ_ELSEWHERE: Final = frozenset({ENV_FILE_VARIABLE, TEST_DSN_VARIABLE})
-#: The test suite's own switches (ORDER_MONITOR_TEST_DSN, _TEST_SKIP_…): never
+#: The test suite's own switches (the TEST_DSN above, TEST_SKIP_…): never
 #: a setting of the daemon, so never reported as an unknown one.
 TEST_PREFIX: Final = PREFIX + "TEST_"
 
