@@ -55,7 +55,9 @@ def safe_text(text: str) -> str:
     ``"AB\ud800\x00"`` becomes ``"AB\\ud800\\x00"``: readable, encodable
     as strict UTF-8 and harmless on a terminal.
     """
-    if not _UNPRINTABLE.search(text):
+    # isprintable() is a C loop and true for nearly every log string (it is
+    # false for tab and newline too, which the pattern then lets through).
+    if text.isprintable() or not _UNPRINTABLE.search(text):
         return text
     return _UNPRINTABLE.sub(_escape, text)
 

@@ -367,8 +367,12 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     # is in it. Skips building the readings, a cost paid for every answer.
     if _DECODABLE.search(text) or any(v in text for v in values):
         text = _hide(text, values)
-    text = _URI_PASSWORD.sub(r"\1" + REDACTED, text)
-    return _CONNINFO_PASSWORD.sub(r"\1" + REDACTED, text)
+    # Both patterns need their anchor ("://", an "="): most text has neither.
+    if "://" in text:
+        text = _URI_PASSWORD.sub(r"\1" + REDACTED, text)
+    if "=" in text:
+        text = _CONNINFO_PASSWORD.sub(r"\1" + REDACTED, text)
+    return text
 
 
 def _hide(text: str, values: list[str]) -> str:

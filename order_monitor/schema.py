@@ -177,8 +177,8 @@ def write_function_body(layout: Layout, writes: OutcomeWrites) -> str:
         ),
         sql.SQL(
             "{column} = CASE WHEN v.kind <> 'pending' THEN least(\n"
-            "                extract(epoch FROM now() - coalesce({sent}, {created})) * 1000,\n"
-            "                2147483647)::integer ELSE {old} END"
+            "            extract(epoch FROM now() - coalesce({sent}, {created})) * 1000,\n"
+            "            2147483647)::integer ELSE {old} END"
         ).format(
             column=sql.Identifier(c.duration_ms),
             sent=col(c.sent_at),
@@ -196,48 +196,45 @@ def write_function_body(layout: Layout, writes: OutcomeWrites) -> str:
             )
         )
     params = [sql.SQL(name) for name, _ in WRITE_PARAMETERS]
+    # One set-based statement, in plpgsql so that its plan is prepared once
+    # per session: a loop over the rows, or a LANGUAGE sql body (planned at
+    # every call), each cost the daemon a third of its throughput here.
     body = sql.SQL(
         """
-DECLARE
-    w record;
 BEGIN
-    FOR w IN
-        WITH v AS (
-            SELECT * FROM unnest({params})
-                AS v(id, ref, provider_id, kind, pin, provider_message, last_message)
-        )
-        UPDATE {table} AS o SET
-            {sets}
-        FROM v
-        WHERE {o_id} = v.id
-          -- The guard: the same reference and provider as when the daemon read
-          -- the row, and the row still in flight. A result that lost a race
-          -- (an operator finished the order, the application re-sent it) is
-          -- not written, and a finished row, its PIN included, is out of reach.
-          AND {o_ref} = v.ref
-          AND {o_provider_id}::text IS NOT DISTINCT FROM v.provider_id
-          AND v.kind IN ({kinds})
-          AND {in_flight}
-        RETURNING {o_id} AS id, v.kind AS kind, {o_external_status}::text AS external_status,
-                  {o_status}::text AS status, {o_ref}::text AS reference
-    LOOP
-        IF w.kind <> 'pending' THEN
-            -- A hint for the application: anyone may NOTIFY on any channel, so
-            -- it re-reads the row (by id, and reference) before acting on it.
-            PERFORM pg_notify({channel}, json_build_object(
-                'id', w.id, 'outcome', w.kind, 'reference', w.reference,
-                'externalStatus', w.external_status, 'status', w.status)::text);
-        END IF;
-        order_id := w.id;
-        outcome := w.kind;
-        RETURN NEXT;
-    END LOOP;
+RETURN QUERY
+WITH v AS (
+    SELECT * FROM unnest({params})
+        AS v(id, ref, provider_id, kind, pin, provider_message, last_message)
+), written AS (
+    UPDATE {table} AS o SET
+        {sets}
+    FROM v
+    WHERE {o_id} = v.id
+      -- The guard: the same reference and provider as when the daemon read
+      -- the row, and the row still in flight. A result that lost a race
+      -- (an operator finished the order, the application re-sent it) is
+      -- not written, and a finished row, its PIN included, is out of reach.
+      AND {o_ref} = v.ref
+      AND {o_provider_id}::text IS NOT DISTINCT FROM v.provider_id
+      AND v.kind IN ({kinds})
+      AND {in_flight}
+    RETURNING {o_id} AS id, v.kind AS kind,
+        -- A hint for the application, in the same transaction: anyone may
+        -- NOTIFY on any channel, so it re-reads the row (by id and reference)
+        -- before acting on it. RETURNING runs for every row written.
+        CASE WHEN v.kind <> 'pending' THEN pg_notify({channel}, json_build_object(
+            'id', {o_id}, 'outcome', v.kind, 'reference', {o_ref},
+            'externalStatus', {o_external_status}, 'status', {o_status})::text)::text
+        END AS announced
+)
+SELECT written.id, written.kind FROM written;
 END
 """
     ).format(
-        params=sql.SQL(",\n                         ").join(params),
+        params=sql.SQL(",\n                 ").join(params),
         table=sql.Identifier(layout.schema, layout.table),
-        sets=sql.SQL(",\n            ").join(sets),
+        sets=sql.SQL(",\n        ").join(sets),
         o_id=col(c.id),
         o_ref=col(c.provider_ref),
         o_provider_id=col(c.provider_id),

@@ -85,58 +85,52 @@ CREATE OR REPLACE FUNCTION "public"."order_monitor_product_orders_write_v1"(
     SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $om$
-DECLARE
-    w record;
 BEGIN
-    FOR w IN
-        WITH v AS (
-            SELECT * FROM unnest(p_ids,
-                         p_references,
-                         p_provider_ids,
-                         p_kinds,
-                         p_pins,
-                         p_provider_messages,
-                         p_last_messages)
-                AS v(id, ref, provider_id, kind, pin, provider_message, last_message)
-        )
-        UPDATE "public"."product_orders" AS o SET
-            "externalStatus" = CASE v.kind
+RETURN QUERY
+WITH v AS (
+    SELECT * FROM unnest(p_ids,
+                 p_references,
+                 p_provider_ids,
+                 p_kinds,
+                 p_pins,
+                 p_provider_messages,
+                 p_last_messages)
+        AS v(id, ref, provider_id, kind, pin, provider_message, last_message)
+), written AS (
+    UPDATE "public"."product_orders" AS o SET
+        "externalStatus" = CASE v.kind
                 WHEN 'done' THEN 'done'
                 WHEN 'failed' THEN 'failed'
                 WHEN 'gave_up' THEN 'manual_required'
                 ELSE "o"."externalStatus" END,
-            "pinCode" = CASE WHEN v.kind = 'done' THEN coalesce(v.pin, "o"."pinCode") ELSE "o"."pinCode" END,
-            "providerMessage" = coalesce(v.provider_message, "o"."providerMessage"),
-            "lastMessage" = coalesce(v.last_message, "o"."lastMessage"),
-            "lastSyncAt" = now(),
-            "completedAt" = CASE WHEN v.kind <> 'pending' THEN now() ELSE "o"."completedAt" END,
-            "durationMs" = CASE WHEN v.kind <> 'pending' THEN least(
-                extract(epoch FROM now() - coalesce("o"."sentAt", "o"."createdAt")) * 1000,
-                2147483647)::integer ELSE "o"."durationMs" END
-        FROM v
-        WHERE "o"."id" = v.id
-          -- The guard: the same reference and provider as when the daemon read
-          -- the row, and the row still in flight. A result that lost a race
-          -- (an operator finished the order, the application re-sent it) is
-          -- not written, and a finished row, its PIN included, is out of reach.
-          AND "o"."provider_referans" = v.ref
-          AND "o"."providerId"::text IS NOT DISTINCT FROM v.provider_id
-          AND v.kind IN ('done', 'failed', 'gave_up', 'pending')
-          AND o."provider_referans" IS NOT NULL AND lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(o."status") NOT IN ('approved', 'rejected')
-        RETURNING "o"."id" AS id, v.kind AS kind, "o"."externalStatus"::text AS external_status,
-                  "o"."status"::text AS status, "o"."provider_referans"::text AS reference
-    LOOP
-        IF w.kind <> 'pending' THEN
-            -- A hint for the application: anyone may NOTIFY on any channel, so
-            -- it re-reads the row (by id, and reference) before acting on it.
-            PERFORM pg_notify('order_monitor_result', json_build_object(
-                'id', w.id, 'outcome', w.kind, 'reference', w.reference,
-                'externalStatus', w.external_status, 'status', w.status)::text);
-        END IF;
-        order_id := w.id;
-        outcome := w.kind;
-        RETURN NEXT;
-    END LOOP;
+        "pinCode" = CASE WHEN v.kind = 'done' THEN coalesce(v.pin, "o"."pinCode") ELSE "o"."pinCode" END,
+        "providerMessage" = coalesce(v.provider_message, "o"."providerMessage"),
+        "lastMessage" = coalesce(v.last_message, "o"."lastMessage"),
+        "lastSyncAt" = now(),
+        "completedAt" = CASE WHEN v.kind <> 'pending' THEN now() ELSE "o"."completedAt" END,
+        "durationMs" = CASE WHEN v.kind <> 'pending' THEN least(
+            extract(epoch FROM now() - coalesce("o"."sentAt", "o"."createdAt")) * 1000,
+            2147483647)::integer ELSE "o"."durationMs" END
+    FROM v
+    WHERE "o"."id" = v.id
+      -- The guard: the same reference and provider as when the daemon read
+      -- the row, and the row still in flight. A result that lost a race
+      -- (an operator finished the order, the application re-sent it) is
+      -- not written, and a finished row, its PIN included, is out of reach.
+      AND "o"."provider_referans" = v.ref
+      AND "o"."providerId"::text IS NOT DISTINCT FROM v.provider_id
+      AND v.kind IN ('done', 'failed', 'gave_up', 'pending')
+      AND o."provider_referans" IS NOT NULL AND lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(o."status") NOT IN ('approved', 'rejected')
+    RETURNING "o"."id" AS id, v.kind AS kind,
+        -- A hint for the application, in the same transaction: anyone may
+        -- NOTIFY on any channel, so it re-reads the row (by id and reference)
+        -- before acting on it. RETURNING runs for every row written.
+        CASE WHEN v.kind <> 'pending' THEN pg_notify('order_monitor_result', json_build_object(
+            'id', "o"."id", 'outcome', v.kind, 'reference', "o"."provider_referans",
+            'externalStatus', "o"."externalStatus", 'status', "o"."status")::text)::text
+        END AS announced
+)
+SELECT written.id, written.kind FROM written;
 END
 $om$;
 

@@ -68,6 +68,10 @@ def clean_str(text: str) -> str:
     parse boundary, so that neither the writer (UnicodeEncodeError, "NUL
     not allowed") nor the JSON log renderer ever meets one.
     """
+    # Every provider string passes here, some several times: isprintable() is
+    # a C loop, true for nearly all of them, and implies nothing to replace.
+    if text.isprintable():
+        return text
     return _UNSAFE.sub(_unsafe_char, text)
 
 

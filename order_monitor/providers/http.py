@@ -145,16 +145,20 @@ class Transport:
     #: session serves every provider and carries none of its own.
     timeout: aiohttp.ClientTimeout | None = None
     clock: Callable[[], float] = field(default=time.time, repr=False)
+    #: The values scrub() looks for, worked out once: safe() runs for every
+    #: string of every answer.
+    _forms: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
-    def safe(self, text: str) -> str:
-        """*text* with every credential value removed, in any encoding (see :func:`scrub`)."""
-        return scrub(text, self._secret_forms())
-
-    def _secret_forms(self) -> list[str]:
+    def __post_init__(self) -> None:
         values = [secret.reveal() for secret in self.secrets]
         # Provider text has been through clean_str before it is scrubbed, so
         # a secret holding a control character shows in its cleaned form.
-        return values + [clean_str(v) for v in values if clean_str(v) != v]
+        forms = values + [clean_str(v) for v in values if clean_str(v) != v]
+        object.__setattr__(self, "_forms", tuple(forms))
+
+    def safe(self, text: str) -> str:
+        """*text* with every credential value removed, in any encoding (see :func:`scrub`)."""
+        return scrub(text, self._forms)
 
     def safe_url(self, url: str) -> str:
         return self.safe(redact_url(url, set(self.secret_params)))
@@ -173,12 +177,14 @@ class Transport:
                 message=self._maybe(outcome.message),
                 raw_status=self._maybe(outcome.raw_status),
             )
-        return replace(
-            outcome,
-            message=self._maybe(outcome.message),
-            raw_status=self._maybe(outcome.raw_status),
-            error=self._maybe(outcome.error),
+        message, raw_status, error = (
+            self._maybe(outcome.message),
+            self._maybe(outcome.raw_status),
+            self._maybe(outcome.error),
         )
+        if (message, raw_status, error) == (outcome.message, outcome.raw_status, outcome.error):
+            return outcome  # nearly always: no copy (and no second cleaning) per answer
+        return replace(outcome, message=message, raw_status=raw_status, error=error)
 
     def safe_outcomes(self, outcomes: Mapping[UUID, Outcome]) -> dict[UUID, Outcome]:
         """Every outcome an adapter returns passes here: none leaves it unscrubbed."""
