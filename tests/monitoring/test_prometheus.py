@@ -26,18 +26,16 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psycopg
 import pytest
 
 from order_monitor.daemon import Daemon
 from order_monitor.policy import BackoffPolicy
-from order_monitor.providers.fake import Behaviour, FakeProvider, Script
+from order_monitor.providers.fake import FakeProvider, Script
 from tests.integration.conftest import App, running, settings_for
 
 MONITORING = Path(__file__).parents[2] / "monitoring"
@@ -112,19 +110,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture
-async def app(db: str) -> AsyncIterator[App]:
-    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
-        yield App(conn)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeProvider]:
-    provider = FakeProvider(Behaviour(), token="test-token", clock=time.time)
-    async with provider.running():
-        yield provider
 
 
 async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[Any]:
