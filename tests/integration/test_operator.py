@@ -305,7 +305,7 @@ def test_doctor_proves_the_write_itself_is_permitted(
 def test_doctor_sees_a_write_function_installed_for_other_status_words(
     db: str, env_file: Path
 ) -> None:
-    result = invoke(["doctor"], environment(db, env_file, DONE_STATUS="approved"))
+    result = invoke(["doctor"], environment(as_daemon(db), env_file, DONE_STATUS="approved"))
 
     assert result.exit_code == 1
     line = lines(result)["write function"]

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from order_monitor.providers.fake import MSG_DONE, FakeProvider, Script
+from tests.conftest import as_daemon
 from tests.integration.conftest import App
 from tests.integration.test_operator import (
     environment,
@@ -49,7 +50,8 @@ def env_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def check_env(db: str, fake: FakeProvider, env_file: Path, tmp_path: Path) -> dict[str, str]:
     assert fake.base_url is not None
-    return environment(db, env_file, providers_file(tmp_path, fake.base_url))
+    # As the daemon's own least-privilege role, as an operator runs them.
+    return environment(as_daemon(db), env_file, providers_file(tmp_path, fake.base_url))
 
 
 def parsed(stdout: str) -> dict[str, Any]:
