@@ -2,7 +2,8 @@
 --
 -- The daemon reads some columns of "public"."product_orders" and writes results only through
 -- the write function install.sql creates; it has no UPDATE, INSERT or DELETE
--- on the table, and never sees prices, user data or PINs.
+-- on the table, and never sees prices, user data or PINs. It takes order ids
+-- from the inbox install.sql creates (SELECT and DELETE there, nothing else).
 -- LISTEN/NOTIFY and advisory locks need no grant.
 -- Apply with psql as a role that may create roles, after install.sql (the
 -- grants name the column and the function it adds); running it again is
@@ -35,3 +36,7 @@ GRANT SELECT ("id", "status", "externalStatus", "provider_referans", "providerId
 -- nothing but results into rows still in flight. No UPDATE, INSERT or
 -- DELETE on the table itself.
 GRANT EXECUTE ON FUNCTION "public"."order_monitor_product_orders_write_v1"(uuid[], text[], text[], text[], text[], text[], text[]) TO "order_monitor";
+
+-- The inbox (install.sql): the daemon takes the order ids the trigger left
+-- there while it was busy. DELETE needs SELECT to find the rows it takes.
+GRANT SELECT, DELETE ON TABLE "public"."order_monitor_product_orders_inbox_v2" TO "order_monitor";

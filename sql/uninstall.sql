@@ -1,7 +1,7 @@
--- order-monitor: uninstall (schema version 1)
+-- order-monitor: uninstall (schema version 2)
 --
--- Removes the triggers, the trigger function, the write function and the index
--- from "public"."product_orders".
+-- Removes the triggers and trigger functions (this version's and version 1's),
+-- the inbox, the write function and the index from "public"."product_orders".
 -- Keeps the column "provider_referans" and every row: nothing the application wrote is lost.
 -- Apply with psql, not inside a transaction (DROP INDEX CONCURRENTLY):
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/uninstall.sql
@@ -9,12 +9,23 @@
 -- See install.sql.
 SET lock_timeout = '5s';
 
--- Triggers first: from here on the application's writes notify nobody.
+-- Triggers first, this version's and version 1's: from here on the
+-- application's writes announce nothing.
+DROP TRIGGER IF EXISTS "order_monitor_insert_v2" ON "public"."product_orders";
+
+DROP TRIGGER IF EXISTS "order_monitor_update_v2" ON "public"."product_orders";
+
 DROP TRIGGER IF EXISTS "order_monitor_insert_v1" ON "public"."product_orders";
 
 DROP TRIGGER IF EXISTS "order_monitor_update_v1" ON "public"."product_orders";
 
+DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v2"();
+
 DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v1"();
+
+-- Order ids still waiting in it are orders in flight: the table keeps them
+-- and the partial index finds them.
+DROP TABLE IF EXISTS "public"."order_monitor_product_orders_inbox_v2";
 
 -- From here on the daemon cannot write results.
 DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_write_v1"(uuid[], text[], text[], text[], text[], text[], text[]);

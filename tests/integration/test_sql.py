@@ -36,16 +36,49 @@ def app(db: str) -> Iterator[Conn]:
         yield conn
 
 
-@pytest.fixture
-def listener(db: str) -> Iterator[Conn]:
+INBOX = schema.Names(Layout()).inbox.as_string(None)
+IDLE_LOCK = schema.idle_lock_key(Layout())
+
+
+class DaemonSide:
+    """What the daemon sees of the trigger, in one of its two modes.
+
+    idle: it holds the idle lock, so the trigger must NOTIFY and leave the
+    inbox empty. busy: it does not, so the trigger must write the inbox and
+    NOTIFY nothing. Either way :meth:`announced` is every order id announced
+    since the last call, in order.
+    """
+
+    def __init__(self, conn: Conn, mode: str) -> None:
+        self.conn = conn
+        self.mode = mode
+
+    def announced(self) -> list[str]:
+        # Notifications already delivered (they arrive at the writer's COMMIT).
+        notified = [n.payload for n in self.conn.notifies(timeout=0.2, stop_after=100)]
+        if self.conn.execute("SELECT to_regclass(%s)", (INBOX,)).fetchone() == (None,):
+            return notified  # uninstalled
+        taken = [
+            str(order_id)
+            for (order_id,) in self.conn.execute(
+                sql.SQL("DELETE FROM {} RETURNING order_id").format(sql.SQL(INBOX))
+            ).fetchall()
+        ]
+        if self.mode == "idle":
+            assert taken == [], "the daemon holds the idle lock: the trigger must NOTIFY"
+            return notified
+        assert notified == [], "the daemon does not hold the idle lock: no NOTIFY"
+        return taken
+
+
+@pytest.fixture(params=["idle", "busy"])
+def daemon(db: str, request: pytest.FixtureRequest) -> Iterator[DaemonSide]:
+    """The daemon's side of the trigger, in each mode in turn."""
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("LISTEN order_monitor")
-        yield conn
-
-
-def received(listener: Conn) -> list[str]:
-    """Notifications already delivered (they arrive at the writer's COMMIT)."""
-    return [n.payload for n in listener.notifies(timeout=0.2, stop_after=100)]
+        if request.param == "idle":
+            conn.execute("SELECT pg_advisory_lock(%s)", (IDLE_LOCK,))
+        yield DaemonSide(conn, request.param)
 
 
 def insert(app: Conn, **values: object) -> uuid.UUID:
@@ -69,44 +102,44 @@ def test_committed_files_are_the_default_rendering() -> None:
         )
 
 
-def test_insert_with_referans_notifies_the_id(app: Conn, listener: Conn) -> None:
+def test_insert_with_referans_notifies_the_id(app: Conn, daemon: DaemonSide) -> None:
     order = insert(app, provider_referans="R1", externalStatus="sent")
-    assert received(listener) == [str(order)]
+    assert daemon.announced() == [str(order)]
 
 
-def test_insert_without_referans_is_silent(app: Conn, listener: Conn) -> None:
+def test_insert_without_referans_is_silent(app: Conn, daemon: DaemonSide) -> None:
     insert(app, externalStatus="not_sent")
-    assert received(listener) == []
+    assert daemon.announced() == []
 
 
-def test_setting_referans_later_notifies(app: Conn, listener: Conn) -> None:
+def test_setting_referans_later_notifies(app: Conn, daemon: DaemonSide) -> None:
     order = insert(app, externalStatus="not_sent")
     app.execute(
         """UPDATE product_orders SET provider_referans = 'R2', "externalStatus" = 'sent' WHERE id = %s""",
         (order,),
     )
-    assert received(listener) == [str(order)]
+    assert daemon.announced() == [str(order)]
 
 
 def test_referans_set_before_status_notifies_when_the_order_enters_flight(
-    app: Conn, listener: Conn
+    app: Conn, daemon: DaemonSide
 ) -> None:
     order = insert(app, externalStatus="not_sent")
     app.execute("UPDATE product_orders SET provider_referans = 'R3' WHERE id = %s", (order,))
-    assert received(listener) == []  # not dispatched yet
+    assert daemon.announced() == []  # not dispatched yet
     app.execute("""UPDATE product_orders SET "externalStatus" = 'SENT' WHERE id = %s""", (order,))
-    assert received(listener) == [str(order)]
+    assert daemon.announced() == [str(order)]
 
 
-def test_changing_the_referans_notifies_again(app: Conn, listener: Conn) -> None:
+def test_changing_the_referans_notifies_again(app: Conn, daemon: DaemonSide) -> None:
     order = insert(app, provider_referans="R4", externalStatus="sent")
     app.execute("UPDATE product_orders SET provider_referans = 'R5' WHERE id = %s", (order,))
-    assert received(listener) == [str(order), str(order)]
+    assert daemon.announced() == [str(order), str(order)]
 
 
-def test_updates_that_do_not_touch_the_referans_are_silent(app: Conn, listener: Conn) -> None:
+def test_updates_that_do_not_touch_the_referans_are_silent(app: Conn, daemon: DaemonSide) -> None:
     order = insert(app, provider_referans="R6", externalStatus="sent")
-    assert received(listener) == [str(order)]
+    assert daemon.announced() == [str(order)]
     app.execute(
         """UPDATE product_orders SET notes = '{"a": 1}', "lastSyncAt" = now() WHERE id = %s""",
         (order,),
@@ -115,24 +148,24 @@ def test_updates_that_do_not_touch_the_referans_are_silent(app: Conn, listener: 
     app.execute(
         """UPDATE product_orders SET "externalStatus" = 'processing' WHERE id = %s""", (order,)
     )
-    assert received(listener) == []
+    assert daemon.announced() == []
 
 
-def test_terminal_rows_are_silent(app: Conn, listener: Conn) -> None:
+def test_terminal_rows_are_silent(app: Conn, daemon: DaemonSide) -> None:
     insert(app, provider_referans="R7", externalStatus="done")
     insert(app, provider_referans="R8", externalStatus="sent", status="approved")
     insert(app, provider_referans="R9", externalStatus="manual_required")
     rejected = insert(app, provider_referans="R10", externalStatus="sent", status="Rejected")
     app.execute("UPDATE product_orders SET provider_referans = 'R11' WHERE id = %s", (rejected,))
-    assert received(listener) == []
+    assert daemon.announced() == []
 
 
-def test_notify_is_delivered_only_on_commit(db: str, listener: Conn) -> None:
+def test_notify_is_delivered_only_on_commit(db: str, daemon: DaemonSide) -> None:
     with psycopg.connect(db) as writer:
         insert(writer, provider_referans="R12", externalStatus="sent")
-        assert received(listener) == []
+        assert daemon.announced() == []
         writer.rollback()
-    assert received(listener) == []
+    assert daemon.announced() == []
 
 
 def conn_functions(db: str) -> list[str]:
@@ -156,18 +189,18 @@ def test_install_twice_is_harmless(db: str) -> None:
         indexes = conn.execute(
             "SELECT indexname FROM pg_indexes WHERE indexname LIKE 'order_monitor%'"
         ).fetchall()
-    assert triggers == [("order_monitor_insert_v1",), ("order_monitor_update_v1",)]
+    assert triggers == [("order_monitor_insert_v2",), ("order_monitor_update_v2",)]
     assert conn_functions(db) == [
-        "order_monitor_product_orders_notify_v1",
+        "order_monitor_product_orders_notify_v2",
         "order_monitor_product_orders_write_v1",
     ]
     assert indexes == [("order_monitor_product_orders_inflight_v1",)]
 
 
-def test_uninstall_keeps_every_row_and_column(db: str, app: Conn, listener: Conn) -> None:
+def test_uninstall_keeps_every_row_and_column(db: str, app: Conn, daemon: DaemonSide) -> None:
     for i in range(5):
         insert(app, provider_referans=f"U{i}", externalStatus="sent", pinCode=f"PIN{i}")
-    received(listener)
+    daemon.announced()
     before = app.execute("SELECT * FROM product_orders ORDER BY id").fetchall()
     columns_before = app.execute(
         "SELECT column_name, data_type FROM information_schema.columns"
@@ -189,7 +222,7 @@ def test_uninstall_keeps_every_row_and_column(db: str, app: Conn, listener: Conn
         "SELECT count(*) FROM pg_proc WHERE proname LIKE 'order_monitor%'"
     ).fetchone() == (0,)
     insert(app, provider_referans="after", externalStatus="sent")
-    assert received(listener) == []
+    assert daemon.announced() == []
 
 
 def test_install_on_a_bare_table_adds_the_column_without_losing_rows(bare_db: str) -> None:
@@ -262,6 +295,14 @@ def test_role_can_do_what_the_daemon_needs(role_dsn: str, app: Conn) -> None:
             (order, "done")
         ]
         assert daemon.execute("SELECT pg_try_advisory_lock(42)").fetchone() == (True,)
+        # The handoff: the inbox (the order above went there: nobody held the
+        # idle lock), taking and giving the idle lock.
+        assert daemon.execute(queries._inbox_exists, {"t": queries._inbox_regclass}).fetchone() == (
+            True,
+        )
+        assert daemon.execute(queries._drain, (10,)).fetchall() == [(order,)]
+        daemon.execute(queries._take_idle_lock)
+        daemon.execute(queries._give_idle_lock)
         announced = [n.payload for n in listen.notifies(timeout=1, stop_after=1)]
         listen.close()
     assert row_of(app, order) == ("pending", "done", "PIN-1", "ok", "ok", True, True)
@@ -291,6 +332,9 @@ def test_role_can_do_what_the_daemon_needs(role_dsn: str, app: Conn) -> None:
         "SELECT * FROM product_orders",
         "TRUNCATE product_orders",
         "CREATE TABLE stolen (x int)",
+        f"INSERT INTO {INBOX} (order_id) VALUES (gen_random_uuid())",
+        f"UPDATE {INBOX} SET queued_at = now()",
+        f"TRUNCATE {INBOX}",
     ],
 )
 def test_role_can_do_nothing_more(role_dsn: str, statement: str) -> None:
@@ -476,11 +520,17 @@ def test_a_hostile_table_name_is_only_ever_a_name(bare_db: str) -> None:
         layout = Layout(table=EVIL_TABLE, columns=Columns(external_status="ext'$om$ status"))
         list(install.apply(bare_db, "install", layout))
         conn.execute("LISTEN order_monitor")
-        conn.execute(
-            sql.SQL("INSERT INTO {} (provider_referans, {}) VALUES ('r', 'sent')").format(
-                sql.Identifier(EVIL_TABLE), sql.Identifier("ext'$om$ status")
-            )
+        dispatch = sql.SQL("INSERT INTO {} (provider_referans, {}) VALUES ('r', 'sent')").format(
+            sql.Identifier(EVIL_TABLE), sql.Identifier("ext'$om$ status")
         )
+        conn.execute(dispatch)  # busy: to the inbox
+        names = schema.Names(layout)
+        assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(names.inbox)).fetchone() == (
+            1,
+        )
+        with psycopg.connect(bare_db, autocommit=True) as daemon:
+            daemon.execute("SELECT pg_advisory_lock(%s)", (schema.idle_lock_key(layout),))
+            conn.execute(dispatch)  # idle: NOTIFY
         assert len(list(conn.notifies(timeout=1, stop_after=1))) == 1
         assert conn.execute("SELECT to_regclass('victims')").fetchone() == ("victims",)
         list(install.apply(bare_db, "uninstall", layout))
