@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Final
@@ -35,6 +36,7 @@ from order_monitor.db import (
     connect,
     retry_forever,
 )
+from order_monitor.handoff import Handoff, HandoffTiming
 from order_monitor.inbox import Confirmer, Inbox
 from order_monitor.listener import Listener
 from order_monitor.logs import get_logger
@@ -128,6 +130,7 @@ class Daemon:
         on_ready: Callable[[], None] | None = None,
         lock_poll: float = 1.5,
         lock_check_interval: float = 5.0,
+        handoff_timing: HandoffTiming | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -136,6 +139,7 @@ class Daemon:
         self._provider_factory = provider_factory
         self._clock = clock
         self._on_ready = on_ready
+        self._handoff_timing = handoff_timing
         self._ready_sent = False
         self._stop = asyncio.Event()
         self._lock = LeaderLock(
@@ -147,6 +151,7 @@ class Daemon:
         )
         self.listener: Listener | None = None
         self.confirmer: Confirmer | None = None
+        self.handoff: Handoff | None = None
         self.sweeper: Sweeper | None = None
         self.checker: Checker | None = None
         self.writer: Writer | None = None
@@ -420,10 +425,26 @@ class Daemon:
             on_scheduled=checker.wake,
             on_lost=sweeper.request,
         )
+        self.handoff = handoff = Handoff(
+            settings.dsn.reveal(),
+            queries,
+            on_orders=confirmer.taken,
+            room=confirmer.room,
+            listening=lambda: listener.connected,
+            metrics=self.metrics,
+            clock=self._clock,
+            timing=self._handoff_timing,
+            batch_size=settings.batch_size,
+        )
+
+        def notified(order: uuid.UUID) -> None:
+            confirmer.notified(order)
+            handoff.notified()
+
         self.listener = listener = Listener(
             settings.dsn.reveal(),
             settings.layout.channel,
-            on_order=confirmer.notified,
+            on_order=notified,
             on_connected=self._listener_connected,
             metrics=self.metrics,
             health_interval=settings.listener_health_interval,
@@ -432,10 +453,13 @@ class Daemon:
 
         self._serving = True
         try:
-            await self._run_engine(listener, confirmer, sweeper, checker, writer, reader, lost)
+            await self._run_engine(
+                listener, confirmer, handoff, sweeper, checker, writer, reader, lost
+            )
         finally:
             self._serving = False
             self.listener = None
+            self.handoff = None
             self.confirmer = None
             self.sweeper = None
             self.checker = None
@@ -445,6 +469,7 @@ class Daemon:
         self,
         listener: Listener,
         confirmer: Confirmer,
+        handoff: Handoff,
         sweeper: Sweeper,
         checker: Checker,
         writer: Writer,
@@ -455,6 +480,7 @@ class Daemon:
             background = [
                 tg.create_task(listener.run(), name="listener"),
                 tg.create_task(confirmer.run(), name="confirmer"),
+                tg.create_task(handoff.run(), name="handoff"),
                 tg.create_task(sweeper.run(), name="sweeper"),
                 tg.create_task(self._housekeeping(reader), name="housekeeping"),
             ]

@@ -108,6 +108,18 @@ class Confirmer:
         self.inbox.add(order.int)
         self._wake.set()
 
+    def taken(self, orders: list[uuid.UUID]) -> None:
+        """Ids the handoff took from the inbox table: confirmed like notified ones.
+
+        The handoff asks for no more than :meth:`room`, so none is dropped.
+        """
+        for order in orders:
+            self.inbox.add(order.int)
+        self._wake.set()
+
+    def room(self) -> int:
+        return max(0, self.inbox.capacity - len(self.inbox))
+
     async def run(self) -> None:
         while True:
             await self._wake.wait()

@@ -54,6 +54,24 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.inbox_taken = Counter(
+            "order_monitor_inbox_taken",
+            "Order ids taken from the inbox table, where the trigger leaves them while the"
+            " daemon is busy (instead of a NOTIFY each).",
+            registry=r,
+        )
+        self.handoff_busy = Gauge(
+            "order_monitor_handoff_busy",
+            "1 while the daemon reads the inbox (the trigger does not NOTIFY), 0 while it"
+            " holds the idle lock (the trigger NOTIFYs).",
+            registry=r,
+        )
+        self.handoff_switches = Counter(
+            "order_monitor_handoff_switches",
+            "Switches between NOTIFY (to=idle) and the inbox (to=busy).",
+            ["to"],
+            registry=r,
+        )
         self.sweeps = Counter("order_monitor_sweeps", "Completed sweeps.", registry=r)
         self.sweep_seconds = Histogram(
             "order_monitor_sweep_seconds",

@@ -34,6 +34,7 @@ import aiohttp
 import pytest
 
 from order_monitor.daemon import Daemon
+from order_monitor.handoff import HandoffTiming, Mode
 from order_monitor.policy import BackoffPolicy
 from order_monitor.providers.fake import FakeProvider, Script
 from tests.integration.conftest import App, running, settings_for
@@ -128,7 +129,11 @@ async def test_every_expression_selects_real_series(
         initial_delay=0.0, base=0.1, cap=0.2, jitter=0.0, max_attempts=2, max_age=3600
     )
     settings = replace(settings_for(db, fake), policy=policy, http_listen="127.0.0.1:0")
-    daemon = Daemon(settings)
+    # Quick to go idle, so the first orders come by NOTIFY and the listener's
+    # series exist (later ones may come through the inbox).
+    daemon = Daemon(
+        settings, handoff_timing=HandoffTiming(calm_window=0.5, idle_check=0.2, idle_retry=0.2)
+    )
     async with running(daemon):
         assert daemon.http_server is not None
         port = free_port()
@@ -164,6 +169,10 @@ scrape_configs:
                     assert time.monotonic() < deadline, f"{name}{labels} never counted"
                     await asyncio.sleep(0.05)
 
+            deadline = time.monotonic() + 30
+            while daemon.handoff is None or daemon.handoff.mode is not Mode.IDLE:
+                assert time.monotonic() < deadline, "the daemon never went idle"
+                await asyncio.sleep(0.05)
             fake.set_script("M-GIVEUP", Script.pending())
             await app.dispatch(["M-DONE", "M-GIVEUP"])
             await app.dispatch(["M-NOBODY"], provider_id="nobody")
