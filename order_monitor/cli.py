@@ -252,12 +252,13 @@ def doctor_command(ctx: Context, notify_timeout: float, as_json: bool) -> None:
 
     from order_monitor.errors import ConfigError
     from order_monitor.operator import doctor, dumps, logs_to_stderr
+    from order_monitor.operator.findings import Finding
 
-    def show(finding: doctor.Finding) -> None:
+    def show(finding: Finding) -> None:
         if not as_json:  # the JSON object comes whole, at the end
             click.echo(doctor.format_finding(finding))
 
-    def finish(findings: list[doctor.Finding], code: int) -> NoReturn:
+    def finish(findings: list[Finding], code: int) -> NoReturn:
         if as_json:
             click.echo(dumps(doctor.to_json(findings, code)))
         sys.exit(code)

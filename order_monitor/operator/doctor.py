@@ -22,7 +22,6 @@ and nothing outside ``pg_temp`` is created; the copy is dropped at the end.
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
 import re
 import secrets
@@ -42,6 +41,8 @@ from order_monitor.decisions import describe_outcome
 from order_monitor.errors import OrderMonitorError, ProviderAuthError, ProviderError
 from order_monitor.metrics import Metrics
 from order_monitor.operator import database_error, printable
+from order_monitor.operator.findings import INSTALL_HINT, Emit, Finding, Verdict
+from order_monitor.operator.handoff_checks import handoff_checks
 from order_monitor.providers.base import OrderRef, Outcome, RateLimited
 from order_monitor.providers.limits import request_budget
 from order_monitor.providers.registry import build_provider
@@ -55,22 +56,7 @@ NOTIFY_TIMEOUT: Final = 2.0
 QUEUE_WARN: Final = 0.5
 #: Bounds every doctor query, so a lock queue cannot hang the doctor.
 STATEMENT_TIMEOUT: Final = "15s"
-_INSTALL_HINT: Final = (
-    "run `order-monitor sql install` (or psql -f sql/install.sql) as the table's owner"
-)
-
-
-class Verdict(enum.Enum):
-    PASS = "PASS"  # noqa: S105 - a verdict, not a password
-    WARN = "WARN"
-    FAIL = "FAIL"
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    verdict: Verdict
-    check: str
-    detail: str
+_INSTALL_HINT: Final = INSTALL_HINT
 
 
 Report = Callable[[Finding], None]
@@ -112,9 +98,6 @@ async def diagnose(
     return findings
 
 
-Emit = Callable[[Verdict, str, str], None]
-
-
 # --- the database --------------------------------------------------------------------
 
 
@@ -140,6 +123,7 @@ async def _database_checks(settings: Settings, emit: Emit, notify_timeout: float
             table = await _table_checks(conn, settings.layout, emit)
             if table is not None:
                 await _installed_objects(conn, settings.layout, table, emit)
+                await handoff_checks(conn, settings.layout, emit)
                 await _write_function(conn, settings, emit)
                 privileges_ok = await _privileges(conn, settings, table, emit)
                 if privileges_ok and table.complete:
@@ -284,8 +268,8 @@ class _Trigger:
 @dataclass(frozen=True, slots=True)
 class _Function:
     oid: int
-    #: (language, return type, body, SET options).
-    shape: tuple[str, str, str, tuple[str, ...]]
+    #: (language, return type, body, SET options, SECURITY DEFINER).
+    shape: tuple[str, str, str, tuple[str, ...], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,14 +302,18 @@ async def _objects(conn: db.AsyncConn, layout: Layout, table_oid: int) -> _Objec
     row = await _one(
         conn,
         "SELECT p.oid, l.lanname, pg_catalog.format_type(p.prorettype, NULL), p.prosrc,"
-        " coalesce(p.proconfig, '{}')"
+        " coalesce(p.proconfig, '{}'), p.prosecdef"
         " FROM pg_catalog.pg_proc p"
         " JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
         " JOIN pg_catalog.pg_language l ON l.oid = p.prolang"
         " WHERE n.nspname = %s AND p.proname = %s AND p.pronargs = 0",
         (layout.schema, names.function_name),
     )
-    function = None if row is None else _Function(row[0], (row[1], row[2], row[3], tuple(row[4])))
+    function = (
+        None
+        if row is None
+        else _Function(row[0], (row[1], row[2], row[3], tuple(row[4]), bool(row[5])))
+    )
 
     cursor = await conn.execute(
         "SELECT t.tgname, t.tgenabled, t.tgfoid, t.tgtype,"
@@ -368,7 +356,8 @@ async def _reference_objects(conn: db.AsyncConn, layout: Layout, table: _Table) 
         )
         try:
             for statement in schema.install_statements(temp):
-                await conn.execute(statement.query)
+                if statement.replayable:
+                    await conn.execute(statement.query)
             # The catalog names this session's temporary schema pg_temp_<n>.
             row = await _one(
                 conn,
@@ -444,7 +433,13 @@ async def _installed_objects(conn: db.AsyncConn, layout: Layout, table: _Table, 
         )
     elif expected_objects is None or expected_objects.function is None:
         emit(Verdict.WARN, "trigger function", f"{qualified_function}() exists{not_compared}")
-    elif function.shape != expected_objects.function.shape:
+    elif function.shape != (
+        # The copy's body names the copy's inbox and lock: compare the body
+        # with this table's rendering instead.
+        *expected_objects.function.shape[:2],
+        schema.notify_function_body(layout),
+        *expected_objects.function.shape[3:],
+    ):
         emit(
             Verdict.FAIL,
             "trigger function",
@@ -557,7 +552,8 @@ async def _privileges(conn: db.AsyncConn, settings: Settings, table: _Table, emi
     emit(
         Verdict.PASS,
         "privileges",
-        f"role {user} may run the daemon's statements: the sweep, the re-read and the write "
+        f"role {user} may run the daemon's statements: the sweep, the re-read, the write "
+        "and taking from the inbox "
         f"(reading {len(readable)} columns, writing only through the write function)",
     )
     return True
@@ -576,13 +572,14 @@ async def _daemon_statements_refused(conn: db.AsyncConn, settings: Settings) -> 
         ("the sweep's SELECT", lambda: queries.sweep_page(conn, None, 1)),
         ("the re-read's SELECT", lambda: queries.fetch_in_flight(conn, [])),
         ("EXECUTE on the write function", lambda: queries.write(conn, empty)),
+        ("SELECT and DELETE on the inbox", lambda: queries.drain_inbox(conn, 0)),
     ):
         try:
             async with conn.transaction(force_rollback=True):
                 await run()
         except psycopg.errors.InsufficientPrivilege:
             refused.append(what)
-        except psycopg.errors.UndefinedFunction:
+        except (psycopg.errors.UndefinedFunction, psycopg.errors.UndefinedTable):
             refused.append(f"{what} (it is missing)")
     return refused
 

@@ -139,8 +139,8 @@ async def test_doctor_passes_everything_on_an_installed_database(
         "provider reference column",
         "index",
         "trigger function",
-        "trigger order_monitor_insert_v1",
-        "trigger order_monitor_update_v1",
+        "trigger order_monitor_insert_v2",
+        "trigger order_monitor_update_v2",
         "write function",
         "privileges",
         "orders in flight",
@@ -168,8 +168,8 @@ def test_doctor_fails_on_a_database_without_the_install(bare_db: str, env_file: 
         "provider reference column",
         "index",
         "trigger function",
-        "trigger order_monitor_insert_v1",
-        "trigger order_monitor_update_v1",
+        "trigger order_monitor_insert_v2",
+        "trigger order_monitor_update_v2",
     ):
         assert found[check] == "FAIL", check
         assert "order-monitor sql install" in lines(result)[check]
@@ -237,8 +237,8 @@ def test_doctor_sees_that_the_install_is_for_another_in_flight_rule(
     assert found["index"] == "FAIL"
     assert "another in-flight rule" in lines(result)["index"]
     assert "DROP INDEX CONCURRENTLY" in lines(result)["index"]
-    assert found["trigger order_monitor_insert_v1"] == "FAIL"
-    assert found["trigger order_monitor_update_v1"] == "FAIL"
+    assert found["trigger order_monitor_insert_v2"] == "FAIL"
+    assert found["trigger order_monitor_update_v2"] == "FAIL"
     assert found["trigger function"] == "PASS"  # its body does not depend on the rule
 
 
@@ -256,7 +256,7 @@ def test_doctor_reports_an_invalid_index_and_a_disabled_trigger(db: str, env_fil
             "CREATE UNIQUE INDEX CONCURRENTLY order_monitor_product_orders_inflight_v1"
             ' ON product_orders ("providerId")',
         )
-    execute(db, "ALTER TABLE product_orders DISABLE TRIGGER order_monitor_update_v1")
+    execute(db, "ALTER TABLE product_orders DISABLE TRIGGER order_monitor_update_v2")
 
     result = invoke(["doctor"], environment(db, env_file))
 
@@ -264,10 +264,10 @@ def test_doctor_reports_an_invalid_index_and_a_disabled_trigger(db: str, env_fil
     index = lines(result)["index"]
     assert index.startswith("FAIL  index: order_monitor_product_orders_inflight_v1 is INVALID")
     assert "DROP INDEX CONCURRENTLY" in index
-    update = lines(result)["trigger order_monitor_update_v1"]
-    assert update.startswith("FAIL  trigger order_monitor_update_v1: is disabled")
+    update = lines(result)["trigger order_monitor_update_v2"]
+    assert update.startswith("FAIL  trigger order_monitor_update_v2: is disabled")
     assert "ENABLE TRIGGER" in update
-    assert verdicts(result)["trigger order_monitor_insert_v1"] == "PASS"
+    assert verdicts(result)["trigger order_monitor_insert_v2"] == "PASS"
 
 
 def test_doctor_names_the_missing_privileges(role_dsn: str, db: str, env_file: Path) -> None:

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from order_monitor.operator import dumps, printable
-from order_monitor.operator.doctor import Finding, Verdict, format_finding
+from order_monitor.operator.doctor import format_finding
+from order_monitor.operator.findings import Finding, Verdict
 
 HOSTILE = "İşlem\x1b[2J\x1b]0;pwned\x07\x9b31m\u202edesrever\nPASS  fake: line\x00\ud800"
 
