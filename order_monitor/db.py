@@ -8,8 +8,9 @@ one statement text serves any batch size and stays a prepared statement.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -69,6 +70,43 @@ def retry_forever(
         ),
         reraise=True,
     )
+
+
+#: What losing or failing to open a dedicated connection raises.
+CONNECTION_ERRORS: Final = (psycopg.Error, OSError, TimeoutError)
+
+
+async def connect_forever(
+    dsn: str,
+    purpose: str,
+    *,
+    event: str,
+    max_wait: float,
+    prepare: Callable[[AsyncConn], Awaitable[object]] | None = None,
+) -> AsyncConn:
+    """Connect (and *prepare* the session), retrying (:func:`retry_forever`) until it works.
+
+    For the connections a piece keeps to itself (listener, handoff): a
+    session that fails *prepare* is closed before the next attempt.
+    """
+    retrying = retry_forever(event, CONNECTION_ERRORS, first_wait=0.2, max_wait=max_wait)
+    async for attempt in retrying:
+        with attempt:
+            conn = await connect(dsn, purpose)
+            if prepare is not None:
+                try:
+                    await prepare(conn)
+                except BaseException:
+                    await conn.close()
+                    raise
+            return conn
+    raise AssertionError("unreachable")  # pragma: no cover - stop_never
+
+
+async def close_within(conn: AsyncConn, grace: float) -> None:
+    """Close *conn*, giving up after *grace* s: a wedged socket can make a polite close hang."""
+    with contextlib.suppress(*CONNECTION_ERRORS):
+        await asyncio.wait_for(conn.close(), grace)
 
 
 async def connect(dsn: str, purpose: str, *, connect_timeout: int = 10) -> AsyncConn:

@@ -36,16 +36,13 @@ lock as a session lock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import psycopg
-
-from order_monitor.db import AsyncConn, Queries, connect, retry_forever
+from order_monitor.db import CONNECTION_ERRORS, AsyncConn, Queries, close_within, connect_forever
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 
@@ -195,26 +192,18 @@ class Handoff:
             conn = await self._connect()
             try:
                 await self._serve(conn)
-            except (psycopg.Error, OSError, TimeoutError) as exc:
+            except CONNECTION_ERRORS as exc:
                 log.warning("handoff.lost", error=str(exc).strip() or type(exc).__name__)
             finally:
                 # The lock goes with the session: orders wait in the inbox
                 # until the next connection empties it.
                 self._set_mode(Mode.BUSY, reason="connection closed")
-                with contextlib.suppress(TimeoutError, psycopg.Error, OSError):
-                    await asyncio.wait_for(conn.close(), 5.0)
+                await close_within(conn, 5.0)
 
     async def _connect(self) -> AsyncConn:
-        retrying = retry_forever(
-            "handoff.connect_failed",
-            (psycopg.Error, OSError, TimeoutError),
-            first_wait=0.2,
-            max_wait=self._max_backoff,
+        return await connect_forever(
+            self._dsn, "handoff", event="handoff.connect_failed", max_wait=self._max_backoff
         )
-        async for attempt in retrying:
-            with attempt:
-                return await connect(self._dsn, "handoff")
-        raise AssertionError("unreachable")  # pragma: no cover - stop_never
 
     async def _serve(self, conn: AsyncConn) -> None:
         if not await self._installed(conn):
@@ -277,15 +266,16 @@ class Handoff:
             woken = True
         except TimeoutError:
             woken = False
-        now = self._clock()
-        if self.rule.wants(Mode.IDLE, now, since=self._mode_since) is Mode.BUSY:
-            await self._queries.give_idle_lock(conn)
-            self._set_mode(Mode.BUSY, reason="orders arriving fast")
-            return
-        if not self._listening():
+        if self.rule.wants(Mode.IDLE, self._clock(), since=self._mode_since) is Mode.BUSY:
+            reason = "orders arriving fast"
+        elif not self._listening():
             # Nobody would hear a NOTIFY: let orders wait in the inbox instead.
+            reason = "listener down"
+        else:
+            reason = None
+        if reason is not None:
             await self._queries.give_idle_lock(conn)
-            self._set_mode(Mode.BUSY, reason="listener down")
+            self._set_mode(Mode.BUSY, reason=reason)
             return
         if woken:
             return

@@ -12,15 +12,13 @@ between the two is then either seen by the listener or found by the sweep.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Callable
 from typing import Final
 
-import psycopg
 from psycopg import sql
 
-from order_monitor.db import AsyncConn, connect, retry_forever
+from order_monitor.db import CONNECTION_ERRORS, AsyncConn, close_within, connect_forever
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 
@@ -73,31 +71,23 @@ class Listener:
             conn = await self._connect()
             try:
                 await self._serve(conn)
-            except (psycopg.Error, OSError, TimeoutError) as exc:
+            except CONNECTION_ERRORS as exc:
                 log.warning("listener.lost", error=str(exc).strip() or type(exc).__name__)
             finally:
                 self.connected = False
                 self._metrics.listener_up.set(0)
-                # A wedged socket can make a polite close hang: bound it.
-                with contextlib.suppress(TimeoutError, psycopg.Error, OSError):
-                    await asyncio.wait_for(conn.close(), self._health_timeout)
+                await close_within(conn, self._health_timeout)
 
     async def _connect(self) -> AsyncConn:
-        """Connect and LISTEN, retrying (db.retry_forever) until it works."""
-        retrying = retry_forever(
-            "listener.connect_failed",
-            (psycopg.Error, OSError, TimeoutError),
-            first_wait=0.2,
+        """Connect and LISTEN, retrying until it works."""
+        listen = sql.SQL("LISTEN {}").format(sql.Identifier(self._channel))
+        conn = await connect_forever(
+            self._dsn,
+            "listener",
+            event="listener.connect_failed",
             max_wait=self._max_backoff,
+            prepare=lambda conn: conn.execute(listen),
         )
-        async for attempt in retrying:
-            with attempt:
-                conn = await connect(self._dsn, "listener")
-                try:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
-                except BaseException:
-                    await conn.close()
-                    raise
         self._connections += 1
         self.connected = True
         self._metrics.listener_up.set(1)

@@ -77,6 +77,22 @@ class Names:
         self.v1_update_trigger_name = "order_monitor_update_v1"
 
 
+def advisory_key(name: str) -> int:
+    """A bigint advisory lock key for *name*: the first 64 bits of its MD5, signed.
+
+    Stable across versions, hosts and processes, and computable in psql as
+    ``('x' || left(md5(name), 16))::bit(64)::bigint``.
+    """
+    digest = hashlib.md5(name.encode(), usedforsecurity=False)
+    return int.from_bytes(digest.digest()[:8], "big", signed=True)
+
+
+def advisory_key_parts(key: int) -> tuple[int, int]:
+    """(classid, objid): how pg_locks shows a bigint advisory key (high and low 32 bits)."""
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    return unsigned >> 32, unsigned & 0xFFFF_FFFF
+
+
 def idle_lock_key(layout: Layout) -> int:
     """The advisory lock the daemon holds while it wants NOTIFYs (see handoff).
 
@@ -85,10 +101,7 @@ def idle_lock_key(layout: Layout) -> int:
 
         SELECT ('x' || left(md5('order_monitor:idle:public.product_orders'), 16))::bit(64)::bigint;
     """
-    digest = hashlib.md5(
-        f"order_monitor:idle:{layout.schema}.{layout.table}".encode(), usedforsecurity=False
-    )
-    return int.from_bytes(digest.digest()[:8], "big", signed=True)
+    return advisory_key(f"order_monitor:idle:{layout.schema}.{layout.table}")
 
 
 def in_flight_predicate(layout: Layout, row: str | None = None) -> sql.Composed:

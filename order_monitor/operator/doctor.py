@@ -56,8 +56,6 @@ NOTIFY_TIMEOUT: Final = 2.0
 QUEUE_WARN: Final = 0.5
 #: Bounds every doctor query, so a lock queue cannot hang the doctor.
 STATEMENT_TIMEOUT: Final = "15s"
-_INSTALL_HINT: Final = INSTALL_HINT
-
 
 Report = Callable[[Finding], None]
 
@@ -229,7 +227,7 @@ async def _table_checks(conn: db.AsyncConn, layout: Layout, emit: Emit) -> _Tabl
         emit(
             Verdict.FAIL,
             "provider reference column",
-            f"{table} has no column {c.provider_ref} — {_INSTALL_HINT}",
+            f"{table} has no column {c.provider_ref} — {INSTALL_HINT}",
         )
     else:
         emit(Verdict.PASS, "provider reference column", f"{c.provider_ref} {ref.type}")
@@ -394,7 +392,7 @@ async def _installed_objects(conn: db.AsyncConn, layout: Layout, table: _Table, 
     index = found.index
     qualified_index = names.index.as_string(conn)
     if index is None:
-        emit(Verdict.FAIL, "index", f"{names.index_name} is missing — {_INSTALL_HINT}")
+        emit(Verdict.FAIL, "index", f"{names.index_name} is missing — {INSTALL_HINT}")
     elif not index.valid or not index.ready:
         emit(
             Verdict.FAIL,
@@ -429,7 +427,7 @@ async def _installed_objects(conn: db.AsyncConn, layout: Layout, table: _Table, 
     qualified_function = names.function.as_string(conn)
     if function is None:
         emit(
-            Verdict.FAIL, "trigger function", f"{qualified_function}() is missing — {_INSTALL_HINT}"
+            Verdict.FAIL, "trigger function", f"{qualified_function}() is missing — {INSTALL_HINT}"
         )
     elif expected_objects is None or expected_objects.function is None:
         emit(Verdict.WARN, "trigger function", f"{qualified_function}() exists{not_compared}")
@@ -456,7 +454,7 @@ async def _installed_objects(conn: db.AsyncConn, layout: Layout, table: _Table, 
         reference = expected_objects.triggers.get(trigger_name) if expected_objects else None
         table_name = names.table.as_string(conn)
         if trigger is None:
-            emit(Verdict.FAIL, check, f"missing on {table_name} — {_INSTALL_HINT}")
+            emit(Verdict.FAIL, check, f"missing on {table_name} — {INSTALL_HINT}")
         elif trigger.enabled not in ("O", "A"):
             state = "only in replica mode" if trigger.enabled == "R" else "disabled"
             emit(
@@ -469,7 +467,7 @@ async def _installed_objects(conn: db.AsyncConn, layout: Layout, table: _Table, 
             emit(
                 Verdict.FAIL,
                 check,
-                f"does not call {qualified_function}() — {_INSTALL_HINT} (it replaces the trigger)",
+                f"does not call {qualified_function}() — {INSTALL_HINT} (it replaces the trigger)",
             )
         elif reference is None:
             emit(Verdict.WARN, check, f"exists and is enabled{not_compared}")

@@ -97,8 +97,8 @@ async def _idle_lock(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
         " LEFT JOIN pg_catalog.pg_stat_activity a USING (pid)"
         " WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted"
         " AND l.mode = 'ExclusiveLock'"
-        " AND ((l.classid::bigint << 32) | l.objid::bigint) = %s",
-        (schema.idle_lock_key(layout),),
+        " AND l.classid::bigint = %s AND l.objid::bigint = %s",
+        schema.advisory_key_parts(schema.idle_lock_key(layout)),
     )
     row = await cursor.fetchone()
     if row is None:

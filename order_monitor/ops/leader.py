@@ -48,7 +48,6 @@ lock is something it recovers from by itself, not a reason to exit.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -59,6 +58,7 @@ import psycopg
 from order_monitor.db import connect
 from order_monitor.logs import get_logger
 from order_monitor.redaction import redact_dsn
+from order_monitor.schema import advisory_key, advisory_key_parts
 
 log = get_logger(component="leader")
 
@@ -90,14 +90,7 @@ WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
 
 def lock_key(schema: str, table: str) -> int:
     """The advisory lock key for one orders table (see the module docstring)."""
-    digest = hashlib.md5(f"order_monitor:{schema}.{table}".encode(), usedforsecurity=False)
-    return int.from_bytes(digest.digest()[:8], "big", signed=True)
-
-
-def _key_parts(key: int) -> tuple[int, int]:
-    # pg_locks shows a bigint advisory key as two oids: high and low 32 bits.
-    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
-    return unsigned >> 32, unsigned & 0xFFFF_FFFF
+    return advisory_key(f"order_monitor:{schema}.{table}")
 
 
 class LeaderLock:
@@ -256,7 +249,7 @@ class LeaderLock:
         """Who holds the lock, for the standby's log line (best effort)."""
         try:
             cursor = await asyncio.wait_for(
-                conn.execute(_HOLDER, _key_parts(self.key)), self._check_timeout
+                conn.execute(_HOLDER, advisory_key_parts(self.key)), self._check_timeout
             )
             row = await cursor.fetchone()
         except (psycopg.Error, TimeoutError):
@@ -266,7 +259,7 @@ class LeaderLock:
         return {"holder_pid": row[0], "holder_application": row[1], "holder_addr": row[2]}
 
     async def _monitor(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        classid, objid = _key_parts(self.key)
+        classid, objid = advisory_key_parts(self.key)
         try:
             while True:
                 await asyncio.sleep(self._check_interval)
