@@ -54,13 +54,15 @@ async def in_inbox(admin: AConn) -> set[str]:
     return {str(r[0]) for r in await cursor.fetchall()}
 
 
+async def count(admin: AConn, query: str, params: tuple[object, ...] = ()) -> int:
+    row = await (await admin.execute(query, params)).fetchone()  # type: ignore[arg-type]
+    assert row is not None
+    return int(row[0])
+
+
 async def waiting_for_idle_lock(admin: AConn, pid: int) -> bool:
-    cursor = await admin.execute(
-        "SELECT count(*) FROM pg_locks WHERE pid = %s AND locktype = 'advisory' AND NOT granted",
-        (pid,),
-    )
-    row = await cursor.fetchone()
-    return row is not None and row[0] == 1
+    query = "SELECT count(*) FROM pg_locks WHERE pid = %s AND locktype = 'advisory' AND NOT granted"
+    return await count(admin, query, (pid,)) == 1
 
 
 @pytest.fixture
@@ -161,9 +163,7 @@ async def test_the_lock_goes_with_the_daemons_session(conns: dict[str, AConn]) -
 
 
 async def _gone(admin: AConn, pid: int) -> bool:
-    cursor = await admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
-    row = await cursor.fetchone()
-    return row is not None and row[0] == 0
+    return await count(admin, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)) == 0
 
 
 # --- the daemon itself -----------------------------------------------------------------

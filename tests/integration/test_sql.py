@@ -73,8 +73,8 @@ class DaemonSide:
 
 @pytest.fixture(params=["idle", "busy"])
 def daemon(db: str, request: pytest.FixtureRequest) -> Iterator[DaemonSide]:
-    """The daemon's side of the trigger, in each mode in turn."""
-    with psycopg.connect(db, autocommit=True) as conn:
+    """The daemon's side of the trigger, in each mode in turn, as the daemon's role."""
+    with psycopg.connect(as_daemon(db), autocommit=True) as conn:
         conn.execute("LISTEN order_monitor")
         if request.param == "idle":
             conn.execute("SELECT pg_advisory_lock(%s)", (IDLE_LOCK,))
