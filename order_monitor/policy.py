@@ -10,8 +10,15 @@ Attempt *n* has a *slot*: an offset from dispatch. The first slot is
 Each gap carries a jitter of up to ``±jitter`` of its length, derived from the
 order's id, so that orders dispatched together spread out, and so that the
 same order always gets the same slots (no random state to persist or seed in
-tests). A check at elapsed time ``t`` is followed by the first slot after
-``t``; slots missed while the daemon was down are skipped, not replayed.
+tests). A check at elapsed time ``t`` is followed by the first slot that
+*opens* after ``t``; slots missed while the daemon was down are skipped, not
+replayed.
+
+A slot opens a little before its offset (:data:`EARLY_SHARE` of its gap): a
+check made in that window counts as the slot's check. Without it a check that
+measures itself a hair early (the server's clock read at another moment than
+the daemon's, a query slower than the last) is followed by the same slot again,
+a second request a few milliseconds later.
 """
 
 from __future__ import annotations
@@ -28,6 +35,12 @@ from typing import Final, NamedTuple
 #: the jitter hashes the attempt number as two bytes.
 MAX_ATTEMPTS_LIMIT: Final = 1000
 
+#: How early, as a share of its gap, a check may come and still count as the
+#: slot's own. Far above clock and query noise for any real gap (6 s of a
+#: 60 s one), and well below 1, so a slot opens only after the slot before
+#: it has passed.
+EARLY_SHARE: Final = 0.1
+
 
 class Slot(NamedTuple):
     attempt: int
@@ -35,6 +48,11 @@ class Slot(NamedTuple):
     offset: float
     #: Seconds since the previous slot.
     gap: float
+
+    @property
+    def opens(self) -> float:
+        """The earliest elapsed time at which a check counts as this slot's."""
+        return self.offset - EARLY_SHARE * self.gap
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +96,14 @@ class BackoffPolicy:
     def next_slot(self, key: int, last_checked: float | None) -> Slot | None:
         """The slot after a check made *last_checked* seconds after dispatch.
 
-        ``None`` for *last_checked* means the order was never checked: the
-        first slot (which may already be past; the caller then checks now).
+        That is the first slot that opens after *last_checked*: a check made
+        in a slot's early window was that slot's check. ``None`` for
+        *last_checked* means the order was never checked: the first slot
+        (which may already be past; the caller then checks now).
         ``None`` as the result means the order has used up its checks.
         """
         for slot in self._walk(key):
-            if last_checked is None or slot.offset > last_checked:
+            if last_checked is None or slot.opens > last_checked:
                 return slot
         return None
 

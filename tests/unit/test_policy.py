@@ -142,5 +142,54 @@ def test_next_slot_agrees_with_the_full_list_of_slots(
 ) -> None:
     policy = BackoffPolicy(max_age=max_age)
     slots = policy.slots(key)
-    expected = slots[0] if last is None else next((s for s in slots if s.offset > last), None)
+    expected = slots[0] if last is None else next((s for s in slots if s.opens > last), None)
     assert policy.next_slot(key, last) == expected
+
+
+policies = st.builds(
+    BackoffPolicy,
+    initial_delay=st.floats(min_value=0, max_value=600),
+    base=st.floats(min_value=0.01, max_value=600),
+    cap=st.floats(min_value=0.01, max_value=7200),
+    jitter=st.floats(min_value=0, max_value=0.49),
+    max_attempts=st.integers(min_value=1, max_value=40),
+    max_age=st.floats(min_value=1, max_value=200_000),
+)
+
+
+@given(policy=policies, key=st.integers(min_value=0, max_value=2**128 - 1), data=st.data())
+def test_a_check_anywhere_in_a_slots_window_is_that_slots_check(
+    policy: BackoffPolicy, key: int, data: st.DataObject
+) -> None:
+    # A window runs from a slot's opening to the next slot's: wherever in it
+    # a check lands (early, on time, late), the slot after it is the next one.
+    slots = policy.slots(key)
+    n = data.draw(st.integers(min_value=0, max_value=len(slots) - 1))
+    end = slots[n + 1].opens if n + 1 < len(slots) else slots[n].offset + policy.cap
+    checked = data.draw(st.floats(min_value=slots[n].opens, max_value=end, exclude_max=True))
+    expected = slots[n + 1] if n + 1 < len(slots) else None
+    assert policy.next_slot(key, checked) == expected
+
+
+@given(
+    policy=policies,
+    key=st.integers(min_value=0, max_value=2**128 - 1),
+    errors=st.lists(st.floats(min_value=-1, max_value=1), min_size=40, max_size=40),
+)
+def test_each_slot_is_checked_once_however_the_clocks_disagree(
+    policy: BackoffPolicy, key: int, errors: list[float]
+) -> None:
+    # The daemon checks at the slot it scheduled, and the check measures its
+    # own elapsed time off either way (two clocks, queries of different
+    # length) by up to a twentieth of the gaps on either side of the slot:
+    # every slot is still asked once, in order, and none twice.
+    slots = policy.slots(key)
+    served = []
+    last_checked = None
+    while (slot := policy.next_slot(key, last_checked)) is not None:
+        served.append(slot.attempt)
+        assert len(served) <= policy.max_attempts
+        following = slots[slot.attempt].gap if slot.attempt < len(slots) else slot.gap
+        noise = errors[slot.attempt - 1] * min(slot.gap, following) / 20
+        last_checked = max(0.0, slot.offset + noise)
+    assert served == [s.attempt for s in slots]
