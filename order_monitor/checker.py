@@ -49,6 +49,15 @@ class CheckerLimits:
     max_in_flight_per_provider: int
 
 
+def spare_in_request(orders: int, batch_size: int, room: int) -> int:
+    """How many more orders the requests for *orders* can carry at no extra request.
+
+    The last of the ``ceil(orders / batch_size)`` requests has room for the
+    rest of a batch, within *room* (what the in-flight limits still allow).
+    """
+    return max(0, min(-orders % batch_size, room))
+
+
 class Checker:
     def __init__(
         self,
@@ -84,6 +93,11 @@ class Checker:
         self._waiting_for_room: defaultdict[str, dict[int, None]] = defaultdict(dict)
         self._unconfigured_warned: set[str] = set()
         self._stopping = False
+
+    def group_for(self, provider_id: str | None) -> str | None:
+        """The pull-forward group of *provider_id*'s orders: itself if its requests batch."""
+        provider = self._providers(provider_id)
+        return provider_id if provider is not None and provider.batch_size > 1 else None
 
     def wake(self) -> None:
         """Something became due earlier than the dispatcher is waiting for."""
@@ -205,28 +219,83 @@ class Checker:
             # Going ahead now: no longer waiting for room.
             for row in rows:
                 still_waiting.pop(row.id.int, None)
-        self._per_provider[name] += len(rows)
+        reads = [(rows, read_at)]
+        group = self.group_for(provider_id)
+        spare = spare_in_request(
+            len(rows),
+            provider.batch_size,
+            min(room - len(rows), self._limits.max_in_flight - self._scheduler.in_flight),
+        )
+        if group is not None and spare:
+            pulled = await self._pull_forward(group, spare)
+            if pulled is not None:
+                reads.append(pulled)
+        checked = [row for group_rows, _ in reads for row in group_rows]
+        self._per_provider[name] += len(checked)
         try:
             outcomes = await provider.check(
-                [OrderRef(r.id, r.reference, r.external_order_id) for r in rows]
+                [OrderRef(r.id, r.reference, r.external_order_id) for r in checked]
             )
         finally:
-            self._per_provider[name] -= len(rows)
-            self._make_room(name, len(rows))
+            self._per_provider[name] -= len(checked)
+            self._make_room(name, len(checked))
         now = self._clock()
-        for row in rows:
-            outcome = outcomes.get(row.id) or Outcome.unknown()
-            self._writer.submit(
-                decide(
-                    row,
-                    name,
-                    outcome,
-                    elapsed=row.elapsed + (now - read_at),
-                    policy=self.policy,
-                    writes=self._writes,
-                    limits=self._columns,
+        for group_rows, at in reads:
+            for row in group_rows:
+                outcome = outcomes.get(row.id) or Outcome.unknown()
+                self._writer.submit(
+                    decide(
+                        row,
+                        name,
+                        outcome,
+                        elapsed=row.elapsed + (now - at),
+                        policy=self.policy,
+                        writes=self._writes,
+                        limits=self._columns,
+                        group=group,
+                    )
                 )
+
+    async def _pull_forward(
+        self, provider_id: str, spare: int
+    ) -> tuple[list[InFlightRow], float] | None:
+        """Orders of *provider_id* whose slot is near, to fill a request that goes out anyway.
+
+        Re-read like every order before its check: one that left flight, or
+        moved to another provider, is not asked about here.
+        """
+        pulled = self._scheduler.pull_open(provider_id, self._clock(), spare)
+        if not pulled:
+            return None
+        ids = [order for order, _ in pulled]
+        try:
+            rows = await self._queries.fetch_in_flight(
+                await self._conn.get(), [uuid.UUID(int=i) for i in ids]
             )
+        except psycopg.Error as exc:
+            # Not worth a failed batch: they were not due yet, so they go
+            # back to their slots untouched.
+            await self._conn.reset()
+            log.warning(
+                "checker.pull_forward_failed",
+                orders=len(ids),
+                error=str(exc).strip(),
+                note="each is checked at its own slot instead",
+            )
+            for order, due in pulled:
+                self._scheduler.complete(order, due)
+            return None
+        read_at = self._clock()
+        same = [row for row in rows if row.provider_id == provider_id]
+        kept = {row.id.int for row in same}
+        moved = {row.id.int for row in rows} - kept
+        for order in ids:
+            if order in moved:
+                self._scheduler.complete(order, read_at)  # its new provider, at once
+            elif order not in kept:
+                self._scheduler.forget(order)
+        self._metrics.pulled_forward.labels(provider_id).inc(len(same))
+        return same, read_at
 
     def _make_room(self, name: str, freed: int) -> None:
         """Bring forward as many orders waiting for *name* as its finished checks freed."""

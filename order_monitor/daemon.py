@@ -412,6 +412,7 @@ class Daemon:
             metrics=self.metrics,
             clock=self._clock,
             on_scheduled=checker.wake,
+            group_for=checker.group_for,
         )
         self.confirmer = confirmer = Confirmer(
             Inbox(inbox_capacity(settings)),
@@ -424,6 +425,7 @@ class Daemon:
             clock=self._clock,
             on_scheduled=checker.wake,
             on_lost=sweeper.request,
+            group_for=checker.group_for,
         )
         self.handoff = handoff = Handoff(
             settings.dsn.reveal(),

@@ -144,6 +144,7 @@ class InFlightRow:
 @dataclass(frozen=True, slots=True)
 class SweepRow:
     id: uuid.UUID
+    provider_id: str | None
     elapsed: float
     last_checked: float | None
 
@@ -191,17 +192,22 @@ class Queries:
         in_flight = schema.in_flight_predicate(layout)
         id_ = sql.Identifier(c.id)
 
+        # The provider id, so an order of a batched provider may share its
+        # first check's request with others (Scheduler.pull_open).
+        scheduling = sql.SQL("{id}, {provider_id}::text, {timing}").format(
+            id=id_, provider_id=sql.Identifier(c.provider_id), timing=timing
+        )
         self._sweep_first = sql.SQL(
-            "SELECT {id}, {timing} FROM {table} WHERE {in_flight} ORDER BY {id} LIMIT %s"
-        ).format(id=id_, timing=timing, table=table, in_flight=in_flight)
+            "SELECT {scheduling} FROM {table} WHERE {in_flight} ORDER BY {id} LIMIT %s"
+        ).format(scheduling=scheduling, id=id_, table=table, in_flight=in_flight)
         self._sweep_next = sql.SQL(
-            "SELECT {id}, {timing} FROM {table} WHERE {in_flight} AND {id} > %s"
+            "SELECT {scheduling} FROM {table} WHERE {in_flight} AND {id} > %s"
             " ORDER BY {id} LIMIT %s"
-        ).format(id=id_, timing=timing, table=table, in_flight=in_flight)
+        ).format(scheduling=scheduling, id=id_, table=table, in_flight=in_flight)
 
         self._confirm = sql.SQL(
-            "SELECT {id}, {timing} FROM {table} WHERE {id} = ANY(%b) AND {in_flight}"
-        ).format(id=id_, timing=timing, table=table, in_flight=in_flight)
+            "SELECT {scheduling} FROM {table} WHERE {id} = ANY(%b) AND {in_flight}"
+        ).format(scheduling=scheduling, id=id_, table=table, in_flight=in_flight)
 
         self._reread = sql.SQL(
             "SELECT {id}, {ref}, {provider_id}::text, {external_order_id}::text, {timing}"

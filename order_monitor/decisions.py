@@ -33,6 +33,11 @@ class Decision:
     next_check_in: float | None = None
     #: Seconds since dispatch when the decision was made.
     elapsed: float = 0.0
+    #: The provider's id, when its requests carry several orders: the next
+    #: check may then go out early with others (Scheduler.pull_open) ...
+    group: str | None = None
+    #: ... from this many seconds from now on (policy.PULL_SHARE).
+    pull_in: float | None = None
 
     @property
     def writes(self) -> bool:
@@ -72,8 +77,13 @@ def decide(
     policy: BackoffPolicy,
     writes: OutcomeWrites,
     limits: ColumnLimits,
+    group: str | None = None,
 ) -> Decision:
-    """The decision for *row* given *outcome*, *elapsed* seconds after dispatch."""
+    """The decision for *row* given *outcome*, *elapsed* seconds after dispatch.
+
+    *group* names the provider when its requests carry several orders, so
+    the next check may be pulled forward into another order's request.
+    """
     if outcome.status is Status.DONE:
         if (
             outcome.pin is not None
@@ -142,6 +152,8 @@ def decide(
         "pending",
         next_check_in=max(0.0, slot.offset - elapsed),
         elapsed=elapsed,
+        group=group,
+        pull_in=max(0.0, slot.pull_from - elapsed),
     )
 
 

@@ -24,7 +24,7 @@ from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 from order_monitor.policy import BackoffPolicy
 from order_monitor.scheduler import Scheduler
-from order_monitor.sweep import due_in
+from order_monitor.sweep import GroupFor, no_groups, schedule_row
 
 log = get_logger()
 
@@ -88,8 +88,10 @@ class Confirmer:
         clock: Callable[[], float],
         on_scheduled: Callable[[], None],
         on_lost: Callable[[], None],
+        group_for: GroupFor = no_groups,
     ) -> None:
         self.inbox = inbox
+        self._group_for = group_for
         self._conn = conn
         self._queries = queries
         self._scheduler = scheduler
@@ -156,10 +158,7 @@ class Confirmer:
         now = self._clock()
         woke = False
         for row in rows:
-            key = row.id.int
-            woke |= self._scheduler.offer(
-                key, now + due_in(self.policy, key, row.elapsed, row.last_checked)
-            )
+            woke |= schedule_row(self._scheduler, self.policy, row, now, self._group_for)
         if len(rows) < len(ids):
             # Not an order in flight (finished already, or never one): not ours.
             self._metrics.notifications.labels("not_in_flight").inc(len(ids) - len(rows))

@@ -30,6 +30,13 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.pulled_forward = Counter(
+            "order_monitor_checks_pulled_forward",
+            "Checks made a little before their slot, to share a request to a batched "
+            "provider that went out anyway (at most policy.PULL_SHARE of the gap early).",
+            ["provider"],
+            registry=r,
+        )
         self.finished = Counter(
             "order_monitor_orders_finished",
             "Orders written as finished, by outcome (done, failed, gave_up).",

@@ -36,10 +36,17 @@ from typing import Final, NamedTuple
 MAX_ATTEMPTS_LIMIT: Final = 1000
 
 #: How early, as a share of its gap, a check may come and still count as the
-#: slot's own. Far above clock and query noise for any real gap (6 s of a
+#: slot's own. Far above clock and query noise for any real gap (12 s of a
 #: 60 s one), and well below 1, so a slot opens only after the slot before
 #: it has passed.
-EARLY_SHARE: Final = 0.1
+EARLY_SHARE: Final = 0.2
+
+#: How early, as a share of its gap, an order may be checked on purpose: when
+#: a request to its provider goes out anyway and has room for it (a batched
+#: provider answers up to 50 orders a request). Half of EARLY_SHARE, so an
+#: order pulled forward counts as its slot's check even if the two clocks
+#: disagree by a tenth of the gap.
+PULL_SHARE: Final = 0.1
 
 
 class Slot(NamedTuple):
@@ -53,6 +60,11 @@ class Slot(NamedTuple):
     def opens(self) -> float:
         """The earliest elapsed time at which a check counts as this slot's."""
         return self.offset - EARLY_SHARE * self.gap
+
+    @property
+    def pull_from(self) -> float:
+        """The earliest elapsed time at which the order may be checked with others."""
+        return self.offset - PULL_SHARE * self.gap
 
 
 @dataclass(frozen=True, slots=True)

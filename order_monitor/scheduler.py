@@ -5,7 +5,15 @@ timing is tested with plain numbers.
 
 Memory matters: a shop can have a million orders in flight. An order is held
 as its UUID's 128-bit integer and a due time, nothing else (the checker
-re-reads the row anyway), which costs well under 300 bytes an order.
+re-reads the row anyway), which costs well under 300 bytes an order; an order
+of a batched provider also has an entry in its provider's *open* heap (about
+100 bytes more).
+
+Batched providers answer up to 50 orders a request, but orders dispatched at
+different moments are due at different moments and would each go out alone.
+So an order given back with a *group* (its provider) and an *opens* time (a
+little before its due time: policy.PULL_SHARE) can be taken early, with
+:meth:`pull_open`, by a request to that provider that goes out anyway.
 """
 
 from __future__ import annotations
@@ -23,20 +31,29 @@ class Scheduler:
     notifications and sweeps can never cause duplicate polling.
     """
 
-    __slots__ = ("_due", "_heap", "_in_flight", "_requeue")
+    __slots__ = ("_due", "_heap", "_in_flight", "_open", "_requeue")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int]] = []
         self._due: dict[int, float] = {}
         self._in_flight: set[int] = set()
         self._requeue: dict[int, float] = {}
+        #: Per group, (opens, due, order) by opening time. An entry is live
+        #: while the order is still scheduled at that due time; any other
+        #: schedule change (a check, an earlier offer) leaves it stale, to be
+        #: dropped when met: no second index to keep in step.
+        self._open: dict[str, list[tuple[float, float, int]]] = {}
 
-    def offer(self, order: int, due: float) -> bool:
+    def offer(
+        self, order: int, due: float, *, group: str | None = None, opens: float | None = None
+    ) -> bool:
         """Make sure *order* is checked no later than *due*.
 
-        An order already scheduled earlier keeps its time. Returns True when
-        the earliest due time of the whole schedule moved earlier, which is
-        when a waiting dispatcher should be woken.
+        An order already scheduled earlier keeps its time. With a *group*
+        and an *opens* time, :meth:`pull_open` may take it from *opens* on
+        (as for :meth:`complete`). Returns True when the earliest due time
+        of the whole schedule moved earlier, which is when a waiting
+        dispatcher should be woken.
         """
         if order in self._in_flight:
             previous = self._requeue.get(order)
@@ -47,7 +64,7 @@ class Scheduler:
         if current is not None and current <= due:
             return False
         head = self._heap[0][0] if self._heap else None
-        self._push(order, due)
+        self._push(order, due, group, opens)
         return head is None or due < head
 
     def pop_due(self, now: float, limit: int) -> list[int]:
@@ -63,18 +80,47 @@ class Scheduler:
             taken.append(order)
         return taken
 
-    def complete(self, order: int, next_due: float | None) -> None:
-        """Return an order handed out by :meth:`pop_due`.
+    def complete(
+        self,
+        order: int,
+        next_due: float | None,
+        *,
+        group: str | None = None,
+        opens: float | None = None,
+    ) -> None:
+        """Return an order handed out by :meth:`pop_due` or :meth:`pull_open`.
 
         *next_due* is None when the order needs no further check. An offer
         made while it was in flight still applies (for example a new
-        ``provider_referans``, which the finished check did not see).
+        ``provider_referans``, which the finished check did not see). With a
+        *group* and an *opens* time (at most *next_due*), :meth:`pull_open`
+        for that group may take the order from *opens* on.
         """
         self._in_flight.discard(order)
         requeued = self._requeue.pop(order, None)
-        candidates = [d for d in (next_due, requeued) if d is not None]
-        if candidates:
-            self._push(order, min(candidates))
+        if requeued is not None and (next_due is None or requeued < next_due):
+            self._push(order, requeued, None, None)
+        elif next_due is not None:
+            self._push(order, next_due, group, opens)
+
+    def pull_open(self, group: str, now: float, limit: int) -> list[tuple[int, float]]:
+        """Take up to *limit* orders of *group* whose opening time has come, earliest first.
+
+        They are handed out as by :meth:`pop_due`, before their due time; each
+        comes with that due time, for a caller that has to give it back.
+        """
+        heap = self._open.get(group)
+        taken: list[tuple[int, float]] = []
+        while heap and len(taken) < limit and heap[0][0] <= now:
+            _, due, order = heapq.heappop(heap)
+            if self._due.get(order) != due:
+                continue  # checked or rescheduled since: a stale entry
+            del self._due[order]
+            self._in_flight.add(order)
+            taken.append((order, due))
+        if heap is not None and not heap:
+            del self._open[group]
+        return taken
 
     def forget(self, order: int) -> None:
         """Drop an order entirely (it is no longer in flight in the database)."""
@@ -109,14 +155,23 @@ class Scheduler:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def _push(self, order: int, due: float) -> None:
+    def _push(self, order: int, due: float, group: str | None, opens: float | None) -> None:
         self._due[order] = due
         heapq.heappush(self._heap, (due, order))
+        if group is not None and opens is not None:
+            heapq.heappush(self._open.setdefault(group, []), (min(opens, due), due, order))
         # Superseded entries stay in the heap until popped; rebuild when they
         # outnumber the live ones so memory stays proportional to orders.
         if len(self._heap) > 2 * len(self._due) + 1024:
             self._heap = [(d, o) for o, d in self._due.items()]
             heapq.heapify(self._heap)
+            for group, entries in list(self._open.items()):
+                live = [e for e in entries if self._due.get(e[2]) == e[1]]
+                if live:
+                    heapq.heapify(live)
+                    self._open[group] = live
+                else:
+                    del self._open[group]
 
     def _drop_stale_head(self) -> None:
         heap = self._heap

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from order_monitor.db import ManagedConnection, Queries
+from order_monitor.db import ManagedConnection, Queries, SweepRow
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 from order_monitor.policy import BackoffPolicy
@@ -34,12 +34,31 @@ class SweepResult:
     seconds: float
 
 
-def due_in(policy: BackoffPolicy, key: int, elapsed: float, last_checked: float | None) -> float:
-    """Seconds from now to an order's next check, from where it stands."""
-    slot = policy.next_slot(key, last_checked)
-    # No slot left means a give-up that was never written (the daemon died
-    # first): check once more now, and the checker gives up properly.
-    return 0.0 if slot is None else max(0.0, slot.offset - elapsed)
+#: Which providers' orders may be pulled forward into a shared request: the
+#: provider id for a batched provider, else None (Checker.group_for).
+GroupFor = Callable[[str | None], str | None]
+
+
+def no_groups(provider_id: str | None) -> str | None:
+    return None
+
+
+def schedule_row(
+    scheduler: Scheduler, policy: BackoffPolicy, row: SweepRow, now: float, group_for: GroupFor
+) -> bool:
+    """Offer an order found in the table at its next slot; True if the head moved earlier."""
+    key = row.id.int
+    slot = policy.next_slot(key, row.last_checked)
+    if slot is None:
+        # No slot left means a give-up that was never written (the daemon
+        # died first): check once more now, and the checker gives up properly.
+        return scheduler.offer(key, now)
+    return scheduler.offer(
+        key,
+        now + max(0.0, slot.offset - row.elapsed),
+        group=group_for(row.provider_id),
+        opens=now + max(0.0, slot.pull_from - row.elapsed),
+    )
 
 
 async def sweep_once(
@@ -49,6 +68,7 @@ async def sweep_once(
     policy: BackoffPolicy,
     clock: Callable[[], float],
     page_size: int,
+    group_for: GroupFor = no_groups,
 ) -> SweepResult:
     started = time.perf_counter()
     found = scheduled = 0
@@ -57,9 +77,8 @@ async def sweep_once(
         rows = await queries.sweep_page(await conn.get(), after, page_size)
         now = clock()
         for row in rows:
-            key = row.id.int
-            if key not in scheduler:
-                scheduler.offer(key, now + due_in(policy, key, row.elapsed, row.last_checked))
+            if row.id.int not in scheduler:
+                schedule_row(scheduler, policy, row, now, group_for)
                 scheduled += 1
         found += len(rows)
         if len(rows) < page_size:
@@ -83,11 +102,13 @@ class Sweeper:
         metrics: Metrics,
         clock: Callable[[], float],
         on_scheduled: Callable[[], None],
+        group_for: GroupFor = no_groups,
     ) -> None:
         self._conn = conn
         self._queries = queries
         self._scheduler = scheduler
         self.policy = policy
+        self._group_for = group_for
         self.interval = interval
         self._page_size = page_size
         self._metrics = metrics
@@ -117,6 +138,7 @@ class Sweeper:
                 self.policy,
                 self._clock,
                 self._page_size,
+                self._group_for,
             )
         except psycopg.Error as exc:
             await self._conn.reset()

@@ -210,7 +210,8 @@ class Writer:
             answer=describe_outcome(decision.outcome),
             due_in_s=round(decision.next_check_in or 0.0, 3),
         )
-        self._scheduler.complete(order.int, next_due)
+        opens = None if decision.pull_in is None else now + decision.pull_in
+        self._scheduler.complete(order.int, next_due, group=decision.group, opens=opens)
         return False
 
 

@@ -249,6 +249,11 @@ class Provider(Protocol):
 
     name: str
 
+    @property
+    def batch_size(self) -> int:
+        """Most orders one request carries (1: each order is a request of its own)."""
+        ...
+
     async def check(self, orders: Sequence[OrderRef]) -> dict[UUID, Outcome]:
         """An outcome for every order given; never raises for provider trouble."""
         ...

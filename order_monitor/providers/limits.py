@@ -133,6 +133,10 @@ class LimitedProvider:
         self._metrics.circuit.labels(name).set(CIRCUIT_STATES[BreakerState.CLOSED.value])
 
     @property
+    def batch_size(self) -> int:
+        return self.adapter.max_batch
+
+    @property
     def state(self) -> BreakerState:
         return self.breaker.state
 

@@ -368,6 +368,42 @@ async def test_a_row_the_database_refuses_does_not_block_the_batch(
     assert all(rows[r]["externalStatus"] == "done" for r in refs)
 
 
+async def test_orders_dispatched_apart_share_a_batched_providers_requests(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    # Ten orders dispatched 20 ms apart (by "sentAt": the schedule's clock,
+    # so the spacing does not depend on how fast this machine inserts), each
+    # pending for two more slots. Without coalescing each of those slots is
+    # ten requests; with it, the first order due takes the others along,
+    # since their slots are open (a tenth of the 2 s gap before them). No
+    # jitter, so which slot is open when does not depend on the ids drawn.
+    refs = [f"apart-{i}" for i in range(10)]
+    for ref in refs:
+        fake.set_script(ref, Script.done("PIN", after=2))
+    policy = BackoffPolicy(
+        initial_delay=0.0, base=2.0, cap=2.0, jitter=0.0, max_attempts=10, max_age=3600
+    )
+    daemon = Daemon(settings_for(db, fake, policy=policy))
+    async with running(daemon):
+        await app.conn.execute(
+            """INSERT INTO product_orders (provider_referans, "providerId", "externalStatus", "sentAt")
+               SELECT ref, 'fake', 'sent', now() - make_interval(secs => 0.02 * (10 - n))
+               FROM unnest(%s::text[]) WITH ORDINALITY AS r(ref, n)""",
+            (refs,),
+        )
+        await eventually(lambda: _finished(app), what="the ten orders to finish")
+    # Still one check per slot for each order, never an extra one.
+    assert {ref: fake.poll_count(ref) for ref in refs} == dict.fromkeys(refs, 3)
+    # The first checks in one request (one commit), then about one a slot
+    # (two when a slot's orders straddle a request that had just gone out).
+    assert fake.requests_total <= 1 + 2 * 2
+    pulled = daemon.metrics.registry.get_sample_value(
+        "order_monitor_checks_pulled_forward_total", {"provider": "fake"}
+    )
+    assert pulled is not None
+    assert pulled >= 2 * (len(refs) - 2)
+
+
 async def test_a_refused_row_counts_against_the_policy_and_is_given_up(
     db: str, app: App, fake: FakeProvider
 ) -> None:
@@ -428,6 +464,7 @@ class BrokenOnce:
     """A provider with a bug that bites once: the engine must not strand its orders."""
 
     name = "fake"
+    batch_size = 50
 
     def __init__(self, inner: Provider) -> None:
         self.inner = inner

@@ -5,14 +5,18 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from order_monitor.checker import spare_in_request
 from order_monitor.config import OutcomeWrites
-from order_monitor.db import ColumnLimits, InFlightRow
+from order_monitor.db import ColumnLimits, InFlightRow, SweepRow
 from order_monitor.decisions import Decision, after_refusal, decide, describe_outcome, truncate
 from order_monitor.listener import parse_payload
 from order_monitor.policy import BackoffPolicy
 from order_monitor.providers.base import Outcome, clean_pin
-from order_monitor.sweep import due_in
+from order_monitor.scheduler import Scheduler
+from order_monitor.sweep import schedule_row
 
 POLICY = BackoffPolicy(jitter=0.0)
 LIMITS = ColumnLimits(pin_code=120, provider_message=None, last_message=250)
@@ -129,21 +133,41 @@ def test_describe_is_short_and_human() -> None:
 # --- where a swept order stands -------------------------------------------------------
 
 
+def swept(
+    elapsed: float, last_checked: float | None, provider_id: str | None = "znet"
+) -> Scheduler:
+    """A scheduler holding order 1 as the sweep (or the listener) offers it at time 1000."""
+    scheduler = Scheduler()
+    row = SweepRow(uuid.UUID(int=1), provider_id, elapsed, last_checked)
+    schedule_row(scheduler, POLICY, row, 1000.0, lambda p: p if p == "barakat" else None)
+    return scheduler
+
+
 def test_a_never_checked_order_is_due_at_its_first_slot() -> None:
-    assert due_in(POLICY, 1, elapsed=10.0, last_checked=None) == 50.0
+    assert swept(elapsed=10.0, last_checked=None).due_in(1) == 1000.0 + 50.0
 
 
 def test_an_order_is_resumed_at_the_slot_after_its_last_sync() -> None:
     # Last synced 20 min after dispatch, now 25 min: slot 7 (32.5 min) is next.
-    assert due_in(POLICY, 1, elapsed=1500.0, last_checked=1200.0) == pytest.approx(1950.0 - 1500.0)
+    due = swept(elapsed=1500.0, last_checked=1200.0).due_in(1)
+    assert due == pytest.approx(1000.0 + 1950.0 - 1500.0)
 
 
 def test_an_overdue_order_is_due_now() -> None:
-    assert due_in(POLICY, 1, elapsed=5000.0, last_checked=100.0) == 0.0
+    assert swept(elapsed=5000.0, last_checked=100.0).due_in(1) == 1000.0
 
 
 def test_an_order_past_its_last_slot_is_checked_once_more_now() -> None:
-    assert due_in(POLICY, 1, elapsed=90_000.0, last_checked=89_000.0) == 0.0
+    assert swept(elapsed=90_000.0, last_checked=89_000.0).due_in(1) == 1000.0
+
+
+def test_a_swept_order_of_a_batched_provider_may_share_its_first_check() -> None:
+    # Slot 1 is 60 s after dispatch: open to a shared request from 54 s on.
+    batched = swept(elapsed=10.0, last_checked=None, provider_id="barakat")
+    assert batched.pull_open("barakat", now=1000.0 + 43.9, limit=10) == []
+    assert batched.pull_open("barakat", now=1000.0 + 44.0, limit=10) == [(1, 1050.0)]
+    single = swept(elapsed=10.0, last_checked=None, provider_id="znet")
+    assert single.pull_open("znet", now=1000.0 + 49.9, limit=10) == []
 
 
 # --- notification payloads -------------------------------------------------------------
@@ -194,3 +218,45 @@ def test_a_refused_give_up_is_tried_again_a_cap_later() -> None:
     decision = decide_at(Outcome.pending(), elapsed=POLICY.max_age + 1)
     assert decision.kind == "gave_up"
     assert refused(decision) == POLICY.cap
+
+
+def test_a_batched_providers_next_check_may_be_pulled_forward_a_tenth_of_its_gap() -> None:
+    d = decide(
+        ROW,
+        "barakat",
+        Outcome.pending("1", None),
+        elapsed=100.0,
+        policy=POLICY,
+        writes=OutcomeWrites(),
+        limits=LIMITS,
+        group="barakat",
+    )
+    # Slot 3 is 150 s after dispatch, 60 s after slot 2: open from 144 s on.
+    assert (d.group, d.next_check_in) == ("barakat", pytest.approx(50.0))
+    assert d.pull_in == pytest.approx(44.0)
+
+
+def test_an_unbatched_provider_is_never_pulled_forward() -> None:
+    d = decide_at(Outcome.pending("1", None))
+    assert d.group is None
+
+
+@pytest.mark.parametrize(
+    ("orders", "batch", "room", "spare"),
+    [(1, 50, 1000, 49), (50, 50, 1000, 0), (51, 50, 1000, 49), (7, 50, 10, 10), (3, 1, 100, 0)],
+)
+def test_a_request_is_filled_up_to_its_batch_within_the_room_left(
+    orders: int, batch: int, room: int, spare: int
+) -> None:
+    assert spare_in_request(orders, batch, room) == spare
+
+
+@given(
+    orders=st.integers(min_value=1, max_value=10_000),
+    batch=st.integers(min_value=1, max_value=500),
+    room=st.integers(min_value=-100, max_value=10_000),
+)
+def test_filling_a_request_never_adds_one(orders: int, batch: int, room: int) -> None:
+    spare = spare_in_request(orders, batch, room)
+    assert 0 <= spare <= max(room, 0)
+    assert -(-(orders + spare) // batch) == -(-orders // batch)

@@ -93,6 +93,59 @@ def test_superseded_entries_do_not_grow_the_heap_without_bound() -> None:
     assert len(s._heap) <= 2 * len(s) + 1024
 
 
+def test_an_open_order_of_the_group_joins_a_request_early() -> None:
+    s = Scheduler()
+    s.offer(1, 0.0)
+    assert s.pop_due(now=0.0, limit=10) == [1]
+    s.complete(1, 100.0, group="barakat", opens=90.0)
+    s.offer(2, 0.0)
+    assert s.pop_due(now=0.0, limit=10) == [2]
+    s.complete(2, 200.0, group="barakat", opens=180.0)
+    assert s.pull_open("barakat", now=89.0, limit=10) == []  # not open yet
+    assert s.pull_open("znet", now=95.0, limit=10) == []  # another provider's request
+    assert s.pull_open("barakat", now=95.0, limit=10) == [(1, 100.0)]
+    assert s.in_flight == 1
+    assert s.pop_due(now=150.0, limit=10) == []  # taken already: not handed out twice
+    assert s.next_due() == 200.0
+
+
+def test_an_order_checked_or_moved_since_is_not_pulled() -> None:
+    s = Scheduler()
+    for order in (1, 2):
+        s.offer(order, 0.0)
+    s.pop_due(now=0.0, limit=10)
+    s.complete(1, 100.0, group="g", opens=90.0)
+    s.complete(2, 100.0, group="g", opens=90.0)
+    assert s.pop_due(now=100.0, limit=1) == [1]  # due and checked the usual way
+    s.offer(2, 50.0)  # a new reference: checked at 50 instead
+    assert s.pull_open("g", now=95.0, limit=10) == []
+    assert s.pop_due(now=50.0, limit=10) == [2]
+
+
+def test_a_requeued_offer_wins_over_a_later_pull_entry() -> None:
+    s = Scheduler()
+    s.offer(1, 0.0)
+    s.pop_due(now=0.0, limit=10)
+    s.offer(1, 5.0)  # while in flight
+    s.complete(1, 100.0, group="g", opens=90.0)
+    assert s.due_in(1) == 5.0
+    assert s.pull_open("g", now=95.0, limit=10) == []
+
+
+def test_stale_pull_entries_do_not_grow_without_bound() -> None:
+    s = Scheduler()
+    for round_ in range(100):
+        for order in range(50):
+            if order in s and s.due_in(order) is not None:
+                s.offer(order, -1.0)
+                s.pop_due(now=0.0, limit=100)
+            else:
+                s.offer(order, 0.0)
+                s.pop_due(now=0.0, limit=100)
+            s.complete(order, 1e6 - round_, group="g", opens=1e6 - round_ - 1)
+    assert sum(len(h) for h in s._open.values()) <= 2 * len(s) + 1024
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random offers, pops and completions against a plain model of the schedule."""
 
@@ -102,6 +155,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.model: dict[int, float] = {}
         self.flying: set[int] = set()
         self.requeued: dict[int, float] = {}
+        #: The (group, opens) of orders pull_open may take.
+        self.pullable: dict[int, tuple[str, float]] = {}
         self.now = 0.0
 
     @rule(order=st.integers(0, 20), due=st.floats(0, 100, allow_nan=False))
@@ -109,8 +164,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.s.offer(order, due)
         if order in self.flying:
             self.requeued[order] = min(due, self.requeued.get(order, due))
-        else:
-            self.model[order] = min(due, self.model.get(order, due))
+        elif order not in self.model or due < self.model[order]:
+            self.model[order] = due
+            self.pullable.pop(order, None)
 
     @rule(step=st.floats(0, 30, allow_nan=False), limit=st.integers(1, 5))
     def pop(self, step: float, limit: int) -> None:
@@ -123,19 +179,53 @@ class SchedulerMachine(RuleBasedStateMachine):
         for order in taken:
             assert self.model[order] <= self.now
             del self.model[order]
+            self.pullable.pop(order, None)
             self.flying.add(order)
         remaining_due = [d for d in self.model.values() if d <= self.now]
         assert len(taken) == limit or not remaining_due
 
     @precondition(lambda self: self.flying)
-    @rule(data=st.data(), next_due=st.none() | st.floats(0, 200, allow_nan=False))
-    def complete(self, data: st.DataObject, next_due: float | None) -> None:
+    @rule(
+        data=st.data(),
+        next_due=st.none() | st.floats(0, 200, allow_nan=False),
+        group=st.none() | st.sampled_from(["a", "b"]),
+        early=st.floats(0, 20, allow_nan=False),
+    )
+    def complete(
+        self, data: st.DataObject, next_due: float | None, group: str | None, early: float
+    ) -> None:
         order = data.draw(st.sampled_from(sorted(self.flying)))
-        self.s.complete(order, next_due)
+        opens = None if next_due is None else next_due - early
+        self.s.complete(order, next_due, group=group, opens=opens)
         self.flying.discard(order)
-        candidates = [d for d in (next_due, self.requeued.pop(order, None)) if d is not None]
-        if candidates:
-            self.model[order] = min(candidates)
+        requeued = self.requeued.pop(order, None)
+        if requeued is not None and (next_due is None or requeued < next_due):
+            self.model[order] = requeued
+        elif next_due is not None:
+            self.model[order] = next_due
+            if group is not None and opens is not None:
+                self.pullable[order] = (group, opens)
+
+    @rule(group=st.sampled_from(["a", "b"]), limit=st.integers(1, 5))
+    def pull(self, group: str, limit: int) -> None:
+        taken = self.s.pull_open(group, self.now, limit)
+        assert len(taken) <= limit
+        opened = [self.pullable[order][1] for order, _ in taken]
+        assert opened == sorted(opened)
+        for order, due in taken:
+            assert self.pullable.pop(order) == (group, opened.pop(0))
+            assert self.model.pop(order) == due
+            self.flying.add(order)
+        still_open = [o for o, (g, at) in self.pullable.items() if g == group and at <= self.now]
+        assert len(taken) == limit or not still_open
+
+    @rule(order=st.integers(0, 20))
+    def forget(self, order: int) -> None:
+        self.s.forget(order)
+        self.model.pop(order, None)
+        self.flying.discard(order)
+        self.requeued.pop(order, None)
+        self.pullable.pop(order, None)
 
     @invariant()
     def agrees_with_the_model(self) -> None:
