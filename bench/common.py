@@ -32,6 +32,7 @@ from order_monitor import schema
 from order_monitor.config import Layout, ProviderConfig, ProviderLimits, Settings
 from order_monitor.daemon import Daemon
 from order_monitor.demo import counter_total
+from order_monitor.handoff import Mode
 from order_monitor.policy import BackoffPolicy
 from order_monitor.redaction import Secret
 from order_monitor.scheduler import Scheduler
@@ -233,6 +234,19 @@ async def running(settings: Settings, scheduler: Scheduler | None = None) -> Asy
         await asyncio.wait_for(task, 120)
 
 
+async def until_idle(daemon: Daemon, within: float) -> bool:
+    """Wait for the daemon to hold its idle lock (the trigger NOTIFYs), as it does when quiet.
+
+    It starts busy (reading the inbox) and goes idle after a calm window.
+    """
+    deadline = time.monotonic() + within
+    while daemon.handoff is None or daemon.handoff.mode is not Mode.IDLE:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
 def finished(daemon: Daemon) -> float:
     return counter_total(daemon.metrics.finished)
 
@@ -309,7 +323,10 @@ async def commit_to_request(
     *rate* orders/s evenly spaced; with ``rate=None`` each commits as fast
     as it can for *seconds*: the application's own maximum on this machine.
     Latency = the fake's first request for a reference minus that
-    reference's COMMIT time (``time.time()`` on both sides).
+    reference's COMMIT time (``time.time()`` on both sides). The writers
+    start once the daemon has gone idle (NOTIFY mode), as a quiet shop's
+    daemon is when a burst begins; above the handoff's busy rate it then
+    switches to the inbox within a fraction of a second.
     """
     tag = label or (f"{int(rate)}" if rate is not None else f"max{writers}")
     dsn = server.fresh(f"lat{tag}")
@@ -319,6 +336,7 @@ async def commit_to_request(
     with tempfile.TemporaryDirectory(prefix="om-bench-") as tmp:
         outs = [Path(tmp) / f"commits-{k}.json" for k in range(writers)]
         async with running(daemon_settings(dsn, fake.url, policy)) as daemon:
+            idle_at_start = await until_idle(daemon, 15.0)
             with cpu_meter(fake) as cpu:
                 # Far enough ahead for every writer to start, connect and warm up.
                 start_at = time.time() + 1.0 + 0.2 * writers
@@ -351,6 +369,13 @@ async def commit_to_request(
                 written = [json.loads(out.read_text()) for out in outs]
                 count = sum(len(w["commits"]) for w in written)
                 await wait_finished(daemon, count, within=60 + count / 500)
+            # How the orders reached the daemon: NOTIFY while it held its idle
+            # lock, the inbox table once the rate made it let go.
+            handoff = {
+                "notified": counter_total(daemon.metrics.notifications, result="accepted"),
+                "from_inbox": counter_total(daemon.metrics.inbox_taken),
+                "switches_to_busy": counter_total(daemon.metrics.handoff_switches, to="busy"),
+            }
     polls = await fake.polls(prefix)
     commits: dict[str, float] = {}
     for w in written:
@@ -369,5 +394,7 @@ async def commit_to_request(
         "p99_ms": percentile(latencies, 0.99),
         "max_ms": max(latencies) if latencies else float("nan"),
         "min_ms": min(latencies) if latencies else float("nan"),
+        "daemon_idle_at_start": idle_at_start,
+        **handoff,
         **cpu,
     }

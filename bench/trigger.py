@@ -43,11 +43,16 @@ must have announced nothing.
 Latency at a fixed rate: pgbench ``-R 500 -c 8 -l`` (per-transaction logs);
 average and p99, for the three variants, insert and update forms.
 
+``--diagnose`` adds a fourth variant, ``nodaemon``: our objects on a third
+database with no daemon, so every order goes to the inbox and stays there
+(the trigger's own cost, apart from what the daemon's reads cost).
+
 COMMIT to the provider's first request: ``bench/common.py``'s
 ``commit_to_request`` (``bench/app_writer.py`` processes insert and stamp
 each COMMIT, ``bench/fake_server.py`` stamps each request, the daemon runs
-with ``initial_delay=0``) at 200/s (one writer), 1,000/s (two writers sharing
-one timetable) and the maximum: ``--max-writers`` writers (default 4), one
+with ``initial_delay=0``, idle when the writers start) at 20/s (below the
+handoff's busy rate: by NOTIFY), 200/s (one writer), 1,000/s (four writers
+sharing one timetable) and the maximum: ``--max-writers`` writers (default 4), one
 connection each, committing one order per transaction as fast as they can;
 the rate they reach is reported.
 """
@@ -88,6 +93,7 @@ from common import (
     percentile,
     running,
     say,
+    until_idle,
 )
 from psycopg import sql
 
@@ -96,7 +102,6 @@ from order_monitor import logs, schema
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
 from order_monitor.demo import counter_total
-from order_monitor.handoff import Mode
 from order_monitor.policy import BackoffPolicy
 from order_monitor.scheduler import Scheduler
 
@@ -115,10 +120,14 @@ GOALS = {
 }
 
 VARIANTS = ("v2", "off", "v1")
+#: --diagnose adds it: our objects with no daemon, so every order goes to the
+#: inbox and stays there; the trigger's own cost, without the daemon's reads.
+DIAGNOSTIC = "nodaemon"
 VARIANT_TITLES = {
     "v2": "v2 (ours)",
     "off": "no trigger",
     "v1": "v1 (NOTIFY/row)",
+    DIAGNOSTIC: "v2, no daemon",
 }
 FORMS = ("insert", "update", "unrelated")
 LATENCY_FORMS = ("insert", "update")
@@ -175,7 +184,7 @@ def install_v1(server: Server, psql: str) -> str:
     return dsn
 
 
-def reset(dsn: str, form: str, rows: int) -> None:
+def reset(dsn: str, form: str, rows: int, *, inbox: bool = False) -> None:
     """The table in the state a run of *form* starts from, vacuumed, after a CHECKPOINT.
 
     Rows are loaded with triggers off (session_replication_role): nobody is
@@ -183,6 +192,8 @@ def reset(dsn: str, form: str, rows: int) -> None:
     """
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE product_orders")
+        if inbox:
+            conn.execute(sql.SQL("TRUNCATE {}").format(NAMES.inbox))
         if form in ("update", "unrelated"):
             with conn.transaction():
                 conn.execute("SET LOCAL session_replication_role = replica")
@@ -228,12 +239,11 @@ async def in_flight_ids(dsn: str) -> set[int]:
         return {row[0].int for row in await cursor.fetchall()}
 
 
-async def inbox_rows(dsn: str) -> int:
+async def inbox_ids(dsn: str) -> list[int]:
+    """The order ids waiting in the inbox table (duplicates kept)."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cursor = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(NAMES.inbox))
-        row = await cursor.fetchone()
-    assert row is not None
-    return int(row[0])
+        cursor = await conn.execute(sql.SQL("SELECT order_id FROM {}").format(NAMES.inbox))
+        return [row[0].int for row in await cursor.fetchall()]
 
 
 # --- who hears about orders --------------------------------------------------------------
@@ -382,8 +392,10 @@ def transaction_log(files: list[Path]) -> dict[str, Any]:
 @dataclass
 class Bench:
     pgbench: str
+    variants: tuple[str, ...]
     v2_dsn: str
     v1_dsn: str
+    nodaemon_dsn: str | None
     daemon: Daemon
     offers: OfferLog
     v1: BareListener
@@ -392,6 +404,9 @@ class Bench:
     catch_up_within: float
 
     def dsn(self, variant: str) -> str:
+        if variant == DIAGNOSTIC:
+            assert self.nodaemon_dsn is not None
+            return self.nodaemon_dsn
         return self.v1_dsn if variant == "v1" else self.v2_dsn
 
 
@@ -406,22 +421,12 @@ def metric(daemon: Daemon, name: str) -> float:
     return readers[name]()
 
 
-async def until_idle(daemon: Daemon, within: float) -> bool:
-    """Wait for the daemon to hold its idle lock again, as it does between bursts."""
-    deadline = time.monotonic() + within
-    while daemon.handoff is None or daemon.handoff.mode is not Mode.IDLE:
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
 async def one_run(
     b: Bench, variant: str, form: str, load: Load, logs_in: Path | None
 ) -> dict[str, Any]:
     dsn = b.dsn(variant)
-    await asyncio.to_thread(reset, dsn, form, b.rows)
-    if variant != "v1":
+    await asyncio.to_thread(reset, dsn, form, b.rows, inbox=variant == DIAGNOSTIC)
+    if variant in ("v2", "off"):
         await asyncio.to_thread(set_triggers, dsn, variant == "v2")
     idle_at_start = await until_idle(b.daemon, 15.0)
     b.offers.offered.clear()
@@ -431,7 +436,8 @@ async def one_run(
     cpu_before = cpu_seconds()
     result = await pgbench_run(b.pgbench, dsn, b.scripts[form], load, logs_in)
     ended = time.monotonic()
-    result["bench_process_cpu_s"] = cpu_seconds() - cpu_before  # the daemon (and v1 listener)
+    # This process: the daemon (it serves the v2 database only) and the v1 listener.
+    result["bench_process_cpu_s"] = cpu_seconds() - cpu_before
     result.update(variant=variant, form=form, daemon_idle_at_start=idle_at_start)
     result.update(await account(b, variant, form, ended))
     result["notified"] = metric(b.daemon, "notified") - before["notified"]
@@ -439,6 +445,8 @@ async def one_run(
     result["switches_to_busy"] = metric(b.daemon, "to_busy") - before["to_busy"]
     if variant == "v1":
         result["notified"] = b.v1.notifications - v1_before
+    elif variant == DIAGNOSTIC:
+        result["notified"] = result["from_inbox"] = 0.0  # nobody listens or reads there
     # The orders of this run are gone with the next reset: the daemon need not keep them.
     for order in b.offers.offered:
         b.daemon.scheduler.forget(order)
@@ -452,8 +460,12 @@ async def account(b: Bench, variant: str, form: str, ended: float) -> dict[str, 
     # Triggers disabled, or a write they keep out: nothing may be announced.
     announces = variant != "off" and form != "unrelated"
     expected = await in_flight_ids(b.dsn(variant)) if announces else set()
-    # Filled as announcements arrive (the same set objects throughout).
-    got = b.v1.received if variant == "v1" else b.offers.offered
+    # Filled as announcements arrive (the same set objects throughout); with
+    # no daemon, the inbox itself (its rows are committed with the orders').
+    if variant == DIAGNOSTIC:
+        got = set(await inbox_ids(b.dsn(variant)))
+    else:
+        got = b.v1.received if variant == "v1" else b.offers.offered
     deadline = ended + b.catch_up_within
     while time.monotonic() < deadline:
         if expected <= got:
@@ -470,17 +482,17 @@ async def account(b: Bench, variant: str, form: str, ended: float) -> dict[str, 
         "unexpected_announcements": len(got - expected),
         "catch_up_s": caught_up if expected else 0.0,
     }
-    if variant != "v1":
-        out["inbox_left"] = await inbox_rows(b.v2_dsn)
+    if variant in ("v2", "off"):
+        out["inbox_left"] = len(await inbox_ids(b.v2_dsn))
     return out
 
 
 # --- the parts ----------------------------------------------------------------------------
 
 
-def alternations(rounds: int) -> list[tuple[str, ...]]:
+def alternations(rounds: int, variants: tuple[str, ...]) -> list[tuple[str, ...]]:
     """v2 off v1, then v1 off v2, and so on: drift falls on each variant alike."""
-    return [VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS)) for r in range(rounds)]
+    return [variants if r % 2 == 0 else tuple(reversed(variants)) for r in range(rounds)]
 
 
 async def series(
@@ -489,14 +501,14 @@ async def series(
     out: dict[str, Any] = {}
     for form in forms:
         runs: list[dict[str, Any]] = []
-        for number, order in enumerate(alternations(rounds)):
+        for number, order in enumerate(alternations(rounds, b.variants)):
             for variant in order:
                 with tempfile.TemporaryDirectory(prefix="om-trig-") as tmp:
                     run = await one_run(b, variant, form, load, Path(tmp) if logged else None)
                 run["round"] = number
                 runs.append(run)
                 say(
-                    f"  {form} {variant:>3} round {number + 1}: {run['tps']:,.0f} tps"
+                    f"  {form} {variant:>8} round {number + 1}: {run['tps']:,.0f} tps"
                     + (
                         f", avg {run['latency_avg_ms']:.2f} / p99 {run['latency_p99_ms']:.2f} ms"
                         if logged
@@ -505,19 +517,21 @@ async def series(
                     + f"; {run['orders_announced']:,}/{run['orders_in_flight']:,} orders heard"
                     + (f", {run['orders_missed']} MISSED" if run["orders_missed"] else "")
                 )
-        out[form] = summarise(runs, rounds, logged)
+        out[form] = summarise(runs, b.variants, logged)
     return out
 
 
-def summarise(runs: list[dict[str, Any]], rounds: int, logged: bool) -> dict[str, Any]:
+def summarise(
+    runs: list[dict[str, Any]], variants: tuple[str, ...], logged: bool
+) -> dict[str, Any]:
     def figures(variant: str, key: str) -> list[float]:
         return [r[key] for r in sorted(runs, key=lambda r: r["round"]) if r["variant"] == variant]
 
     keys = ["tps"] + (["latency_avg_ms", "latency_p99_ms"] if logged else [])
     summary: dict[str, Any] = {"runs": runs, "medians": {}, "ratios": {}}
-    for variant in VARIANTS:
+    for variant in variants:
         summary["medians"][variant] = {k: statistics.median(figures(variant, k)) for k in keys}
-    for variant in ("v2", "v1"):
+    for variant in (v for v in variants if v != "off"):
         for key in keys:
             # Within a round: the two runs are minutes apart at most.
             per_round = [
@@ -534,6 +548,10 @@ async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, An
     v2_dsn = server.fresh("trig_v2")
     await asyncio.to_thread(order_no_index, v2_dsn)
     v1_dsn = await asyncio.to_thread(install_v1, server, plan.psql)
+    nodaemon_dsn = None
+    if DIAGNOSTIC in plan.variants:
+        nodaemon_dsn = server.fresh("trig_nod")
+        await asyncio.to_thread(order_no_index, nodaemon_dsn)
     offers = OfferLog()
     # As deployed between checks: the first check an hour away, the sweep a
     # day away, so the daemon only takes announced orders in during a run.
@@ -550,7 +568,19 @@ async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, An
             running(settings, offers) as daemon,
             BareListener(v1_dsn).running() as v1,
         ):
-            b = Bench(plan.pgbench, v2_dsn, v1_dsn, daemon, offers, v1, plan.rows, scripts, 60.0)
+            b = Bench(
+                pgbench=plan.pgbench,
+                variants=plan.variants,
+                v2_dsn=v2_dsn,
+                v1_dsn=v1_dsn,
+                nodaemon_dsn=nodaemon_dsn,
+                daemon=daemon,
+                offers=offers,
+                v1=v1,
+                rows=plan.rows,
+                scripts=scripts,
+                catch_up_within=60.0,
+            )
             if "throughput" in plan.parts:
                 load = Load(plan.clients, plan.threads, plan.seconds)
                 say(f"throughput: {plan.clients} connections, full speed, {plan.seconds:g} s a run")
@@ -632,8 +662,15 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def ms(value: float) -> str:
+    """Milliseconds in at most six characters (a saturated run's are in the thousands)."""
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
 def table(report: dict[str, Any]) -> str:
     m, pg, plan = report["machine"], report["postgres"], report["plan"]
+    variants: tuple[str, ...] = tuple(plan["variants"])
+    others = [v for v in variants if v != "off"]
     r = report["results"]
     lines = [
         f"order-monitor trigger benchmark (issue #10), {report['started']}",
@@ -642,58 +679,66 @@ def table(report: dict[str, Any]) -> str:
         f" fsync {pg['fsync']}), load average at start {m['loadavg_start'][0]:.2f}",
         f"pgbench {plan['clients']} connections ({plan['threads']} threads, prepared),"
         f" {plan['seconds']:g} s a run, {plan['rounds']} rounds alternating"
-        f" {' / '.join(' '.join(o) for o in alternations(min(2, plan['rounds'])))}",
+        f" {' / '.join(' '.join(o) for o in alternations(min(2, plan['rounds']), variants))}",
         "",
     ]
-    head = f"{'':<36}" + "".join(f"{VARIANT_TITLES[v]:>17}" for v in VARIANTS)
-    head += f"{'v2/none':>9}{'v1/none':>9}"
+    head = f"{'':<36}" + "".join(f"{VARIANT_TITLES[v]:>17}" for v in variants)
+    head += "".join(f"{v + '/none':>14}" for v in others)
     if "throughput" in r:
         lines += ["application tps, full speed (median)", head]
         for form, s in r["throughput"].items():
             med, ratios = s["medians"], s["ratios"]
             lines.append(
                 f"{FORM_TITLES[form]:<36}"
-                + "".join(f"{med[v]['tps']:>17,.0f}" for v in VARIANTS)
-                + f"{ratios['v2_tps']['median']:>9.1%}{ratios['v1_tps']['median']:>9.1%}"
+                + "".join(f"{med[v]['tps']:>17,.0f}" for v in variants)
+                + "".join(f"{ratios[v + '_tps']['median']:>14.1%}" for v in others)
             )
         lines.append("  each run (tps, by round):")
         for form, s in r["throughput"].items():
-            for v in VARIANTS:
+            for v in variants:
                 figures = [run["tps"] for run in s["runs"] if run["variant"] == v]
-                lines.append(f"    {form:<10}{v:<5}" + ", ".join(f"{x:,.0f}" for x in figures))
+                lines.append(f"    {form:<10}{v:<9}" + ", ".join(f"{x:,.0f}" for x in figures))
         lines.append("")
     if "latency" in r:
-        lat_head = f"{'':<36}" + "".join(f"{VARIANT_TITLES[v]:>17}" for v in VARIANTS)
-        lat_head += f"{'v2/none':>9}{'v1/none':>9}"
         lines += [
             f"latency at {plan['latency_rate']:g} tps, {plan['latency_clients']} connections,"
             " ms average / p99 (median)",
-            lat_head,
+            head,
         ]
         for form, s in r["latency"].items():
             med, ratios = s["medians"], s["ratios"]
             cells = "".join(
-                f"{med[v]['latency_avg_ms']:>9.2f} /{med[v]['latency_p99_ms']:>6.2f}"
-                for v in VARIANTS
+                f"{ms(med[v]['latency_avg_ms']):>9} /{ms(med[v]['latency_p99_ms']):>6}"
+                for v in variants
             )
             lines.append(
                 f"{FORM_TITLES[form]:<36}{cells}"
-                f"{ratios['v2_latency_avg_ms']['median']:>9.1%}"
-                f"{ratios['v1_latency_avg_ms']['median']:>9.1%}  (average)"
+                + "".join(f"{ratios[v + '_latency_avg_ms']['median']:>14.1%}" for v in others)
+                + "  (average)"
             )
             lines.append(
-                f"{'':<36}{'':>51}{ratios['v2_latency_p99_ms']['median']:>9.1%}"
-                f"{ratios['v1_latency_p99_ms']['median']:>9.1%}  (p99)"
+                f"{'':<36}{'':>{17 * len(variants)}}"
+                + "".join(f"{ratios[v + '_latency_p99_ms']['median']:>14.1%}" for v in others)
+                + "  (p99)"
             )
-        lines.append("  each run (average / p99 ms, by round):")
+        lines.append("  each run (average / p99 ms and the rate reached, by round):")
         for form, s in r["latency"].items():
-            for v in VARIANTS:
+            for v in variants:
                 figures = [
-                    f"{run['latency_avg_ms']:.2f} / {run['latency_p99_ms']:.2f}"
+                    f"{ms(run['latency_avg_ms'])} / {ms(run['latency_p99_ms'])}"
+                    f" ({run['tps']:,.0f} tps)"
                     for run in s["runs"]
                     if run["variant"] == v
                 ]
-                lines.append(f"    {form:<10}{v:<5}" + ", ".join(figures))
+                lines.append(f"    {form:<10}{v:<9}" + ", ".join(figures))
+        for form, s in r["latency"].items():
+            for v in variants:
+                reached = s["medians"][v]["tps"]
+                if reached < 0.95 * plan["latency_rate"]:
+                    lines.append(
+                        f"  note: {form} {v} reached only {reached:,.0f} tps: it could not keep"
+                        " up, so its latency includes waiting for a free connection"
+                    )
         lines.append("")
     if "commit_to_request" in r:
         lines.append("COMMIT -> first provider request (v2, initial_delay=0)")
@@ -702,7 +747,8 @@ def table(report: dict[str, Any]) -> str:
             lines.append(
                 f"  {asked:<14} {c['writers']} writer(s), {c['achieved_rate']:>7,.0f}/s reached,"
                 f" {c['orders']:>7,} orders: p50 {c['p50_ms']:6.1f} ms, p99 {c['p99_ms']:6.1f} ms,"
-                f" max {c['max_ms']:6.1f} ms"
+                f" max {c['max_ms']:6.1f} ms; {c['notified']:,.0f} by NOTIFY,"
+                f" {c['from_inbox']:,.0f} from the inbox"
             )
         lines.append("")
     runs = [
@@ -733,6 +779,7 @@ def table(report: dict[str, Any]) -> str:
 @dataclass
 class Plan:
     parts: list[str]
+    variants: tuple[str, ...]
     forms: tuple[str, ...]
     rounds: int
     seconds: float
@@ -762,6 +809,7 @@ def plan_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan
         parser.error(f"--parts is a subset of {PARTS}, --forms of {list(FORMS)}")
     return Plan(
         parts=parts,
+        variants=(*VARIANTS, DIAGNOSTIC) if args.diagnose else VARIANTS,
         forms=forms,
         rounds=args.rounds or (2 if quick else 3),
         seconds=args.seconds or (3.0 if quick else 12.0),
@@ -770,7 +818,10 @@ def plan_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan
         latency_clients=8,
         latency_rate=500.0,
         rows=args.rows or (50_000 if quick else 200_000),
-        commit_rates=[(200.0, 1), (1000.0, 2)],
+        # 20/s is below the handoff's busy rate (50/s): orders come by NOTIFY.
+        # One connection reaches about 700 commits/s here: 1,000/s takes
+        # four writers at 250/s each (slots interleaved).
+        commit_rates=[(20.0, 1), (200.0, 1), (1000.0, 4)],
         commit_seconds=args.commit_seconds or (3.0 if quick else 15.0),
         max_writers=args.max_writers,
         pgbench=pgbench,
@@ -820,6 +871,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=4,
         help="application connections committing flat out for the maximum rate (default 4)",
+    )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="add a fourth variant: our objects with no daemon (every order to the inbox, "
+        "never read): the trigger's own cost, apart from the daemon's reads",
     )
     parser.add_argument("--pgbench", default="pgbench", help="the pgbench program")
     parser.add_argument(
