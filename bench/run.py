@@ -42,15 +42,11 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,33 +54,35 @@ from urllib.parse import quote
 
 import aiohttp
 import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from common import (
+    BATCH_SIZE,
+    BENCH,
+    CONCURRENCY,
+    PROVIDER_ID,
+    PROVIDER_LIMITS,
+    RESULTS,
+    TOKEN,
+    Fake,
+    Server,
+    commit_to_request,
+    cpu_meter,
+    daemon_settings,
+    machine,
+    percentile,
+    running,
+    say,
+    wait_finished,
+)
 
-import order_monitor
 from order_monitor import logs, schema
-from order_monitor.config import Layout, ProviderConfig, ProviderLimits, Settings
-from order_monitor.daemon import Daemon
+from order_monitor.config import Layout
 from order_monitor.db import ManagedConnection, Queries
 from order_monitor.demo import counter_total
 from order_monitor.embedded import throwaway_postgres
 from order_monitor.policy import BackoffPolicy
 from order_monitor.providers.barakat import CHECK_PATH, DEFAULT_CHUNK_SIZE
-from order_monitor.redaction import Secret
 from order_monitor.scheduler import Scheduler
 from order_monitor.sweep import sweep_once
-
-BENCH = Path(__file__).resolve().parent
-RESULTS = BENCH / "results"
-REFERENCE_DDL = Path(order_monitor.__file__).with_name("product_orders.sql")
-TOKEN = "bench-token"
-PROVIDER_ID = "bench"
-
-# Production settings, except where a scenario says otherwise.
-PROVIDER_LIMITS = ProviderLimits()  # concurrency 8 per provider, as shipped
-_DEFAULTS = Settings(dsn=Secret(""))
-CONCURRENCY = _DEFAULTS.concurrency  # 64 requests under way, all providers together
-BATCH_SIZE = _DEFAULTS.batch_size  # 500 orders a batch and a sweep page
 
 TARGETS = {
     "e2e_vs_bare_http": 0.60,
@@ -92,160 +90,6 @@ TARGETS = {
     "bytes_per_pending_order": 300.0,
     "sweep_seconds": 3.0,
 }
-
-
-# --- plumbing --------------------------------------------------------------------------
-
-
-def say(text: str) -> None:
-    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
-    sys.stderr.flush()
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) by linear interpolation; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-class Server:
-    """The Postgres server: databases cloned from a template with table and install."""
-
-    def __init__(self, admin_dsn: str) -> None:
-        self.admin_dsn = admin_dsn
-        self.template = f"om_bench_tpl_{os.getpid()}"
-        self._made: list[str] = []
-
-    def admin(self, query: sql.Composed) -> None:
-        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            conn.execute(query)
-
-    def setup(self) -> None:
-        self.admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.template)))
-        self._made.append(self.template)
-        with psycopg.connect(self.dsn(self.template), autocommit=True) as conn:
-            conn.execute(REFERENCE_DDL.read_text().encode())
-            for statement in schema.install_statements(Layout()):
-                conn.execute(statement.query)
-
-    def dsn(self, name: str) -> str:
-        return make_conninfo(self.admin_dsn, dbname=name)
-
-    def fresh(self, label: str) -> str:
-        name = f"om_bench_{label}_{uuid.uuid4().hex[:6]}"
-        self.admin(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(self.template)
-            )
-        )
-        self._made.append(name)
-        return self.dsn(name)
-
-    def drop_all(self) -> None:
-        for name in reversed(self._made):
-            with contextlib.suppress(psycopg.Error):
-                self.admin(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
-        self._made.clear()
-
-    def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {}
-        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            for name in (
-                "server_version",
-                "shared_buffers",
-                "synchronous_commit",
-                "fsync",
-                "wal_level",
-                "max_connections",
-            ):
-                row = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
-                info[name] = str(row[0]) if row else "?"
-        return info
-
-
-class Fake:
-    """bench/fake_server.py in a subprocess."""
-
-    def __init__(self, latency: float = 0.0) -> None:
-        self.latency = latency
-        self.process: subprocess.Popen[str] | None = None
-        self.url = ""
-
-    def start(self) -> str:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                str(BENCH / "fake_server.py"),
-                "--token",
-                TOKEN,
-                "--latency",
-                str(self.latency),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("READY "):
-            raise RuntimeError(f"the fake provider did not start: {line!r}")
-        self.url = line.split()[1]
-        return self.url
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the fake's process has used so far."""
-        assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
-
-    async def get(self, session: aiohttp.ClientSession, path: str, **params: str) -> Any:
-        async with session.get(self.url + path, params=params) as response:
-            response.raise_for_status()
-            return await response.json()
-
-    async def polls(self, prefix: str) -> dict[str, list[float]]:
-        async with aiohttp.ClientSession() as session:
-            result: dict[str, list[float]] = await self.get(session, "/_bench/polls", prefix=prefix)
-            return result
-
-    async def requests(self) -> int:
-        async with aiohttp.ClientSession() as session:
-            return int((await self.get(session, "/_bench/stats"))["requests"])
-
-    async def reset(self) -> None:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(self.url + "/_bench/reset") as response,
-        ):
-            response.raise_for_status()
-
-
-def daemon_settings(dsn: str, fake_url: str, policy: BackoffPolicy) -> Settings:
-    provider = ProviderConfig(
-        name="fake",
-        kind="barakat",
-        base_url=fake_url,
-        provider_ids=(PROVIDER_ID,),
-        limits=PROVIDER_LIMITS,
-        secrets={"token": Secret(TOKEN)},
-        options={},
-    )
-    # The defaults (batch 500, concurrency 64, sweep every 5 min...): only
-    # the policy changes per scenario.
-    return Settings(dsn=Secret(dsn), policy=policy, providers=(provider,))
 
 
 class RecordingScheduler(Scheduler):
@@ -275,40 +119,6 @@ class RecordingScheduler(Scheduler):
                 if due is not None:
                     self.lags.append(now - due)
         return taken
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, scheduler: Scheduler | None = None) -> AsyncIterator[Daemon]:
-    """The daemon, running, listening and past its first sweep, until the block ends."""
-    daemon = Daemon(settings)
-    if scheduler is not None:
-        daemon.scheduler = scheduler
-    task = asyncio.create_task(daemon.run(), name="daemon")
-    try:
-        deadline = time.monotonic() + 60
-        while not (daemon.listener_connected and daemon.sweeper and daemon.sweeper.completed):
-            if task.done():
-                task.result()
-                raise RuntimeError("the daemon stopped before it was ready")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the daemon was not ready within 60 s")
-            await asyncio.sleep(0.02)
-        yield daemon
-    finally:
-        daemon.request_stop()
-        await asyncio.wait_for(task, 120)
-
-
-def finished(daemon: Daemon) -> float:
-    return counter_total(daemon.metrics.finished)
-
-
-async def wait_finished(daemon: Daemon, count: int, within: float) -> None:
-    deadline = time.monotonic() + within
-    while finished(daemon) < count:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {finished(daemon):.0f} of {count} orders finished in time")
-        await asyncio.sleep(0.01)
 
 
 async def insert_dispatched(dsn: str, prefix: str, count: int) -> dt.datetime:
@@ -342,26 +152,6 @@ async def last_completed(dsn: str, prefix: str) -> dt.datetime:
     assert row[0] is not None, "no order of the run was completed"
     at: dt.datetime = row[0]
     return at
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-@contextlib.contextmanager
-def cpu_meter(fake: Fake) -> Iterator[dict[str, float]]:
-    """CPU seconds used by this process (the daemon) and the fake during the block."""
-    box: dict[str, float] = {}
-    own, provider = cpu_seconds(), fake.cpu_seconds()
-    try:
-        yield box
-    finally:
-        box["daemon_cpu_s"] = cpu_seconds() - own
-        box["fake_cpu_s"] = fake.cpu_seconds() - provider
-
-
-# --- scenarios ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -532,49 +322,7 @@ async def scenario_resched(ctx: Context, n: int, capacity_hint: float) -> dict[s
 
 async def scenario_latency(ctx: Context, rate: float, seconds: float) -> dict[str, Any]:
     """COMMIT (application process) to the provider's request (fake process), initial_delay=0."""
-    count = round(rate * seconds)
-    dsn = ctx.server.fresh(f"lat{int(rate)}")
-    prefix = f"d0.l{int(rate)}"
-    await ctx.fake.reset()
-    policy = BackoffPolicy(initial_delay=0.0)
-    with tempfile.TemporaryDirectory(prefix="om-bench-") as tmp:
-        out = Path(tmp) / "commits.json"
-        async with running(daemon_settings(dsn, ctx.fake.url, policy)) as daemon:
-            with cpu_meter(ctx.fake) as cpu:
-                app = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    str(BENCH / "app_writer.py"),
-                    "--dsn",
-                    dsn,
-                    "--rate",
-                    str(rate),
-                    "--count",
-                    str(count),
-                    "--prefix",
-                    prefix,
-                    "--out",
-                    str(out),
-                )
-                if await app.wait() != 0:
-                    raise RuntimeError("the application process failed")
-                await wait_finished(daemon, count, within=60)
-        written = json.loads(out.read_text())
-    polls = await ctx.fake.polls(prefix)
-    commits: dict[str, float] = written["commits"]
-    latencies = [(polls[ref][0] - at) * 1000 for ref, at in commits.items() if polls.get(ref)]
-    return {
-        "rate": rate,
-        "orders": count,
-        "achieved_rate": written["achieved_rate"],
-        "late_starts": written["late_starts"],
-        "measured": len(latencies),
-        "p50_ms": percentile(latencies, 0.5),
-        "p90_ms": percentile(latencies, 0.9),
-        "p99_ms": percentile(latencies, 0.99),
-        "max_ms": max(latencies) if latencies else float("nan"),
-        "min_ms": min(latencies) if latencies else float("nan"),
-        **cpu,
-    }
+    return await commit_to_request(ctx.server, ctx.fake, rate, seconds)
 
 
 async def scenario_lag(ctx: Context, n: int, load: float, capacity: float) -> dict[str, Any]:
@@ -710,29 +458,6 @@ async def scenario_sweep(ctx: Context, rows: int, pending: int, runs: int = 3) -
 
 
 # --- the run --------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": platform.platform(),
-        "psycopg": psycopg.__version__,
-        "libpq": psycopg.pq.version(),
-        "aiohttp": aiohttp.__version__,
-        "loadavg_start": os.getloadavg(),
-    }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_gib"] = round(int(line.split()[1]) / 1024**2, 1)
-    return info
 
 
 @dataclass
