@@ -127,7 +127,19 @@ class Confirmer:
             await self._wake.wait()
             self._wake.clear()
             while len(self.inbox):
-                await self._confirm(self.inbox.take(self._batch_size))
+                ids = self.inbox.take(self._batch_size)
+                try:
+                    await self._confirm(ids)
+                except Exception:
+                    # A bug, not database trouble (handled in _confirm): say so
+                    # loudly and let the sweep find these orders, rather than
+                    # take the whole daemon down at every notification.
+                    log.exception(
+                        "listener.confirm_unexpected_error",
+                        orders=len(ids),
+                        note="a sweep finds these orders instead",
+                    )
+                    self._on_lost()
             dropped = self.inbox.take_dropped()
             if dropped:
                 self._metrics.notifications.labels("dropped").inc(dropped)

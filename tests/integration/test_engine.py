@@ -26,6 +26,7 @@ from order_monitor.providers.fake import (
     Script,
     default_pin,
 )
+from order_monitor.scheduler import Scheduler
 from tests.integration.conftest import FAST_POLICY, App, eventually, running, settings_for
 
 
@@ -475,6 +476,37 @@ class BrokenOnce:
         if self.calls == 1:
             raise RuntimeError("a bug in an adapter")
         return await self.inner.check(orders)
+
+
+class FailsOnceScheduler(Scheduler):
+    """A schedule with a bug that bites the first order offered to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def offer(
+        self, order: int, due: float, *, group: str | None = None, opens: float | None = None
+    ) -> bool:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug in the schedule")
+        return super().offer(order, due, group=group, opens=opens)
+
+
+async def test_an_unexpected_error_confirming_a_notification_loses_no_order(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    fake.set_script("R-confirm", Script.done("PIN-1"))
+    daemon = Daemon(settings_for(db, fake))
+    daemon.scheduler = FailsOnceScheduler()
+    with capture_logs() as logs:
+        async with running(daemon):
+            await app.dispatch(["R-confirm"])
+            await eventually(lambda: _finished(app), what="the order to be found by a sweep")
+    assert daemon.scheduler.failed
+    assert any(e["event"] == "listener.confirm_unexpected_error" for e in logs)
+    assert (await app.rows())["R-confirm"]["externalStatus"] == "done"
 
 
 async def test_an_unexpected_error_in_a_check_strands_no_order(
