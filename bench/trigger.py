@@ -249,6 +249,10 @@ async def inbox_ids(dsn: str) -> list[int]:
 # --- who hears about orders --------------------------------------------------------------
 
 
+class MissedOrders(RuntimeError):
+    pass
+
+
 class OfferLog(Scheduler):
     """The daemon's own Scheduler, noting every order offered to it (measuring only)."""
 
@@ -256,9 +260,11 @@ class OfferLog(Scheduler):
         super().__init__()
         self.offered: set[int] = set()
 
-    def offer(self, order: int, due: float) -> bool:
+    def offer(
+        self, order: int, due: float, *, group: str | None = None, opens: float | None = None
+    ) -> bool:
         self.offered.add(order)
-        return super().offer(order, due)
+        return super().offer(order, due, group=group, opens=opens)
 
 
 class BareListener:
@@ -517,6 +523,12 @@ async def series(
                     + f"; {run['orders_announced']:,}/{run['orders_in_flight']:,} orders heard"
                     + (f", {run['orders_missed']} MISSED" if run["orders_missed"] else "")
                 )
+                if run["orders_missed"]:
+                    # Figures from a run that lost orders measure a broken daemon.
+                    raise MissedOrders(
+                        f"{run['orders_missed']:,} orders missed in a {variant} {form} run; "
+                        "the daemon's log (kept) says why"
+                    )
         out[form] = summarise(runs, b.variants, logged)
     return out
 
@@ -906,6 +918,10 @@ def main(argv: list[str] | None = None) -> int:
         fake.start()
         results = asyncio.run(run(plan, server, fake))
         postgres = server.describe()
+    except MissedOrders as exc:
+        log_file.close()
+        say(f"stopped: {exc}: {log_name}")
+        return 1
     finally:
         fake.stop()
         server.drop_all()
