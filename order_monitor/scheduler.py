@@ -7,7 +7,8 @@ Memory matters: a shop can have a million orders in flight. An order is held
 as its UUID's 128-bit integer and a due time, nothing else (the checker
 re-reads the row anyway), which costs well under 300 bytes an order; an order
 of a batched provider also has an entry in its provider's *open* heap (about
-100 bytes more).
+100 bytes more: 281 against 185 bytes an order, counted with tracemalloc over
+200,000 offers).
 
 Batched providers answer up to 50 orders a request, but orders dispatched at
 different moments are due at different moments and would each go out alone.
