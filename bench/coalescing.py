@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import heapq
-import json
 import math
 import platform
 import random
@@ -50,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import write_report
+
 from order_monitor.checker import spare_in_request
 from order_monitor.config import OutcomeWrites
 from order_monitor.db import ColumnLimits, InFlightRow, SweepRow
@@ -60,7 +61,6 @@ from order_monitor.scheduler import Scheduler
 from order_monitor.sweep import schedule_row
 
 BENCH = Path(__file__).resolve().parent
-RESULTS = BENCH / "results"
 
 PROVIDERS = {"batched": 50, "single": 1}
 #: The daemon's default ORDER_MONITOR_BATCH_SIZE: orders taken off the schedule at once.
@@ -338,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             sizes.append(
                 run(population, pending, args.hours, args.warmup, args.seed, args.clock_noise)
             )
+    started = dt.datetime.now(dt.UTC)
     results = {
-        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "when": started.isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "hours": args.hours,
         "warmup_hours": args.warmup,
@@ -347,10 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": sizes,
     }
     print(table(results))
-    RESULTS.mkdir(exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = RESULTS / f"coalescing-{stamp}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_report(results, started, prefix="coalescing-")
     print(f"\nwrote {out.relative_to(BENCH.parent)}", file=sys.stderr)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import platform
@@ -39,6 +40,18 @@ from order_monitor.scheduler import Scheduler
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
+
+
+def write_report(
+    report: dict[str, Any], started: dt.datetime, *, prefix: str = "", out: Path | None = None
+) -> Path:
+    """Write *report* to *out*, else to ``bench/results/<prefix><UTC timestamp>.json``."""
+    path = out or RESULTS / f"{prefix}{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
+
+
 REFERENCE_DDL = Path(order_monitor.__file__).with_name("product_orders.sql")
 TOKEN = "bench-token"
 PROVIDER_ID = "bench"

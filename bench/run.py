@@ -60,7 +60,6 @@ from common import (
     CONCURRENCY,
     PROVIDER_ID,
     PROVIDER_LIMITS,
-    RESULTS,
     TOKEN,
     Fake,
     Server,
@@ -72,6 +71,7 @@ from common import (
     running,
     say,
     wait_finished,
+    write_report,
 )
 
 from order_monitor import logs, schema
@@ -804,9 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "targets": verdicts(results),
     }
-    out = args.out or RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    out = write_report(report, started, out=args.out)
     print(table(report))
     print(f"\nwritten: {out}")
     return 0

@@ -63,7 +63,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import shutil
 import statistics
@@ -83,7 +82,6 @@ import psycopg
 from common import (
     BENCH,
     REFERENCE_DDL,
-    RESULTS,
     Fake,
     Server,
     commit_to_request,
@@ -94,6 +92,7 @@ from common import (
     running,
     say,
     until_idle,
+    write_report,
 )
 from psycopg import sql
 
@@ -945,9 +944,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "targets": verdicts(results),
     }
-    out = args.out or RESULTS / f"trigger-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    out = write_report(report, started, prefix="trigger-", out=args.out)
     print(table(report))
     print(f"\nwritten: {out}")
     return 0
