@@ -99,7 +99,7 @@ class Tally:
 def arrivals(rate: float, seconds: float, mean_life: float, seed: int) -> list[Order]:
     """One provider's orders: Poisson arrivals, exponential time until the provider is done."""
     rng = random.Random(seed)
-    orders = []
+    orders: list[Order] = []
     t = 0.0
     while True:
         t += rng.expovariate(rate)

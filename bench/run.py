@@ -106,10 +106,10 @@ class RecordingScheduler(Scheduler):
         self.lags: list[float] = []
         self._live_due: dict[int, float] = {}
 
-    def _push(self, order: int, due: float) -> None:
+    def _push(self, order: int, due: float, group: str | None, opens: float | None) -> None:
         if self.recording:
             self._live_due[order] = due
-        super()._push(order, due)
+        super()._push(order, due, group, opens)
 
     def pop_due(self, now: float, limit: int) -> list[int]:
         taken = super().pop_due(now, limit)
