@@ -216,7 +216,10 @@ class Transport:
         Raises RateLimited (429, or 503 with Retry-After), ProviderAuthError
         (401/403) and ProviderError (anything else that is not an answer).
         """
-        safe_url = self.safe_url(url)
+        # The URL carries credentials (znet puts them in the query string), so
+        # every text that names it uses safe_url(url). That scrub reads every
+        # encoding of the URL: worked out only when a failure is reported,
+        # never on the path an answer takes.
         try:
             # No redirects: a custom auth header (api-token) would follow the
             # request to whatever host the Location names.
@@ -228,8 +231,8 @@ class Transport:
                 timeout=self.timeout if self.timeout is not None else session.timeout,
             ) as response:
                 if not 200 <= response.status < 300:
-                    await self._refuse(response, safe_url)
-                body = await self._read(response, safe_url)
+                    await self._refuse(response, url)
+                body = await self._read(response, url)
                 return Reply(response.status, body.decode("utf-8", errors="replace"))
         except ProviderError:
             raise
@@ -239,6 +242,7 @@ class Transport:
             # encodings we make is sure to hold. What it is, where and the
             # OS's word for it is all a sysadmin needs.
             failure = describe_failure(exc, url)
+            safe_url = self.safe_url(url)
             self.log(
                 "warning",
                 "provider.request_failed",
@@ -269,8 +273,9 @@ class Transport:
         # escapes, and scrub reads those too.
         return ProviderError(self.safe(f"{self.provider}: HTTP {status}: {reason}: {body!r}"))
 
-    async def _refuse(self, response: aiohttp.ClientResponse, safe_url: str) -> None:
+    async def _refuse(self, response: aiohttp.ClientResponse, url: str) -> None:
         status = response.status
+        safe_url = self.safe_url(url)
         body = self.safe(excerpt(clean_str(await self._peek(response))))
         if status == 429 or (status == 503 and "Retry-After" in response.headers):
             retry_after = parse_retry_after(response.headers.get("Retry-After", ""), self.clock())
@@ -318,22 +323,22 @@ class Transport:
             return ""
         return data.decode("utf-8", errors="replace")
 
-    async def _read(self, response: aiohttp.ClientResponse, safe_url: str) -> bytes:
+    async def _read(self, response: aiohttp.ClientResponse, url: str) -> bytes:
         """The whole body, refusing to hold more than max_body bytes of it."""
         limit = self.max_body
         declared = response.content_length
         if declared is not None and declared > limit:
-            self._too_large(response.status, safe_url)
+            self._too_large(response.status, url)
         chunks: list[bytes] = []
         size = 0
         while chunk := await response.content.read(limit + 1 - size):
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
-                self._too_large(response.status, safe_url)
+                self._too_large(response.status, url)
         return b"".join(chunks)
 
-    def _too_large(self, status: int, safe_url: str) -> NoReturn:
+    def _too_large(self, status: int, url: str) -> NoReturn:
         self.log(
             "warning",
             "provider.body_too_large",
@@ -343,7 +348,7 @@ class Transport:
         )
         raise ProviderError(
             f"{self.provider}: HTTP {status} body larger than {self.max_body} bytes "
-            f"(limits.max_body) from {safe_url}"
+            f"(limits.max_body) from {self.safe_url(url)}"
         )
 
 
