@@ -272,6 +272,39 @@ async def wait_finished(daemon: Daemon, count: int, within: float) -> None:
         await asyncio.sleep(0.01)
 
 
+async def insert_dispatched(dsn: str, prefix: str, count: int) -> dt.datetime:
+    """Commit *count* dispatched orders in one transaction; return the COMMIT time (server clock).
+
+    The trigger queues one NOTIFY per row; all are delivered at COMMIT.
+    """
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute(
+            """INSERT INTO product_orders
+                   (provider_referans, "providerId", "externalStatus", "sentAt")
+               SELECT %s || '.' || g, %s, 'sent', now() FROM generate_series(1, %s) g""",
+            (prefix, PROVIDER_ID, count),
+        )
+        cursor = await conn.execute("SELECT clock_timestamp()")
+        row = await cursor.fetchone()
+        await conn.commit()
+    assert row is not None
+    at: dt.datetime = row[0]
+    return at
+
+
+async def last_completed(dsn: str, prefix: str) -> dt.datetime:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cursor = await conn.execute(
+            'SELECT max("completedAt") FROM product_orders WHERE provider_referans LIKE %s',
+            (prefix + ".%",),
+        )
+        row = await cursor.fetchone()
+    assert row is not None
+    assert row[0] is not None, "no order of the run was completed"
+    at: dt.datetime = row[0]
+    return at
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
