@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 from uuid import uuid4
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from order_monitor.errors import ConfigError, ProviderAuthError, ProviderError
@@ -33,7 +36,12 @@ ARABIC = "تم الإنجاز بنجاح"
 
 
 def adapter(
-    base_url: str, max_body: int = 1_048_576, *, read_timeout: float = 5.0, **options: Any
+    base_url: str,
+    max_body: int = 1_048_576,
+    *,
+    read_timeout: float = 5.0,
+    connect_timeout: float = 5.0,
+    **options: Any,
 ) -> znet.ZnetAdapter:
     config = provider_config(
         "znet",
@@ -42,6 +50,7 @@ def adapter(
         secrets={"kod": KOD, "sifre": SIFRE},
         max_body=max_body,
         read_timeout=read_timeout,
+        connect_timeout=connect_timeout,
     )
     built = znet.build(config)
     assert isinstance(built, znet.ZnetAdapter)
@@ -133,6 +142,18 @@ def test_error_answer_carries_code_and_message() -> None:
         znet.parse_answer("8|Bu işlem bulunamadı | kontrol edin")
     assert caught.value.code == "8"
     assert caught.value.message == "Bu işlem bulunamadı | kontrol edin"
+
+
+@given(reference=st.text(st.characters(exclude_categories=["Cs"]), min_size=1))
+def test_url_carries_any_reference_and_the_credentials_exactly(reference: str) -> None:
+    # The credentials' part of the query is encoded once, when the adapter is
+    # built: every reference must still come out whole beside them.
+    url = urlsplit(adapter("http://127.0.0.1:9").url(reference))
+    assert parse_qs(url.query, keep_blank_values=True, strict_parsing=True) == {
+        "kod": [KOD],
+        "sifre": [SIFRE],
+        "tahsilat_api_islem_id": [reference],
+    }
 
 
 # --- against a server ----------------------------------------------------------------
@@ -244,7 +265,9 @@ async def test_slow_answer_times_out() -> None:
     # The provider's own read timeout, not the shared session's.
     async with stalled() as handler, serve(handler) as srv, client() as session:
         with pytest.raises(ProviderError):
-            await adapter(srv.base_url, read_timeout=0.2).fetch(session, [order()])
+            await adapter(srv.base_url, read_timeout=0.2, connect_timeout=0.1).fetch(
+                session, [order()]
+            )
 
 
 async def test_credentials_never_in_logs_or_errors() -> None:
