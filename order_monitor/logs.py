@@ -88,7 +88,20 @@ def _safe_strings(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict
     odd string anywhere (an exception's text, a field nobody cleaned) can
     make the renderer raise and take the daemon down with it.
     """
-    return {_safe_value(k): _safe_value(v) for k, v in event_dict.items()}
+    # Nearly every event is flat, with printable strings: checked in one pass,
+    # and handed on as it is, rather than rebuilt (this runs for every line).
+    for key, value in event_dict.items():
+        if not (
+            type(key) is str
+            and key.isprintable()
+            and (type(value) in _PLAIN or (type(value) is str and value.isprintable()))
+        ):
+            return {_safe_value(k): _safe_value(v) for k, v in event_dict.items()}
+    return event_dict
+
+
+#: Values that render safely as they are (bool is an int to isinstance, not to type).
+_PLAIN: Final = frozenset({int, float, bool, type(None)})
 
 
 def _json_default(value: object) -> str:
@@ -100,10 +113,14 @@ def _json_default(value: object) -> str:
         return safe_text(object.__repr__(value))
 
 
-def _dumps(value: Any, **kwargs: Any) -> str:
-    # structlog passes its own fallback (repr); ours also survives a failing str().
-    kwargs["default"] = _json_default
-    return json.dumps(value, **kwargs)
+#: One encoder for every line: json.dumps with any option builds a new one per call.
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, default=_json_default)
+
+
+def _dumps(value: Any, **_: Any) -> str:
+    # structlog passes its own fallback (repr) and options; ours also survives
+    # a failing str(), and the options are the encoder's.
+    return _ENCODER.encode(value)
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
@@ -124,7 +141,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         renderer = [
             structlog.processors.format_exc_info,
             _safe_strings,
-            structlog.processors.JSONRenderer(serializer=_dumps, ensure_ascii=False),
+            structlog.processors.JSONRenderer(serializer=_dumps),
         ]
         if os.environ.get("JOURNAL_STREAM"):
             # A processor that runs after the renderer sees the rendered string.
@@ -132,9 +149,28 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     structlog.configure(
         processors=[*shared, *renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=_SharedWriter(out),
         cache_logger_on_first_use=False,
     )
+
+
+class _SharedWriter:
+    """A logger factory that hands out one WriteLogger for the stream.
+
+    structlog's lazy proxies bind anew at every call (they must: a cached
+    logger would miss the next configure(), at SIGHUP or in capture_logs),
+    and WriteLoggerFactory builds a new WriteLogger each time: a tenth of
+    the cost of a log line. The writer holds nothing but the stream (and
+    its lock), so one serves every logger.
+    """
+
+    __slots__ = ("_writer",)
+
+    def __init__(self, stream: TextIO) -> None:
+        self._writer = structlog.WriteLogger(stream)
+
+    def __call__(self, *_: Any) -> structlog.WriteLogger:
+        return self._writer
 
 
 def get_logger(**initial: Any) -> structlog.typing.FilteringBoundLogger:
