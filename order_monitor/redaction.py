@@ -361,7 +361,20 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     :data:`MIN_FREE_TEXT`. Also hides ``password=`` values and URI userinfo
     passwords whatever they are. Never raises.
     """
-    values = sorted({s for s in secrets if s}, key=len, reverse=True)
+    return scrub_prepared(text, prepare_secrets(secrets))
+
+
+def prepare_secrets(secrets: Iterable[str]) -> tuple[str, ...]:
+    """*secrets* as :func:`scrub_prepared` takes them: non-empty, unique, longest first."""
+    return tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+
+
+def scrub_prepared(text: str, values: tuple[str, ...]) -> str:
+    """:func:`scrub`, with the secrets already through :func:`prepare_secrets`.
+
+    For text scrubbed again and again with the same secrets (every string of
+    every provider answer): the sorting is done once, not per string.
+    """
     # The common case (a provider's status word, a Turkish message): no
     # decoder applies, so the only reading is the text itself, and no secret
     # is in it. Skips building the readings, a cost paid for every answer.
@@ -375,7 +388,7 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def _hide(text: str, values: list[str]) -> str:
+def _hide(text: str, values: tuple[str, ...]) -> str:
     """*text* with every reading's occurrence of *values* (longest first) replaced."""
     # Replacing can make a new occurrence out of the marker and its
     # neighbours ("x**" in "xx**" -> "x***"): repeat until nothing is found.

@@ -25,7 +25,7 @@ from order_monitor.config import ProviderConfig
 from order_monitor.errors import ConfigError, ProviderAuthError, ProviderError
 from order_monitor.providers.base import Outcome, RateLimited, clean_str, clean_text
 from order_monitor.providers.limits import client_timeout
-from order_monitor.redaction import Secret, redact_url, scrub
+from order_monitor.redaction import Secret, prepare_secrets, redact_url, scrub_prepared
 
 log = structlog.get_logger()
 
@@ -154,11 +154,11 @@ class Transport:
         # Provider text has been through clean_str before it is scrubbed, so
         # a secret holding a control character shows in its cleaned form.
         forms = values + [clean_str(v) for v in values if clean_str(v) != v]
-        object.__setattr__(self, "_forms", tuple(forms))
+        object.__setattr__(self, "_forms", prepare_secrets(forms))
 
     def safe(self, text: str) -> str:
         """*text* with every credential value removed, in any encoding (see :func:`scrub`)."""
-        return scrub(text, self._forms)
+        return scrub_prepared(text, self._forms)
 
     def safe_url(self, url: str) -> str:
         return self.safe(redact_url(url, set(self.secret_params)))
