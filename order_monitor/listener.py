@@ -59,6 +59,8 @@ class Listener:
         self._on_order = on_order
         self._on_connected = on_connected
         self._metrics = metrics
+        # Looked up once: counted for every notification.
+        self._accepted = metrics.notifications.labels("accepted")
         self._health_interval = health_interval
         self._health_timeout = health_timeout
         self._max_backoff = max_backoff
@@ -120,5 +122,5 @@ class Listener:
                 expected="an order id (uuid)",
             )
             return
-        self._metrics.notifications.labels("accepted").inc()
+        self._accepted.inc()
         self._on_order(order)
