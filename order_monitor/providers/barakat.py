@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 from urllib.parse import quote
 from uuid import UUID
 
@@ -127,6 +127,7 @@ class BarakatAdapter:
     token: Secret
     use_order_uuid: bool
     max_batch: int
+    times_its_requests: ClassVar[bool] = True  # through self.http
     http: Transport
 
     def url(self, ids: Sequence[str]) -> str:

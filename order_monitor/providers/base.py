@@ -13,7 +13,7 @@ import enum
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import ClassVar, Final, Protocol
 from uuid import UUID
 
 import aiohttp
@@ -229,6 +229,11 @@ class Adapter(Protocol):
 
     #: Most orders one request may carry (1 for providers without batching).
     max_batch: int
+    #: True when every request fetch makes carries the provider's whole time
+    #: budget itself (``limits.client_timeout``, as every Transport that
+    #: ``http.transport`` builds does). The caller then sets no timer of its
+    #: own on top: a timer per request showed in the daemon's profile.
+    times_its_requests: ClassVar[bool]
 
     async def fetch(
         self, session: aiohttp.ClientSession, orders: Sequence[OrderRef]

@@ -27,7 +27,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 from urllib.parse import quote, urlencode
 from uuid import UUID
 
@@ -197,6 +197,7 @@ class JsonHttpAdapter:
     id_source: Literal["reference", "order_id"]
     spec: AnswerSpec
     max_batch: int
+    times_its_requests: ClassVar[bool] = True  # through self.http
     http: Transport
     token: Secret | None = None
     auth_header: str | None = None

@@ -30,7 +30,9 @@ TURKISH = "İşlem tamamlandı"
 ARABIC = "تم تنفيذ الطلب بنجاح"
 
 
-def adapter(base_url: str, *, read_timeout: float = 5.0, **options: Any) -> barakat.BarakatAdapter:
+def adapter(
+    base_url: str, *, read_timeout: float = 5.0, connect_timeout: float = 5.0, **options: Any
+) -> barakat.BarakatAdapter:
     built = barakat.build(
         provider_config(
             "barakat",
@@ -38,6 +40,7 @@ def adapter(base_url: str, *, read_timeout: float = 5.0, **options: Any) -> bara
             options=options,
             secrets={"token": TOKEN},
             read_timeout=read_timeout,
+            connect_timeout=connect_timeout,
         )
     )
     assert isinstance(built, barakat.BarakatAdapter)
@@ -286,7 +289,9 @@ async def test_slow_answer_times_out() -> None:
     # The provider's own read timeout, not the shared session's.
     async with stalled() as handler, serve(handler) as srv, client() as session:
         with pytest.raises(ProviderError):
-            await adapter(srv.base_url, read_timeout=0.2).fetch(session, [order("1")])
+            await adapter(srv.base_url, read_timeout=0.2, connect_timeout=0.1).fetch(
+                session, [order("1")]
+            )
 
 
 async def test_token_never_in_logs_or_errors() -> None:

@@ -78,7 +78,9 @@ def from_toml(template: str, base_url: str) -> ProviderConfig:
     return config
 
 
-def build(base_url: str, *, read_timeout: float = 5.0, **options: Any) -> json_http.JsonHttpAdapter:
+def build(
+    base_url: str, *, read_timeout: float = 5.0, connect_timeout: float = 5.0, **options: Any
+) -> json_http.JsonHttpAdapter:
     built = json_http.build(
         provider_config(
             "json_http",
@@ -86,6 +88,7 @@ def build(base_url: str, *, read_timeout: float = 5.0, **options: Any) -> json_h
             options=options,
             secrets={"token": TOKEN},
             read_timeout=read_timeout,
+            connect_timeout=connect_timeout,
         )
     )
     assert isinstance(built, json_http.JsonHttpAdapter)
@@ -363,7 +366,9 @@ async def test_transport_failures_are_errors_and_never_leak_the_token() -> None:
             texts.append(str(caught.value))
         async with stalled() as handler, serve(handler) as srv, client() as session:
             with pytest.raises(ProviderError) as caught:
-                await build(srv.base_url, read_timeout=0.2, **SINGLE).fetch(session, [order("1")])
+                await build(srv.base_url, read_timeout=0.2, connect_timeout=0.1, **SINGLE).fetch(
+                    session, [order("1")]
+                )
             texts.append(str(caught.value))
     assert len(texts) == 6
     assert all(TOKEN not in text for text in texts)

@@ -7,7 +7,7 @@ import sys
 import types
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 from uuid import UUID
 
 import aiohttp
@@ -37,6 +37,7 @@ def config(kind: str, base_url: str = "http://127.0.0.1:1", **secrets: str) -> P
 
 class EchoAdapter:
     max_batch = 7
+    times_its_requests: ClassVar[bool] = False
 
     def __init__(self, seen: ProviderConfig) -> None:
         self.seen = seen
