@@ -51,14 +51,14 @@ from typing import Any
 
 from common import write_report
 
-from order_monitor.checker import spare_in_request
 from order_monitor.config import OutcomeWrites
 from order_monitor.db import ColumnLimits, InFlightRow, SweepRow
-from order_monitor.decisions import decide
-from order_monitor.policy import BackoffPolicy, Slot
+from order_monitor.engine.checker import spare_in_request
+from order_monitor.engine.decisions import decide
+from order_monitor.engine.policy import BackoffPolicy, Slot
+from order_monitor.engine.scheduler import Scheduler
+from order_monitor.engine.sweep import schedule_row
 from order_monitor.providers.base import Outcome
-from order_monitor.scheduler import Scheduler
-from order_monitor.sweep import schedule_row
 
 BENCH = Path(__file__).resolve().parent
 

@@ -15,7 +15,7 @@ import random
 import resource
 import time
 
-from order_monitor.scheduler import Scheduler
+from order_monitor.engine.scheduler import Scheduler
 
 
 def vm_rss() -> int:

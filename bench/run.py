@@ -81,10 +81,10 @@ from order_monitor.config import Layout
 from order_monitor.db import ManagedConnection, Queries
 from order_monitor.demo import counter_total
 from order_monitor.embedded import throwaway_postgres
-from order_monitor.policy import BackoffPolicy
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.engine.scheduler import Scheduler
+from order_monitor.engine.sweep import sweep_once
 from order_monitor.providers.barakat import CHECK_PATH, DEFAULT_CHUNK_SIZE
-from order_monitor.scheduler import Scheduler
-from order_monitor.sweep import sweep_once
 
 TARGETS = {
     "e2e_vs_bare_http": 0.60,

@@ -51,7 +51,7 @@ from common import (
 from order_monitor import logs
 from order_monitor.config import ProviderConfig, ProviderLimits, Settings
 from order_monitor.embedded import throwaway_postgres
-from order_monitor.policy import BackoffPolicy
+from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.providers.fake import ZNET_PATH
 from order_monitor.redaction import Secret
 

@@ -182,7 +182,7 @@ def _apply(settings: Settings, kind: str) -> None:
 @friendly_errors
 def schedule_command(ctx: Context) -> None:
     """Print the backoff schedule the configured policy gives an order."""
-    from order_monitor.policy import describe
+    from order_monitor.engine.policy import describe
 
     click.echo(describe(ctx.offline_settings.policy))
 

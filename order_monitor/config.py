@@ -22,8 +22,8 @@ from typing import Any, Final
 import psycopg.conninfo
 from dotenv import dotenv_values
 
+from order_monitor.engine.policy import MAX_ATTEMPTS_LIMIT, BackoffPolicy, format_seconds
 from order_monitor.errors import ConfigError
-from order_monitor.policy import MAX_ATTEMPTS_LIMIT, BackoffPolicy, format_seconds
 from order_monitor.redaction import Secret, redact_dsn
 
 PREFIX: Final = "ORDER_MONITOR_"

@@ -24,7 +24,6 @@ import aiohttp
 import psycopg
 
 from order_monitor import __version__
-from order_monitor.checker import Checker, CheckerLimits
 from order_monitor.config import Settings
 from order_monitor.db import (
     AsyncConn,
@@ -36,20 +35,21 @@ from order_monitor.db import (
     connect,
     retry_forever,
 )
-from order_monitor.handoff import Handoff, HandoffTiming
-from order_monitor.inbox import Confirmer, Inbox
-from order_monitor.listener import Listener
+from order_monitor.engine.checker import Checker, CheckerLimits
+from order_monitor.engine.handoff import Handoff, HandoffTiming
+from order_monitor.engine.inbox import Confirmer, Inbox
+from order_monitor.engine.listener import Listener
+from order_monitor.engine.policy import describe
+from order_monitor.engine.scheduler import Scheduler
+from order_monitor.engine.sweep import Sweeper
+from order_monitor.engine.writer import Writer
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 from order_monitor.ops.http import HttpServer, serve_http
 from order_monitor.ops.leader import LeaderLock, lock_key
 from order_monitor.ops.sdnotify import Notifier
-from order_monitor.policy import describe
 from order_monitor.providers.base import Provider
 from order_monitor.providers.registry import build_adapter, build_provider
-from order_monitor.scheduler import Scheduler
-from order_monitor.sweep import Sweeper
-from order_monitor.writer import Writer
 
 log = get_logger()
 

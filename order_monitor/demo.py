@@ -55,7 +55,7 @@ from order_monitor import install, logs
 from order_monitor.config import Layout, OutcomeWrites, ProviderConfig, ProviderLimits, Settings
 from order_monitor.daemon import Daemon
 from order_monitor.embedded import EmbeddedServer
-from order_monitor.policy import BackoffPolicy
+from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.providers.fake import Behaviour, FakeProvider, mixture
 from order_monitor.redaction import Secret
 

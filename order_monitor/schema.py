@@ -8,7 +8,7 @@ reviews is exactly what ``order-monitor sql install`` runs.
 
 Object names carry the version that last changed them: the index and the
 write function are still ``_v1``; the trigger, its function and the inbox
-are ``_v2`` (the handoff: see :mod:`order_monitor.handoff`). The install
+are ``_v2`` (the handoff: see :mod:`order_monitor.engine.handoff`). The install
 swaps the ``_v1`` triggers for the ``_v2`` ones in one transaction, so no
 application commit falls between the two sets.
 """

@@ -3,7 +3,7 @@
 Uses the daemon's own pieces end to end: the re-read query
 (:meth:`~order_monitor.db.Queries.fetch_in_flight`), the provider as
 :func:`~order_monitor.providers.registry.build_provider` builds it (limits,
-timeouts, secret scrubbing), :func:`~order_monitor.decisions.decide`, and the
+timeouts, secret scrubbing), :func:`~order_monitor.engine.decisions.decide`, and the
 guarded write (:meth:`~order_monitor.db.Queries.write`). A running daemon is
 no obstacle: the write applies only while the row is still in flight with
 the same provider reference, so whichever of the two writes second finds the
@@ -24,11 +24,11 @@ from psycopg import sql
 from order_monitor import __version__, db, schema
 from order_monitor.config import Layout, Settings
 from order_monitor.db import InFlightRow, Queries
-from order_monitor.decisions import Decision, decide, write_batch
+from order_monitor.engine.decisions import Decision, decide, write_batch
+from order_monitor.engine.policy import format_seconds
 from order_monitor.errors import OrderMonitorError
 from order_monitor.metrics import Metrics
 from order_monitor.operator import printable
-from order_monitor.policy import format_seconds
 from order_monitor.providers.base import OrderRef, Outcome, Status
 from order_monitor.providers.registry import build_provider
 

@@ -37,7 +37,7 @@ from psycopg import sql
 
 from order_monitor import __version__, db, schema
 from order_monitor.config import Layout, ProviderConfig, Settings
-from order_monitor.decisions import describe_outcome
+from order_monitor.engine.decisions import describe_outcome
 from order_monitor.errors import OrderMonitorError, ProviderAuthError, ProviderError
 from order_monitor.metrics import Metrics
 from order_monitor.operator import database_error, printable

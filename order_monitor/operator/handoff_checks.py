@@ -1,6 +1,6 @@
 """Doctor's checks of the handoff (install version 2): inbox, idle lock, version 1 leftovers.
 
-See :mod:`order_monitor.handoff` for how the trigger chooses between
+See :mod:`order_monitor.engine.handoff` for how the trigger chooses between
 NOTIFY and the inbox.
 """
 
@@ -12,8 +12,8 @@ from psycopg import sql
 
 from order_monitor import db, schema
 from order_monitor.config import Layout
+from order_monitor.engine.policy import format_seconds
 from order_monitor.operator.findings import INSTALL_HINT, Emit, Verdict
-from order_monitor.policy import format_seconds
 
 #: An id older than this in the inbox means nobody is taking them.
 INBOX_STALE: Final = 60.0

@@ -29,9 +29,9 @@ from psycopg import sql
 
 from order_monitor import db, schema
 from order_monitor.config import Settings
+from order_monitor.engine.policy import format_seconds
 from order_monitor.operator import printable
 from order_monitor.ops.leader import lock_key
-from order_monitor.policy import format_seconds
 
 #: How many of the orders that gave up are listed (all are counted).
 GAVE_UP_LISTED: Final = 10

@@ -15,7 +15,7 @@ import pytest
 
 from order_monitor.config import ProviderConfig, ProviderLimits, Settings
 from order_monitor.daemon import Daemon
-from order_monitor.policy import BackoffPolicy
+from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.providers.fake import Behaviour, FakeProvider
 from order_monitor.redaction import Secret
 from tests.conftest import as_daemon

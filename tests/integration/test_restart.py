@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from order_monitor.policy import BackoffPolicy
+from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.providers.fake import FakeProvider, Script, default_pin
 from tests.integration.conftest import App, eventually
 

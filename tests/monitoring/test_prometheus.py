@@ -34,8 +34,8 @@ import aiohttp
 import pytest
 
 from order_monitor.daemon import Daemon
-from order_monitor.handoff import HandoffTiming, Mode
-from order_monitor.policy import BackoffPolicy
+from order_monitor.engine.handoff import HandoffTiming, Mode
+from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.providers.fake import FakeProvider, Script
 from tests.integration.conftest import App, running, settings_for
 

@@ -15,8 +15,8 @@ from structlog.testing import capture_logs
 
 from order_monitor.cli import cli
 from order_monitor.config import UnknownVariable, load_providers, load_settings, parse_duration
+from order_monitor.engine.policy import BackoffPolicy, describe
 from order_monitor.errors import ConfigError
-from order_monitor.policy import BackoffPolicy, describe
 from order_monitor.redaction import Secret, redact_dsn, redact_url
 from order_monitor.runner import log_unknown_variables
 

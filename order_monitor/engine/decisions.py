@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from order_monitor.config import OutcomeWrites
 from order_monitor.db import ColumnLimits, InFlightRow, WriteBatch
-from order_monitor.policy import BackoffPolicy, format_seconds
+from order_monitor.engine.policy import BackoffPolicy, format_seconds
 from order_monitor.providers.base import Outcome, Status
 
 

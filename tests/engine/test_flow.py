@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from order_monitor import checker as checker_module
 from order_monitor import daemon as daemon_module
-from order_monitor.checker import CheckerLimits
 from order_monitor.daemon import Daemon, build_providers, checker_limits
-from order_monitor.decisions import Decision
-from order_monitor.policy import BackoffPolicy
+from order_monitor.engine import checker as checker_module
+from order_monitor.engine.checker import CheckerLimits
+from order_monitor.engine.decisions import Decision
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.engine.scheduler import Scheduler
 from order_monitor.providers.base import OrderRef, Outcome, Provider
 from order_monitor.providers.fake import (
     MSG_DONE,
@@ -26,7 +27,6 @@ from order_monitor.providers.fake import (
     Script,
     default_pin,
 )
-from order_monitor.scheduler import Scheduler
 from tests.integration.conftest import FAST_POLICY, App, eventually, running, settings_for
 
 

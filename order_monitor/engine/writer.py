@@ -18,11 +18,11 @@ import psycopg
 
 from order_monitor.config import OutcomeWrites
 from order_monitor.db import ColumnLimits, ManagedConnection, Queries
-from order_monitor.decisions import Decision, after_refusal, describe_outcome, write_batch
+from order_monitor.engine.decisions import Decision, after_refusal, describe_outcome, write_batch
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.engine.scheduler import Scheduler
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
-from order_monitor.policy import BackoffPolicy
-from order_monitor.scheduler import Scheduler
 
 log = get_logger()
 

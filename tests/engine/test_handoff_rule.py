@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from order_monitor.handoff import HandoffTiming, Mode, ModeRule
+from order_monitor.engine.handoff import HandoffTiming, Mode, ModeRule
 
 T = HandoffTiming(busy_rate=50, burst_window=0.2, idle_rate=10, calm_window=2.0)
 

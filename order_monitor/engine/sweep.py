@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import psycopg
 
 from order_monitor.db import ManagedConnection, Queries, SweepRow
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.engine.scheduler import Scheduler
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
-from order_monitor.policy import BackoffPolicy
-from order_monitor.scheduler import Scheduler
 
 log = get_logger()
 

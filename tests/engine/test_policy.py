@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from order_monitor.policy import BackoffPolicy, describe, format_seconds
+from order_monitor.engine.policy import BackoffPolicy, describe, format_seconds
 
 NO_JITTER = BackoffPolicy(jitter=0.0)
 

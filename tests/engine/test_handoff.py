@@ -24,7 +24,7 @@ from order_monitor import install, schema
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
 from order_monitor.db import Queries
-from order_monitor.handoff import HandoffTiming, Mode
+from order_monitor.engine.handoff import HandoffTiming, Mode
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import DAEMON_ROLE, OWNER_ROLE, as_daemon
 from tests.integration.conftest import App, eventually, running, settings_for
@@ -32,7 +32,7 @@ from tests.integration.conftest import App, eventually, running, settings_for
 AConn = psycopg.AsyncConnection[Any]
 QUERIES = Queries(Layout())
 INBOX = schema.Names(Layout()).inbox.as_string(None)
-V1_INSTALL = Path(__file__).with_name("fixtures") / "install_v1.sql"
+V1_INSTALL = Path(__file__).parents[1] / "integration" / "fixtures" / "install_v1.sql"
 
 DISPATCH = """INSERT INTO product_orders (provider_referans, "providerId", "externalStatus", "sentAt")
               VALUES (%s, 'fake', 'sent', now()) RETURNING id"""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from order_monitor.inbox import Inbox
+from order_monitor.engine.inbox import Inbox
 
 
 def test_ids_come_out_oldest_first_once_each() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from order_monitor.scheduler import Scheduler
+from order_monitor.engine.scheduler import Scheduler
 
 
 def test_pops_only_what_is_due_earliest_first() -> None:

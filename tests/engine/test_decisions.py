@@ -8,15 +8,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from order_monitor.checker import spare_in_request
 from order_monitor.config import OutcomeWrites
 from order_monitor.db import ColumnLimits, InFlightRow, SweepRow
-from order_monitor.decisions import Decision, after_refusal, decide, describe_outcome, truncate
-from order_monitor.listener import parse_payload
-from order_monitor.policy import BackoffPolicy
+from order_monitor.engine.checker import spare_in_request
+from order_monitor.engine.decisions import (
+    Decision,
+    after_refusal,
+    decide,
+    describe_outcome,
+    truncate,
+)
+from order_monitor.engine.listener import parse_payload
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.engine.scheduler import Scheduler
+from order_monitor.engine.sweep import schedule_row
 from order_monitor.providers.base import Outcome, clean_pin
-from order_monitor.scheduler import Scheduler
-from order_monitor.sweep import schedule_row
 
 POLICY = BackoffPolicy(jitter=0.0)
 LIMITS = ColumnLimits(pin_code=120, provider_message=None, last_message=250)

@@ -22,13 +22,13 @@ import psycopg
 
 from order_monitor.config import OutcomeWrites
 from order_monitor.db import ColumnLimits, InFlightRow, ManagedConnection, Queries
-from order_monitor.decisions import decide
+from order_monitor.engine.decisions import decide
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.engine.scheduler import Scheduler
+from order_monitor.engine.writer import Writer
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
-from order_monitor.policy import BackoffPolicy
 from order_monitor.providers.base import OrderRef, Outcome, Provider
-from order_monitor.scheduler import Scheduler
-from order_monitor.writer import Writer
 
 log = get_logger()
 

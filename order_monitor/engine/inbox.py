@@ -20,11 +20,11 @@ from collections.abc import Callable
 import psycopg
 
 from order_monitor.db import ManagedConnection, Queries
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.engine.scheduler import Scheduler
+from order_monitor.engine.sweep import GroupFor, no_groups, schedule_row
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
-from order_monitor.policy import BackoffPolicy
-from order_monitor.scheduler import Scheduler
-from order_monitor.sweep import GroupFor, no_groups, schedule_row
 
 log = get_logger()
 
