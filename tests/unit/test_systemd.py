@@ -169,7 +169,7 @@ def documented() -> dict[str, str]:
 
 
 def variables_config_reads(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    """Every ORDER_MONITOR_* name config.py reads.
+    """Every ORDER_MONITOR_* name the config package reads.
 
     Two sources, because neither sees everything: load_settings() observed
     through Env.raw (this catches names built at run time, like the
@@ -187,10 +187,10 @@ def variables_config_reads(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     load_settings({"ORDER_MONITOR_DSN": DSN})
     assert len(seen) > 20, "load_settings no longer reads through Env.raw?"
 
-    source = Path(config.__file__).read_text()
+    source = "\n".join(p.read_text() for p in Path(config.__file__).parent.glob("*.py"))
     literals = {config.PREFIX + name for name in re.findall(r'PREFIX \+ "([A-Z0-9_]+)"', source)}
     literals |= set(re.findall(r'"(ORDER_MONITOR_[A-Z0-9_]+)"', source))
-    # Known to config.py so that they are not reported as typos, but read only
+    # Known to the config package so that they are not reported as typos, but read only
     # by the test suite: no place in a deployment's env file.
     return {name for name in seen | literals if not name.startswith(config.TEST_PREFIX)}
 
@@ -198,8 +198,10 @@ def variables_config_reads(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 def test_the_env_example_documents_every_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     read = variables_config_reads(monkeypatch)
     listed = set(documented())
-    assert sorted(read - listed) == [], "read by config.py but missing from the env example"
-    assert sorted(listed - read) == [], "in the env example but never read by config.py"
+    assert sorted(read - listed) == [], (
+        "read by the config package but missing from the env example"
+    )
+    assert sorted(listed - read) == [], "in the env example but never read by the config package"
 
 
 def test_the_env_example_defaults_are_the_real_defaults() -> None:

@@ -1,0 +1,160 @@
+"""load_settings: every setting read and validated at once, into one Settings."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Final
+
+from order_monitor.config.environment import (
+    PREFIX,
+    READ_ELSEWHERE,
+    Env,
+    load_environment,
+    unknown_variables,
+)
+from order_monitor.config.providers_file import load_providers
+from order_monitor.config.secrets import read_dsn
+from order_monitor.config.settings import Columns, Layout, OutcomeWrites, Settings
+from order_monitor.engine.policy import MAX_ATTEMPTS_LIMIT, BackoffPolicy
+from order_monitor.errors import ConfigError
+
+DEFAULT_PROVIDERS_FILE: Final = Path("/etc/order-monitor/providers.toml")
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    *,
+    env_file: Path | None = None,
+    need_database: bool = True,
+    need_provider_secrets: bool = True,
+    also_known: Collection[str] = (),
+) -> Settings:
+    """Read and validate every setting. Raises ConfigError on the first problem.
+
+    With ``need_database=False`` (rendering SQL, printing the schedule) a
+    missing DSN is not an error. With ``need_provider_secrets=False``
+    (`order-monitor status`, which asks no provider) the providers file is
+    read but its secrets are not: a systemd credential exists only inside
+    the service, and an operator's shell must still get a status.
+
+    ``also_known`` names ORDER_MONITOR_* variables read by someone else (the
+    command line's own options), so they are not reported as unknown.
+    """
+    values = load_environment(env_file) if environ is None else dict(environ)
+    env = Env(values)
+
+    columns = Columns(
+        **{
+            f.name: env.identifier("COLUMN_" + f.name.upper(), getattr(Columns(), f.name))
+            for f in fields(Columns)
+        }
+    )
+    layout = Layout(
+        schema=env.identifier("SCHEMA", "public"),
+        table=env.identifier("TABLE", "product_orders"),
+        columns=columns,
+        channel=env.channel("CHANNEL", "order_monitor"),
+        result_channel=env.channel("RESULT_CHANNEL", "order_monitor_result"),
+        in_flight_external_statuses=env.status_words(
+            "IN_FLIGHT_EXTERNAL_STATUSES", Layout().in_flight_external_statuses
+        ),
+        final_statuses=env.status_words("FINAL_STATUSES", Layout().final_statuses),
+        role=env.identifier("ROLE", "order_monitor"),
+    )
+    if layout.channel == layout.result_channel:
+        raise ConfigError(
+            f"{PREFIX}CHANNEL and {PREFIX}RESULT_CHANNEL are both {layout.channel!r}: "
+            "the daemon would read its own result announcements; use two names"
+        )
+
+    try:
+        policy = BackoffPolicy(
+            initial_delay=env.duration("INITIAL_DELAY", 60.0),
+            # A zero gap would check an order back to back; a tenth of a second
+            # is already more than any provider wants, but tests need short ones.
+            base=env.duration("BACKOFF_BASE", 30.0, minimum=0.1),
+            cap=env.duration("BACKOFF_CAP", 6900.0, minimum=0.1),
+            jitter=env.number("BACKOFF_JITTER", 0.1),
+            max_attempts=env.integer("MAX_ATTEMPTS", 20, maximum=MAX_ATTEMPTS_LIMIT),
+            max_age=env.duration("MAX_AGE", 86400.0, minimum=1.0),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"backoff settings are inconsistent: {exc}") from None
+
+    defaults = OutcomeWrites()
+    writes = OutcomeWrites(
+        done_external_status=env.status_word("DONE_EXTERNAL_STATUS", defaults.done_external_status),
+        failed_external_status=env.status_word(
+            "FAILED_EXTERNAL_STATUS", defaults.failed_external_status
+        ),
+        gave_up_external_status=env.status_word(
+            "GAVE_UP_EXTERNAL_STATUS", defaults.gave_up_external_status
+        ),
+        done_status=env.optional_status_word("DONE_STATUS"),
+        failed_status=env.optional_status_word("FAILED_STATUS"),
+    )
+    for name, value in (
+        ("DONE_EXTERNAL_STATUS", writes.done_external_status),
+        ("FAILED_EXTERNAL_STATUS", writes.failed_external_status),
+        ("GAVE_UP_EXTERNAL_STATUS", writes.gave_up_external_status),
+    ):
+        if value.lower() in layout.in_flight_external_statuses:
+            raise ConfigError(
+                f"{PREFIX}{name}={value!r} is one of {PREFIX}IN_FLIGHT_EXTERNAL_STATUSES: "
+                "the order would never leave the in-flight set"
+            )
+
+    providers_path = _providers_path(env)
+    settings = Settings(
+        dsn=read_dsn(env, values, required=need_database),
+        layout=layout,
+        policy=policy,
+        writes=writes,
+        # Each sweep reads every order in flight: seconds apart would keep the
+        # database busy for a safety net.
+        sweep_interval=env.duration("SWEEP_INTERVAL", 300.0, minimum=10.0, maximum=86400.0),
+        batch_size=env.integer("BATCH_SIZE", 500),
+        concurrency=env.integer("CONCURRENCY", 64),
+        drain_timeout=env.duration("DRAIN_TIMEOUT", 10.0, maximum=3600.0),
+        # A round trip on the LISTEN connection each time.
+        listener_health_interval=env.duration(
+            "LISTENER_HEALTH_INTERVAL", 10.0, minimum=1.0, maximum=3600.0
+        ),
+        providers_file=providers_path,
+        providers=(
+            load_providers(providers_path, values, resolve_secrets=need_provider_secrets)
+            if providers_path
+            else ()
+        ),
+        log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        log_format=env.choice("LOG_FORMAT", "auto", ("auto", "json", "console")),
+        http_listen=_http_listen(env),
+    )
+    return replace(
+        settings,
+        unknown_variables=unknown_variables(values, env.asked | READ_ELSEWHERE | set(also_known)),
+    )
+
+
+def _providers_path(env: Env) -> Path | None:
+    raw = env.optional("PROVIDERS_FILE")
+    if raw is not None:
+        path = Path(raw)
+        if not path.is_file():
+            raise ConfigError(f"{PREFIX}PROVIDERS_FILE={raw!r}: no such file")
+        return path
+    return DEFAULT_PROVIDERS_FILE if DEFAULT_PROVIDERS_FILE.is_file() else None
+
+
+def _http_listen(env: Env) -> str | None:
+    raw = env.optional("HTTP_LISTEN")
+    if raw is None or raw.lower() in {"off", "no", "false", "0"}:
+        return None
+    _host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"{PREFIX}HTTP_LISTEN={raw!r} is invalid: expected host:port, e.g. 127.0.0.1:9187"
+        )
+    return raw

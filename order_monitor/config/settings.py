@@ -1,0 +1,178 @@
+"""The settings as frozen objects: the table's layout, what outcomes write, the providers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.redaction import Secret, redact_dsn
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """Where each piece of order state lives in the orders table."""
+
+    id: str = "id"
+    status: str = "status"
+    external_status: str = "externalStatus"
+    provider_ref: str = "provider_referans"
+    provider_id: str = "providerId"
+    external_order_id: str = "externalOrderId"
+    pin_code: str = "pinCode"
+    provider_message: str = "providerMessage"
+    last_message: str = "lastMessage"
+    sent_at: str = "sentAt"
+    last_sync_at: str = "lastSyncAt"
+    completed_at: str = "completedAt"
+    duration_ms: str = "durationMs"
+    created_at: str = "createdAt"
+
+    def configured(self) -> tuple[str, ...]:
+        """Every column named here: each must exist in the table."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def read(self) -> tuple[str, ...]:
+        """Columns the daemon and its operator commands read (the role's SELECT grant).
+
+        Not the PIN, the provider's message or the duration: the daemon writes
+        those (through the write function) but never needs to see them.
+        """
+        return (
+            self.id,
+            self.status,
+            self.external_status,
+            self.provider_ref,
+            self.provider_id,
+            self.external_order_id,
+            self.last_message,
+            self.sent_at,
+            self.last_sync_at,
+            self.completed_at,
+            self.created_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The orders table as order-monitor sees it: names, channels, in-flight rule."""
+
+    schema: str = "public"
+    table: str = "product_orders"
+    columns: Columns = field(default_factory=Columns)
+    channel: str = "order_monitor"
+    result_channel: str = "order_monitor_result"
+    #: An order is in flight when its external status is one of these
+    #: (compared case-insensitively), its status is not final, and it has a
+    #: provider reference.
+    in_flight_external_statuses: tuple[str, ...] = (
+        "sent",
+        "processing",
+        "queued",
+        "pending",
+        "unknown",
+    )
+    final_statuses: tuple[str, ...] = ("approved", "rejected")
+    role: str = "order_monitor"
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeWrites:
+    """What each outcome writes into the row besides timestamps and messages."""
+
+    done_external_status: str = "done"
+    failed_external_status: str = "failed"
+    #: Written when the policy's limits are reached; 'manual_required' is the
+    #: application's own word for "a human must look", and is outside the
+    #: in-flight set, so the order leaves the sweep.
+    gave_up_external_status: str = "manual_required"
+    #: Off by default: in the application a status change moves money.
+    done_status: str | None = None
+    failed_status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLimits:
+    concurrency: int = 8
+    #: Requests per second; None for no rate limit.
+    rate: float | None = None
+    burst: int = 1
+    connect_timeout: float = 5.0
+    read_timeout: float = 15.0
+    #: Consecutive failed requests that open the circuit breaker.
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+    #: Largest response body read, in bytes.
+    max_body: int = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One entry of the providers file."""
+
+    name: str
+    kind: str
+    base_url: str
+    #: Values of the orders' provider-id column this entry serves.
+    provider_ids: tuple[str, ...]
+    limits: ProviderLimits
+    secrets: Mapping[str, Secret]
+    #: Adapter-specific keys, validated by the adapter itself.
+    options: Mapping[str, Any]
+
+    def __repr__(self) -> str:
+        return (
+            f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, "
+            f"base_url={self.base_url!r}, provider_ids={self.provider_ids!r}, "
+            f"secrets={sorted(self.secrets)!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    dsn: Secret
+    layout: Layout = field(default_factory=Layout)
+    policy: BackoffPolicy = field(default_factory=BackoffPolicy)
+    writes: OutcomeWrites = field(default_factory=OutcomeWrites)
+    sweep_interval: float = 300.0
+    batch_size: int = 500
+    #: Provider requests under way at once, all providers together.
+    concurrency: int = 64
+    #: How long a stopping daemon waits for checks under way.
+    drain_timeout: float = 10.0
+    #: How often the LISTEN connection is proven alive.
+    listener_health_interval: float = 10.0
+    providers_file: Path | None = None
+    providers: tuple[ProviderConfig, ...] = ()
+    log_level: str = "info"
+    log_format: str = "auto"
+    #: host:port for /healthz, /readyz and /metrics; None keeps it off.
+    http_listen: str | None = None
+    #: ORDER_MONITOR_* names in the environment that no setting reads (typos).
+    #: Not part of the configuration: two loads differing only here are equal.
+    unknown_variables: tuple[UnknownVariable, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def safe_dsn(self) -> str:
+        return redact_dsn(self.dsn.reveal())
+
+    def provider_for(self, provider_id: str) -> ProviderConfig | None:
+        for provider in self.providers:
+            if provider_id in provider.provider_ids:
+                return provider
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownVariable:
+    """An ORDER_MONITOR_* name nothing reads: most often a misspelt setting."""
+
+    name: str
+    #: The closest known name, if one is close.
+    suggestion: str | None
+
+    def __str__(self) -> str:
+        hint = f"; did you mean {self.suggestion}?" if self.suggestion else ""
+        return f"{self.name} is not an order-monitor setting and is ignored{hint}"
