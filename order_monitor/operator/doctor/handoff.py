@@ -19,7 +19,7 @@ from order_monitor.operator.findings import INSTALL_HINT, Emit, Verdict
 INBOX_STALE: Final = 60.0
 
 
-async def handoff_checks(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
+async def check_handoff(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
     await _version_1_triggers(conn, layout, emit)
     if await _inbox(conn, layout, emit):
         await _idle_lock(conn, layout, emit)

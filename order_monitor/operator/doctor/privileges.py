@@ -1,0 +1,143 @@
+"""What the role may do: the write function, the daemon's own statements.
+
+And, once the role can read them, whether any order in flight has no provider.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from order_monitor import db, schema
+from order_monitor.config import Settings
+from order_monitor.operator.doctor.database import Table, fetch_one
+from order_monitor.operator.findings import Emit, Verdict
+
+
+async def check_write_function(conn: db.AsyncConn, settings: Settings, emit: Emit) -> None:
+    """The write function: present, made for these settings, and not a superuser's."""
+    layout = settings.layout
+    names = schema.Names(layout)
+    qualified = names.write_function.as_string(conn)
+    problem = await db.write_function_problem(conn, layout, settings.writes)
+    if problem is not None:
+        emit(Verdict.FAIL, "write function", problem)
+        return
+    row = await fetch_one(
+        conn,
+        "SELECT r.rolname, r.rolsuper FROM pg_catalog.pg_proc p"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+        " JOIN pg_catalog.pg_roles r ON r.oid = p.proowner"
+        " WHERE n.nspname = %s AND p.proname = %s",
+        (layout.schema, names.write_function_name),
+    )
+    owner, superuser = row
+    if superuser:
+        emit(
+            Verdict.WARN,
+            "write function",
+            f"{qualified}() is owned by the superuser {owner}, so it runs with every right: "
+            "install as the table's owner instead (ALTER FUNCTION ... OWNER TO that role)",
+        )
+    else:
+        emit(
+            Verdict.PASS,
+            "write function",
+            f"{qualified}() matches the settings and runs as {owner}",
+        )
+
+
+async def check_privileges(
+    conn: db.AsyncConn, settings: Settings, table: Table, emit: Emit
+) -> bool:
+    """What the role may do, proven on the daemon's own statements, not on a list beside them."""
+    layout = settings.layout
+    c = layout.columns
+    readable = [name for name in c.read() if name in table.columns]
+    row = await fetch_one(
+        conn,
+        "SELECT current_user, pg_catalog.has_schema_privilege(%s, 'USAGE'),"
+        " ARRAY(SELECT col FROM unnest(%s::text[]) AS col"
+        "       WHERE NOT pg_catalog.has_column_privilege(%s::oid, col, 'SELECT'))",
+        (layout.schema, readable, table.oid),
+    )
+    user, usage, no_select = row
+    problems = []
+    if not usage:
+        problems.append(f"USAGE on schema {layout.schema}")
+    if no_select:
+        problems.append(f"SELECT on {', '.join(no_select)}")
+    if not problems and table.complete:
+        problems += await _daemon_statements_refused(conn, settings)
+    if problems:
+        emit(
+            Verdict.FAIL,
+            "privileges",
+            f"role {user} lacks {'; '.join(problems)} — apply `order-monitor sql print role` "
+            "(sql/role.sql) as a role that may grant them",
+        )
+        return False
+    emit(
+        Verdict.PASS,
+        "privileges",
+        f"role {user} may run the daemon's statements: the sweep, the re-read, the write "
+        "and taking from the inbox "
+        f"(reading {len(readable)} columns, writing only through the write function)",
+    )
+    return True
+
+
+async def _daemon_statements_refused(conn: db.AsyncConn, settings: Settings) -> list[str]:
+    """Run the daemon's own statements with nothing to do; name the ones refused.
+
+    The write gets empty arrays, inside a transaction that is rolled back:
+    it proves the call is permitted and changes nothing.
+    """
+    queries = db.Queries(settings.layout)
+    empty = db.WriteBatch([], [], [], [], [], [], [])
+    refused = []
+    for what, run in (
+        ("the sweep's SELECT", lambda: queries.sweep_page(conn, None, 1)),
+        ("the re-read's SELECT", lambda: queries.fetch_in_flight(conn, [])),
+        ("EXECUTE on the write function", lambda: queries.write(conn, empty)),
+        ("SELECT and DELETE on the inbox", lambda: queries.drain_inbox(conn, 0)),
+    ):
+        try:
+            async with conn.transaction(force_rollback=True):
+                await run()
+        except psycopg.errors.InsufficientPrivilege:
+            refused.append(what)
+        except (psycopg.errors.UndefinedFunction, psycopg.errors.UndefinedTable):
+            refused.append(f"{what} (it is missing)")
+    return refused
+
+
+async def check_unserved_orders(conn: db.AsyncConn, settings: Settings, emit: Emit) -> None:
+    """In-flight orders whose providerId no provider serves (served by the partial index)."""
+    layout = settings.layout
+    cursor = await conn.execute(
+        sql.SQL("SELECT {pid}::text, count(*) FROM {table} WHERE {in_flight} GROUP BY 1").format(
+            pid=sql.Identifier(layout.columns.provider_id),
+            table=schema.Names(layout).table,
+            in_flight=schema.in_flight_predicate(layout),
+        )
+    )
+    counts = {pid: int(n) for pid, n in await cursor.fetchall()}
+    total = sum(counts.values())
+    unserved = {
+        pid: n for pid, n in counts.items() if pid is None or settings.provider_for(pid) is None
+    }
+    if not unserved:
+        emit(Verdict.PASS, "orders in flight", f"{total}, every one with a configured provider")
+        return
+    listed = ", ".join(
+        f"{'(none)' if pid is None else repr(pid)}: {n}"
+        for pid, n in sorted(unserved.items(), key=lambda kv: -kv[1])
+    )
+    emit(
+        Verdict.WARN,
+        "orders in flight",
+        f"{sum(unserved.values())} of {total} have a providerId no provider serves "
+        f"({listed}) and will not be checked — add those ids to provider_ids in the "
+        "providers file, then reload (systemctl reload order-monitor)",
+    )
