@@ -32,10 +32,10 @@ import order_monitor
 from order_monitor import schema
 from order_monitor.config import Layout, ProviderConfig, ProviderLimits, Settings
 from order_monitor.daemon import Daemon
-from order_monitor.demo import counter_total
 from order_monitor.engine.handoff import Mode
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.engine.scheduler import Scheduler
+from order_monitor.metrics import counter_total
 from order_monitor.redaction import Secret
 
 BENCH = Path(__file__).resolve().parent

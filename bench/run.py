@@ -79,11 +79,11 @@ from common import (
 from order_monitor import logs, schema
 from order_monitor.config import Layout
 from order_monitor.db import ManagedConnection, Queries
-from order_monitor.demo import counter_total
 from order_monitor.embedded import throwaway_postgres
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.engine.scheduler import Scheduler
 from order_monitor.engine.sweep import sweep_once
+from order_monitor.metrics import counter_total
 from order_monitor.providers.barakat import CHECK_PATH, DEFAULT_CHUNK_SIZE
 
 TARGETS = {

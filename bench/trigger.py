@@ -100,9 +100,9 @@ import order_monitor
 from order_monitor import logs, schema
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
-from order_monitor.demo import counter_total
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.engine.scheduler import Scheduler
+from order_monitor.metrics import counter_total
 
 ROOT = BENCH.parent
 V1_INSTALL = ROOT / "tests" / "integration" / "fixtures" / "install_v1.sql"

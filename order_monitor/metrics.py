@@ -131,3 +131,15 @@ class Metrics:
     def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Compute *gauge* at scrape time from *read* (no timer to keep it fresh)."""
         gauge.set_function(read)
+
+
+def counter_total(counter: Counter, **labels: str) -> float:
+    """The sum of a labelled counter's children matching *labels*."""
+    total = 0.0
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                total += sample.value
+    return total
