@@ -1,30 +1,23 @@
-"""Wiring: listener, sweeper, checker and writer in one asyncio.TaskGroup.
+"""One order-monitor instance: a standby until it holds the leader lock, then the engine.
 
-The pieces are supervised together: if one dies of an unexpected error the
-group cancels the others and the process exits non-zero, so the service
-manager restarts a whole daemon, never a half one. Expected trouble (a
-database restart, a provider outage) is handled inside each piece and never
-reaches here.
-
-Stopping (SIGTERM/SIGINT): stop taking due orders, let checks under way
-finish for up to drain_timeout, write what finished, abandon the rest (the
-next start's sweep picks them up where the policy says), close, exit 0.
+What this module does around the engine (``engine.assembly``): the leader
+lock and standby, the checks of the table and the install at start, the
+HTTP session and the providers, reloads (SIGHUP), systemd's READY, STATUS and
+watchdog, and housekeeping. Stopping (SIGTERM/SIGINT) sets the event the
+engine's run waits for; exit 0 once it has drained and written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import replace
-from typing import Final
 
 import aiohttp
 import psycopg
 
 from order_monitor import __version__
-from order_monitor.config import Settings
+from order_monitor.config import Settings, reloaded
 from order_monitor.db import (
     AsyncConn,
     ColumnLimits,
@@ -35,9 +28,10 @@ from order_monitor.db import (
     connect,
     retry_forever,
 )
-from order_monitor.engine.checker import Checker, CheckerLimits
+from order_monitor.engine.assembly import Engine, provider_lookup
+from order_monitor.engine.checker import Checker
 from order_monitor.engine.handoff import Handoff, HandoffTiming
-from order_monitor.engine.inbox import Confirmer, Inbox
+from order_monitor.engine.inbox import Confirmer
 from order_monitor.engine.listener import Listener
 from order_monitor.engine.policy import describe
 from order_monitor.engine.scheduler import Scheduler
@@ -49,67 +43,13 @@ from order_monitor.ops.http import HttpServer, serve_http
 from order_monitor.ops.leader import LeaderLock, lock_key
 from order_monitor.ops.sdnotify import Notifier
 from order_monitor.providers.base import Provider
-from order_monitor.providers.registry import build_adapter, build_provider
+from order_monitor.providers.registry import ProviderFactory, build_providers, validate_providers
 
 log = get_logger()
 
 HOUSEKEEPING_INTERVAL = 5.0
-#: Settings a reload cannot change (field, and how an operator knows it).
-RESTART_ONLY: Final = (
-    ("dsn", "ORDER_MONITOR_DSN"),
-    ("layout", "table layout / channels"),
-    ("writes", "ORDER_MONITOR_*_STATUS (outcome writes)"),
-    ("concurrency", "ORDER_MONITOR_CONCURRENCY"),
-    ("batch_size", "ORDER_MONITOR_BATCH_SIZE"),
-    ("listener_health_interval", "ORDER_MONITOR_LISTENER_HEALTH_INTERVAL"),
-    ("http_listen", "ORDER_MONITOR_HTTP_LISTEN"),
-)
 #: How long a start may wait for the database before READY=1 says so.
 READY_GRACE = 10.0
-
-ProviderFactory = Callable[
-    [Settings, aiohttp.ClientSession, asyncio.Semaphore, Metrics], Mapping[str, Provider]
-]
-
-
-def build_providers(
-    settings: Settings,
-    session: aiohttp.ClientSession,
-    session_limit: asyncio.Semaphore,
-    metrics: Metrics,
-) -> dict[str, Provider]:
-    """Every configured provider, keyed by each provider id it serves."""
-    by_id: dict[str, Provider] = {}
-    for config in settings.providers:
-        provider = build_provider(
-            config, session=session, session_limit=session_limit, metrics=metrics
-        )
-        for provider_id in config.provider_ids:
-            by_id[provider_id] = provider
-    return by_id
-
-
-def validate_providers(settings: Settings) -> None:
-    """Build every configured adapter once: a bad option is a ConfigError now."""
-    for config in settings.providers:
-        build_adapter(config)
-
-
-def inbox_capacity(settings: Settings) -> int:
-    """Notified ids waiting for confirmation at most (about 100 bytes each)."""
-    return max(10_000, settings.batch_size * 20)
-
-
-def checker_limits(settings: Settings) -> CheckerLimits:
-    """How many orders may be under way: enough to keep every request slot busy,
-    and one provider never more than half, so a stuck provider leaves room for
-    the others."""
-    max_in_flight = max(settings.batch_size * 4, settings.concurrency * 50)
-    return CheckerLimits(
-        batch_size=settings.batch_size,
-        max_in_flight=max_in_flight,
-        max_in_flight_per_provider=max(settings.batch_size, max_in_flight // 2),
-    )
 
 
 class Daemon:
@@ -149,18 +89,13 @@ class Daemon:
             check_interval=lock_check_interval,
             on_progress=self._standby_progress,
         )
-        self.listener: Listener | None = None
-        self.confirmer: Confirmer | None = None
-        self.handoff: Handoff | None = None
-        self.sweeper: Sweeper | None = None
-        self.checker: Checker | None = None
-        self.writer: Writer | None = None
+        #: The engine while this instance leads, else None.
+        self._engine: Engine | None = None
         self._reader: ManagedConnection | None = None
         self._session: aiohttp.ClientSession | None = None
         self._session_limit = asyncio.Semaphore(settings.concurrency)
         self._database_seen_at: float | None = None
         #: True while the engine runs (listener, sweeper, checker, writer).
-        self._serving = False
         #: The /healthz, /readyz, /metrics server while running (None when off).
         self.http_server: HttpServer | None = None
         self.metrics.track(self.metrics.pending, lambda: float(len(self.scheduler)))
@@ -189,39 +124,53 @@ class Daemon:
         # Every adapter is built (options checked) even on a standby, so a bad
         # providers file is rejected now, not at a takeover months later.
         validate_providers(new)
-        old = self.settings
-        restart_needed = [
-            label
-            for field_name, label in RESTART_ONLY
-            if getattr(new, field_name) != getattr(old, field_name)
-        ]
+        applied, restart_needed = reloaded(self.settings, new)
         if restart_needed:
             log.warning(
                 "config.restart_needed",
                 settings=restart_needed,
                 note="these keep their old values until a restart",
             )
-        # Everything else is applied live: providers, the backoff policy, the
-        # sweep interval, the drain timeout (and, in the runner, the log level).
-        self.settings = replace(new, **{name: getattr(old, name) for name, _ in RESTART_ONLY})
-        if self._session is None or self.checker is None or self.sweeper is None:
+        self.settings = applied
+        engine = self._engine
+        if self._session is None or engine is None:
             log.info("config.reloaded", running=False)
             return
         providers = self._provider_factory(new, self._session, self._session_limit, self.metrics)
-        self.checker.reconfigure(_lookup(providers), new.policy)
-        if self.writer is not None:
-            self.writer.policy = new.policy
-        self.sweeper.policy = new.policy
-        if self.confirmer is not None:
-            self.confirmer.policy = new.policy
-        self.sweeper.interval = new.sweep_interval
+        engine.reconfigure(provider_lookup(providers), new)
         log.info(
             "config.reloaded",
             providers=sorted({p.name for p in providers.values()}),
             sweep_interval_s=new.sweep_interval,
         )
         # Orders of a newly configured provider are found by this sweep.
-        self.sweeper.request()
+        engine.sweeper.request()
+
+    # --- the engine's pieces, while leading (None otherwise) ------------------------
+
+    @property
+    def listener(self) -> Listener | None:
+        return self._engine.listener if self._engine else None
+
+    @property
+    def handoff(self) -> Handoff | None:
+        return self._engine.handoff if self._engine else None
+
+    @property
+    def confirmer(self) -> Confirmer | None:
+        return self._engine.confirmer if self._engine else None
+
+    @property
+    def checker(self) -> Checker | None:
+        return self._engine.checker if self._engine else None
+
+    @property
+    def writer(self) -> Writer | None:
+        return self._engine.writer if self._engine else None
+
+    @property
+    def sweeper(self) -> Sweeper | None:
+        return self._engine.sweeper if self._engine else None
 
     # --- Readiness (for /readyz) ----------------------------------------------------
 
@@ -313,7 +262,7 @@ class Daemon:
             stop = asyncio.create_task(self._stop.wait())
             await asyncio.wait({term, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
-            if not term.done() and not self._serving:
+            if not term.done() and self._engine is None:
                 # Waiting for the lock or the database: nothing to drain.
                 term.cancel()
             await asyncio.wait({term})
@@ -376,151 +325,30 @@ class Daemon:
         columns: ColumnLimits,
         providers: Mapping[str, Provider],
     ) -> None:
-        settings = self.settings
-        self.writer = writer = Writer(
-            writer_conn,
-            queries,
-            self.scheduler,
-            self.metrics,
-            self._clock,
-            settings.batch_size,
-            policy=settings.policy,
-            writes=settings.writes,
-            columns=columns,
-        )
-        self.checker = checker = Checker(
-            conn=reader,
+        self._engine = engine = Engine.build(
+            self.settings,
+            reader=reader,
+            writer_conn=writer_conn,
             queries=queries,
-            providers=_lookup(providers),
-            scheduler=self.scheduler,
-            writer=writer,
-            policy=settings.policy,
-            writes=settings.writes,
             columns=columns,
-            limits=checker_limits(settings),
+            providers=provider_lookup(providers),
+            scheduler=self.scheduler,
             metrics=self.metrics,
             clock=self._clock,
+            handoff_timing=self._handoff_timing,
+            on_listener_connected=self._listener_connected,
         )
-        writer.on_rescheduled = checker.wake
-        self.sweeper = sweeper = Sweeper(
-            reader,
-            queries,
-            self.scheduler,
-            policy=settings.policy,
-            interval=settings.sweep_interval,
-            page_size=settings.batch_size,
-            metrics=self.metrics,
-            clock=self._clock,
-            on_scheduled=checker.wake,
-            group_for=checker.group_for,
-        )
-        self.confirmer = confirmer = Confirmer(
-            Inbox(inbox_capacity(settings)),
-            reader,
-            queries,
-            self.scheduler,
-            policy=settings.policy,
-            batch_size=settings.batch_size,
-            metrics=self.metrics,
-            clock=self._clock,
-            on_scheduled=checker.wake,
-            on_lost=sweeper.request,
-            group_for=checker.group_for,
-        )
-        self.handoff = handoff = Handoff(
-            settings.dsn.reveal(),
-            queries,
-            on_orders=confirmer.taken,
-            room=confirmer.room,
-            listening=lambda: listener.connected,
-            metrics=self.metrics,
-            clock=self._clock,
-            timing=self._handoff_timing,
-            batch_size=settings.batch_size,
-        )
-
-        def notified(order: uuid.UUID) -> None:
-            confirmer.notified(order)
-            handoff.notified()
-
-        self.listener = listener = Listener(
-            settings.dsn.reveal(),
-            settings.layout.channel,
-            on_order=notified,
-            on_connected=self._listener_connected,
-            metrics=self.metrics,
-            health_interval=settings.listener_health_interval,
-        )
-        lost = self._lock.lost
-
-        self._serving = True
         try:
-            await self._run_engine(
-                listener, confirmer, handoff, sweeper, checker, writer, reader, lost
+            await engine.run(
+                stop=self._stop,
+                lost=self._lock.lost,
+                housekeeping=lambda: self._housekeeping(reader),
+                # Read at the stop: a reload may have changed it since.
+                drain_timeout=lambda: self.settings.drain_timeout,
+                pending=lambda: len(self.scheduler),
             )
         finally:
-            self._serving = False
-            self.listener = None
-            self.handoff = None
-            self.confirmer = None
-            self.sweeper = None
-            self.checker = None
-            self.writer = None
-
-    async def _run_engine(
-        self,
-        listener: Listener,
-        confirmer: Confirmer,
-        handoff: Handoff,
-        sweeper: Sweeper,
-        checker: Checker,
-        writer: Writer,
-        reader: ManagedConnection,
-        lost: asyncio.Event,
-    ) -> None:
-        async with asyncio.TaskGroup() as tg:
-            background = [
-                tg.create_task(listener.run(), name="listener"),
-                tg.create_task(confirmer.run(), name="confirmer"),
-                tg.create_task(handoff.run(), name="handoff"),
-                tg.create_task(sweeper.run(), name="sweeper"),
-                tg.create_task(self._housekeeping(reader), name="housekeeping"),
-            ]
-            writer_task = tg.create_task(writer.run(), name="writer")
-            checker_task = tg.create_task(checker.run(), name="checker")
-            stop_wait = tg.create_task(self._stop.wait())
-            lost_wait = tg.create_task(lost.wait())
-            await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            lost_wait.cancel()
-
-            checker.stop()
-            await checker_task
-            if lost.is_set():
-                # Another instance may be working already: stop at once, write nothing.
-                abandoned = await checker.drain(0)
-                writer_task.cancel()
-                log.warning("daemon.leadership_lost", checks_abandoned=abandoned)
-            else:
-                log.info(
-                    "daemon.stopping", under_way=checker.under_way, pending=len(self.scheduler)
-                )
-                # Read now: a reload may have changed it since the engine started.
-                drain_timeout = self.settings.drain_timeout
-                abandoned = await checker.drain(drain_timeout)
-                await writer.close()
-                try:
-                    await asyncio.wait_for(writer_task, drain_timeout)
-                except TimeoutError:
-                    log.error("daemon.write_abandoned", backlog=writer.backlog)
-                if abandoned:
-                    log.warning(
-                        "daemon.checks_abandoned",
-                        orders=abandoned,
-                        note="checked again after restart, where the schedule stands",
-                    )
-            for task in background:
-                task.cancel()
+            self._engine = None
 
     def _tick(self) -> float:
         """Seconds between STATUS=/WATCHDOG=1 updates: at most half of WatchdogSec."""
@@ -539,7 +367,7 @@ class Daemon:
         """
         started = time.monotonic()
         while True:
-            if not self._serving:
+            if self._engine is None:
                 status = self.status_line()
                 self.notifier.status(status)
                 self.notifier.watchdog()
@@ -590,7 +418,7 @@ class Daemon:
             return f"waiting for the database: {self._lock.last_error}"[:200]
         if not self._lock.is_leader:
             return f"{self._lock.role}: waiting for the leader lock"
-        if not self._serving:
+        if self._engine is None:
             return "leader: connecting to the database"
         sweep_age = self.last_sweep_age()
         return (
@@ -615,10 +443,3 @@ class Daemon:
         self.notifier.ready(status)
         if self._on_ready is not None:
             self._on_ready()
-
-
-def _lookup(providers: Mapping[str, Provider]) -> Callable[[str | None], Provider | None]:
-    def lookup(provider_id: str | None) -> Provider | None:
-        return providers.get(provider_id) if provider_id is not None else None
-
-    return lookup

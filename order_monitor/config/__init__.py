@@ -35,6 +35,7 @@ from order_monitor.config.settings import (
     ProviderLimits,
     Settings,
     UnknownVariable,
+    reloaded,
 )
 
 __all__ = [
@@ -58,5 +59,6 @@ __all__ = [
     "parse_duration",
     "parse_providers",
     "read_credential",
+    "reloaded",
     "unknown_variables",
 ]

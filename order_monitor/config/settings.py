@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.redaction import Secret, redact_dsn
@@ -176,3 +176,28 @@ class UnknownVariable:
     def __str__(self) -> str:
         hint = f"; did you mean {self.suggestion}?" if self.suggestion else ""
         return f"{self.name} is not an order-monitor setting and is ignored{hint}"
+
+
+#: Settings a reload cannot change (field, and how an operator knows it).
+RESTART_ONLY: Final = (
+    ("dsn", "ORDER_MONITOR_DSN"),
+    ("layout", "table layout / channels"),
+    ("writes", "ORDER_MONITOR_*_STATUS (outcome writes)"),
+    ("concurrency", "ORDER_MONITOR_CONCURRENCY"),
+    ("batch_size", "ORDER_MONITOR_BATCH_SIZE"),
+    ("listener_health_interval", "ORDER_MONITOR_LISTENER_HEALTH_INTERVAL"),
+    ("http_listen", "ORDER_MONITOR_HTTP_LISTEN"),
+)
+
+
+def reloaded(old: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """What a reload applies: *new*, with every restart-only setting kept from *old*.
+
+    Also the restart-only settings that differ (they wait for a restart).
+    Everything else is applied live: providers, the backoff policy, the
+    sweep interval, the drain timeout (and, in the runner, the log level).
+    """
+    restart_needed = [
+        label for name, label in RESTART_ONLY if getattr(new, name) != getattr(old, name)
+    ]
+    return replace(new, **{name: getattr(old, name) for name, _ in RESTART_ONLY}), restart_needed

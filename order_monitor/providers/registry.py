@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, cast
 
 import aiohttp
 
-from order_monitor.config import ProviderConfig
+from order_monitor.config import ProviderConfig, Settings
 from order_monitor.errors import ConfigError
 from order_monitor.metrics import Metrics
-from order_monitor.providers.base import Adapter
+from order_monitor.providers.base import Adapter, Provider
 from order_monitor.providers.limits import LimitedProvider
 
 #: kind (as written in the providers file) -> adapter module.
@@ -82,3 +82,31 @@ def build_provider(
         secrets=config.secrets.values(),
         clock=clock,
     )
+
+
+ProviderFactory = Callable[
+    [Settings, aiohttp.ClientSession, asyncio.Semaphore, Metrics], Mapping[str, Provider]
+]
+
+
+def build_providers(
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    session_limit: asyncio.Semaphore,
+    metrics: Metrics,
+) -> dict[str, Provider]:
+    """Every configured provider, keyed by each provider id it serves."""
+    by_id: dict[str, Provider] = {}
+    for config in settings.providers:
+        provider = build_provider(
+            config, session=session, session_limit=session_limit, metrics=metrics
+        )
+        for provider_id in config.provider_ids:
+            by_id[provider_id] = provider
+    return by_id
+
+
+def validate_providers(settings: Settings) -> None:
+    """Build every configured adapter once: a bad option is a ConfigError now."""
+    for config in settings.providers:
+        build_adapter(config)

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from order_monitor import daemon as daemon_module
-from order_monitor.daemon import Daemon, build_providers, checker_limits
+from order_monitor.daemon import Daemon
+from order_monitor.engine import assembly as assembly_module
 from order_monitor.engine import checker as checker_module
+from order_monitor.engine.assembly import checker_limits
 from order_monitor.engine.checker import CheckerLimits
 from order_monitor.engine.decisions import Decision
 from order_monitor.engine.policy import BackoffPolicy
@@ -27,6 +28,7 @@ from order_monitor.providers.fake import (
     Script,
     default_pin,
 )
+from order_monitor.providers.registry import build_providers
 from tests.integration.conftest import FAST_POLICY, App, eventually, running, settings_for
 
 
@@ -539,7 +541,7 @@ async def test_orders_waiting_for_room_at_a_busy_provider_are_polled_once(
     """A provider at its cap makes the rest wait; when room frees up they go,
     once each, and none is pulled forward again for a second poll."""
     monkeypatch.setattr(
-        daemon_module,
+        assembly_module,
         "checker_limits",
         lambda settings: CheckerLimits(
             batch_size=10, max_in_flight=50, max_in_flight_per_provider=2

@@ -1,0 +1,230 @@
+"""The engine's pieces built for one term as leader, and run together.
+
+The pieces are supervised together: if one dies of an unexpected error the
+group cancels the others and the process exits non-zero, so the service
+manager restarts a whole daemon, never a half one. Expected trouble (a
+database restart, a provider outage) is handled inside each piece and never
+reaches here.
+
+Stopping: stop taking due orders, let checks under way finish for up to
+drain_timeout, write what finished, abandon the rest (the next start's sweep
+picks them up where the policy says). Leadership lost: stop at once and write
+nothing, since another instance may be working already.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from order_monitor.config import Settings
+from order_monitor.db import ColumnLimits, ManagedConnection, Queries
+from order_monitor.engine.checker import Checker, CheckerLimits
+from order_monitor.engine.handoff import Handoff, HandoffTiming
+from order_monitor.engine.inbox import Confirmer, Inbox
+from order_monitor.engine.listener import Listener
+from order_monitor.engine.scheduler import Scheduler
+from order_monitor.engine.sweep import Sweeper
+from order_monitor.engine.writer import Writer
+from order_monitor.logs import get_logger
+from order_monitor.metrics import Metrics
+from order_monitor.providers.base import Provider
+
+log = get_logger()
+
+ProviderLookup = Callable[[str | None], Provider | None]
+
+
+def inbox_capacity(settings: Settings) -> int:
+    """Notified ids waiting for confirmation at most (about 100 bytes each)."""
+    return max(10_000, settings.batch_size * 20)
+
+
+def checker_limits(settings: Settings) -> CheckerLimits:
+    """How many orders may be under way: enough to keep every request slot busy,
+    and one provider never more than half, so a stuck provider leaves room for
+    the others."""
+    max_in_flight = max(settings.batch_size * 4, settings.concurrency * 50)
+    return CheckerLimits(
+        batch_size=settings.batch_size,
+        max_in_flight=max_in_flight,
+        max_in_flight_per_provider=max(settings.batch_size, max_in_flight // 2),
+    )
+
+
+def provider_lookup(providers: Mapping[str, Provider]) -> ProviderLookup:
+    """The provider serving an order's provider id, or None."""
+
+    def lookup(provider_id: str | None) -> Provider | None:
+        return providers.get(provider_id) if provider_id is not None else None
+
+    return lookup
+
+
+@dataclass(slots=True)
+class Engine:
+    """Every piece of the engine, in the order an order meets them."""
+
+    listener: Listener
+    handoff: Handoff
+    confirmer: Confirmer
+    checker: Checker
+    writer: Writer
+    sweeper: Sweeper
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        reader: ManagedConnection,
+        writer_conn: ManagedConnection,
+        queries: Queries,
+        columns: ColumnLimits,
+        providers: ProviderLookup,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        handoff_timing: HandoffTiming | None,
+        on_listener_connected: Callable[[], None],
+    ) -> Engine:
+        """The pieces, wired: who wakes whom, who hands what to whom."""
+        writer = Writer(
+            writer_conn,
+            queries,
+            scheduler,
+            metrics,
+            clock,
+            settings.batch_size,
+            policy=settings.policy,
+            writes=settings.writes,
+            columns=columns,
+        )
+        checker = Checker(
+            conn=reader,
+            queries=queries,
+            providers=providers,
+            scheduler=scheduler,
+            writer=writer,
+            policy=settings.policy,
+            writes=settings.writes,
+            columns=columns,
+            limits=checker_limits(settings),
+            metrics=metrics,
+            clock=clock,
+        )
+        writer.on_rescheduled = checker.wake
+        sweeper = Sweeper(
+            reader,
+            queries,
+            scheduler,
+            policy=settings.policy,
+            interval=settings.sweep_interval,
+            page_size=settings.batch_size,
+            metrics=metrics,
+            clock=clock,
+            on_scheduled=checker.wake,
+            group_for=checker.group_for,
+        )
+        confirmer = Confirmer(
+            Inbox(inbox_capacity(settings)),
+            reader,
+            queries,
+            scheduler,
+            policy=settings.policy,
+            batch_size=settings.batch_size,
+            metrics=metrics,
+            clock=clock,
+            on_scheduled=checker.wake,
+            on_lost=sweeper.request,
+            group_for=checker.group_for,
+        )
+        handoff = Handoff(
+            settings.dsn.reveal(),
+            queries,
+            on_orders=confirmer.taken,
+            room=confirmer.room,
+            listening=lambda: listener.connected,
+            metrics=metrics,
+            clock=clock,
+            timing=handoff_timing,
+            batch_size=settings.batch_size,
+        )
+
+        def notified(order: uuid.UUID) -> None:
+            confirmer.notified(order)
+            handoff.notified()
+
+        listener = Listener(
+            settings.dsn.reveal(),
+            settings.layout.channel,
+            on_order=notified,
+            on_connected=on_listener_connected,
+            metrics=metrics,
+            health_interval=settings.listener_health_interval,
+        )
+        return cls(listener, handoff, confirmer, checker, writer, sweeper)
+
+    def reconfigure(self, providers: ProviderLookup, settings: Settings) -> None:
+        """New providers, policy and sweep interval from the next batch on (SIGHUP)."""
+        self.checker.reconfigure(providers, settings.policy)
+        self.writer.policy = settings.policy
+        self.sweeper.policy = settings.policy
+        self.confirmer.policy = settings.policy
+        self.sweeper.interval = settings.sweep_interval
+
+    async def run(
+        self,
+        *,
+        stop: asyncio.Event,
+        lost: asyncio.Event,
+        housekeeping: Callable[[], Coroutine[Any, Any, None]],
+        drain_timeout: Callable[[], float],
+        pending: Callable[[], int],
+    ) -> None:
+        """Run every piece until *stop* (drain, then write) or *lost* (abandon at once)."""
+        checker, writer = self.checker, self.writer
+        async with asyncio.TaskGroup() as tg:
+            background = [
+                tg.create_task(self.listener.run(), name="listener"),
+                tg.create_task(self.confirmer.run(), name="confirmer"),
+                tg.create_task(self.handoff.run(), name="handoff"),
+                tg.create_task(self.sweeper.run(), name="sweeper"),
+                tg.create_task(housekeeping(), name="housekeeping"),
+            ]
+            writer_task = tg.create_task(writer.run(), name="writer")
+            checker_task = tg.create_task(checker.run(), name="checker")
+            stop_wait = tg.create_task(stop.wait())
+            lost_wait = tg.create_task(lost.wait())
+            await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            lost_wait.cancel()
+
+            checker.stop()
+            await checker_task
+            if lost.is_set():
+                # Another instance may be working already: stop at once, write nothing.
+                abandoned = await checker.drain(0)
+                writer_task.cancel()
+                log.warning("daemon.leadership_lost", checks_abandoned=abandoned)
+            else:
+                log.info("daemon.stopping", under_way=checker.under_way, pending=pending())
+                # Read now: a reload may have changed it since the engine started.
+                timeout = drain_timeout()
+                abandoned = await checker.drain(timeout)
+                await writer.close()
+                try:
+                    await asyncio.wait_for(writer_task, timeout)
+                except TimeoutError:
+                    log.error("daemon.write_abandoned", backlog=writer.backlog)
+                if abandoned:
+                    log.warning(
+                        "daemon.checks_abandoned",
+                        orders=abandoned,
+                        note="checked again after restart, where the schedule stands",
+                    )
+            for task in background:
+                task.cancel()
