@@ -1,0 +1,66 @@
+"""The orders table layout rendered as SQL.
+
+Every identifier reaches SQL through :class:`psycopg.sql.Identifier` and every
+configured value through :class:`psycopg.sql.Literal`; nothing is pasted into
+SQL text with string formatting. The files in ``sql/`` are this module's
+rendering of the default layout (a test keeps them equal), so what a DBA
+reviews is exactly what ``order-monitor sql install`` runs.
+
+Object names carry the version that last changed them: the index and the
+write function are still ``_v1``; the trigger, its function and the inbox
+are ``_v2`` (the handoff: see :mod:`order_monitor.engine.handoff`). The install
+swaps the ``_v1`` triggers for the ``_v2`` ones in one transaction, so no
+application commit falls between the two sets.
+
+``names`` (our objects' names, the lock keys, the in-flight predicate),
+``write_function``, ``install`` (install, uninstall, role) and ``files``
+(what ``sql print`` writes and ``sql/`` holds).
+"""
+
+from order_monitor.schema.files import describe_writes, render, statements_for
+from order_monitor.schema.install import (
+    install_statements,
+    notify_function_body,
+    role_statements,
+    uninstall_statements,
+)
+from order_monitor.schema.names import (
+    VERSION,
+    Names,
+    Statement,
+    advisory_key,
+    advisory_key_parts,
+    idle_lock_key,
+    in_flight_predicate,
+    object_name,
+)
+from order_monitor.schema.write_function import (
+    WRITE_KINDS,
+    WRITE_PARAMETERS,
+    write_function_body,
+    write_function_statement,
+    write_signature,
+)
+
+__all__ = [
+    "VERSION",
+    "WRITE_KINDS",
+    "WRITE_PARAMETERS",
+    "Names",
+    "Statement",
+    "advisory_key",
+    "advisory_key_parts",
+    "describe_writes",
+    "idle_lock_key",
+    "in_flight_predicate",
+    "install_statements",
+    "notify_function_body",
+    "object_name",
+    "render",
+    "role_statements",
+    "statements_for",
+    "uninstall_statements",
+    "write_function_body",
+    "write_function_statement",
+    "write_signature",
+]
