@@ -18,20 +18,10 @@ from uuid import UUID
 import aiohttp
 
 from order_monitor.config import ProviderConfig
+from order_monitor.providers.answers import Matched, first_text, match_items, scalar_text
 from order_monitor.providers.base import Adapter, OrderRef, Outcome, UnusablePin, first_pin
-from order_monitor.providers.http import (
-    BadAnswer,
-    ErrorAnswer,
-    Matched,
-    Transport,
-    check_keys,
-    first_text,
-    match_items,
-    option_bool,
-    option_int,
-    scalar_text,
-    transport,
-)
+from order_monitor.providers.http import BadAnswer, ErrorAnswer, Transport
+from order_monitor.providers.options import check_keys, option_bool, option_int, transport
 from order_monitor.redaction import Secret
 
 DONE_WORDS: Final = frozenset({"success", "ok", "done", "complete", "completed", "accept"})

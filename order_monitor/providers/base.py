@@ -231,7 +231,7 @@ class Adapter(Protocol):
     max_batch: int
     #: True when every request fetch makes carries the provider's whole time
     #: budget itself (``limits.client_timeout``, as every Transport that
-    #: ``http.transport`` builds does). The caller then sets no timer of its
+    #: ``options.transport`` builds does). The caller then sets no timer of its
     #: own on top: a timer per request showed in the daemon's profile.
     times_its_requests: ClassVar[bool]
 

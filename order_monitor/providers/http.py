@@ -11,7 +11,7 @@ import email.utils
 import errno
 import re
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC
 from typing import Any, Final, NoReturn
@@ -21,10 +21,8 @@ import aiohttp
 import structlog
 import yarl
 
-from order_monitor.config import ProviderConfig
-from order_monitor.errors import ConfigError, ProviderAuthError, ProviderError
-from order_monitor.providers.base import Outcome, RateLimited, clean_str, clean_text
-from order_monitor.providers.limits import client_timeout
+from order_monitor.errors import ProviderAuthError, ProviderError
+from order_monitor.providers.base import Outcome, RateLimited, clean_str
 from order_monitor.redaction import Secret, prepare_secrets, redact_url, scrub_prepared
 
 log = structlog.get_logger()
@@ -350,161 +348,3 @@ class Transport:
             f"{self.provider}: HTTP {status} body larger than {self.max_body} bytes "
             f"(limits.max_body) from {self.safe_url(url)}"
         )
-
-
-# --- building from the providers file ----------------------------------------------
-
-
-def where(config: ProviderConfig) -> str:
-    return f"[providers.{config.name}]"
-
-
-def check_keys(
-    config: ProviderConfig,
-    options: Collection[str],
-    required_secrets: Collection[str],
-    optional_secrets: Collection[str] = (),
-) -> None:
-    """Refuse unknown option or secret keys and missing secrets, naming the key.
-
-    A misspelt key would otherwise be silently ignored and its default used.
-    """
-    unknown = set(config.options) - set(options)
-    if unknown:
-        raise ConfigError(
-            f"{where(config)}.options: unknown keys {sorted(unknown)}; allowed: {sorted(options)}"
-        )
-    allowed_secrets = set(required_secrets) | set(optional_secrets)
-    unknown = set(config.secrets) - allowed_secrets
-    if unknown:
-        raise ConfigError(
-            f"{where(config)}.secrets: unknown keys {sorted(unknown)}; "
-            f"allowed: {sorted(allowed_secrets)}"
-        )
-    for name in required_secrets:
-        if not config.secrets.get(name):
-            raise ConfigError(f"{where(config)}.secrets.{name} is required")
-
-
-def option_bool(config: ProviderConfig, key: str, default: bool) -> bool:
-    value = config.options.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where(config)}.options.{key} = {value!r}: expected true or false")
-    return value
-
-
-def option_int(config: ProviderConfig, key: str, default: int, *, minimum: int = 1) -> int:
-    value = config.options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(
-            f"{where(config)}.options.{key} = {value!r}: expected a whole number >= {minimum}"
-        )
-    return value
-
-
-def option_str(
-    config: ProviderConfig, key: str, default: str | None = None, *, allow_empty: bool = False
-) -> str:
-    value = config.options.get(key, default)
-    if value is None:
-        raise ConfigError(f"{where(config)}.options.{key} is required")
-    if not isinstance(value, str) or (not value and not allow_empty):
-        raise ConfigError(f"{where(config)}.options.{key} = {value!r}: expected a non-empty string")
-    return value
-
-
-def transport(config: ProviderConfig, secret_params: Collection[str] = ()) -> Transport:
-    return Transport(
-        provider=config.name,
-        max_body=config.limits.max_body,
-        secret_params=frozenset(p.lower() for p in secret_params),
-        secrets=tuple(config.secrets.values()),
-        timeout=client_timeout(config.limits),
-    )
-
-
-# --- reading JSON answers --------------------------------------------------------
-
-
-def scalar_text(value: object) -> str | None:
-    """A JSON scalar as clean text (numbers included), or None for anything else."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        # Ids sent as 123 may come back as 123.0 from some serialisers.
-        return str(int(value))
-    if isinstance(value, str | int | float):
-        return clean_text(value)
-    return None
-
-
-def first_text(values: object) -> str | None:
-    """The first non-empty string among *values* (a list) or *values* itself, cleaned."""
-    for value in values if isinstance(values, list) else [values]:
-        if isinstance(value, str):
-            text = clean_text(value)
-            if text is not None:
-                return text
-    return None
-
-
-@dataclass(slots=True)
-class Matched:
-    """Answers matched back to the orders asked about, and what did not fit."""
-
-    outcomes: dict[UUID, Outcome] = field(default_factory=dict)
-    duplicates: list[str] = field(default_factory=list)
-    unrequested: list[str] = field(default_factory=list)
-    unusable: int = 0
-
-    def report(self, http: Transport) -> None:
-        provider = http.provider
-        for order_key in self.duplicates:
-            http.log("warning", "provider.duplicate_order", provider=provider, order_key=order_key)
-        if self.unrequested:
-            http.log(
-                "info",
-                "provider.unrequested_orders",
-                provider=provider,
-                order_keys=self.unrequested,
-            )
-        if self.unusable:
-            http.log("warning", "provider.bad_item", provider=provider, count=self.unusable)
-
-
-def match_items(
-    items: Sequence[Any],
-    asked: Mapping[str, Sequence[UUID]],
-    *,
-    fold: bool,
-    id_of: Callable[[Any], object],
-    outcome_of: Callable[[Any], Outcome | None],
-) -> Matched:
-    """Pair a batched answer's items with the orders asked about, by id.
-
-    *asked* maps each id sent to the orders that carry it; ids compare as
-    text (a provider may send them back as numbers), case-insensitively with
-    *fold* (UUIDs may come back upper-cased). Items about orders not asked
-    about are ignored; for an order answered twice the first answer wins.
-    """
-    result = Matched()
-    seen: set[str] = set()
-    for item in items:
-        order_key = scalar_text(id_of(item))
-        outcome = outcome_of(item) if order_key is not None else None
-        if order_key is None or outcome is None:
-            result.unusable += 1
-            continue
-        if fold:
-            order_key = order_key.lower()
-        if order_key not in asked:
-            result.unrequested.append(order_key)
-        elif order_key in seen:
-            # Two answers about one order may disagree; the first is as good a
-            # truth as any, and a later round asks again anyway.
-            result.duplicates.append(order_key)
-        else:
-            seen.add(order_key)
-            for order_id in asked[order_key]:
-                result.outcomes[order_id] = outcome
-    return result

@@ -35,20 +35,10 @@ import aiohttp
 
 from order_monitor.config import ProviderConfig
 from order_monitor.errors import ConfigError
+from order_monitor.providers.answers import first_text, match_items, scalar_text
 from order_monitor.providers.base import Adapter, OrderRef, Outcome, UnusablePin, first_pin
-from order_monitor.providers.http import (
-    BadAnswer,
-    ErrorAnswer,
-    Transport,
-    check_keys,
-    first_text,
-    match_items,
-    option_int,
-    option_str,
-    scalar_text,
-    transport,
-    where,
-)
+from order_monitor.providers.http import BadAnswer, ErrorAnswer, Transport
+from order_monitor.providers.options import check_keys, option_int, option_str, transport, where
 from order_monitor.redaction import Secret
 
 OPTIONS: Final = frozenset(

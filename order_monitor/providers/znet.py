@@ -20,15 +20,8 @@ import aiohttp
 from order_monitor.config import ProviderConfig
 from order_monitor.errors import ConfigError, ProviderAuthError, ProviderError
 from order_monitor.providers.base import Adapter, OrderRef, Outcome, bounded, clean_str
-from order_monitor.providers.http import (
-    BadAnswer,
-    ErrorAnswer,
-    Transport,
-    check_keys,
-    option_str,
-    transport,
-    where,
-)
+from order_monitor.providers.http import BadAnswer, ErrorAnswer, Transport
+from order_monitor.providers.options import check_keys, option_str, transport, where
 from order_monitor.redaction import Secret
 
 DEFAULT_PATH: Final = "/servis/pin_kontrol.php"

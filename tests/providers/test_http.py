@@ -12,16 +12,10 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from order_monitor.errors import ConfigError, ProviderAuthError, ProviderError
+from order_monitor.providers.answers import first_text, match_items, scalar_text
 from order_monitor.providers.base import Outcome, RateLimited
-from order_monitor.providers.http import (
-    Transport,
-    check_keys,
-    excerpt,
-    first_text,
-    match_items,
-    parse_retry_after,
-    scalar_text,
-)
+from order_monitor.providers.http import Transport, excerpt, parse_retry_after
+from order_monitor.providers.options import check_keys
 from order_monitor.redaction import Secret
 from tests.providers import (
     client,

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from order_monitor import logs
 from order_monitor.providers import barakat, json_http, znet
+from order_monitor.providers.answers import scalar_text
 from order_monitor.providers.base import (
     MAX_MESSAGE,
     MAX_PIN,
@@ -31,7 +32,7 @@ from order_monitor.providers.base import (
     clean_pin,
     clean_str,
 )
-from order_monitor.providers.http import BadAnswer, scalar_text
+from order_monitor.providers.http import BadAnswer
 from tests.providers import client, json_reply, provider_config, reply, serve
 
 HOSTILE = ["AB\ud800CD", "nul\x00here", "bell\x07", "\x1b[2J\x1b]0;pwned\x07", "csi\x9b31m"]
