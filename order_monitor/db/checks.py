@@ -1,0 +1,114 @@
+"""What the daemon checks of the table and the install before it starts."""
+
+from __future__ import annotations
+
+from order_monitor import schema
+from order_monitor.config import Layout, OutcomeWrites
+from order_monitor.db.connections import AsyncConn
+from order_monitor.db.queries import ColumnLimits
+from order_monitor.errors import SchemaError
+
+
+async def column_limits(
+    conn: AsyncConn, layout: Layout, writes: OutcomeWrites | None = None
+) -> ColumnLimits:
+    """Check every configured column exists; read the lengths of those we write.
+
+    Read from pg_catalog, which every role may read: the daemon's role has no
+    privilege at all on the columns it only writes through the write function.
+    Raises SchemaError naming what is missing, or a configured status value
+    longer than its column, so a typo stops the daemon at start-up with a
+    clear line instead of failing every batch later.
+    """
+    cursor = await conn.execute(
+        "SELECT a.attname,"
+        " CASE WHEN a.atttypid IN ('pg_catalog.varchar'::regtype, 'pg_catalog.bpchar'::regtype)"
+        "       AND a.atttypmod > 0 THEN a.atttypmod - 4 END"
+        " FROM pg_catalog.pg_attribute a"
+        " JOIN pg_catalog.pg_class t ON t.oid = a.attrelid"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace"
+        " WHERE n.nspname = %s AND t.relname = %s AND t.relkind IN ('r', 'p')"
+        " AND a.attnum > 0 AND NOT a.attisdropped",
+        (layout.schema, layout.table),
+    )
+    found = {name: length for name, length in await cursor.fetchall()}
+    table = f"{layout.schema}.{layout.table}"
+    if not found:
+        raise SchemaError(
+            f"table {table} does not exist (check ORDER_MONITOR_SCHEMA, ORDER_MONITOR_TABLE "
+            "and the database in ORDER_MONITOR_DSN)"
+        )
+    missing = [name for name in layout.columns.configured() if name not in found]
+    if missing:
+        hint = (
+            " (sql/install.sql adds it)"
+            if missing == [layout.columns.provider_ref]
+            else " (check the ORDER_MONITOR_COLUMN_* settings)"
+        )
+        raise SchemaError(f"table {table} has no column {', '.join(missing)}{hint}")
+    c = layout.columns
+    if writes is not None:
+        for setting, value, column in (
+            ("DONE_EXTERNAL_STATUS", writes.done_external_status, c.external_status),
+            ("FAILED_EXTERNAL_STATUS", writes.failed_external_status, c.external_status),
+            ("GAVE_UP_EXTERNAL_STATUS", writes.gave_up_external_status, c.external_status),
+            ("DONE_STATUS", writes.done_status, c.status),
+            ("FAILED_STATUS", writes.failed_status, c.status),
+        ):
+            limit = found[column]
+            if value is not None and limit is not None and len(value) > limit:
+                raise SchemaError(
+                    f"ORDER_MONITOR_{setting}={value!r} is longer than column {column} "
+                    f"allows ({limit} characters)"
+                )
+    return ColumnLimits(
+        pin_code=found[c.pin_code],
+        provider_message=found[c.provider_message],
+        last_message=found[c.last_message],
+    )
+
+
+async def write_function_problem(
+    conn: AsyncConn, layout: Layout, writes: OutcomeWrites
+) -> str | None:
+    """Why the installed write function cannot serve these settings, or None.
+
+    The function fixes what each outcome writes at install time, so a daemon
+    whose ORDER_MONITOR_*_STATUS settings differ from the install would
+    write other words than its operator expects. Compared on the body's text
+    as stored (pg_proc.prosrc keeps it verbatim).
+    """
+    names = schema.Names(layout)
+    cursor = await conn.execute(
+        "SELECT p.prosrc, p.prosecdef, pg_catalog.has_function_privilege(p.oid, 'EXECUTE')"
+        " FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = %s AND p.proname = %s",
+        (layout.schema, names.write_function_name),
+    )
+    rows = await cursor.fetchall()
+    qualified = names.write_function.as_string(None)
+    if not rows:
+        return (
+            f"the write function {qualified}() is missing: run `order-monitor sql install` "
+            "(or psql -f sql/install.sql) as the table's owner, then sql/role.sql"
+        )
+    source, security_definer, executable = rows[0]
+    if source != schema.write_function_body(layout, writes) or not security_definer:
+        return (
+            f"the write function {qualified}() was installed for other settings or by another "
+            "release (ORDER_MONITOR_*_STATUS, columns or channels differ): run "
+            "`order-monitor sql install` with these settings as the table's owner"
+        )
+    if not executable:
+        return (
+            f"this role may not execute {qualified}(): apply `order-monitor sql print role` "
+            "(sql/role.sql) for this role"
+        )
+    return None
+
+
+async def check_write_function(conn: AsyncConn, layout: Layout, writes: OutcomeWrites) -> None:
+    """Raise SchemaError when :func:`write_function_problem` finds one."""
+    problem = await write_function_problem(conn, layout, writes)
+    if problem is not None:
+        raise SchemaError(problem)

@@ -1,0 +1,216 @@
+"""The SQL the engine runs against the orders table, and the rows it reads.
+
+Queries are composed once from the layout (identifiers via psycopg.sql) and
+sent with server-side parameters; the ones that run per batch take arrays, so
+one statement text serves any batch size and stays a prepared statement.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from order_monitor import schema
+from order_monitor.config import Layout
+from order_monitor.db.connections import AsyncConn
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightRow:
+    """An order as the checker sees it, re-read just before its check."""
+
+    id: uuid.UUID
+    reference: str
+    provider_id: str | None
+    external_order_id: str | None
+    #: Seconds since dispatch ("sentAt", else "createdAt"), by the server's clock.
+    elapsed: float
+    #: Seconds from dispatch to the last sync, if there was one after dispatch.
+    last_checked: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRow:
+    id: uuid.UUID
+    provider_id: str | None
+    elapsed: float
+    last_checked: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnLimits:
+    """Declared lengths of the text columns we write (None: unbounded)."""
+
+    pin_code: int | None
+    provider_message: int | None
+    last_message: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBatch:
+    """Column-wise arrays for the write function, one entry per order."""
+
+    ids: list[uuid.UUID]
+    references: list[str]
+    provider_ids: list[str | None]
+    kinds: list[str]
+    pins: list[str | None]
+    provider_messages: list[str | None]
+    last_messages: list[str | None]
+
+
+class Queries:
+    """The engine's statements for one table layout."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        c = layout.columns
+        names = schema.Names(layout)
+        table = names.table
+        # now() last: a row with neither time (a nullable column mapping) is
+        # treated as dispatched just now rather than having no age at all.
+        dispatched = sql.SQL("coalesce({sent}, {created}, now())").format(
+            sent=sql.Identifier(c.sent_at), created=sql.Identifier(c.created_at)
+        )
+        timing = sql.SQL(
+            "extract(epoch FROM now() - {dispatched})::float8,"
+            " CASE WHEN {last_sync} >= {dispatched}"
+            " THEN extract(epoch FROM {last_sync} - {dispatched})::float8 END"
+        ).format(dispatched=dispatched, last_sync=sql.Identifier(c.last_sync_at))
+        in_flight = schema.in_flight_predicate(layout)
+        id_ = sql.Identifier(c.id)
+
+        # The provider id, so an order of a batched provider may share its
+        # first check's request with others (Scheduler.pull_open).
+        scheduling = sql.SQL("{id}, {provider_id}::text, {timing}").format(
+            id=id_, provider_id=sql.Identifier(c.provider_id), timing=timing
+        )
+        self._sweep_first = sql.SQL(
+            "SELECT {scheduling} FROM {table} WHERE {in_flight} ORDER BY {id} LIMIT %s"
+        ).format(scheduling=scheduling, id=id_, table=table, in_flight=in_flight)
+        self._sweep_next = sql.SQL(
+            "SELECT {scheduling} FROM {table} WHERE {in_flight} AND {id} > %s"
+            " ORDER BY {id} LIMIT %s"
+        ).format(scheduling=scheduling, id=id_, table=table, in_flight=in_flight)
+
+        self._confirm = sql.SQL(
+            "SELECT {scheduling} FROM {table} WHERE {id} = ANY(%b) AND {in_flight}"
+        ).format(scheduling=scheduling, id=id_, table=table, in_flight=in_flight)
+
+        self._reread = sql.SQL(
+            "SELECT {id}, {ref}, {provider_id}::text, {external_order_id}::text, {timing}"
+            " FROM {table} WHERE {id} = ANY(%b) AND {in_flight}"
+        ).format(
+            id=id_,
+            ref=sql.Identifier(c.provider_ref),
+            provider_id=sql.Identifier(c.provider_id),
+            external_order_id=sql.Identifier(c.external_order_id),
+            timing=timing,
+            table=table,
+            in_flight=in_flight,
+        )
+
+        # One round trip per batch, through the write function (install.sql):
+        # the guarded UPDATE and the result announcements commit together.
+        # Arrays go in binary (%b): dumping thousands of list elements as text
+        # was a tenth of the engine's CPU under load.
+        self._write = sql.SQL(
+            "SELECT order_id, outcome FROM {function}(%b, %b, %b, %b, %b, %b, %b)"
+        ).format(function=names.write_function)
+
+        # The handoff (install.sql's inbox): take up to N committed ids, by
+        # their row addresses (a TID scan: the inbox has no index and needs
+        # none). Rows of transactions not yet committed are not visible, so
+        # they stay for the next call.
+        self._drain = sql.SQL(
+            "DELETE FROM {inbox} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {inbox} LIMIT %s))"
+            " RETURNING order_id"
+        ).format(inbox=names.inbox)
+        # Installed and granted (role.sql): until both, the daemon keeps
+        # the trigger on NOTIFY.
+        self._inbox_exists = sql.SQL(
+            "SELECT CASE WHEN to_regclass(%(t)s) IS NULL THEN false"
+            " ELSE has_table_privilege(%(t)s, 'SELECT') AND has_table_privilege(%(t)s, 'DELETE')"
+            " END"
+        )
+        self._inbox_regclass = names.inbox.as_string(None)
+        key = schema.idle_lock_key(layout)
+        self._take_idle_lock = sql.SQL("SELECT pg_advisory_lock({key})").format(
+            key=sql.Literal(key)
+        )
+        self._give_idle_lock = sql.SQL("SELECT pg_advisory_unlock({key})").format(
+            key=sql.Literal(key)
+        )
+
+    async def sweep_page(
+        self, conn: AsyncConn, after: uuid.UUID | None, limit: int
+    ) -> list[SweepRow]:
+        if after is None:
+            cursor = await conn.execute(self._sweep_first, (limit,))
+        else:
+            cursor = await conn.execute(self._sweep_next, (after, limit))
+        return [SweepRow(*row) for row in await cursor.fetchall()]
+
+    async def confirm(self, conn: AsyncConn, ids: Sequence[uuid.UUID]) -> list[SweepRow]:
+        """Those of *ids* that are orders in flight, with where they stand."""
+        cursor = await conn.execute(self._confirm, (list(ids),))
+        return [SweepRow(*row) for row in await cursor.fetchall()]
+
+    async def fetch_in_flight(self, conn: AsyncConn, ids: Sequence[uuid.UUID]) -> list[InFlightRow]:
+        cursor = await conn.execute(self._reread, (list(ids),))
+        return [InFlightRow(*row) for row in await cursor.fetchall()]
+
+    async def write(self, conn: AsyncConn, batch: WriteBatch) -> dict[uuid.UUID, str]:
+        """Apply the batch; return {id: kind} of the rows actually written.
+
+        A row missing from the result was finished by someone else, or got a
+        new provider reference, since it was read: its result is stale.
+        """
+        params: list[Any] = [
+            batch.ids,
+            batch.references,
+            batch.provider_ids,
+            batch.kinds,
+            batch.pins,
+            batch.provider_messages,
+            batch.last_messages,
+        ]
+        cursor = await conn.execute(self._write, params)
+        return {row[0]: row[1] for row in await cursor.fetchall()}
+
+    async def drain_inbox(self, conn: AsyncConn, limit: int) -> list[uuid.UUID]:
+        """Take up to *limit* order ids out of the inbox (committed ones only)."""
+        cursor = await conn.execute(self._drain, (limit,))
+        return [row[0] for row in await cursor.fetchall()]
+
+    async def inbox_installed(self, conn: AsyncConn) -> bool:
+        """True when install.sql's version 2 (the inbox) is in place, and role.sql's grants."""
+        cursor = await conn.execute(self._inbox_exists, {"t": self._inbox_regclass})
+        row = await cursor.fetchone()
+        return bool(row and row[0])
+
+    async def take_idle_lock(self, conn: AsyncConn, wait: float) -> bool:
+        """Take the idle lock (session level), waiting at most *wait* seconds (server side).
+
+        Waiting is the point: the request queues behind the transactions that
+        hold the lock shared (those that put an id in the inbox), and makes
+        every later trigger's try fail, so they NOTIFY. False on timeout.
+        """
+        ms = max(1, round(wait * 1000))
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{ms}ms"))
+                )
+                await conn.execute(self._take_idle_lock)
+        except psycopg.errors.LockNotAvailable:
+            return False
+        return True
+
+    async def give_idle_lock(self, conn: AsyncConn) -> None:
+        await conn.execute(self._give_idle_lock)
