@@ -1,35 +1,10 @@
-"""An in-repo fake provider: a real HTTP server speaking barakat's and znet's protocols.
-
-For tests, the benchmark and the demo. What it answers is scripted per
-reference (:class:`Script`), or by a rule for references without a script;
-global knobs (:class:`Behaviour`) add latency, 5xx errors, garbage bodies and
-Retry-After responses, drawn from a seeded :class:`random.Random` so a run
-can be repeated. Every request is recorded, so a test can assert how often
-each reference was asked about.
-
-Protocols (see ``reference/providers.md``):
-
-* barakat: ``GET /client/api/check?orders=[ID1,ID2]`` (``&uuid=1`` optional),
-  header ``api-token``; answers ``{"status": "OK", "data": [...]}`` with one
-  entry per known id (``order_id``, and ``uuid`` too when ``uuid=1``; ``status``
-  wait/accept/reject; ``pin``; ``replay_api``). Unknown ids are left out of
-  ``data``. A wrong token is answered 401.
-* znet: ``GET /servis/pin_kontrol.php?kod=&sifre=&tahsilat_api_islem_id=``;
-  answers ``OK|1| - |{MSG_PENDING}``, ``OK|2|{PIN}|{MSG_DONE}``,
-  ``OK|3| - |{reason}``. Errors are ``{code}|{message}`` with HTTP 200, as the
-  real panel does: :data:`ZNET_AUTH_ERROR` for wrong credentials,
-  :data:`ZNET_NOT_FOUND` for an unknown reference.
-
-Run it alone: ``python -m order_monitor.providers.fake --port 8099``.
-"""
+"""The fake provider's HTTP server: barakat's and znet's protocols, every request recorded."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
-import hashlib
 import json
 import random
 import time
@@ -38,136 +13,26 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-import click
 from aiohttp import web
+
+from order_monitor.providers.fake.scripts import (
+    GARBAGE_BODIES,
+    MSG_DONE,
+    MSG_FAILED,
+    MSG_PENDING,
+    ZNET_AUTH_ERROR,
+    ZNET_BAD_REQUEST,
+    ZNET_NOT_FOUND,
+    Answer,
+    Behaviour,
+    Script,
+    default_pin,
+)
 
 BARAKAT_PATH: Final = "/client/api/check"
 ZNET_PATH: Final = "/servis/pin_kontrol.php"
 
-MSG_PENDING: Final = "İşlem bekleniyor"
-MSG_DONE: Final = "İşlem tamamlandı"
-MSG_FAILED: Final = "İşlem iptal edildi"
-
-#: znet error codes the fake uses (``{code}|{message}``).
-ZNET_AUTH_ERROR: Final = "8"
-ZNET_NOT_FOUND: Final = "4"
-ZNET_BAD_REQUEST: Final = "2"
-
-#: Bodies no protocol parser should accept (garbage_rate picks among them).
-GARBAGE_BODIES: Final = (
-    "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
-    '{"status": "OK", "data": [',
-    "",
-)
-
 _dumps = functools.partial(json.dumps, ensure_ascii=False)
-
-
-class Answer(enum.Enum):
-    """What a reference finally answers, after its pending polls."""
-
-    DONE = "done"
-    FAILED = "failed"
-    #: Pending for ever.
-    PENDING = "pending"
-    #: The provider does not know the reference.
-    UNKNOWN = "unknown"
-    #: No answer at all: the request stays open until the client gives up.
-    HANG = "hang"
-
-
-def default_pin(reference: str) -> str:
-    """The PIN a DONE script without one answers: stable, so tests can predict it."""
-    return "PIN-" + hashlib.sha256(reference.encode()).hexdigest()[:12].upper()
-
-
-@dataclass(frozen=True, slots=True)
-class Script:
-    """How one reference behaves: ``pending_polls`` pending answers, then ``answer``."""
-
-    answer: Answer = Answer.DONE
-    pending_polls: int = 0
-    #: DONE: the PIN (default :func:`default_pin`); an empty string means none.
-    pin: str | None = None
-    #: The provider's text for the final answer (default: the Turkish stock phrase).
-    message: str | None = None
-    #: barakat's status word for the final answer (default accept/reject);
-    #: to exercise the adapter's word list ("Completed", "CANCELLED", ...).
-    word: str | None = None
-
-    @classmethod
-    def done(cls, pin: str | None = None, *, after: int = 0, message: str | None = None) -> Script:
-        return cls(Answer.DONE, after, pin=pin, message=message)
-
-    @classmethod
-    def failed(cls, reason: str = MSG_FAILED, *, after: int = 0) -> Script:
-        return cls(Answer.FAILED, after, message=reason)
-
-    @classmethod
-    def pending(cls) -> Script:
-        return cls(Answer.PENDING)
-
-    @classmethod
-    def unknown(cls) -> Script:
-        return cls(Answer.UNKNOWN)
-
-    @classmethod
-    def hang(cls) -> Script:
-        return cls(Answer.HANG)
-
-    def at(self, poll: int) -> Answer:
-        """The answer to the *poll*-th answered poll (1-based). Pure."""
-        if self.answer in (Answer.UNKNOWN, Answer.HANG):
-            return self.answer
-        return Answer.PENDING if poll <= self.pending_polls else self.answer
-
-
-def always_done(reference: str) -> Script:
-    return Script.done()
-
-
-def mixture(
-    *,
-    done: float = 0.85,
-    failed: float = 0.1,
-    unknown: float = 0.05,
-    pending_polls: tuple[int, int] = (0, 2),
-    seed: int = 0,
-) -> Callable[[str], Script]:
-    """A rule for many references: a stable mix of answers, drawn per reference.
-
-    The draw depends only on (seed, reference), never on the order requests
-    arrive in, so a benchmark or demo run is repeatable. Weights are relative.
-    """
-    total = done + failed + unknown
-    if total <= 0:
-        raise ValueError("mixture needs at least one positive weight")
-
-    def rule(reference: str) -> Script:
-        rng = random.Random(f"{seed}:{reference}")  # noqa: S311 - a simulation, not a secret
-        draw = rng.random() * total
-        polls = rng.randint(*pending_polls)
-        if draw < done:
-            return Script.done(after=polls)
-        if draw < done + failed:
-            return Script.failed(after=polls)
-        return Script.unknown()
-
-    return rule
-
-
-@dataclass(slots=True)
-class Behaviour:
-    """Global knobs; mutable, so a test may change them while the server runs."""
-
-    #: Script for a reference without one of its own (asked once per reference).
-    default: Callable[[str], Script] = always_done
-    #: Seconds before each answer: fixed, or a (low, high) range drawn per request.
-    latency: float | tuple[float, float] = 0.0
-    #: Fraction of requests answered 500.
-    error_rate: float = 0.0
-    #: Fraction of requests answered 200 with a body that is no answer.
-    garbage_rate: float = 0.0
 
 
 @dataclass(slots=True)
@@ -422,53 +287,3 @@ def _json(body: object, status: int = 200) -> web.Response:
 
 def _text(body: str) -> web.Response:
     return web.Response(text=body, content_type="text/plain", charset="utf-8")
-
-
-# --- standalone -------------------------------------------------------------------
-
-
-@click.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8099, show_default=True, type=int)
-@click.option("--token", default="t", show_default=True, help="barakat api-token")
-@click.option("--kod", default="kod", show_default=True)
-@click.option("--sifre", default="sifre", show_default=True)
-@click.option("--latency", default=0.0, show_default=True, type=float, help="seconds per answer")
-@click.option("--error-rate", default=0.0, show_default=True, type=float)
-@click.option("--garbage-rate", default=0.0, show_default=True, type=float)
-@click.option(
-    "--max-pending-polls", default=2, show_default=True, type=int, help="pending answers at most"
-)
-@click.option("--seed", default=0, show_default=True, type=int)
-def main(
-    host: str,
-    port: int,
-    token: str,
-    kod: str,
-    sifre: str,
-    latency: float,
-    error_rate: float,
-    garbage_rate: float,
-    max_pending_polls: int,
-    seed: int,
-) -> None:
-    """Serve the fake provider (barakat and znet protocols) until Ctrl-C."""
-    behaviour = Behaviour(
-        default=mixture(pending_polls=(0, max_pending_polls), seed=seed),
-        latency=latency,
-        error_rate=error_rate,
-        garbage_rate=garbage_rate,
-    )
-    fake = FakeProvider(behaviour, token=token, kod=kod, sifre=sifre, seed=seed)
-
-    async def serve() -> None:
-        async with fake.running(host, port) as url:
-            click.echo(f"fake provider on {url} (barakat {BARAKAT_PATH}, znet {ZNET_PATH})")
-            await asyncio.Event().wait()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
-
-
-if __name__ == "__main__":
-    main()
