@@ -1,7 +1,7 @@
 """`doctor --json` and `check --json`: the same results as the text, for scripts.
 
 Real Postgres and the fake provider over loopback, through the real CLI, as
-in test_operator.py (whose helpers these tests reuse).
+in test_doctor_check_status.py (whose helpers these tests reuse).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from order_monitor.providers.fake import MSG_DONE, FakeProvider, Script
 from tests.conftest import as_daemon
 from tests.integration.conftest import App
-from tests.integration.test_operator import (
+from tests.operator.test_doctor_check_status import (
     environment,
     invoke,
     invoke_async,
