@@ -32,6 +32,10 @@ Scenarios (``--scenarios``):
   each check is taken off the schedule.
 * ``rss``: bytes per pending order in the Scheduler (``bench/rss_probe.py``).
 * ``sweep``: ``sweep_once`` over a 1,000,000-row table with 100,000 in flight.
+
+Each scenario is a module of ``bench/scenarios/``; what they share is in
+``bench/common/``. This script plans a run, runs the scenarios, judges the
+targets and prints the table.
 """
 
 from __future__ import annotations
@@ -40,51 +44,34 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import aiohttp
-import psycopg
 from common import (
     BATCH_SIZE,
-    BENCH,
     CONCURRENCY,
-    PROVIDER_ID,
     PROVIDER_LIMITS,
-    TOKEN,
     Fake,
     Server,
-    commit_to_request,
-    cpu_meter,
-    daemon_settings,
-    insert_dispatched,
-    last_completed,
     machine,
-    percentile,
-    running,
     say,
-    wait_finished,
     write_report,
 )
+from scenarios.context import Context
+from scenarios.e2e import repeated, scenario_e2e
+from scenarios.lag import scenario_lag
+from scenarios.latency import scenario_latency
+from scenarios.resched import scenario_resched
+from scenarios.rss import scenario_rss
+from scenarios.sweep import scenario_sweep
 
-from order_monitor import logs, schema
-from order_monitor.config import Layout
-from order_monitor.db import ManagedConnection, Queries
+from order_monitor import logs
 from order_monitor.embedded import throwaway_postgres
-from order_monitor.engine.policy import BackoffPolicy
-from order_monitor.engine.scheduler import Scheduler
-from order_monitor.engine.sweep import sweep_once
-from order_monitor.metrics import counter_total
-from order_monitor.providers.barakat import CHECK_PATH, DEFAULT_CHUNK_SIZE
+from order_monitor.providers.barakat import DEFAULT_CHUNK_SIZE
 
 TARGETS = {
     "e2e_vs_bare_http": 0.60,
@@ -92,341 +79,6 @@ TARGETS = {
     "bytes_per_pending_order": 300.0,
     "sweep_seconds": 3.0,
 }
-
-
-class RecordingScheduler(Scheduler):
-    """The daemon's own Scheduler, noting how late each order is taken off it.
-
-    Measuring only: it records the live due time of every order it holds
-    and, in pop_due, the difference between the dispatcher's clock and that
-    due time.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.recording = False
-        self.lags: list[float] = []
-        self._live_due: dict[int, float] = {}
-
-    def _push(self, order: int, due: float, group: str | None, opens: float | None) -> None:
-        if self.recording:
-            self._live_due[order] = due
-        super()._push(order, due, group, opens)
-
-    def pop_due(self, now: float, limit: int) -> list[int]:
-        taken = super().pop_due(now, limit)
-        if self.recording:
-            for order in taken:
-                due = self._live_due.pop(order, None)
-                if due is not None:
-                    self.lags.append(now - due)
-        return taken
-
-
-@dataclass
-class Context:
-    server: Server
-    fake: Fake
-    #: The same fake, answering after a delay like a provider across the internet.
-    slow_fake: Fake
-    results: dict[str, Any] = field(default_factory=dict)
-
-
-async def scenario_e2e(ctx: Context, n: int, fake: Fake | None = None) -> dict[str, Any]:
-    """Completed orders/s, COMMIT to last result, one check each; and the two ceilings."""
-    fake = fake or ctx.fake
-    dsn = ctx.server.fresh(f"e2e{n}")
-    prefix = f"d0.e{n}"
-    policy = BackoffPolicy(initial_delay=0.0)
-    await fake.reset()
-    requests_before = await fake.requests()
-    async with running(daemon_settings(dsn, fake.url, policy)) as daemon:
-        with cpu_meter(fake) as cpu:
-            committed = await insert_dispatched(dsn, prefix, n)
-            await wait_finished(daemon, n, within=max(120.0, n / 100))
-        done_at = await last_completed(dsn, prefix)
-    seconds = (done_at - committed).total_seconds()
-    polls = await fake.polls(prefix)
-    checks = [len(times) for times in polls.values()]
-    requests = await fake.requests() - requests_before
-    result: dict[str, Any] = {
-        "provider_latency_s": fake.latency,
-        "orders": n,
-        "seconds": seconds,
-        "orders_per_s": n / seconds,
-        "checks_per_order_max": max(checks) if checks else 0,
-        "orders_checked": len(polls),
-        "requests": requests,
-        "orders_per_request": sum(checks) / requests if requests else 0.0,
-        **cpu,
-    }
-    result["bare_http"] = await bare_http(fake, n)
-    result["bare_update"] = await bare_update(dsn, n)
-    result["ratio_bare_http"] = result["orders_per_s"] / result["bare_http"]["orders_per_s"]
-    result["ratio_bare_update"] = result["orders_per_s"] / result["bare_update"]["rows_per_s"]
-    return result
-
-
-async def bare_http(fake: Fake, n: int) -> dict[str, Any]:
-    """The HTTP ceiling: the same requests, the same concurrency, nothing else.
-
-    Chunks of the barakat adapter's size, at most the provider's concurrency
-    under way, over one aiohttp session limited like the daemon's; each
-    answer read and parsed as JSON.
-    """
-    refs = [f"d0.h{n}.{i}" for i in range(n)]
-    chunks = [refs[i : i + DEFAULT_CHUNK_SIZE] for i in range(0, n, DEFAULT_CHUNK_SIZE)]
-    limit = asyncio.Semaphore(PROVIDER_LIMITS.concurrency)
-    answered = 0
-
-    async def check(session: aiohttp.ClientSession, chunk: list[str]) -> None:
-        nonlocal answered
-        listed = quote("[" + ",".join(chunk) + "]", safe="[],")
-        async with (
-            limit,
-            session.get(
-                f"{fake.url}{CHECK_PATH}?orders={listed}", headers={"api-token": TOKEN}
-            ) as response,
-        ):
-            body = json.loads(await response.text())
-        answered += len(body["data"])
-
-    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        with cpu_meter(fake) as cpu:
-            started = time.perf_counter()
-            await asyncio.gather(*(check(session, chunk) for chunk in chunks))
-            seconds = time.perf_counter() - started
-    assert answered == n, (answered, n)
-    return {"orders": n, "seconds": seconds, "orders_per_s": n / seconds, **cpu}
-
-
-async def bare_update(dsn: str, n: int) -> dict[str, Any]:
-    """The database ceiling: batched UPDATEs of the result columns, one connection.
-
-    N fresh in-flight rows in the same table; batches of the daemon's size,
-    one transaction each, like the writer; no re-read, no guard beyond the id.
-    """
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        # Rows inserted without firing the triggers: nobody listens here.
-        async with conn.transaction():
-            await conn.execute("SET LOCAL session_replication_role = replica")
-            cursor = await conn.execute(
-                """INSERT INTO product_orders
-                       (provider_referans, "providerId", "externalStatus", "sentAt")
-                   SELECT 'u.' || g, %s, 'sent', now() FROM generate_series(1, %s) g
-                   RETURNING id""",
-                (PROVIDER_ID, n),
-            )
-            ids = [row[0] for row in await cursor.fetchall()]
-        started = time.perf_counter()
-        for i in range(0, n, BATCH_SIZE):
-            batch = ids[i : i + BATCH_SIZE]
-            await conn.execute(
-                """UPDATE product_orders AS o SET
-                       "externalStatus" = 'done', "pinCode" = v.pin,
-                       "providerMessage" = 'ok', "lastMessage" = 'ok',
-                       "lastSyncAt" = now(), "completedAt" = now(),
-                       "durationMs" = (extract(epoch FROM now() - o."sentAt") * 1000)::integer
-                   FROM unnest(%s::uuid[], %s::text[]) AS v(id, pin)
-                   WHERE o.id = v.id""",
-                (batch, [f"PIN-{i + k}" for k in range(len(batch))]),
-            )
-        seconds = time.perf_counter() - started
-    return {"rows": n, "seconds": seconds, "rows_per_s": n / seconds}
-
-
-async def scenario_resched(ctx: Context, n: int, capacity_hint: float) -> dict[str, Any]:
-    """Pending checks/s: every order answers "pending" twice, then done.
-
-    A constant gap of n / (2 x capacity_hint) makes the due checks come at
-    about twice what the daemon can do, so it is saturated throughout;
-    twenty slots span ten times the time one round takes, so no order runs
-    out of slots (the figure reports any that did).
-    """
-    pending_polls = 2
-    gap = max(0.01, n / (2 * capacity_hint))
-    policy = BackoffPolicy(
-        initial_delay=0.0, base=gap, cap=gap, jitter=0.1, max_attempts=20, max_age=86400.0
-    )
-    dsn = ctx.server.fresh(f"resched{n}")
-    prefix = f"d{pending_polls}.r{n}"
-    await ctx.fake.reset()
-    scheduler = RecordingScheduler()
-    samples: list[tuple[float, float]] = []
-    async with running(daemon_settings(dsn, ctx.fake.url, policy), scheduler) as daemon:
-
-        async def sample() -> None:
-            while True:
-                samples.append(
-                    (time.monotonic(), counter_total(daemon.metrics.checks, outcome="pending"))
-                )
-                await asyncio.sleep(0.05)
-
-        sampler = asyncio.create_task(sample())
-        scheduler.recording = True
-        with cpu_meter(ctx.fake) as cpu:
-            await insert_dispatched(dsn, prefix, n)
-            await wait_finished(daemon, n, within=max(300.0, n / 50))
-        sampler.cancel()
-        gave_up = counter_total(daemon.metrics.finished, outcome="gave_up")
-        errors = counter_total(daemon.metrics.checks, outcome="error")
-    total = pending_polls * n
-    # The steady part: from 10 % to 90 % of the pending checks.
-    start = next(s for s in samples if s[1] >= 0.1 * total)
-    end = next((s for s in samples if s[1] >= 0.9 * total), samples[-1])
-    rate = (end[1] - start[1]) / (end[0] - start[0])
-    return {
-        "orders": n,
-        "pending_checks": total,
-        "gap_s": gap,
-        "pending_checks_per_s": rate,
-        "gave_up": gave_up,
-        "transport_errors": errors,
-        "saturated_lag_p50_ms": percentile(scheduler.lags, 0.5) * 1000,
-        "saturated_lag_p99_ms": percentile(scheduler.lags, 0.99) * 1000,
-        **cpu,
-    }
-
-
-async def scenario_latency(ctx: Context, rate: float, seconds: float) -> dict[str, Any]:
-    """COMMIT (application process) to the provider's request (fake process), initial_delay=0."""
-    return await commit_to_request(ctx.server, ctx.fake, rate, seconds)
-
-
-async def scenario_lag(ctx: Context, n: int, load: float, capacity: float) -> dict[str, Any]:
-    """How late due checks are taken off the schedule, at a fixed share of capacity.
-
-    n orders pending for ever, their dispatch times spread evenly over one
-    gap, so their checks fall due evenly at n / gap per second = load x
-    capacity. The start sweep schedules them; the first gap is warm-up, the
-    next four are measured.
-    """
-    gap = n / (load * capacity)
-    policy = BackoffPolicy(
-        initial_delay=gap, base=gap, cap=gap, jitter=0.1, max_attempts=20, max_age=86400.0
-    )
-    dsn = ctx.server.fresh(f"lag{n}")
-    async with (
-        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
-        conn.transaction(),
-    ):
-        await conn.execute("SET LOCAL session_replication_role = replica")
-        await conn.execute(
-            """INSERT INTO product_orders
-                       (provider_referans, "providerId", "externalStatus", "sentAt")
-                   SELECT 'w.lag.' || g, %s, 'sent', now() - random() * make_interval(secs => %s)
-                   FROM generate_series(1, %s) g""",
-            (PROVIDER_ID, gap, n),
-        )
-    await ctx.fake.reset()
-    scheduler = RecordingScheduler()
-    gauge: list[float] = []
-    async with running(daemon_settings(dsn, ctx.fake.url, policy), scheduler) as daemon:
-        await asyncio.sleep(gap)
-        checks_before = counter_total(daemon.metrics.checks)
-        scheduler.recording = True
-        started = time.monotonic()
-        with cpu_meter(ctx.fake) as cpu:
-            while time.monotonic() - started < 4 * gap:
-                gauge.append(scheduler.lag(time.monotonic()))
-                await asyncio.sleep(0.05)
-        window = time.monotonic() - started
-        scheduler.recording = False
-        checks = counter_total(daemon.metrics.checks) - checks_before
-    lags_ms = [lag * 1000 for lag in scheduler.lags]
-    return {
-        "orders": n,
-        "load": load,
-        "gap_s": gap,
-        "offered_checks_per_s": n / gap,
-        "achieved_checks_per_s": checks / window,
-        "checks_measured": len(lags_ms),
-        "p50_ms": percentile(lags_ms, 0.5),
-        "p99_ms": percentile(lags_ms, 0.99),
-        "max_ms": max(lags_ms) if lags_ms else float("nan"),
-        "queue_lag_gauge_p99_ms": percentile(gauge, 0.99) * 1000,
-        **cpu,
-    }
-
-
-def scenario_rss(orders: int) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, str(BENCH / "rss_probe.py"), "--orders", str(orders)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    result: dict[str, Any] = json.loads(out)
-    return result
-
-
-async def scenario_sweep(ctx: Context, rows: int, pending: int, runs: int = 3) -> dict[str, Any]:
-    """sweep_once over a big table: pages of the daemon's batch size on the partial index."""
-    dsn = ctx.server.fresh("sweep")
-    every = rows // pending
-    say(f"sweep: loading {rows:,} rows ({pending:,} in flight)")
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        async with conn.transaction():
-            await conn.execute("SET LOCAL session_replication_role = replica")
-            # Finished orders carry what the daemon writes; in-flight ones are
-            # spread over the last day, some already checked.
-            await conn.execute(
-                """INSERT INTO product_orders
-                       (provider_referans, "providerId", "externalStatus", "sentAt", "createdAt",
-                        "lastSyncAt", "completedAt", "pinCode", "lastMessage", price,
-                        "userIdentifier")
-                   SELECT 'w.s.' || g, %(provider)s,
-                          CASE WHEN g %% %(every)s = 0 THEN 'sent' ELSE 'done' END,
-                          now() - (g %% 86400) * interval '1 second',
-                          now() - (g %% 86400) * interval '1 second' - interval '2 seconds',
-                          CASE WHEN g %% 3 = 0
-                               THEN now() - (g %% 86400) * interval '1 second' + interval '60 s'
-                          END,
-                          CASE WHEN g %% %(every)s <> 0 THEN now() END,
-                          CASE WHEN g %% %(every)s <> 0 THEN 'PIN-' || g END,
-                          'İşlem tamamlandı', 9.99, '05' || lpad(g::text, 9, '0')
-                   FROM generate_series(1, %(rows)s) g""",
-                {"provider": PROVIDER_ID, "every": every, "rows": rows},
-            )
-        await conn.execute("VACUUM ANALYZE product_orders")
-        cursor = await conn.execute(
-            "SELECT pg_size_pretty(pg_total_relation_size('product_orders')),"
-            " pg_size_pretty(pg_relation_size(%s::regclass))",
-            (schema.Names(Layout()).index_name,),
-        )
-        sizes = await cursor.fetchone()
-        assert sizes is not None
-    queries = Queries(Layout())
-    durations: list[float] = []
-    found = scheduled = 0
-    connection = ManagedConnection(dsn, "sweep")
-    try:
-        await connection.get()
-        for _ in range(runs):
-            scheduler = Scheduler()
-            result = await sweep_once(
-                connection, queries, scheduler, BackoffPolicy(), time.monotonic, BATCH_SIZE
-            )
-            durations.append(result.seconds)
-            found, scheduled = result.found, result.scheduled
-    finally:
-        await connection.close()
-    return {
-        "rows": rows,
-        "in_flight": pending,
-        "page_size": BATCH_SIZE,
-        "table_size": sizes[0],
-        "index_size": sizes[1],
-        "found": found,
-        "scheduled": scheduled,
-        "seconds": durations,
-        "seconds_median": statistics.median(durations),
-        "seconds_first": durations[0],
-    }
-
-
-# --- the run --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -528,27 +180,6 @@ async def run(plan: Plan, ctx: Context) -> dict[str, Any]:
         results["sweep"] = await scenario_sweep(ctx, plan.sweep_rows, plan.sweep_pending)
         say(f"  {results['sweep']['seconds_median']:.2f} s")
     return results
-
-
-async def repeated(ctx: Context, n: int, times: int) -> dict[str, Any]:
-    """scenario_e2e *times* over: the run with the median daemon figure, and every figure.
-
-    A run of a thousand orders lasts a tenth of a second, so one run is at
-    the mercy of whatever else the (shared) machine does at that moment.
-    Ratios are taken within one run: daemon and ceilings measured back to back.
-    """
-    runs = [await scenario_e2e(ctx, n) for _ in range(times)]
-    runs.sort(key=lambda r: r["orders_per_s"])
-    chosen = dict(runs[len(runs) // 2])
-    chosen["runs"] = [
-        {
-            "orders_per_s": r["orders_per_s"],
-            "bare_http_orders_per_s": r["bare_http"]["orders_per_s"],
-            "bare_update_rows_per_s": r["bare_update"]["rows_per_s"],
-        }
-        for r in runs
-    ]
-    return chosen
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, Any]:

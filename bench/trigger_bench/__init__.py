@@ -1,0 +1,1 @@
+"""The parts of bench/trigger.py: setup, databases, hearing, pgbench, runs, report."""

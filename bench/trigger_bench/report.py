@@ -1,0 +1,179 @@
+"""The goals, judged, and the table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# bench/common: bench/ is on sys.path, bench/trigger.py being run as a script.
+from trigger_bench.runs import alternations
+from trigger_bench.setup import FORM_TITLES, VARIANT_TITLES
+
+GOALS = {
+    "throughput_ratio_min": 0.95,
+    "latency_ratio_max": 1.05,
+    "commit_to_request_p50_ms_low_rates": 5.0,
+    "commit_to_request_p99_ms": 50.0,
+}
+
+
+def verdicts(results: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for form, s in results.get("throughput", {}).items():
+        ratio = s["ratios"]["v2_tps"]["median"]
+        out[f"throughput_{form}"] = {
+            "target": f"v2 >= {GOALS['throughput_ratio_min']:.0%} of no trigger",
+            "measured": f"{ratio:.1%} (median of {len(s['ratios']['v2_tps']['per_round'])} rounds)",
+            "met": ratio >= GOALS["throughput_ratio_min"],
+        }
+    for form, s in results.get("latency", {}).items():
+        for key, label in (("latency_avg_ms", "average"), ("latency_p99_ms", "p99")):
+            ratio = s["ratios"][f"v2_{key}"]["median"]
+            out[f"latency_{form}_{label}"] = {
+                "target": f"v2 {label} within {GOALS['latency_ratio_max'] - 1:.0%} of no trigger",
+                "measured": f"{ratio:.1%} of it",
+                "met": ratio <= GOALS["latency_ratio_max"],
+            }
+    commit = results.get("commit_to_request", [])
+    low = [r for r in commit if r["rate"] is not None]
+    if low:
+        worst = max(r["p50_ms"] for r in low)
+        out["commit_to_request_p50_low_rates"] = {
+            "target": f"p50 < {GOALS['commit_to_request_p50_ms_low_rates']:g} ms"
+            " at the fixed rates",
+            "measured": ", ".join(f"{r['p50_ms']:.1f} ms at {r['rate']:g}/s" for r in low),
+            "met": worst < GOALS["commit_to_request_p50_ms_low_rates"],
+        }
+    if commit:
+        worst = max(r["p99_ms"] for r in commit)
+        out["commit_to_request_p99"] = {
+            "target": f"p99 < {GOALS['commit_to_request_p99_ms']:g} ms at every rate",
+            "measured": ", ".join(
+                f"{r['p99_ms']:.1f} ms at {r['achieved_rate']:,.0f}/s" for r in commit
+            ),
+            "met": worst < GOALS["commit_to_request_p99_ms"],
+        }
+    runs = [
+        run
+        for part in ("throughput", "latency")
+        for s in results.get(part, {}).values()
+        for run in s["runs"]
+    ]
+    if runs:
+        missed = sum(r["orders_missed"] + r["unexpected_announcements"] for r in runs)
+        out["no_order_missed"] = {
+            "target": "every order in flight after a run was announced to the daemon (v1: LISTEN)",
+            "measured": f"{missed} missed or unexpected over {len(runs)} runs",
+            "met": missed == 0,
+        }
+    return out
+
+
+def ms(value: float) -> str:
+    """Milliseconds in at most six characters (a saturated run's are in the thousands)."""
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    m, pg, plan = report["machine"], report["postgres"], report["plan"]
+    variants: tuple[str, ...] = tuple(plan["variants"])
+    others = [v for v in variants if v != "off"]
+    r = report["results"]
+    lines = [
+        f"order-monitor trigger benchmark (issue #10), {report['started']}",
+        f"machine: {m['cpus']} CPUs ({m.get('cpu_model', '?')}), {m.get('memory_gib', '?')} GiB,"
+        f" PostgreSQL {pg['server_version']} (synchronous_commit {pg['synchronous_commit']},"
+        f" fsync {pg['fsync']}), load average at start {m['loadavg_start'][0]:.2f}",
+        f"pgbench {plan['clients']} connections ({plan['threads']} threads, prepared),"
+        f" {plan['seconds']:g} s a run, {plan['rounds']} rounds alternating"
+        f" {' / '.join(' '.join(o) for o in alternations(min(2, plan['rounds']), variants))}",
+        "",
+    ]
+    head = f"{'':<36}" + "".join(f"{VARIANT_TITLES[v]:>17}" for v in variants)
+    head += "".join(f"{v + '/none':>14}" for v in others)
+    if "throughput" in r:
+        lines += ["application tps, full speed (median)", head]
+        for form, s in r["throughput"].items():
+            med, ratios = s["medians"], s["ratios"]
+            lines.append(
+                f"{FORM_TITLES[form]:<36}"
+                + "".join(f"{med[v]['tps']:>17,.0f}" for v in variants)
+                + "".join(f"{ratios[v + '_tps']['median']:>14.1%}" for v in others)
+            )
+        lines.append("  each run (tps, by round):")
+        for form, s in r["throughput"].items():
+            for v in variants:
+                figures = [run["tps"] for run in s["runs"] if run["variant"] == v]
+                lines.append(f"    {form:<10}{v:<9}" + ", ".join(f"{x:,.0f}" for x in figures))
+        lines.append("")
+    if "latency" in r:
+        lines += [
+            f"latency at {plan['latency_rate']:g} tps, {plan['latency_clients']} connections,"
+            " ms average / p99 (median)",
+            head,
+        ]
+        for form, s in r["latency"].items():
+            med, ratios = s["medians"], s["ratios"]
+            cells = "".join(
+                f"{ms(med[v]['latency_avg_ms']):>9} /{ms(med[v]['latency_p99_ms']):>6}"
+                for v in variants
+            )
+            lines.append(
+                f"{FORM_TITLES[form]:<36}{cells}"
+                + "".join(f"{ratios[v + '_latency_avg_ms']['median']:>14.1%}" for v in others)
+                + "  (average)"
+            )
+            lines.append(
+                f"{'':<36}{'':>{17 * len(variants)}}"
+                + "".join(f"{ratios[v + '_latency_p99_ms']['median']:>14.1%}" for v in others)
+                + "  (p99)"
+            )
+        lines.append("  each run (average / p99 ms and the rate reached, by round):")
+        for form, s in r["latency"].items():
+            for v in variants:
+                figures = [
+                    f"{ms(run['latency_avg_ms'])} / {ms(run['latency_p99_ms'])}"
+                    f" ({run['tps']:,.0f} tps)"
+                    for run in s["runs"]
+                    if run["variant"] == v
+                ]
+                lines.append(f"    {form:<10}{v:<9}" + ", ".join(figures))
+        for form, s in r["latency"].items():
+            for v in variants:
+                reached = s["medians"][v]["tps"]
+                if reached < 0.95 * plan["latency_rate"]:
+                    lines.append(
+                        f"  note: {form} {v} reached only {reached:,.0f} tps: it could not keep"
+                        " up, so its latency includes waiting for a free connection"
+                    )
+        lines.append("")
+    if "commit_to_request" in r:
+        lines.append("COMMIT -> first provider request (v2, initial_delay=0)")
+        for c in r["commit_to_request"]:
+            asked = f"{c['rate']:g}/s asked" if c["rate"] is not None else "flat out"
+            lines.append(
+                f"  {asked:<14} {c['writers']} writer(s), {c['achieved_rate']:>7,.0f}/s reached,"
+                f" {c['orders']:>7,} orders: p50 {c['p50_ms']:6.1f} ms, p99 {c['p99_ms']:6.1f} ms,"
+                f" max {c['max_ms']:6.1f} ms; {c['notified']:,.0f} by NOTIFY,"
+                f" {c['from_inbox']:,.0f} from the inbox"
+            )
+        lines.append("")
+    runs = [
+        run
+        for part in ("throughput", "latency")
+        for s in r.get(part, {}).values()
+        for run in s["runs"]
+    ]
+    heard = [run for run in runs if run["variant"] == "v2" and run["orders_in_flight"]]
+    if heard:
+        lines.append(
+            f"orders (v2 runs): {sum(x['orders_in_flight'] for x in heard):,} in flight,"
+            f" {sum(x['orders_announced'] for x in heard):,} reached the daemon"
+            f" ({sum(x['notified'] for x in heard):,.0f} notifications,"
+            f" {sum(x['from_inbox'] for x in heard):,.0f} inbox rows taken),"
+            f" slowest catch-up after a run {max(x['catch_up_s'] for x in heard):.2f} s"
+        )
+        lines.append("")
+    for name, verdict in report["targets"].items():
+        mark = {True: "met", False: "MISSED", None: "n/a"}[verdict["met"]]
+        lines.append(f"target {name}: {verdict['target']}; measured {verdict['measured']}: {mark}")
+    return "\n".join(lines)

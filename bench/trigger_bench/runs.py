@@ -1,0 +1,260 @@
+"""One run, and the series of them: the variants alternated over rounds, each run accounted for."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+# bench/common: bench/ is on sys.path, bench/trigger.py being run as a script.
+from common import (
+    Fake,
+    Server,
+    commit_to_request,
+    cpu_seconds,
+    daemon_settings,
+    running,
+    say,
+    until_idle,
+)
+
+from order_monitor.daemon import Daemon
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.metrics import counter_total
+from trigger_bench.databases import (
+    in_flight_ids,
+    inbox_ids,
+    install_v1,
+    order_no_index,
+    reset,
+    set_triggers,
+)
+from trigger_bench.hearing import BareListener, MissedOrders, OfferLog
+from trigger_bench.pgbench import Load, pgbench_run
+from trigger_bench.setup import DIAGNOSTIC, LATENCY_FORMS, SCRIPTS, Plan
+
+
+@dataclass
+class Bench:
+    pgbench: str
+    variants: tuple[str, ...]
+    v2_dsn: str
+    v1_dsn: str
+    nodaemon_dsn: str | None
+    daemon: Daemon
+    offers: OfferLog
+    v1: BareListener
+    rows: int
+    scripts: dict[str, Path]
+    catch_up_within: float
+
+    def dsn(self, variant: str) -> str:
+        if variant == DIAGNOSTIC:
+            assert self.nodaemon_dsn is not None
+            return self.nodaemon_dsn
+        return self.v1_dsn if variant == "v1" else self.v2_dsn
+
+
+def metric(daemon: Daemon, name: str) -> float:
+    m = daemon.metrics
+    readers: dict[str, Callable[[], float]] = {
+        "notified": lambda: counter_total(m.notifications, result="accepted"),
+        "from_inbox": lambda: counter_total(m.inbox_taken),
+        "to_busy": lambda: counter_total(m.handoff_switches, to="busy"),
+        "to_idle": lambda: counter_total(m.handoff_switches, to="idle"),
+    }
+    return readers[name]()
+
+
+async def one_run(
+    b: Bench, variant: str, form: str, load: Load, logs_in: Path | None
+) -> dict[str, Any]:
+    dsn = b.dsn(variant)
+    await asyncio.to_thread(reset, dsn, form, b.rows, inbox=variant == DIAGNOSTIC)
+    if variant in ("v2", "off"):
+        await asyncio.to_thread(set_triggers, dsn, variant == "v2")
+    idle_at_start = await until_idle(b.daemon, 15.0)
+    b.offers.offered.clear()
+    b.v1.received.clear()
+    before = {name: metric(b.daemon, name) for name in ("notified", "from_inbox", "to_busy")}
+    v1_before = b.v1.notifications
+    cpu_before = cpu_seconds()
+    result = await pgbench_run(b.pgbench, dsn, b.scripts[form], load, logs_in)
+    ended = time.monotonic()
+    # This process: the daemon (it serves the v2 database only) and the v1 listener.
+    result["bench_process_cpu_s"] = cpu_seconds() - cpu_before
+    result.update(variant=variant, form=form, daemon_idle_at_start=idle_at_start)
+    result.update(await account(b, variant, form, ended))
+    result["notified"] = metric(b.daemon, "notified") - before["notified"]
+    result["from_inbox"] = metric(b.daemon, "from_inbox") - before["from_inbox"]
+    result["switches_to_busy"] = metric(b.daemon, "to_busy") - before["to_busy"]
+    if variant == "v1":
+        result["notified"] = b.v1.notifications - v1_before
+    elif variant == DIAGNOSTIC:
+        result["notified"] = result["from_inbox"] = 0.0  # nobody listens or reads there
+    # The orders of this run are gone with the next reset: the daemon need not keep them.
+    for order in b.offers.offered:
+        b.daemon.scheduler.forget(order)
+    b.offers.offered.clear()
+    b.v1.received.clear()
+    return result
+
+
+async def account(b: Bench, variant: str, form: str, ended: float) -> dict[str, Any]:
+    """Did every order the trigger announced reach whoever listens? (and nothing else)."""
+    # Triggers disabled, or a write they keep out: nothing may be announced.
+    announces = variant != "off" and form != "unrelated"
+    expected = await in_flight_ids(b.dsn(variant)) if announces else set()
+    # Filled as announcements arrive (the same set objects throughout); with
+    # no daemon, the inbox itself (its rows are committed with the orders').
+    if variant == DIAGNOSTIC:
+        got = set(await inbox_ids(b.dsn(variant)))
+    else:
+        got = b.v1.received if variant == "v1" else b.offers.offered
+    deadline = ended + b.catch_up_within
+    while time.monotonic() < deadline:
+        if expected <= got:
+            break
+        await asyncio.sleep(0.02)
+    caught_up = time.monotonic() - ended
+    if not expected:
+        # Give stray announcements a moment to show before saying there were none.
+        await asyncio.sleep(0.5)
+    out: dict[str, Any] = {
+        "orders_in_flight": len(expected),
+        "orders_announced": len(got & expected),
+        "orders_missed": len(expected - got),
+        "unexpected_announcements": len(got - expected),
+        "catch_up_s": caught_up if expected else 0.0,
+    }
+    if variant in ("v2", "off"):
+        out["inbox_left"] = len(await inbox_ids(b.v2_dsn))
+    return out
+
+
+def alternations(rounds: int, variants: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """v2 off v1, then v1 off v2, and so on: drift falls on each variant alike."""
+    return [variants if r % 2 == 0 else tuple(reversed(variants)) for r in range(rounds)]
+
+
+async def series(
+    b: Bench, forms: tuple[str, ...], load: Load, rounds: int, logged: bool
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for form in forms:
+        runs: list[dict[str, Any]] = []
+        for number, order in enumerate(alternations(rounds, b.variants)):
+            for variant in order:
+                with tempfile.TemporaryDirectory(prefix="om-trig-") as tmp:
+                    run = await one_run(b, variant, form, load, Path(tmp) if logged else None)
+                run["round"] = number
+                runs.append(run)
+                say(
+                    f"  {form} {variant:>8} round {number + 1}: {run['tps']:,.0f} tps"
+                    + (
+                        f", avg {run['latency_avg_ms']:.2f} / p99 {run['latency_p99_ms']:.2f} ms"
+                        if logged
+                        else ""
+                    )
+                    + f"; {run['orders_announced']:,}/{run['orders_in_flight']:,} orders heard"
+                    + (f", {run['orders_missed']} MISSED" if run["orders_missed"] else "")
+                )
+                if run["orders_missed"]:
+                    # Figures from a run that lost orders measure a broken daemon.
+                    raise MissedOrders(
+                        f"{run['orders_missed']:,} orders missed in a {variant} {form} run; "
+                        "the daemon's log (kept) says why"
+                    )
+        out[form] = summarise(runs, b.variants, logged)
+    return out
+
+
+def summarise(
+    runs: list[dict[str, Any]], variants: tuple[str, ...], logged: bool
+) -> dict[str, Any]:
+    def figures(variant: str, key: str) -> list[float]:
+        return [r[key] for r in sorted(runs, key=lambda r: r["round"]) if r["variant"] == variant]
+
+    keys = ["tps"] + (["latency_avg_ms", "latency_p99_ms"] if logged else [])
+    summary: dict[str, Any] = {"runs": runs, "medians": {}, "ratios": {}}
+    for variant in variants:
+        summary["medians"][variant] = {k: statistics.median(figures(variant, k)) for k in keys}
+    for variant in (v for v in variants if v != "off"):
+        for key in keys:
+            # Within a round: the two runs are minutes apart at most.
+            per_round = [
+                a / b for a, b in zip(figures(variant, key), figures("off", key), strict=True)
+            ]
+            summary["ratios"][f"{variant}_{key}"] = {
+                "per_round": per_round,
+                "median": statistics.median(per_round),
+            }
+    return summary
+
+
+async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, Any]:
+    v2_dsn = server.fresh("trig_v2")
+    await asyncio.to_thread(order_no_index, v2_dsn)
+    v1_dsn = await asyncio.to_thread(install_v1, server, plan.psql)
+    nodaemon_dsn = None
+    if DIAGNOSTIC in plan.variants:
+        nodaemon_dsn = server.fresh("trig_nod")
+        await asyncio.to_thread(order_no_index, nodaemon_dsn)
+    offers = OfferLog()
+    # As deployed between checks: the first check an hour away, the sweep a
+    # day away, so the daemon only takes announced orders in during a run.
+    policy = BackoffPolicy(initial_delay=3600.0)
+    settings = daemon_settings(v2_dsn, fake.url, policy)
+    settings = replace(settings, sweep_interval=86400.0)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="om-trig-scripts-") as tmp:
+        scripts = {}
+        for form, text in SCRIPTS.items():
+            scripts[form] = Path(tmp) / f"{form}.sql"
+            scripts[form].write_text(text.format(rows=plan.rows))
+        async with (
+            running(settings, offers) as daemon,
+            BareListener(v1_dsn).running() as v1,
+        ):
+            b = Bench(
+                pgbench=plan.pgbench,
+                variants=plan.variants,
+                v2_dsn=v2_dsn,
+                v1_dsn=v1_dsn,
+                nodaemon_dsn=nodaemon_dsn,
+                daemon=daemon,
+                offers=offers,
+                v1=v1,
+                rows=plan.rows,
+                scripts=scripts,
+                catch_up_within=60.0,
+            )
+            if "throughput" in plan.parts:
+                load = Load(plan.clients, plan.threads, plan.seconds)
+                say(f"throughput: {plan.clients} connections, full speed, {plan.seconds:g} s a run")
+                results["throughput"] = await series(b, plan.forms, load, plan.rounds, False)
+            if "latency" in plan.parts:
+                load = Load(plan.latency_clients, plan.threads, plan.seconds, plan.latency_rate)
+                say(f"latency: {plan.latency_rate:g} tps, {plan.latency_clients} connections")
+                forms = tuple(f for f in plan.forms if f in LATENCY_FORMS)
+                results["latency"] = await series(b, forms, load, plan.rounds, True)
+    return results
+
+
+async def commit_series(plan: Plan, server: Server, fake: Fake) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for rate, writers in [*plan.commit_rates, (None, plan.max_writers)]:
+        what = f"{rate:g}/s, {writers} writer(s)" if rate else f"max, {writers} writers flat out"
+        say(f"COMMIT -> first request: {what}, {plan.commit_seconds:g} s")
+        result = await commit_to_request(server, fake, rate, plan.commit_seconds, writers=writers)
+        say(
+            f"  {result['achieved_rate']:,.0f} orders/s reached;"
+            f" p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms"
+        )
+        out.append(result)
+    return out

@@ -1,0 +1,105 @@
+"""The trigger benchmark's plan and fixed parts: variants, forms, pgbench scripts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# bench/common: bench/ is on sys.path, bench/trigger.py being run as a script.
+from common import (
+    BENCH,
+)
+
+from order_monitor import schema
+from order_monitor.config import Layout
+
+ROOT = BENCH.parent
+
+
+V1_INSTALL = ROOT / "tests" / "integration" / "fixtures" / "install_v1.sql"
+
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+LAYOUT = Layout()
+
+
+NAMES = schema.Names(LAYOUT)
+
+
+V2_TRIGGERS = (NAMES.insert_trigger_name, NAMES.update_trigger_name)
+
+
+VARIANTS = ("v2", "off", "v1")
+
+
+#: --diagnose adds it: our objects with no daemon, so every order goes to the
+#: inbox and stays there; the trigger's own cost, without the daemon's reads.
+DIAGNOSTIC = "nodaemon"
+
+
+VARIANT_TITLES = {
+    "v2": "v2 (ours)",
+    "off": "no trigger",
+    "v1": "v1 (NOTIFY/row)",
+    DIAGNOSTIC: "v2, no daemon",
+}
+
+
+FORMS = ("insert", "update", "unrelated")
+
+
+LATENCY_FORMS = ("insert", "update")
+
+
+FORM_TITLES = {
+    "insert": "dispatch INSERT",
+    "update": "dispatch UPDATE",
+    "unrelated": 'unrelated UPDATE ("lastSyncAt")',
+}
+
+
+# The application's statements. The providerId is the one the daemon's
+# provider serves, so every announced order is one the daemon would check.
+SCRIPTS = {
+    "insert": (
+        'INSERT INTO product_orders ("providerId", "externalStatus", "sentAt", provider_referans)\n'
+        "    VALUES ('bench', 'sent', now(), md5(random()::text));\n"
+    ),
+    # The row goes from not sent (reference NULL) to in flight: the update
+    # trigger's WHEN holds. A row drawn twice gets a new reference while in
+    # flight, which fires it as well (a re-dispatch).
+    "update": (
+        "\\set n random(1, {rows})\n"
+        "UPDATE product_orders SET provider_referans = md5(random()::text),\n"
+        '    "externalStatus" = \'sent\', "sentAt" = now()\n'
+        '    WHERE "orderNo" = :n;\n'
+    ),
+    # On rows in flight, so that only UPDATE OF keeps the trigger out.
+    "unrelated": (
+        "\\set n random(1, {rows})\n"
+        'UPDATE product_orders SET "lastSyncAt" = now() WHERE "orderNo" = :n;\n'
+    ),
+}
+
+
+@dataclass
+class Plan:
+    parts: list[str]
+    variants: tuple[str, ...]
+    forms: tuple[str, ...]
+    rounds: int
+    seconds: float
+    clients: int
+    threads: int
+    latency_clients: int
+    latency_rate: float
+    rows: int
+    commit_rates: list[tuple[float, int]]
+    commit_seconds: float
+    max_writers: int
+    pgbench: str
+    psql: str
+
+
+PARTS = ["throughput", "latency", "commit"]
