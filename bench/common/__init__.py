@@ -26,7 +26,7 @@ from common.measuring import (
     insert_dispatched,
     last_completed,
 )
-from common.report import BENCH, RESULTS, machine, percentile, say, write_report
+from common.report import BENCH, RESULTS, machine, percentile, run_header, say, write_report
 from common.services import REFERENCE_DDL, TOKEN, Fake, Server
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "last_completed",
     "machine",
     "percentile",
+    "run_header",
     "running",
     "say",
     "until_idle",

