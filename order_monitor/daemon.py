@@ -39,6 +39,7 @@ from order_monitor.engine.sweep import Sweeper
 from order_monitor.engine.writer import Writer
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
+from order_monitor.ops.housekeeping import housekeeping
 from order_monitor.ops.http import HttpServer, serve_http
 from order_monitor.ops.leader import LeaderLock, lock_key
 from order_monitor.ops.sdnotify import Notifier
@@ -376,41 +377,17 @@ class Daemon:
             await asyncio.sleep(self._tick())
 
     async def _housekeeping(self, reader: ManagedConnection) -> None:
-        """While the engine runs: database round trip, metrics, STATUS=, the watchdog.
+        def seen() -> None:
+            self._database_seen_at = time.monotonic()
 
-        WATCHDOG=1 is sent when this loop completes an iteration: a frozen event
-        loop, or this coroutine hanging, stops it and systemd restarts us. (A
-        hung checker or writer shows in the queue-lag metric, not here.) The
-        database query is bounded by a timeout, so a database outage, which the
-        engine rides out by itself, does not stop the pings.
-        """
-        interval = self._tick()
-        while True:
-            try:
-                async with asyncio.timeout(interval):
-                    cursor = await (await reader.get()).execute(
-                        "SELECT pg_notification_queue_usage()"
-                    )
-                    row = await cursor.fetchone()
-                if row is not None:
-                    self.metrics.notification_queue.set(float(row[0]))
-                    self._database_seen_at = time.monotonic()
-                    if row[0] > 0.5:
-                        log.warning(
-                            "database.notification_queue_filling",
-                            usage=round(float(row[0]), 3),
-                            note="when full, the application's COMMITs that NOTIFY fail",
-                        )
-            except TimeoutError:
-                # Slow, or queued behind a sweep page on the shared connection:
-                # not a reason to cut that connection under the others.
-                log.warning("database.slow", waited_s=interval)
-            except (psycopg.Error, OSError) as exc:
-                await reader.reset()
-                log.warning("database.unreachable", error=str(exc).strip() or type(exc).__name__)
-            self.notifier.status(self.status_line())
-            self.notifier.watchdog()
-            await asyncio.sleep(interval)
+        await housekeeping(
+            reader,
+            metrics=self.metrics,
+            notifier=self.notifier,
+            status=self.status_line,
+            interval=self._tick(),
+            database_seen=seen,
+        )
 
     def status_line(self) -> str:
         """The systemd STATUS= text: what `systemctl status` shows."""
