@@ -1,7 +1,7 @@
 """`doctor --json` and `check --json`: the same results as the text, for scripts.
 
 Real Postgres and the fake provider over loopback, through the real CLI, as
-in test_doctor_check_status.py (whose helpers these tests reuse).
+in test_doctor.py, test_status.py and test_check.py (whose helpers these tests reuse).
 """
 
 from __future__ import annotations
@@ -10,16 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from order_monitor.providers.fake import MSG_DONE, FakeProvider, Script
-from tests.conftest import as_daemon
 from tests.integration.conftest import App
-from tests.operator.test_doctor_check_status import (
+from tests.operator.helpers import (
     environment,
     invoke,
     invoke_async,
-    providers_file,
     verdicts,
 )
 
@@ -38,20 +34,6 @@ CHECK_KEYS = {
     "notes",
     "exit_status",
 }
-
-
-@pytest.fixture
-def env_file(tmp_path: Path) -> Path:
-    path = tmp_path / "empty.env"
-    path.write_text("")
-    return path
-
-
-@pytest.fixture
-def check_env(db: str, fake: FakeProvider, env_file: Path, tmp_path: Path) -> dict[str, str]:
-    assert fake.base_url is not None
-    # As the daemon's own least-privilege role, as an operator runs them.
-    return environment(as_daemon(db), env_file, providers_file(tmp_path, fake.base_url))
 
 
 def parsed(stdout: str) -> dict[str, Any]:
