@@ -21,5 +21,6 @@ pure, without I/O or a clock; and ``sweep``, the safety net: a periodic read
 of every order in flight that schedules whatever the notifications missed,
 where its policy says it stands.
 
-``order_monitor.daemon`` starts these pieces and wires them together.
+``assembly`` builds these pieces for one term as leader, wires them together
+and runs them; ``order_monitor.daemon`` is what is around it.
 """
