@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -485,6 +485,14 @@ class BrokenOnce:
         return await self.inner.check(orders)
 
 
+def _swept_once(daemon: Daemon) -> Callable[[], Awaitable[bool]]:
+    async def swept() -> bool:
+        sweeper = daemon.sweeper
+        return sweeper is not None and sweeper.last_completed is not None
+
+    return swept
+
+
 class FailsOnceScheduler(Scheduler):
     """A schedule with a bug that bites the first order offered to it."""
 
@@ -509,6 +517,10 @@ async def test_an_unexpected_error_confirming_a_notification_loses_no_order(
     daemon.scheduler = FailsOnceScheduler()
     with capture_logs() as logs:
         async with running(daemon):
+            # The sweep the listener's connection asks for must be over first:
+            # were the order committed before it reads, the sweep's offer would
+            # be the first, and the bug would bite the sweep, not the confirmer.
+            await eventually(_swept_once(daemon), what="the first sweep")
             await app.dispatch(["R-confirm"])
             await eventually(lambda: _finished(app), what="the order to be found by a sweep")
     assert daemon.scheduler.failed
