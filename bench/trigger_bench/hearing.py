@@ -28,10 +28,16 @@ class OfferLog(Scheduler):
         self.offered: set[int] = set()
 
     def offer(
-        self, order: int, due: float, *, group: str | None = None, opens: float | None = None
+        self,
+        order: int,
+        due: float,
+        *,
+        group: str | None = None,
+        opens: float | None = None,
+        reference: str | None = None,
     ) -> bool:
         self.offered.add(order)
-        return super().offer(order, due, group=group, opens=opens)
+        return super().offer(order, due, group=group, opens=opens, reference=reference)
 
 
 class BareListener:

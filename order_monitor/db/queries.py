@@ -40,6 +40,9 @@ class SweepRow:
     provider_id: str | None
     elapsed: float
     last_checked: float | None
+    #: The provider reference, as confirm() reads it (the sweep skips orders
+    #: already scheduled, so it need not say).
+    reference: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +101,17 @@ class Queries:
             " ORDER BY {id} LIMIT %s"
         ).format(scheduling=scheduling, id=id_, table=table, in_flight=in_flight)
 
+        # The reference too: an order notified while its check is under way
+        # is checked again only if the reference is not the one checked.
         self._confirm = sql.SQL(
-            "SELECT {scheduling} FROM {table} WHERE {id} = ANY(%b) AND {in_flight}"
-        ).format(scheduling=scheduling, id=id_, table=table, in_flight=in_flight)
+            "SELECT {scheduling}, {ref} FROM {table} WHERE {id} = ANY(%b) AND {in_flight}"
+        ).format(
+            scheduling=scheduling,
+            ref=sql.Identifier(c.provider_ref),
+            id=id_,
+            table=table,
+            in_flight=in_flight,
+        )
 
         self._reread = sql.SQL(
             "SELECT {id}, {ref}, {provider_id}::text, {external_order_id}::text, {timing}"

@@ -29,7 +29,10 @@ class Scheduler:
     time) or *in flight* (handed out by :meth:`pop_due`, not yet returned by
     :meth:`complete`). Offering an order that is in flight does not schedule
     a second check; it is remembered and applied when the first completes, so
-    notifications and sweeps can never cause duplicate polling.
+    notifications and sweeps can never cause duplicate polling. An offer that
+    names the provider reference the check itself saw is news of nothing (a
+    notification or a sweep that read the row just before the check did): it
+    is dropped at completion rather than bring a second request for the slot.
     """
 
     __slots__ = ("_due", "_heap", "_in_flight", "_open", "_requeue")
@@ -38,7 +41,9 @@ class Scheduler:
         self._heap: list[tuple[float, int]] = []
         self._due: dict[int, float] = {}
         self._in_flight: set[int] = set()
-        self._requeue: dict[int, float] = {}
+        #: Offers made while in flight: the earliest due time, and the
+        #: reference they read (None when none was given, or they disagree).
+        self._requeue: dict[int, tuple[float, str | None]] = {}
         #: Per group, (opens, due, order) by opening time. An entry is live
         #: while the order is still scheduled at that due time; any other
         #: schedule change (a check, an earlier offer) leaves it stale, to be
@@ -46,7 +51,13 @@ class Scheduler:
         self._open: dict[str, list[tuple[float, float, int]]] = {}
 
     def offer(
-        self, order: int, due: float, *, group: str | None = None, opens: float | None = None
+        self,
+        order: int,
+        due: float,
+        *,
+        group: str | None = None,
+        opens: float | None = None,
+        reference: str | None = None,
     ) -> bool:
         """Make sure *order* is checked no later than *due*.
 
@@ -54,12 +65,19 @@ class Scheduler:
         and an *opens* time, :meth:`pull_open` may take it from *opens* on
         (as for :meth:`complete`). Returns True when the earliest due time
         of the whole schedule moved earlier, which is when a waiting
-        dispatcher should be woken.
+        dispatcher should be woken. *reference* is the provider reference
+        the offer was made from, if it read the row (see the class docstring).
         """
         if order in self._in_flight:
             previous = self._requeue.get(order)
-            if previous is None or due < previous:
-                self._requeue[order] = due
+            if previous is None:
+                self._requeue[order] = (due, reference)
+            else:
+                earlier, seen = previous
+                self._requeue[order] = (
+                    min(due, earlier),
+                    reference if reference == seen else None,
+                )
             return False
         current = self._due.get(order)
         if current is not None and current <= due:
@@ -88,17 +106,22 @@ class Scheduler:
         *,
         group: str | None = None,
         opens: float | None = None,
+        checked: str | None = None,
     ) -> None:
         """Return an order handed out by :meth:`pop_due` or :meth:`pull_open`.
 
         *next_due* is None when the order needs no further check. An offer
         made while it was in flight still applies (for example a new
-        ``provider_referans``, which the finished check did not see). With a
-        *group* and an *opens* time (at most *next_due*), :meth:`pull_open`
+        ``provider_referans``, which the finished check did not see), unless
+        it read the very reference the check was made with (*checked*). With
+        a *group* and an *opens* time (at most *next_due*), :meth:`pull_open`
         for that group may take the order from *opens* on.
         """
         self._in_flight.discard(order)
-        requeued = self._requeue.pop(order, None)
+        offered = self._requeue.pop(order, None)
+        requeued = None
+        if offered is not None and (offered[1] is None or offered[1] != checked):
+            requeued = offered[0]
         if requeued is not None and (next_due is None or requeued < next_due):
             self._push(order, requeued, None, None)
         elif next_due is not None:

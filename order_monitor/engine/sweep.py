@@ -52,12 +52,13 @@ def schedule_row(
     if slot is None:
         # No slot left means a give-up that was never written (the daemon
         # died first): check once more now, and the checker gives up properly.
-        return scheduler.offer(key, now)
+        return scheduler.offer(key, now, reference=row.reference)
     return scheduler.offer(
         key,
         now + max(0.0, slot.offset - row.elapsed),
         group=group_for(row.provider_id),
         opens=now + max(0.0, slot.pull_from - row.elapsed),
+        reference=row.reference,
     )
 
 

@@ -188,7 +188,7 @@ class Writer:
             )
             # Look again at once: the re-read drops a finished row and picks up
             # a new reference.
-            self._scheduler.complete(order.int, now)
+            self._scheduler.complete(order.int, now, checked=decision.row.reference)
             return False
         if decision.finished:
             log.info(
@@ -200,7 +200,7 @@ class Writer:
                 pin_written=decision.pin is not None,
                 answer=describe_outcome(decision.outcome),
             )
-            self._scheduler.complete(order.int, None)
+            self._scheduler.complete(order.int, None, checked=decision.row.reference)
             return True
         next_due = None if decision.next_check_in is None else now + decision.next_check_in
         log.debug(
@@ -211,7 +211,13 @@ class Writer:
             due_in_s=round(decision.next_check_in or 0.0, 3),
         )
         opens = None if decision.pull_in is None else now + decision.pull_in
-        self._scheduler.complete(order.int, next_due, group=decision.group, opens=opens)
+        self._scheduler.complete(
+            order.int,
+            next_due,
+            group=decision.group,
+            opens=opens,
+            checked=decision.row.reference,
+        )
         return False
 
 

@@ -501,12 +501,18 @@ class FailsOnceScheduler(Scheduler):
         self.failed = False
 
     def offer(
-        self, order: int, due: float, *, group: str | None = None, opens: float | None = None
+        self,
+        order: int,
+        due: float,
+        *,
+        group: str | None = None,
+        opens: float | None = None,
+        reference: str | None = None,
     ) -> bool:
         if not self.failed:
             self.failed = True
             raise RuntimeError("a bug in the schedule")
-        return super().offer(order, due, group=group, opens=opens)
+        return super().offer(order, due, group=group, opens=opens, reference=reference)
 
 
 async def test_an_unexpected_error_confirming_a_notification_loses_no_order(

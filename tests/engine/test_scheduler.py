@@ -56,6 +56,38 @@ def test_an_order_in_flight_is_not_handed_out_twice() -> None:
     assert s.due_in(1) == 0.5
 
 
+def test_an_offer_that_read_the_reference_being_checked_brings_no_second_check() -> None:
+    # The race that polled an order twice: a sweep schedules a new order, the
+    # checker takes it, and its notification, confirmed from a read made just
+    # before the check's own, offers it again while it is being checked.
+    s = Scheduler()
+    s.offer(1, 0.0, reference="R1")
+    assert s.pop_due(now=0.0, limit=10) == [1]
+    s.offer(1, 0.0, reference="R1")
+    s.complete(1, next_due=60.0, checked="R1")
+    assert s.due_in(1) == 60.0  # its next slot, not a second check now
+
+
+def test_an_offer_naming_another_reference_is_checked_when_the_check_ends() -> None:
+    # Dispatched again while a check of the old reference was under way.
+    s = Scheduler()
+    s.offer(1, 0.0, reference="R1")
+    assert s.pop_due(now=0.0, limit=10) == [1]
+    s.offer(1, 5.0, reference="R2")
+    s.complete(1, next_due=60.0, checked="R1")
+    assert s.due_in(1) == 5.0
+
+
+def test_offers_that_disagree_while_in_flight_are_kept() -> None:
+    s = Scheduler()
+    s.offer(1, 0.0)
+    assert s.pop_due(now=0.0, limit=10) == [1]
+    s.offer(1, 7.0, reference="R2")
+    s.offer(1, 9.0, reference="R1")
+    s.complete(1, next_due=60.0, checked="R1")
+    assert s.due_in(1) == 7.0  # R2 was news, whatever came after it
+
+
 def test_complete_without_next_due_drops_the_order() -> None:
     s = Scheduler()
     s.offer(1, 0.0)
@@ -154,16 +186,27 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.s = Scheduler()
         self.model: dict[int, float] = {}
         self.flying: set[int] = set()
-        self.requeued: dict[int, float] = {}
+        #: Offers made while in flight: the earliest due, and the reference
+        #: they agree on (None when none was given or they disagree).
+        self.requeued: dict[int, tuple[float, str | None]] = {}
         #: The (group, opens) of orders pull_open may take.
         self.pullable: dict[int, tuple[str, float]] = {}
         self.now = 0.0
 
-    @rule(order=st.integers(0, 20), due=st.floats(0, 100, allow_nan=False))
-    def offer(self, order: int, due: float) -> None:
-        self.s.offer(order, due)
+    @rule(
+        order=st.integers(0, 20),
+        due=st.floats(0, 100, allow_nan=False),
+        reference=st.none() | st.sampled_from(["R1", "R2"]),
+    )
+    def offer(self, order: int, due: float, reference: str | None) -> None:
+        self.s.offer(order, due, reference=reference)
         if order in self.flying:
-            self.requeued[order] = min(due, self.requeued.get(order, due))
+            previous = self.requeued.get(order)
+            if previous is None:
+                self.requeued[order] = (due, reference)
+            else:
+                agreed = reference if reference == previous[1] else None
+                self.requeued[order] = (min(due, previous[0]), agreed)
         elif order not in self.model or due < self.model[order]:
             self.model[order] = due
             self.pullable.pop(order, None)
@@ -190,15 +233,24 @@ class SchedulerMachine(RuleBasedStateMachine):
         next_due=st.none() | st.floats(0, 200, allow_nan=False),
         group=st.none() | st.sampled_from(["a", "b"]),
         early=st.floats(0, 20, allow_nan=False),
+        checked=st.none() | st.sampled_from(["R1", "R2"]),
     )
     def complete(
-        self, data: st.DataObject, next_due: float | None, group: str | None, early: float
+        self,
+        data: st.DataObject,
+        next_due: float | None,
+        group: str | None,
+        early: float,
+        checked: str | None,
     ) -> None:
         order = data.draw(st.sampled_from(sorted(self.flying)))
         opens = None if next_due is None else next_due - early
-        self.s.complete(order, next_due, group=group, opens=opens)
+        self.s.complete(order, next_due, group=group, opens=opens, checked=checked)
         self.flying.discard(order)
-        requeued = self.requeued.pop(order, None)
+        offered = self.requeued.pop(order, None)
+        # An offer that read the reference the check was made with is no news.
+        news = offered is not None and (offered[1] is None or offered[1] != checked)
+        requeued = offered[0] if offered is not None and news else None
         if requeued is not None and (next_due is None or requeued < next_due):
             self.model[order] = requeued
         elif next_due is not None:
