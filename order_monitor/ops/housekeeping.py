@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Final
 
 import psycopg
 
@@ -14,9 +15,9 @@ from order_monitor.ops.sdnotify import Notifier
 
 log = get_logger()
 
-#: Above this share of the notification queue in use, say so: when it is full,
-#: the application's COMMITs that NOTIFY fail.
-QUEUE_WARN = 0.5
+#: The share of the notification queue in use at which to say so (here and in
+#: doctor): when it is full, the application's COMMITs that NOTIFY fail.
+QUEUE_WARN: Final = 0.5
 
 
 async def housekeeping(

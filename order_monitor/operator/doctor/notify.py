@@ -13,10 +13,10 @@ from psycopg import sql
 from order_monitor import db
 from order_monitor.operator.doctor.database import fetch_one
 from order_monitor.operator.findings import Emit, Verdict
+from order_monitor.ops.housekeeping import QUEUE_WARN
 
 #: How long the self-NOTIFY may take to come back.
 NOTIFY_TIMEOUT: Final = 2.0
-QUEUE_WARN: Final = 0.5
 
 
 _POOLER_TEXT: Final = (
