@@ -27,10 +27,10 @@ class RecordingScheduler(Scheduler):
         self.lags: list[float] = []
         self._live_due: dict[int, float] = {}
 
-    def _push(self, order: int, due: float, group: str | None, opens: float | None) -> None:
+    def _push(self, order: int, due: float, *rest: Any) -> None:
         if self.recording:
             self._live_due[order] = due
-        super()._push(order, due, group, opens)
+        super()._push(order, due, *rest)
 
     def pop_due(self, now: float, limit: int) -> list[int]:
         taken = super().pop_due(now, limit)

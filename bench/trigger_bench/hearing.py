@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 
@@ -27,17 +28,9 @@ class OfferLog(Scheduler):
         super().__init__()
         self.offered: set[int] = set()
 
-    def offer(
-        self,
-        order: int,
-        due: float,
-        *,
-        group: str | None = None,
-        opens: float | None = None,
-        reference: str | None = None,
-    ) -> bool:
+    def offer(self, order: int, due: float, **options: Any) -> bool:
         self.offered.add(order)
-        return super().offer(order, due, group=group, opens=opens, reference=reference)
+        return super().offer(order, due, **options)
 
 
 class BareListener:

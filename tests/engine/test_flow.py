@@ -500,19 +500,11 @@ class FailsOnceScheduler(Scheduler):
         super().__init__()
         self.failed = False
 
-    def offer(
-        self,
-        order: int,
-        due: float,
-        *,
-        group: str | None = None,
-        opens: float | None = None,
-        reference: str | None = None,
-    ) -> bool:
+    def offer(self, order: int, due: float, **options: Any) -> bool:
         if not self.failed:
             self.failed = True
             raise RuntimeError("a bug in the schedule")
-        return super().offer(order, due, group=group, opens=opens, reference=reference)
+        return super().offer(order, due, **options)
 
 
 async def test_an_unexpected_error_confirming_a_notification_loses_no_order(
