@@ -27,6 +27,9 @@ from order_monitor import schema
 from order_monitor.config import Layout, OutcomeWrites
 from order_monitor.embedded import throwaway_postgres
 
+# The application, the fake provider and a running daemon, for every folder.
+pytest_plugins = ["tests.daemon_fixtures"]
+
 # CI runs the properties with a fixed seed and no per-example deadline (a loaded
 # machine is no bug), so a red build is reproducible and
 # never an accident of the draw; `HYPOTHESIS_PROFILE=explore pytest` searches

@@ -29,7 +29,7 @@ from order_monitor.providers.fake import (
     default_pin,
 )
 from order_monitor.providers.registry import build_providers
-from tests.integration.conftest import FAST_POLICY, App, eventually, running, settings_for
+from tests.daemon_fixtures import FAST_POLICY, App, eventually, running, settings_for
 
 
 def scripted(reference: str) -> Script:

@@ -27,7 +27,7 @@ from order_monitor.db import Queries
 from order_monitor.engine.handoff import HandoffTiming, Mode
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import DAEMON_ROLE, OWNER_ROLE, as_daemon
-from tests.integration.conftest import App, eventually, running, settings_for
+from tests.daemon_fixtures import App, eventually, running, settings_for
 
 AConn = psycopg.AsyncConnection[Any]
 QUERIES = Queries(Layout())

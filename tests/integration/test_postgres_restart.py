@@ -24,7 +24,7 @@ from order_monitor.embedded import EmbeddedServer
 from order_monitor.ops.leader import LEADER
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import deploy
-from tests.integration.conftest import App, eventually, running, settings_for
+from tests.daemon_fixtures import App, eventually, running, settings_for
 
 DDL = Path(order_monitor.__file__).with_name("product_orders.sql")
 

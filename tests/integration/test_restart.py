@@ -18,7 +18,7 @@ import pytest
 
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.providers.fake import FakeProvider, Script, default_pin
-from tests.integration.conftest import App, eventually
+from tests.daemon_fixtures import App, eventually
 
 POLICY = BackoffPolicy(
     initial_delay=0.0, base=0.2, cap=1.0, jitter=0.1, max_attempts=200, max_age=3600

@@ -16,7 +16,7 @@ from order_monitor import daemon as daemon_module
 from order_monitor.daemon import Daemon
 from order_monitor.ops.sdnotify import Notifier
 from order_monitor.providers.fake import FakeProvider
-from tests.integration.conftest import App, eventually, running, settings_for
+from tests.daemon_fixtures import App, eventually, running, settings_for
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from order_monitor.daemon import Daemon
 from order_monitor.errors import SchemaError
 from order_monitor.ops.leader import LEADER, STANDBY
 from order_monitor.providers.fake import FakeProvider
-from tests.integration.conftest import App, eventually, running, settings_for
+from tests.daemon_fixtures import App, eventually, running, settings_for
 
 
 def daemon(db: str, fake: FakeProvider) -> Daemon:

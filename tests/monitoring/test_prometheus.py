@@ -37,7 +37,7 @@ from order_monitor.daemon import Daemon
 from order_monitor.engine.handoff import HandoffTiming, Mode
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.providers.fake import FakeProvider, Script
-from tests.integration.conftest import App, running, settings_for
+from tests.daemon_fixtures import App, running, settings_for
 
 MONITORING = Path(__file__).parents[2] / "monitoring"
 RULES = MONITORING / "order-monitor.rules.yml"

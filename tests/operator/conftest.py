@@ -16,7 +16,7 @@ from order_monitor import install
 from order_monitor.config import Layout
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import Server, as_daemon
-from tests.integration.conftest import app, fake
+from tests.daemon_fixtures import app, fake
 from tests.operator.helpers import ROLE_PASSWORD, environment, providers_file
 
 

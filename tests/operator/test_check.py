@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 
 from order_monitor.providers.fake import MSG_DONE, FakeProvider, Script
-from tests.integration.conftest import App, eventually
+from tests.daemon_fixtures import App, eventually
 from tests.operator.helpers import environment, invoke, invoke_async
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from order_monitor.providers.fake import MSG_DONE, FakeProvider, Script
-from tests.integration.conftest import App
+from tests.daemon_fixtures import App
 from tests.operator.helpers import (
     environment,
     invoke,
