@@ -113,7 +113,11 @@ class Writer:
             )
             now = self._clock()
             for decision in batch:
-                self._scheduler.complete(decision.row.id.int, now + RETRY_AFTER_WRITE_FAILURE)
+                self._scheduler.complete(
+                    decision.row.id.int,
+                    now + RETRY_AFTER_WRITE_FAILURE,
+                    checked=decision.row.reference,
+                )
             self.on_rescheduled()
             return
         now = self._clock()
@@ -168,7 +172,9 @@ class Writer:
             # batch, and the order stays "being checked" until then.
             self.submit(follow_up)
         else:
-            self._scheduler.complete(order, now + follow_up)
+            # A sweep or a notification that read this very reference while
+            # the check was out brings nothing new: the refusal's slot stands.
+            self._scheduler.complete(order, now + follow_up, checked=decision.row.reference)
 
     async def _write(self, decisions: list[Decision]) -> dict[uuid.UUID, str]:
         conn = await self._conn.get()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -435,6 +436,44 @@ async def test_a_refused_row_counts_against_the_policy_and_is_given_up(
     # Checked once per slot of the policy, never more: refusals are not retried in a loop.
     assert fake.poll_count("refused") == policy.max_attempts
     assert sum(e["event"] == "writer.row_rejected" for e in logs) == policy.max_attempts
+
+
+async def test_a_notification_during_a_refused_check_brings_no_extra_check(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    # The race CI once met by chance, made certain: while each refused check
+    # is out, the row is offered again with the reference the check used, as
+    # the confirmer does when the order's notification lands after a sweep
+    # already scheduled it. A refusal writes nothing, so the row still reads
+    # as due at once; that offer is news of nothing and must not add a check
+    # right after the refusal.
+    await app.conn.execute(
+        """ALTER TABLE product_orders ADD CONSTRAINT no_bad_pin CHECK ("pinCode" <> 'BAD-PIN')"""
+    )
+    fake.set_script("refused", Script.done("BAD-PIN"))
+    policy = replace(FAST_POLICY, base=0.2, max_attempts=3)
+    daemon = Daemon(settings_for(db, fake, policy=policy))
+    offered_in_flight: list[bool] = []
+    async with running(daemon):
+        writer = daemon.writer
+        assert writer is not None
+        flush = writer.flush
+
+        async def offered_again_first(batch: list[Decision]) -> None:
+            for decision in batch:
+                if decision.kind == "done":
+                    order = decision.row.id.int
+                    daemon.scheduler.offer(
+                        order, time.monotonic(), reference=decision.row.reference
+                    )
+                    offered_in_flight.append(daemon.scheduler.due_in(order) is None)
+            await flush(batch)
+
+        writer.flush = offered_again_first  # type: ignore[method-assign]
+        await app.dispatch(["refused"])
+        await eventually(lambda: _finished(app), what="the refused order to be given up")
+    assert offered_in_flight == [True] * policy.max_attempts
+    assert fake.poll_count("refused") == policy.max_attempts
 
 
 async def test_a_value_that_cannot_even_be_sent_is_that_rows_rejection_only(
