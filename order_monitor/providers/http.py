@@ -75,7 +75,7 @@ class Failure:
         return f"{text}: {self.os_error}" if self.os_error else text
 
 
-def describe_failure(exc: BaseException, url: str) -> Failure:
+def describe_failure(exc: BaseException, url: str | yarl.URL) -> Failure:
     """What went wrong, from the exception's type and attributes only.
 
     The host and port come from the URL we built (or the connector's
@@ -83,7 +83,7 @@ def describe_failure(exc: BaseException, url: str) -> Failure:
     for some aiohttp errors carries the URL with its credentials.
     """
     try:
-        parsed = yarl.URL(url)
+        parsed = url if isinstance(url, yarl.URL) else yarl.URL(url)
         host, port = parsed.host or "?", parsed.port
     except (ValueError, TypeError):
         host, port = "?", None
@@ -158,8 +158,8 @@ class Transport:
         """*text* with every credential value removed, in any encoding (see :func:`scrub`)."""
         return scrub_prepared(text, self._forms)
 
-    def safe_url(self, url: str) -> str:
-        return self.safe(redact_url(url, set(self.secret_params)))
+    def safe_url(self, url: str | yarl.URL) -> str:
+        return self.safe(redact_url(str(url), set(self.secret_params)))
 
     def safe_outcome(self, outcome: Outcome) -> Outcome:
         """*outcome* with the credentials scrubbed from every text it carries.
@@ -206,13 +206,14 @@ class Transport:
         self,
         session: aiohttp.ClientSession,
         method: str,
-        url: str,
+        url: str | yarl.URL,
         headers: Mapping[str, str] | None = None,
     ) -> Reply:
         """One request; a 2xx reply with its body decoded, or an exception.
 
         Raises RateLimited (429, or 503 with Retry-After), ProviderAuthError
-        (401/403) and ProviderError (anything else that is not an answer).
+        (401/403) and ProviderError (anything else that is not an answer). A
+        :class:`yarl.URL` is sent as it is (an adapter that encoded it itself).
         """
         # The URL carries credentials (znet puts them in the query string), so
         # every text that names it uses safe_url(url). That scrub reads every
@@ -271,7 +272,7 @@ class Transport:
         # escapes, and scrub reads those too.
         return ProviderError(self.safe(f"{self.provider}: HTTP {status}: {reason}: {body!r}"))
 
-    async def _refuse(self, response: aiohttp.ClientResponse, url: str) -> None:
+    async def _refuse(self, response: aiohttp.ClientResponse, url: str | yarl.URL) -> None:
         status = response.status
         safe_url = self.safe_url(url)
         body = self.safe(excerpt(clean_str(await self._peek(response))))
@@ -321,7 +322,7 @@ class Transport:
             return ""
         return data.decode("utf-8", errors="replace")
 
-    async def _read(self, response: aiohttp.ClientResponse, url: str) -> bytes:
+    async def _read(self, response: aiohttp.ClientResponse, url: str | yarl.URL) -> bytes:
         """The whole body, refusing to hold more than max_body bytes of it."""
         limit = self.max_body
         declared = response.content_length
@@ -336,7 +337,7 @@ class Transport:
                 self._too_large(response.status, url)
         return b"".join(chunks)
 
-    def _too_large(self, status: int, url: str) -> NoReturn:
+    def _too_large(self, status: int, url: str | yarl.URL) -> NoReturn:
         self.log(
             "warning",
             "provider.body_too_large",

@@ -148,7 +148,7 @@ def test_error_answer_carries_code_and_message() -> None:
 def test_url_carries_any_reference_and_the_credentials_exactly(reference: str) -> None:
     # The credentials' part of the query is encoded once, when the adapter is
     # built: every reference must still come out whole beside them.
-    url = urlsplit(adapter("http://127.0.0.1:9").url(reference))
+    url = urlsplit(str(adapter("http://127.0.0.1:9").url(reference)))
     assert parse_qs(url.query, keep_blank_values=True, strict_parsing=True) == {
         "kod": [KOD],
         "sifre": [SIFRE],
@@ -170,6 +170,25 @@ async def test_request_shape_and_answer() -> None:
     assert result == {o.order_id: result[o.order_id]}
     assert result[o.order_id].pin == "ABC123XYZ789"
     assert result[o.order_id].message == TURKISH_DONE
+
+
+@pytest.mark.parametrize("reference", ["a b+c&d=e%20f#g/h?i", "İşlem-ü ğ", "%%41"])
+async def test_the_url_goes_out_as_encoded_once(reference: str) -> None:
+    # The adapter encodes the URL itself and aiohttp sends it untouched: the
+    # server reads back every character of the reference, and nothing was
+    # quoted a second time on the way.
+    async with serve(reply("OK|1| - |")) as srv, client() as session:
+        znet_adapter = adapter(srv.base_url)
+        o = order(reference)
+        await znet_adapter.fetch(session, [o])
+    (seen,) = srv.seen
+    assert seen.query["tahsilat_api_islem_id"] == reference
+    assert seen.raw_path == znet_adapter.url(reference).raw_path_qs
+
+
+def test_the_base_url_is_encoded_once_at_start() -> None:
+    url = adapter("http://bücher.example/ä b").url("R")
+    assert str(url).startswith("http://xn--bcher-kva.example/%C3%A4%20b/servis/pin_kontrol.php?")
 
 
 async def test_path_is_configurable() -> None:
