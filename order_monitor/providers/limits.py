@@ -156,10 +156,19 @@ class LimitedProvider:
         if len(chunks) == 1:
             results.update(await self._check_chunk(chunks[0]))
         elif chunks:
+            # No more tasks than may send at once, each taking the next chunk
+            # in turn: a task per chunk would mostly wait in the semaphores
+            # (hundreds for one re-read batch of a one-order-a-request
+            # provider), and each wait is a future and a wake-up.
+            pending = iter(chunks)
+
+            async def work() -> None:
+                for chunk in pending:
+                    results.update(await self._check_chunk(chunk))
+
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._check_chunk(chunk)) for chunk in chunks]
-            for task in tasks:
-                results.update(task.result())
+                for _ in range(min(len(chunks), self.limits.concurrency)):
+                    group.create_task(work())
         # One increment per outcome kind, not per order: this runs for every check.
         for status, count in Counter(o.status.value for o in results.values()).items():
             self._metrics.checks.labels(self.name, status).inc(count)

@@ -189,6 +189,24 @@ async def test_per_provider_concurrency_is_reached_and_never_exceeded() -> None:
     assert len(adapter.calls) == 12
 
 
+async def test_many_chunks_wait_as_a_queue_not_as_a_task_each() -> None:
+    # 200 one-order chunks, 3 at a time: 3 tasks take the chunks in turn, in
+    # the order given, rather than 200 tasks queueing on the semaphores.
+    gate = asyncio.Event()
+    adapter = ScriptedAdapter(max_batch=1, respond=held(gate))
+    provider = limited(adapter, concurrency=3, session_limit=asyncio.Semaphore(10))
+    given = orders(200)
+    before = len(asyncio.all_tasks())
+    task = asyncio.create_task(provider.check(given))
+    await settle()
+    assert len(asyncio.all_tasks()) - before == 1 + 3  # the check and its three workers
+    gate.set()
+    result = await task
+    assert set(result) == {o.order_id for o in given}
+    assert [call[0] for call in adapter.calls] == given
+    assert adapter.peak == 3
+
+
 async def test_the_global_limit_binds_all_providers_together() -> None:
     gate = asyncio.Event()
     shared = asyncio.Semaphore(5)
