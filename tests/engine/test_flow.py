@@ -354,14 +354,20 @@ async def _finished_except(app: App, left: int) -> bool:
     return await app.in_flight() == left
 
 
-async def test_a_row_the_database_refuses_does_not_block_the_batch(
-    db: str, app: App, fake: FakeProvider
+async def _answered_with_a_pin_the_table_refuses(
+    app: App, fake: FakeProvider, reference: str
 ) -> None:
-    # Another application's rule: this PIN may not be stored.
+    """*reference* is done at once, with a PIN another application's CHECK refuses."""
     await app.conn.execute(
         """ALTER TABLE product_orders ADD CONSTRAINT no_bad_pin CHECK ("pinCode" <> 'BAD-PIN')"""
     )
-    fake.set_script("refused", Script.done("BAD-PIN"))
+    fake.set_script(reference, Script.done("BAD-PIN"))
+
+
+async def test_a_row_the_database_refuses_does_not_block_the_batch(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    await _answered_with_a_pin_the_table_refuses(app, fake, "refused")
     refs = [f"fine-{n}" for n in range(30)]
     with capture_logs() as logs:
         async with running(Daemon(settings_for(db, fake))):
@@ -416,10 +422,7 @@ async def test_orders_dispatched_apart_share_a_batched_providers_requests(
 async def test_a_refused_row_counts_against_the_policy_and_is_given_up(
     db: str, app: App, fake: FakeProvider
 ) -> None:
-    await app.conn.execute(
-        """ALTER TABLE product_orders ADD CONSTRAINT no_bad_pin CHECK ("pinCode" <> 'BAD-PIN')"""
-    )
-    fake.set_script("refused", Script.done("BAD-PIN"))
+    await _answered_with_a_pin_the_table_refuses(app, fake, "refused")
     # Gaps of 0.2 s and more: a slot's early window (a tenth of its gap) then
     # dwarfs a loaded machine's query jitter, which this exact count would
     # otherwise also measure.
@@ -447,10 +450,7 @@ async def test_a_notification_during_a_refused_check_brings_no_extra_check(
     # already scheduled it. A refusal writes nothing, so the row still reads
     # as due at once; that offer is news of nothing and must not add a check
     # right after the refusal.
-    await app.conn.execute(
-        """ALTER TABLE product_orders ADD CONSTRAINT no_bad_pin CHECK ("pinCode" <> 'BAD-PIN')"""
-    )
-    fake.set_script("refused", Script.done("BAD-PIN"))
+    await _answered_with_a_pin_the_table_refuses(app, fake, "refused")
     policy = replace(FAST_POLICY, base=0.2, max_attempts=3)
     daemon = Daemon(settings_for(db, fake, policy=policy))
     offered_in_flight: list[bool] = []
