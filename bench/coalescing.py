@@ -28,7 +28,10 @@ the pending count climbs to its steady state):
 * slots checked twice (must be 0) and slots skipped while the order was
   pending (must be 0);
 * the busiest minute's requests against the mean (a thundering herd would
-  show here).
+  show here);
+* the ceiling: orders a request had every slot been checked with the fewest
+  requests any rule could make within the same windows (``fewest_requests``),
+  also for wider windows with ``--ceiling-share``.
 
 Writes ``bench/results/coalescing-<timestamp>.json``.
 """
@@ -55,7 +58,7 @@ from order_monitor.config import OutcomeWrites
 from order_monitor.db import ColumnLimits, InFlightRow, SweepRow
 from order_monitor.engine.checker import spare_in_request
 from order_monitor.engine.decisions import decide
-from order_monitor.engine.policy import BackoffPolicy, Slot
+from order_monitor.engine.policy import PULL_SHARE, BackoffPolicy, Slot
 from order_monitor.engine.scheduler import Scheduler
 from order_monitor.engine.sweep import schedule_row
 from order_monitor.providers.base import Outcome
@@ -90,6 +93,9 @@ class Tally:
     finished: int = 0
     finished_checks: int = 0
     early_shares: list[float] = field(default_factory=list)
+    #: Each check's slot as (absolute time, gap before it), batched providers
+    #: only: its window is the slot and a share of the gap before it.
+    slots: list[tuple[float, float]] = field(default_factory=list)
     late: int = 0
     twice: int = 0
     skipped: int = 0
@@ -109,6 +115,46 @@ def arrivals(rate: float, seconds: float, mean_life: float, seed: int) -> list[O
         orders.append(Order(rng.getrandbits(128), "", t, t + life))
 
 
+def windows(slots: list[tuple[float, float]], share: float) -> list[tuple[float, float]]:
+    """Each slot's window: from *share* of its gap before it, to the slot."""
+    return [(at - share * gap, at) for at, gap in slots]
+
+
+def fewest_requests(windows: list[tuple[float, float]], size: int) -> int:
+    """The fewest requests of at most *size* orders that check every window within it.
+
+    Greedy: a request at the earliest deadline left, carrying the open windows
+    with the earliest deadlines. Some request must fall in that first window,
+    and moving it to the deadline only adds windows it can carry, so no rule
+    needs fewer: a bound on orders a request for any pull-forward rule within
+    the same windows, whatever it knows in advance.
+    """
+    ordered = sorted(windows)
+    waiting: list[tuple[float, float]] = []  # (deadline, opening)
+    i, requests = 0, 0
+    while i < len(ordered) or waiting:
+        if not waiting:
+            opening, deadline = ordered[i]
+            heapq.heappush(waiting, (deadline, opening))
+            i += 1
+        while i < len(ordered) and ordered[i][0] <= waiting[0][0]:
+            opening, deadline = ordered[i]
+            heapq.heappush(waiting, (deadline, opening))
+            i += 1
+        at = waiting[0][0]
+        requests += 1
+        carried, not_open = 0, []
+        while waiting and carried < size:
+            entry = heapq.heappop(waiting)
+            if entry[1] <= at:
+                carried += 1
+            else:
+                not_open.append(entry)
+        for entry in not_open:
+            heapq.heappush(waiting, entry)
+    return requests
+
+
 def simulate(
     streams: dict[str, list[Order]],
     policy: BackoffPolicy,
@@ -118,6 +164,7 @@ def simulate(
     warmup: float,
     clock_noise: float,
     seed: int,
+    ceiling_shares: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     scheduler = Scheduler()
@@ -142,6 +189,8 @@ def simulate(
                     tally.early_shares.append((slot.offset - elapsed) / max(slot.gap, 1e-9))
                 if elapsed > slot.offset + clock_noise + 1e-6 and order.served:
                     tally.late += 1
+                if PROVIDERS[order.provider] > 1:
+                    tally.slots.append((order.dispatched + slot.offset, slot.gap))
             measured = elapsed + rng.uniform(-clock_noise, clock_noise)
             after = policy.next_slot(order.key, measured)
             attempt = (after.attempt - 1) if after is not None else len(policy.slots(order.key))
@@ -225,10 +274,21 @@ def simulate(
         minutes = max(1, len(t.per_minute))
         mean_per_minute = t.requests / minutes
         early = sorted(t.early_shares)
+        size = PROVIDERS[name]
+        fewest = fewest_requests(windows(t.slots, PULL_SHARE), size) if t.slots else None
+        # The same ceiling had the windows been wider (what a wider rule could reach).
+        wider = {
+            str(share): round(t.checks / fewest_requests(windows(t.slots, share), size), 2)
+            for share in ceiling_shares
+            if t.slots
+        }
         report[name] = {
             "requests": t.requests,
             "checks": t.checks,
             "orders_per_request": round(t.checks / t.requests, 2) if t.requests else None,
+            "fewest_requests_any_rule": fewest,
+            "orders_per_request_at_best": round(t.checks / fewest, 2) if fewest else None,
+            "orders_per_request_at_best_with_window_share": wider,
             "finished_orders": t.finished,
             "checks_per_finished_order": round(t.finished_checks / t.finished, 2)
             if t.finished
@@ -247,7 +307,13 @@ def simulate(
 
 
 def run(
-    population: str, pending: int, hours: float, warmup_hours: float, seed: int, noise: float
+    population: str,
+    pending: int,
+    hours: float,
+    warmup_hours: float,
+    seed: int,
+    noise: float,
+    ceiling_shares: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     policy = BackoffPolicy()
     if population == "backlog":
@@ -284,6 +350,7 @@ def run(
             seconds=seconds,
             warmup=warmup_hours * 3600,
             clock_noise=noise,
+            ceiling_shares=ceiling_shares,
             seed=seed,
         )
     on, off = figures["coalesced"], figures["one_by_one"]
@@ -295,10 +362,11 @@ def run(
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| orders | pending / provider | provider | coalescing | orders / request | requests "
+        "| orders | pending / provider | provider | coalescing | orders / request "
+        "| at best, any rule | requests "
         "| checks / finished order | early (p50 / max of gap) | twice | skipped "
         "| busiest minute / mean |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for size in results["sizes"]:
         for name, mode in (
@@ -311,7 +379,8 @@ def table(results: dict[str, Any]) -> str:
                 f"| {size['population']} | {size['pending_per_provider']:,} "
                 f"(mean {size[mode]['pending_mean']:,}) "
                 f"| {name} | {'on' if mode == 'coalesced' else 'off'} "
-                f"| {r['orders_per_request']} | {r['requests']:,} "
+                f"| {r['orders_per_request']} | {r['orders_per_request_at_best'] or '–'} "
+                f"| {r['requests']:,} "
                 f"| {r['checks_per_finished_order']} "
                 f"| {r['early_share_p50']:.1%} / {r['early_share_max']:.1%} "
                 f"| {r['slots_checked_twice']} | {r['slots_skipped']} "
@@ -328,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock-noise", type=float, default=0.005, help="seconds, each way")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
+        "--ceiling-share",
+        type=float,
+        action="append",
+        help="also work out the ceiling for windows this share of the gap wide (repeatable)",
+    )
+    parser.add_argument(
         "--population", choices=["backlog", "flow"], action="append", help="default: both"
     )
     args = parser.parse_args(argv)
@@ -336,7 +411,15 @@ def main(argv: list[str] | None = None) -> int:
         for pending in args.pending or [1000, 10_000]:
             print(f"== {population}: {pending:,} orders per provider", file=sys.stderr)
             sizes.append(
-                run(population, pending, args.hours, args.warmup, args.seed, args.clock_noise)
+                run(
+                    population,
+                    pending,
+                    args.hours,
+                    args.warmup,
+                    args.seed,
+                    args.clock_noise,
+                    tuple(args.ceiling_share or ()),
+                )
             )
     started = dt.datetime.now(dt.UTC)
     results = {
@@ -348,6 +431,15 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": sizes,
     }
     print(table(results))
+    for size in sizes:
+        for mode in ("coalesced", "one_by_one"):
+            for share, best in size[mode]["batched"][
+                "orders_per_request_at_best_with_window_share"
+            ].items():
+                print(
+                    f"{size['population']} {size['pending_per_provider']:,} batched {mode}: "
+                    f"at best {best} orders a request with windows of {float(share):.0%}"
+                )
     out = write_report(results, started, prefix="coalescing-")
     print(f"\nwrote {out.relative_to(BENCH.parent)}", file=sys.stderr)
     return 0
