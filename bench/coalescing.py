@@ -141,17 +141,12 @@ def fewest_requests(windows: list[tuple[float, float]], size: int) -> int:
             opening, deadline = ordered[i]
             heapq.heappush(waiting, (deadline, opening))
             i += 1
-        at = waiting[0][0]
+        # Every window waiting is open at the first deadline: each came in
+        # opening no later than some deadline then waiting, and a window that
+        # opened later than a deadline also ends later.
         requests += 1
-        carried, not_open = 0, []
-        while waiting and carried < size:
-            entry = heapq.heappop(waiting)
-            if entry[1] <= at:
-                carried += 1
-            else:
-                not_open.append(entry)
-        for entry in not_open:
-            heapq.heappush(waiting, entry)
+        for _ in range(min(size, len(waiting))):
+            heapq.heappop(waiting)
     return requests
 
 
