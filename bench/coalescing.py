@@ -115,7 +115,7 @@ def arrivals(rate: float, seconds: float, mean_life: float, seed: int) -> list[O
         orders.append(Order(rng.getrandbits(128), "", t, t + life))
 
 
-def windows(slots: list[tuple[float, float]], share: float) -> list[tuple[float, float]]:
+def slot_windows(slots: list[tuple[float, float]], share: float) -> list[tuple[float, float]]:
     """Each slot's window: from *share* of its gap before it, to the slot."""
     return [(at - share * gap, at) for at, gap in slots]
 
@@ -270,10 +270,10 @@ def simulate(
         mean_per_minute = t.requests / minutes
         early = sorted(t.early_shares)
         size = PROVIDERS[name]
-        fewest = fewest_requests(windows(t.slots, PULL_SHARE), size) if t.slots else None
+        fewest = fewest_requests(slot_windows(t.slots, PULL_SHARE), size) if t.slots else None
         # The same ceiling had the windows been wider (what a wider rule could reach).
         wider = {
-            str(share): round(t.checks / fewest_requests(windows(t.slots, share), size), 2)
+            str(share): round(t.checks / fewest_requests(slot_windows(t.slots, share), size), 2)
             for share in ceiling_shares
             if t.slots
         }
