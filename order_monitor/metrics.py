@@ -91,6 +91,21 @@ class Metrics:
             "In-flight orders the last sweep found.",
             registry=r,
         )
+        self.dispatch_time_unusable = Counter(
+            "order_monitor_dispatch_time_unusable",
+            "Orders whose dispatch time could not be used, counted once each when first seen,"
+            " by reason: missing (both time columns NULL), infinite, future. They are"
+            " scheduled from when the daemon first saw them (engine.anchors).",
+            ["reason"],
+            registry=r,
+        )
+        self.rows_unreadable = Counter(
+            "order_monitor_rows_unreadable",
+            "Reads of one row that failed on its values and were skipped, the rest of the"
+            " page or batch going on, by where: sweep, confirm, reread.",
+            ["where"],
+            registry=r,
+        )
         self.reconnects = Counter(
             "order_monitor_listener_reconnects",
             "Times the LISTEN connection was re-established.",
