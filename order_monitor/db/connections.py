@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -62,6 +63,15 @@ def retry_forever(
     )
 
 
+#: Every session of ours resolves unqualified names in the catalog only
+#: (pg_temp last, so a temporary object cannot shadow one either). With the
+#: default path a role that may CREATE in ``public`` (any database created
+#: before PostgreSQL 15) can add ``public.lower(varchar)``: an exact match
+#: for a varchar column beats ``pg_catalog.lower(text)``, and it would run
+#: with the daemon's rights, or a superuser's when an operator runs status.
+PINNED_OPTIONS: Final = "-c search_path=pg_catalog,pg_temp"
+
+
 #: What losing or failing to open a dedicated connection raises.
 CONNECTION_ERRORS: Final = (psycopg.Error, OSError, TimeoutError)
 
@@ -106,14 +116,28 @@ async def connect(dsn: str, purpose: str, *, connect_timeout: int = 10) -> Async
     )
 
 
+def application_name(purpose: str) -> str:
+    """What pg_stat_activity shows for a session of ours; doctor reads the version back from it."""
+    return f"order-monitor {__version__} ({purpose})"
+
+
 def conninfo(dsn: str, purpose: str, *, connect_timeout: int = 10) -> str:
-    """*dsn* with our defaults added; the operator's own settings in it win."""
+    """*dsn* with our defaults added; the operator's own settings in it win, but for search_path.
+
+    search_path is pinned (:data:`PINNED_OPTIONS`) after the operator's own
+    ``options`` (the DSN's, else ``PGOPTIONS``, which libpq would otherwise
+    ignore once we pass ``options``): theirs are kept, and ours come last, so
+    a ``-c search_path=...`` of theirs cannot put a schema that others may
+    CREATE in ahead of the built-in functions our statements call.
+    """
     params: dict[str, Any] = {
         **KEEPALIVES,
-        "application_name": f"order-monitor {__version__} ({purpose})",
+        "application_name": application_name(purpose),
         "connect_timeout": str(connect_timeout),
     }
     params.update(conninfo_to_dict(dsn) if dsn else {})
+    theirs = str(params.get("options") or os.environ.get("PGOPTIONS", "")).strip()
+    params["options"] = f"{theirs} {PINNED_OPTIONS}".strip()
     return make_conninfo("", **params)
 
 
