@@ -113,13 +113,15 @@ COMMIT;
 DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v1"();
 
 -- The daemon's only way to write: one call applies a batch of results, each
--- guarded (same reference and provider, row still in flight), and announces
--- the finished ones on the result channel in the same transaction.
+-- guarded (same reference and provider, row still in flight), skipping rows
+-- another transaction holds locked (returned as 'locked', to try again),
+-- and announces the finished ones on the result channel in the same
+-- transaction while the cluster's NOTIFY queue is less than half full.
 -- SECURITY DEFINER: it runs with the rights of its owner (install as the
 -- table's owner, not as a superuser), so the daemon's role needs no UPDATE
 -- on the table and cannot touch a row that is not in flight. What each
 -- outcome writes is fixed here, from the settings at install time.
-CREATE OR REPLACE FUNCTION "public"."order_monitor_product_orders_write_v1"(
+CREATE OR REPLACE FUNCTION "public"."order_monitor_product_orders_write_v2"(
     p_ids uuid[],
     p_references text[],
     p_provider_ids text[],
@@ -127,7 +129,7 @@ CREATE OR REPLACE FUNCTION "public"."order_monitor_product_orders_write_v1"(
     p_pins text[],
     p_provider_messages text[],
     p_last_messages text[]
-) RETURNS TABLE (order_id uuid, outcome text)
+) RETURNS TABLE (order_id uuid, outcome text, announced boolean)
     LANGUAGE plpgsql
     SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -135,14 +137,31 @@ AS $om$
 BEGIN
 RETURN QUERY
 WITH v AS (
-    SELECT * FROM unnest(p_ids,
-                 p_references,
-                 p_provider_ids,
-                 p_kinds,
-                 p_pins,
-                 p_provider_messages,
-                 p_last_messages)
+    -- ROWS FROM, since a multi-argument unnest() is grammar that only the
+    -- unqualified name gets: every call here is schema-qualified.
+    SELECT * FROM ROWS FROM (pg_catalog.unnest(p_ids),
+                 pg_catalog.unnest(p_references),
+                 pg_catalog.unnest(p_provider_ids),
+                 pg_catalog.unnest(p_kinds),
+                 pg_catalog.unnest(p_pins),
+                 pg_catalog.unnest(p_provider_messages),
+                 pg_catalog.unnest(p_last_messages))
         AS v(id, ref, provider_id, kind, pin, provider_message, last_message)
+    WHERE v.kind IN ('done', 'failed', 'gave_up', 'pending')
+), target AS (
+    -- The guard: the same reference and provider as when the daemon read
+    -- the row, and the row still in flight. A result that lost a race
+    -- (an operator finished the order, the application re-sent it) is
+    -- not written, and a finished row, its PIN included, is out of reach.
+    -- A row another transaction holds locked is skipped, not waited for:
+    -- one idle-in-transaction session must not stop every other result.
+    -- NO KEY UPDATE is the lock the UPDATE below takes, so a row that is
+    -- merely referenced by a foreign key being inserted is not skipped.
+    SELECT "o"."id" AS id FROM "public"."product_orders" AS o JOIN v ON "o"."id" = v.id
+    WHERE "o"."provider_referans" = v.ref
+      AND "o"."providerId"::text IS NOT DISTINCT FROM v.provider_id
+      AND o."provider_referans" IS NOT NULL AND lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(o."status") NOT IN ('approved', 'rejected')
+    FOR NO KEY UPDATE OF o SKIP LOCKED
 ), written AS (
     UPDATE "public"."product_orders" AS o SET
         "externalStatus" = CASE v.kind
@@ -153,36 +172,57 @@ WITH v AS (
         "pinCode" = CASE WHEN v.kind = 'done' THEN coalesce(v.pin, "o"."pinCode") ELSE "o"."pinCode" END,
         "providerMessage" = coalesce(v.provider_message, "o"."providerMessage"),
         "lastMessage" = coalesce(v.last_message, "o"."lastMessage"),
-        "lastSyncAt" = now(),
-        "completedAt" = CASE WHEN v.kind <> 'pending' THEN now() ELSE "o"."completedAt" END,
-        "durationMs" = CASE WHEN v.kind <> 'pending' THEN least(
-            extract(epoch FROM now() - coalesce("o"."sentAt", "o"."createdAt")) * 1000,
-            2147483647)::integer ELSE "o"."durationMs" END
+        "lastSyncAt" = pg_catalog.now(),
+        "completedAt" = CASE WHEN v.kind <> 'pending' THEN pg_catalog.now() ELSE "o"."completedAt" END,
+        "durationMs" = CASE WHEN v.kind = 'pending' THEN "o"."durationMs"
+            WHEN pg_catalog.isfinite(coalesce("o"."sentAt", "o"."createdAt")) THEN
+                greatest(0, least(
+                    extract(epoch FROM pg_catalog.now() - coalesce("o"."sentAt", "o"."createdAt")) * 1000,
+                    2147483647))::integer
+            END
     FROM v
     WHERE "o"."id" = v.id
-      -- The guard: the same reference and provider as when the daemon read
-      -- the row, and the row still in flight. A result that lost a race
-      -- (an operator finished the order, the application re-sent it) is
-      -- not written, and a finished row, its PIN included, is out of reach.
+      AND "o"."id" IN (SELECT target.id FROM target)
       AND "o"."provider_referans" = v.ref
       AND "o"."providerId"::text IS NOT DISTINCT FROM v.provider_id
-      AND v.kind IN ('done', 'failed', 'gave_up', 'pending')
       AND o."provider_referans" IS NOT NULL AND lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(o."status") NOT IN ('approved', 'rejected')
-    RETURNING "o"."id" AS id, v.kind AS kind,
-        -- A hint for the application, in the same transaction: anyone may
-        -- NOTIFY on any channel, so it re-reads the row (by id and reference)
-        -- before acting on it. RETURNING runs for every row written.
-        CASE WHEN v.kind <> 'pending' THEN pg_notify('order_monitor_result', json_build_object(
-            'id', "o"."id", 'outcome', v.kind, 'reference', "o"."provider_referans",
-            'externalStatus', "o"."externalStatus", 'status', "o"."status")::text)::text
-        END AS announced
+    RETURNING "o"."id" AS id, v.kind AS kind, "o"."provider_referans" AS ref,
+        "o"."externalStatus" AS external_status, "o"."status" AS status
+), gate AS (
+    -- The announcement is a hint (the application re-reads the row before
+    -- acting on it), the row is the truth: above half of the cluster's
+    -- NOTIFY queue, a listener somewhere is stuck and a full queue would
+    -- fail our COMMIT, the written rows with it. Half, not nearly full,
+    -- because the usage is read now and the notifications queue up at
+    -- COMMIT, in every session of the cluster at once, and because the
+    -- application's own dispatches NOTIFY too and must keep room to commit.
+    SELECT pg_catalog.pg_notification_queue_usage() < 0.5 AS has_room
+), locked AS (
+    -- Rows the guard still matches in this statement's snapshot but that
+    -- were not written: another transaction holds them (or changed them
+    -- while this ran: the daemon's retry then finds them stale).
+    SELECT v.id, v.kind FROM v JOIN "public"."product_orders" AS o ON "o"."id" = v.id
+    WHERE "o"."provider_referans" = v.ref
+      AND "o"."providerId"::text IS NOT DISTINCT FROM v.provider_id
+      AND o."provider_referans" IS NOT NULL AND lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(o."status") NOT IN ('approved', 'rejected')
+      AND NOT EXISTS (SELECT FROM written WHERE written.id = v.id)
 )
-SELECT written.id, written.kind FROM written;
+SELECT written.id, written.kind,
+    CASE WHEN written.kind <> 'pending' AND gate.has_room THEN
+        -- pg_notify returns void; cast to text, it is '' (never NULL).
+        pg_catalog.pg_notify('order_monitor_result', pg_catalog.json_build_object(
+            'id', written.id, 'outcome', written.kind, 'reference', written.ref,
+            'externalStatus', written.external_status, 'status', written.status
+        )::text)::text IS NOT NULL
+    ELSE false END
+FROM written CROSS JOIN gate
+UNION ALL
+SELECT DISTINCT locked.id, 'locked', false FROM locked;
 END
 $om$;
 
 -- Functions are executable by PUBLIC by default: this one only by the
 -- roles granted it (sql/role.sql).
-REVOKE ALL ON FUNCTION "public"."order_monitor_product_orders_write_v1"(uuid[], text[], text[], text[], text[], text[], text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION "public"."order_monitor_product_orders_write_v2"(uuid[], text[], text[], text[], text[], text[], text[]) FROM PUBLIC;
 
 RESET lock_timeout;

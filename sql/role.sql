@@ -35,7 +35,7 @@ GRANT SELECT ("id", "status", "externalStatus", "provider_referans", "providerId
 -- Write: only through the write function (install.sql), which writes
 -- nothing but results into rows still in flight. No UPDATE, INSERT or
 -- DELETE on the table itself.
-GRANT EXECUTE ON FUNCTION "public"."order_monitor_product_orders_write_v1"(uuid[], text[], text[], text[], text[], text[], text[]) TO "order_monitor";
+GRANT EXECUTE ON FUNCTION "public"."order_monitor_product_orders_write_v2"(uuid[], text[], text[], text[], text[], text[], text[]) TO "order_monitor";
 
 -- The inbox (install.sql): the daemon takes the order ids the trigger left
 -- there while it was busy. DELETE needs SELECT to find the rows it takes.

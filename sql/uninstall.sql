@@ -28,7 +28,7 @@ DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v1"();
 DROP TABLE IF EXISTS "public"."order_monitor_product_orders_inbox_v2";
 
 -- From here on the daemon cannot write results.
-DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_write_v1"(uuid[], text[], text[], text[], text[], text[], text[]);
+DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_write_v2"(uuid[], text[], text[], text[], text[], text[], text[]);
 
 -- CONCURRENTLY: dropping the index does not block the application's writes.
 DROP INDEX CONCURRENTLY IF EXISTS "public"."order_monitor_product_orders_inflight_v1";

@@ -20,7 +20,14 @@ from order_monitor.db.connections import (
     conninfo,
     retry_forever,
 )
-from order_monitor.db.queries import ColumnLimits, InFlightRow, Queries, SweepRow, WriteBatch
+from order_monitor.db.queries import (
+    ColumnLimits,
+    InFlightRow,
+    Queries,
+    SweepRow,
+    WriteBatch,
+    Written,
+)
 
 __all__ = [
     "CONNECTION_ERRORS",
@@ -32,6 +39,7 @@ __all__ = [
     "Queries",
     "SweepRow",
     "WriteBatch",
+    "Written",
     "check_write_function",
     "close_within",
     "column_limits",

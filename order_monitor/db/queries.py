@@ -67,6 +67,17 @@ class WriteBatch:
     last_messages: list[str | None]
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What the write function did with one order of a batch."""
+
+    #: The kind written, or 'locked': another transaction held the row and
+    #: nothing was written (schema.LOCKED).
+    outcome: str
+    #: Whether the result went out on the result channel.
+    announced: bool
+
+
 class Queries:
     """The engine's statements for one table layout."""
 
@@ -131,7 +142,7 @@ class Queries:
         # Arrays go in binary (%b): dumping thousands of list elements as text
         # was a tenth of the engine's CPU under load.
         self._write = sql.SQL(
-            "SELECT order_id, outcome FROM {function}(%b, %b, %b, %b, %b, %b, %b)"
+            "SELECT order_id, outcome, announced FROM {function}(%b, %b, %b, %b, %b, %b, %b)"
         ).format(function=names.write_function)
 
         # The handoff (install.sql's inbox): take up to N committed ids, by
@@ -176,11 +187,12 @@ class Queries:
         cursor = await conn.execute(self._reread, (list(ids),))
         return [InFlightRow(*row) for row in await cursor.fetchall()]
 
-    async def write(self, conn: AsyncConn, batch: WriteBatch) -> dict[uuid.UUID, str]:
-        """Apply the batch; return {id: kind} of the rows actually written.
+    async def write(self, conn: AsyncConn, batch: WriteBatch) -> dict[uuid.UUID, Written]:
+        """Apply the batch; return what became of each order written or skipped.
 
-        A row missing from the result was finished by someone else, or got a
-        new provider reference, since it was read: its result is stale.
+        An order missing from the result was finished by someone else, or got
+        a new provider reference, since it was read: its result is stale. One
+        whose row another transaction held is there as 'locked', not written.
         """
         params: list[Any] = [
             batch.ids,
@@ -192,7 +204,7 @@ class Queries:
             batch.last_messages,
         ]
         cursor = await conn.execute(self._write, params)
-        return {row[0]: row[1] for row in await cursor.fetchall()}
+        return {row[0]: Written(row[1], row[2]) for row in await cursor.fetchall()}
 
     async def drain_inbox(self, conn: AsyncConn, limit: int) -> list[uuid.UUID]:
         """Take up to *limit* order ids out of the inbox (committed ones only)."""

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from order_monitor import schema
 from order_monitor.config import OutcomeWrites
 from order_monitor.db import ColumnLimits, ManagedConnection, Queries
 from order_monitor.engine.decisions import Decision, after_refusal, describe_outcome, write_batch
@@ -178,7 +179,8 @@ class Writer:
 
     async def _write(self, decisions: list[Decision]) -> dict[uuid.UUID, str]:
         conn = await self._conn.get()
-        return await self._queries.write(conn, write_batch(decisions))
+        results = await self._queries.write(conn, write_batch(decisions))
+        return {order: r.outcome for order, r in results.items() if r.outcome != schema.LOCKED}
 
     def _settle(self, decision: Decision, written: dict[uuid.UUID, str], now: float) -> bool:
         """Log the decision and give the order back to the schedule; True if it finished."""

@@ -35,6 +35,8 @@ from order_monitor.schema.names import (
     object_name,
 )
 from order_monitor.schema.write_function import (
+    LOCKED,
+    NOTIFY_QUEUE_LIMIT,
     WRITE_KINDS,
     WRITE_PARAMETERS,
     write_function_body,
@@ -43,6 +45,8 @@ from order_monitor.schema.write_function import (
 )
 
 __all__ = [
+    "LOCKED",
+    "NOTIFY_QUEUE_LIMIT",
     "VERSION",
     "WRITE_KINDS",
     "WRITE_PARAMETERS",

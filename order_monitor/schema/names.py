@@ -50,7 +50,7 @@ class Names:
         self.function = sql.Identifier(layout.schema, self.function_name)
         self.inbox_name = object_name("order_monitor", layout.table, "inbox_v2")
         self.inbox = sql.Identifier(layout.schema, self.inbox_name)
-        self.write_function_name = object_name("order_monitor", layout.table, "write_v1")
+        self.write_function_name = object_name("order_monitor", layout.table, "write_v2")
         self.write_function = sql.Identifier(layout.schema, self.write_function_name)
         self.insert_trigger_name = "order_monitor_insert_v2"
         self.update_trigger_name = "order_monitor_update_v2"
