@@ -8,9 +8,9 @@ one statement text serves any batch size and stays a prepared statement.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -18,6 +18,7 @@ from psycopg import sql
 from order_monitor import schema
 from order_monitor.config import Layout
 from order_monitor.db.connections import AsyncConn
+from order_monitor.db.dispatch import DispatchIssue, dispatch_sql, issue_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +29,13 @@ class InFlightRow:
     reference: str
     provider_id: str | None
     external_order_id: str | None
-    #: Seconds since dispatch ("sentAt", else "createdAt"), by the server's clock.
+    #: Seconds since dispatch ("sentAt", else "createdAt"), by the server's clock;
+    #: 0 when that time is unusable (see dispatch_issue).
     elapsed: float
     #: Seconds from dispatch to the last sync, if there was one after dispatch.
     last_checked: float | None
+    #: Why the dispatch time is unusable (db.dispatch); None when it is usable.
+    dispatch_issue: DispatchIssue | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,8 @@ class SweepRow:
     #: The provider reference, as confirm() reads it (the sweep skips orders
     #: already scheduled, so it need not say).
     reference: str | None = None
+    #: Why the dispatch time is unusable (db.dispatch); None when it is usable.
+    dispatch_issue: DispatchIssue | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,76 @@ class Written:
     announced: bool
 
 
+Row = TypeVar("Row", SweepRow, InFlightRow)
+
+#: Told of a row a query could not read (its id and the error), in place of
+#: failing the whole page or batch.
+Unreadable = Callable[[uuid.UUID, psycopg.Error], None]
+
+
+def is_row_error(exc: psycopg.Error, conn: AsyncConn) -> bool:
+    """Whether *exc* may come from one row's values rather than the statement or the link.
+
+    A lost connection, a timeout or a cancel (OperationalError), and a
+    statement that cannot run at all (ProgrammingError: a missing column, a
+    missing grant) fail for every row alike: narrowing them down would only
+    blame innocent rows.
+    """
+    return not (
+        conn.broken
+        or conn.closed
+        or isinstance(exc, psycopg.OperationalError | psycopg.ProgrammingError)
+    )
+
+
+def _timing(
+    elapsed: float | None, last_checked: float | None, why: str | None, column: str | None
+) -> tuple[float, float | None, DispatchIssue | None]:
+    issue = issue_of(elapsed, why, column)
+    if issue is not None or elapsed is None:
+        # Read as dispatched just now: engine.anchors gives it an age of its own.
+        return 0.0, None, issue
+    return elapsed, last_checked, None
+
+
+def _sweep_row(record: Sequence[Any]) -> SweepRow:
+    id_, provider_id, elapsed, last_checked, why, column, *reference = record
+    e, lc, issue = _timing(elapsed, last_checked, why, column)
+    return SweepRow(id_, provider_id, e, lc, reference[0] if reference else None, issue)
+
+
+def _in_flight_row(record: Sequence[Any]) -> InFlightRow:
+    id_, ref, provider_id, external_order_id, elapsed, last_checked, why, column = record
+    e, lc, issue = _timing(elapsed, last_checked, why, column)
+    return InFlightRow(id_, ref, provider_id, external_order_id, e, lc, issue)
+
+
+async def narrowed(
+    conn: AsyncConn,
+    read: Callable[[list[uuid.UUID]], Awaitable[list[Row]]],
+    ids: list[uuid.UUID],
+    unreadable: Unreadable,
+) -> list[Row]:
+    """*read* of *ids*, leaving out (and reporting) each row that makes it fail.
+
+    Bisects: k bad rows among n cost about 2k·log2(n) small indexed reads,
+    and the good rows of a failing batch are read in the same pass.
+    Errors that are not a row's (is_row_error) are raised as they are.
+    """
+    try:
+        return await read(ids)
+    except psycopg.Error as exc:
+        if not ids or not is_row_error(exc, conn):
+            raise
+        if len(ids) == 1:
+            unreadable(ids[0], exc)
+            return []
+    middle = len(ids) // 2
+    return await narrowed(conn, read, ids[:middle], unreadable) + await narrowed(
+        conn, read, ids[middle:], unreadable
+    )
+
+
 class Queries:
     """The engine's statements for one table layout."""
 
@@ -86,16 +162,12 @@ class Queries:
         c = layout.columns
         names = schema.Names(layout)
         table = names.table
-        # now() last: a row with neither time (a nullable column mapping) is
-        # treated as dispatched just now rather than having no age at all.
-        dispatched = sql.SQL("coalesce({sent}, {created}, now())").format(
-            sent=sql.Identifier(c.sent_at), created=sql.Identifier(c.created_at)
+        # Never fails, whatever the time columns hold (db.dispatch): the age,
+        # the last check's, and why the dispatch time is unusable if it is.
+        d = dispatch_sql(layout)
+        timing = sql.SQL("{elapsed}, {last_checked}, {why}, {column}").format(
+            elapsed=d.elapsed, last_checked=d.last_checked, why=d.why, column=d.column
         )
-        timing = sql.SQL(
-            "extract(epoch FROM now() - {dispatched})::float8,"
-            " CASE WHEN {last_sync} >= {dispatched}"
-            " THEN extract(epoch FROM {last_sync} - {dispatched})::float8 END"
-        ).format(dispatched=dispatched, last_sync=sql.Identifier(c.last_sync_at))
         in_flight = schema.in_flight_predicate(layout)
         id_ = sql.Identifier(c.id)
 
@@ -111,6 +183,15 @@ class Queries:
             "SELECT {scheduling} FROM {table} WHERE {in_flight} AND {id} > %s"
             " ORDER BY {id} LIMIT %s"
         ).format(scheduling=scheduling, id=id_, table=table, in_flight=in_flight)
+        # The same pages, ids only: what a failing page is narrowed down from.
+        # It reads nothing the in-flight rule does not, so a row the page
+        # query cannot read is still listed here.
+        self._sweep_ids_first = sql.SQL(
+            "SELECT {id} FROM {table} WHERE {in_flight} ORDER BY {id} LIMIT %s"
+        ).format(id=id_, table=table, in_flight=in_flight)
+        self._sweep_ids_next = sql.SQL(
+            "SELECT {id} FROM {table} WHERE {in_flight} AND {id} > %s ORDER BY {id} LIMIT %s"
+        ).format(id=id_, table=table, in_flight=in_flight)
 
         # The reference too: an order notified while its check is under way
         # is checked again only if the reference is not the one checked.
@@ -176,16 +257,76 @@ class Queries:
             cursor = await conn.execute(self._sweep_first, (limit,))
         else:
             cursor = await conn.execute(self._sweep_next, (after, limit))
-        return [SweepRow(*row) for row in await cursor.fetchall()]
+        return [_sweep_row(row) for row in await cursor.fetchall()]
 
-    async def confirm(self, conn: AsyncConn, ids: Sequence[uuid.UUID]) -> list[SweepRow]:
-        """Those of *ids* that are orders in flight, with where they stand."""
-        cursor = await conn.execute(self._confirm, (list(ids),))
-        return [SweepRow(*row) for row in await cursor.fetchall()]
+    async def sweep_page_narrowed(
+        self, conn: AsyncConn, after: uuid.UUID | None, limit: int, unreadable: Unreadable
+    ) -> tuple[list[SweepRow], uuid.UUID | None]:
+        """sweep_page(), leaving out (and reporting) each row the page cannot read.
 
-    async def fetch_in_flight(self, conn: AsyncConn, ids: Sequence[uuid.UUID]) -> list[InFlightRow]:
-        cursor = await conn.execute(self._reread, (list(ids),))
-        return [InFlightRow(*row) for row in await cursor.fetchall()]
+        Also returns where the next page starts: the last id this page
+        covered, rows left out or not; None when this was the last page.
+        """
+        try:
+            rows = await self.sweep_page(conn, after, limit)
+        except psycopg.Error as exc:
+            if not is_row_error(exc, conn):
+                raise
+        else:
+            return rows, rows[-1].id if len(rows) == limit else None
+        if after is None:
+            cursor = await conn.execute(self._sweep_ids_first, (limit,))
+        else:
+            cursor = await conn.execute(self._sweep_ids_next, (after, limit))
+        ids = [row[0] for row in await cursor.fetchall()]
+
+        async def read(part: list[uuid.UUID]) -> list[SweepRow]:
+            # The sweep skips orders already scheduled: no reference to compare.
+            return [
+                SweepRow(r.id, r.provider_id, r.elapsed, r.last_checked, None, r.dispatch_issue)
+                for r in await self.confirm(conn, part)
+            ]
+
+        found = await narrowed(conn, read, ids, unreadable)
+        return sorted(found, key=lambda r: r.id), ids[-1] if len(ids) == limit else None
+
+    async def confirm(
+        self,
+        conn: AsyncConn,
+        ids: Sequence[uuid.UUID],
+        *,
+        unreadable: Unreadable | None = None,
+    ) -> list[SweepRow]:
+        """Those of *ids* that are orders in flight, with where they stand.
+
+        With *unreadable*, a row the query cannot read is left out and
+        reported, instead of failing the batch.
+        """
+
+        async def read(part: list[uuid.UUID]) -> list[SweepRow]:
+            cursor = await conn.execute(self._confirm, (part,))
+            return [_sweep_row(row) for row in await cursor.fetchall()]
+
+        if unreadable is None:
+            return await read(list(ids))
+        return await narrowed(conn, read, list(ids), unreadable)
+
+    async def fetch_in_flight(
+        self,
+        conn: AsyncConn,
+        ids: Sequence[uuid.UUID],
+        *,
+        unreadable: Unreadable | None = None,
+    ) -> list[InFlightRow]:
+        """Those of *ids* still in flight, re-read (see confirm() for *unreadable*)."""
+
+        async def read(part: list[uuid.UUID]) -> list[InFlightRow]:
+            cursor = await conn.execute(self._reread, (part,))
+            return [_in_flight_row(row) for row in await cursor.fetchall()]
+
+        if unreadable is None:
+            return await read(list(ids))
+        return await narrowed(conn, read, list(ids), unreadable)
 
     async def write(self, conn: AsyncConn, batch: WriteBatch) -> dict[uuid.UUID, Written]:
         """Apply the batch; return what became of each order written or skipped.
