@@ -122,6 +122,7 @@ def load_settings(
         listener_health_interval=env.duration(
             "LISTENER_HEALTH_INTERVAL", 10.0, minimum=1.0, maximum=3600.0
         ),
+        handoff=env.choice("HANDOFF", "auto", ("auto", "inbox")),
         providers_file=providers_path,
         providers=(
             load_providers(providers_path, values, resolve_secrets=need_provider_secrets)

@@ -144,6 +144,10 @@ class Settings:
     drain_timeout: float = 10.0
     #: How often the LISTEN connection is proven alive.
     listener_health_interval: float = 10.0
+    #: ORDER_MONITOR_HANDOFF: 'auto' (NOTIFY while quiet, the inbox while busy)
+    #: or 'inbox' (never NOTIFY: for applications that dispatch inside a
+    #: PREPARE TRANSACTION, which PostgreSQL refuses after a NOTIFY).
+    handoff: str = "auto"
     providers_file: Path | None = None
     providers: tuple[ProviderConfig, ...] = ()
     log_level: str = "info"
@@ -186,6 +190,7 @@ RESTART_ONLY: Final = (
     ("concurrency", "ORDER_MONITOR_CONCURRENCY"),
     ("batch_size", "ORDER_MONITOR_BATCH_SIZE"),
     ("listener_health_interval", "ORDER_MONITOR_LISTENER_HEALTH_INTERVAL"),
+    ("handoff", "ORDER_MONITOR_HANDOFF"),
     ("http_listen", "ORDER_MONITOR_HTTP_LISTEN"),
 )
 
