@@ -29,8 +29,26 @@ Why nothing is missed at either switch, with one advisory lock:
   orders wait in the inbox, and the next connection starts by emptying it.
 
 :class:`ModeRule` (pure, injected clock) decides when to switch;
-:class:`Handoff` does the I/O on a connection of its own, which holds the
-lock as a session lock.
+:class:`Handoff` does the I/O on one session, which holds the lock as a
+session lock.
+
+Which session: the leader lock's own (:class:`LeaderSession`), in the
+daemon. A leader whose lock session was cut keeps running until it notices
+(the lock check's interval, plus its timeout on a half-open connection),
+while a standby may have taken over and swept already. Had it its own
+connection, its handoff would go on emptying the inbox all that time, and
+the ids it took would die with its engine: those orders would wait for the
+next sweep. On the lock's session it cannot: once the session is gone, so
+is every read of the inbox, and every read made before was committed while
+the lock was still held, before the new leader's first sweep looked at the
+table, which finds those orders. No check of ``pg_locks`` per read (it
+takes every lock-manager partition), no second sweep, no timing argument.
+
+``ORDER_MONITOR_HANDOFF=inbox`` (:attr:`Handoff.use_notify` False): the
+daemon never takes the idle lock, so the trigger always writes to the inbox
+and never NOTIFYs. For applications that dispatch in a ``PREPARE
+TRANSACTION`` (two-phase commit), which PostgreSQL refuses once the
+transaction has NOTIFYed.
 """
 
 from __future__ import annotations
@@ -39,10 +57,12 @@ import asyncio
 import enum
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from order_monitor.db import CONNECTION_ERRORS, AsyncConn, Queries, close_within, connect_forever
+from order_monitor.db.inbox import InboxStatements
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 
@@ -69,8 +89,13 @@ class HandoffTiming:
     idle_rate: float = 10.0
     calm_window: float = 2.0
     #: While busy, how long an empty inbox is left before it is read again:
-    #: the most an order waits there, on top of the round trip.
+    #: the most an order waits there, on top of the round trip. Doubled at
+    #: each read that finds it still empty, up to ``poll_max``, and back to
+    #: ``poll_interval`` at the first id: with a long transaction open
+    #: somewhere, dead inbox rows are not reclaimed and an empty read costs
+    #: 4 ms instead of 0.2, so reading 200 times a second would cost a core.
     poll_interval: float = 0.005
+    poll_max: float = 0.2
     #: How long one request for the idle lock may wait for the transactions
     #: that hold it shared; on timeout the daemon stays busy and tries again
     #: after ``idle_retry``.
@@ -87,6 +112,27 @@ class HandoffTiming:
                 raise ValueError(f"{name} must be > 0")
         if self.calm_window < self.burst_window:
             raise ValueError("calm_window must be >= burst_window")
+        if self.poll_max < self.poll_interval:
+            raise ValueError("poll_max must be >= poll_interval")
+
+
+class EmptyPolls:
+    """How long to wait before the next read of the inbox while busy (pure)."""
+
+    __slots__ = ("_next", "timing")
+
+    def __init__(self, timing: HandoffTiming) -> None:
+        self.timing = timing
+        self._next = timing.poll_interval
+
+    def after(self, taken: int) -> float:
+        """The wait after a read that took *taken* ids: short after any, doubling while none."""
+        if taken:
+            self._next = self.timing.poll_interval
+            return self._next
+        wait = self._next
+        self._next = min(wait * 2, self.timing.poll_max)
+        return wait
 
 
 class ModeRule:
@@ -139,6 +185,83 @@ class ModeRule:
             self._buckets.popleft()
 
 
+class HandoffSession(Protocol):
+    """Where the handoff's session comes from, and what a failure on it means."""
+
+    async def open(self) -> AsyncConn: ...
+
+    async def failed(self, conn: AsyncConn, error: str) -> None:
+        """After a statement on *conn* failed with *error*; the next :meth:`open` follows."""
+        ...
+
+    async def stopped(self, conn: AsyncConn) -> None:
+        """The handoff was cancelled (the engine stops) while using *conn*."""
+        ...
+
+
+class OwnSession:
+    """A connection of the handoff's own, reconnected after any failure (tests, tools)."""
+
+    def __init__(self, dsn: str, *, max_backoff: float = 30.0) -> None:
+        self._dsn = dsn
+        self._max_backoff = max_backoff
+
+    async def open(self) -> AsyncConn:
+        return await connect_forever(
+            self._dsn, "handoff", event="handoff.connect_failed", max_wait=self._max_backoff
+        )
+
+    async def failed(self, conn: AsyncConn, error: str) -> None:
+        # The idle lock goes with the session: orders wait in the inbox
+        # until the next connection empties it.
+        await close_within(conn, 5.0)
+
+    async def stopped(self, conn: AsyncConn) -> None:
+        await close_within(conn, 5.0)
+
+
+class LeaderLockSession(Protocol):
+    """What :class:`LeaderSession` needs of :class:`~order_monitor.ops.leader.LeaderLock`."""
+
+    @property
+    def connection(self) -> AsyncConn | None: ...
+
+    def session_failed(self, reason: str) -> None: ...
+
+
+class LeaderSession:
+    """The leader lock's own session (see the module docstring): no inbox read outlives the lock."""
+
+    def __init__(self, lock: LeaderLockSession, *, retry: float = 1.0) -> None:
+        self._lock = lock
+        self._retry = retry
+
+    async def open(self) -> AsyncConn:
+        conn = self._lock.connection
+        if conn is None or conn.closed or conn.broken:
+            # Leadership is gone or going: the engine is being stopped, and
+            # this task with it. Never fall back to another connection.
+            self._lock.session_failed("the leader lock's session is closed")
+            await asyncio.Future()
+        assert conn is not None
+        return conn
+
+    async def failed(self, conn: AsyncConn, error: str) -> None:
+        if conn.closed or conn.broken:
+            # Say so now rather than at the lock's next check: every moment
+            # the engine runs on after this, a standby may be working too.
+            self._lock.session_failed(f"the leader lock's session failed: {error}")
+            return
+        # A statement failed on a live session (the inbox dropped under us,
+        # a privilege revoked): the lock is still ours; try again shortly.
+        await asyncio.sleep(self._retry)
+
+    async def stopped(self, conn: AsyncConn) -> None:
+        # The lock's owner closes the session once the engine has stopped,
+        # and the idle lock goes with it.
+        return
+
+
 class Handoff:
     """Holds or releases the idle lock, and empties the inbox while busy.
 
@@ -160,18 +283,25 @@ class Handoff:
         timing: HandoffTiming | None = None,
         batch_size: int = 500,
         max_backoff: float = 30.0,
+        session: HandoffSession | None = None,
+        use_notify: bool = True,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self._dsn = dsn
-        self._queries = queries
+        self._statements = InboxStatements(queries.layout)
+        self._session: HandoffSession = session or OwnSession(dsn, max_backoff=max_backoff)
         self._on_orders = on_orders
         self._room = room
         self._listening = listening
         self._metrics = metrics
         self._clock = clock
+        self._sleep = sleep
         self.timing = timing or HandoffTiming()
         self.rule = ModeRule(self.timing)
+        self._polls = EmptyPolls(self.timing)
         self._batch_size = batch_size
-        self._max_backoff = max_backoff
+        #: False (ORDER_MONITOR_HANDOFF=inbox): never take the idle lock, so
+        #: the trigger never NOTIFYs (two-phase commit in the application).
+        self.use_notify = use_notify
         self.mode = Mode.BUSY
         metrics.handoff_busy.set(1)
         self._mode_since = clock()
@@ -179,6 +309,10 @@ class Handoff:
         #: None until the first connection tells; False on a version 1 install.
         self.inbox_installed: bool | None = None
         self._wake = asyncio.Event()
+
+    def use_session(self, session: HandoffSession) -> None:
+        """Run on *session* from the next (re)connection on (the daemon: the leader lock's)."""
+        self._session = session
 
     def notified(self) -> None:
         """An order arrived by NOTIFY (called by the listener for each one)."""
@@ -189,21 +323,29 @@ class Handoff:
     async def run(self) -> None:
         """Forever; returns only by cancellation."""
         while True:
-            conn = await self._connect()
+            conn = await self._session.open()
             try:
                 await self._serve(conn)
             except CONNECTION_ERRORS as exc:
-                log.warning("handoff.lost", error=str(exc).strip() or type(exc).__name__)
-            finally:
-                # The lock goes with the session: orders wait in the inbox
-                # until the next connection empties it.
+                error = str(exc).strip() or type(exc).__name__
+                log.warning("handoff.lost", error=error)
+                if self.mode is Mode.IDLE:
+                    await self._give_back(conn)
                 self._set_mode(Mode.BUSY, reason="connection closed")
-                await close_within(conn, 5.0)
+                await self._session.failed(conn, error)
+            except BaseException:
+                self._set_mode(Mode.BUSY, reason="stopped")
+                await self._session.stopped(conn)
+                raise
 
-    async def _connect(self) -> AsyncConn:
-        return await connect_forever(
-            self._dsn, "handoff", event="handoff.connect_failed", max_wait=self._max_backoff
-        )
+    async def _give_back(self, conn: AsyncConn) -> None:
+        """Release the idle lock on a session that outlives this failure (the leader's)."""
+        if conn.closed or conn.broken:
+            return
+        try:
+            await self._statements.give_idle_lock(conn)
+        except CONNECTION_ERRORS as exc:
+            log.debug("handoff.give_back_failed", error=str(exc).strip())
 
     async def _serve(self, conn: AsyncConn) -> None:
         if not await self._installed(conn):
@@ -215,7 +357,7 @@ class Handoff:
                 await self._serve_idle(conn)
 
     async def _installed(self, conn: AsyncConn) -> bool:
-        installed = await self._queries.inbox_installed(conn)
+        installed = await self._statements.installed(conn)
         if not installed and self.inbox_installed is not False:
             log.warning(
                 "handoff.version_1_install",
@@ -230,21 +372,25 @@ class Handoff:
         """On a version 1 install: hold the idle lock until version 2 appears.
 
         Held so that the moment the version 2 trigger is installed it
-        NOTIFYs: no order waits in an inbox that nobody reads yet.
+        NOTIFYs: no order waits in an inbox that nobody reads yet. Not held
+        without NOTIFY (``use_notify`` False): orders then wait in the inbox
+        until it is read, as that setting asks.
         """
-        while not await self._queries.take_idle_lock(conn, self.timing.lock_wait):
-            pass
-        self._set_mode(Mode.IDLE, reason="version 1 install")
+        if self.use_notify:
+            while not await self._statements.take_idle_lock(conn, self.timing.lock_wait):
+                pass
+            self._set_mode(Mode.IDLE, reason="version 1 install")
         installed = False
         while not installed:
-            await asyncio.sleep(self.timing.idle_check)
+            await self._sleep(self.timing.idle_check)
             installed = await self._installed(conn)
         log.info("handoff.version_2_installed")
-        await self._queries.give_idle_lock(conn)
+        if self.use_notify:
+            await self._statements.give_idle_lock(conn)
         self._set_mode(Mode.BUSY, reason="version 2 installed")
 
     async def _serve_busy(self, conn: AsyncConn) -> None:
-        _, more = await self._drain(conn)
+        taken, more = await self._drain(conn)
         now = self._clock()
         calm = self.rule.wants(Mode.BUSY, now, since=self._mode_since) is Mode.IDLE
         may_retry = (
@@ -252,12 +398,12 @@ class Handoff:
         )
         # Only with the listener up: a NOTIFY nobody hears is lost (the
         # sweep would find the order, but late).
-        if calm and may_retry and self._listening():
+        if self.use_notify and calm and may_retry and self._listening():
             if await self._go_idle(conn):
                 return
             self._idle_refused_at = now
         if not more:
-            await asyncio.sleep(self.timing.poll_interval)
+            await self._sleep(self._polls.after(taken))
 
     async def _serve_idle(self, conn: AsyncConn) -> None:
         self._wake.clear()
@@ -274,7 +420,7 @@ class Handoff:
         else:
             reason = None
         if reason is not None:
-            await self._queries.give_idle_lock(conn)
+            await self._statements.give_idle_lock(conn)
             self._set_mode(Mode.BUSY, reason=reason)
             return
         if woken:
@@ -288,7 +434,7 @@ class Handoff:
             )
 
     async def _go_idle(self, conn: AsyncConn) -> bool:
-        if not await self._queries.take_idle_lock(conn, self.timing.lock_wait):
+        if not await self._statements.take_idle_lock(conn, self.timing.lock_wait):
             log.debug("handoff.idle_lock_busy", waited_s=self.timing.lock_wait)
             return False
         self._set_mode(Mode.IDLE, reason="orders arriving slowly")
@@ -303,9 +449,9 @@ class Handoff:
         room = min(self._batch_size, self._room())
         if room <= 0:
             # The confirmer is behind: leave the ids in the table for now.
-            await asyncio.sleep(self.timing.poll_interval)
+            await self._sleep(self.timing.poll_interval)
             return 0, True
-        ids = await self._queries.drain_inbox(conn, room)
+        ids = await self._statements.take(conn, room)
         if ids:
             self.rule.observe(self._clock(), len(ids))
             self._metrics.inbox_taken.inc(len(ids))

@@ -72,17 +72,17 @@ RELEASED: Final = "released"
 PURPOSE: Final = "leader lock"
 _RETRY_CAP: Final = 30.0
 
-_TRY_LOCK: Final = "SELECT pg_try_advisory_lock(%s)"
+_TRY_LOCK: Final = "SELECT pg_catalog.pg_try_advisory_lock(%s)"
 _STILL_OURS: Final = """
-SELECT pg_backend_pid(), EXISTS (
-    SELECT FROM pg_locks
+SELECT pg_catalog.pg_backend_pid(), EXISTS (
+    SELECT FROM pg_catalog.pg_locks
     WHERE locktype = 'advisory' AND objsubid = 1 AND granted
-      AND pid = pg_backend_pid() AND classid::bigint = %s AND objid::bigint = %s
+      AND pid = pg_catalog.pg_backend_pid() AND classid::bigint = %s AND objid::bigint = %s
 )
 """
 _HOLDER: Final = """
-SELECT l.pid, a.application_name, host(a.client_addr)
-FROM pg_locks l LEFT JOIN pg_stat_activity a USING (pid)
+SELECT l.pid, a.application_name, pg_catalog.host(a.client_addr)
+FROM pg_catalog.pg_locks l LEFT JOIN pg_catalog.pg_stat_activity a USING (pid)
 WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
   AND l.classid::bigint = %s AND l.objid::bigint = %s
 """
@@ -102,7 +102,7 @@ class LeaderLock:
         key: int,
         *,
         poll: float = 1.5,
-        check_interval: float = 2.0,
+        check_interval: float = 5.0,
         check_timeout: float = 5.0,
         connect_timeout: int = 10,
         on_progress: Callable[[], object] | None = None,
@@ -135,6 +135,7 @@ class LeaderLock:
         self.connect_failures = 0
         #: Successful checks that the held lock is still this session's.
         self.checks = 0
+        self._conn: psycopg.AsyncConnection[Any] | None = None
 
     @property
     def role(self) -> str:
@@ -144,6 +145,21 @@ class LeaderLock:
     @property
     def is_leader(self) -> bool:
         return self._role == LEADER
+
+    @property
+    def connection(self) -> psycopg.AsyncConnection[Any] | None:
+        """The lock's session while leader (None otherwise).
+
+        The handoff reads the inbox on it, so that no read outlives the lock
+        (see :mod:`order_monitor.engine.handoff`); psycopg serialises its use
+        with this lock's own checks.
+        """
+        return self._conn if self._role == LEADER else None
+
+    def session_failed(self, reason: str) -> None:
+        """A user of :attr:`connection` saw it fail: the lock is lost now, not at the next check."""
+        if self._role == LEADER:
+            self._lose(reason)
 
     @asynccontextmanager
     async def held(self) -> AsyncIterator[LeaderLock]:
@@ -159,10 +175,12 @@ class LeaderLock:
         self.lost_reason = None
         try:
             conn = await self._acquire()
+            self._conn = conn
             monitor = asyncio.create_task(self._monitor(conn), name="leader-lock-monitor")
             try:
                 yield self
             finally:
+                self._conn = None
                 monitor.cancel()
                 # wait() rather than awaiting the task: our own cancellation
                 # must still propagate, the monitor's must not.

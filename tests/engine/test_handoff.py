@@ -23,14 +23,15 @@ from psycopg.conninfo import make_conninfo
 from order_monitor import install, schema
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
-from order_monitor.db import Queries
+from order_monitor.db.inbox import InboxStatements
 from order_monitor.engine.handoff import HandoffTiming, Mode
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import DAEMON_ROLE, OWNER_ROLE, as_daemon
 from tests.daemon_fixtures import App, eventually, running, settings_for
 
 AConn = psycopg.AsyncConnection[Any]
-QUERIES = Queries(Layout())
+#: The daemon's statements on the inbox; each test's reads start afresh.
+STATEMENTS = InboxStatements(Layout())
 INBOX = schema.Names(Layout()).inbox.as_string(None)
 V1_INSTALL = Path(__file__).parents[1] / "integration" / "fixtures" / "install_v1.sql"
 
@@ -92,7 +93,7 @@ async def test_going_idle_waits_for_the_open_inbox_writer_and_sees_it(
     # Busy (nobody holds the idle lock): T1 writes the inbox and stays open.
     first = await dispatch(t1, "open-across-the-switch")
     # The daemon asks for the idle lock; it must wait for T1.
-    going_idle = asyncio.create_task(QUERIES.take_idle_lock(daemon, wait=30))
+    going_idle = asyncio.create_task(STATEMENTS.take_idle_lock(daemon, wait=30))
     await eventually(
         lambda: waiting_for_idle_lock(admin, daemon.info.backend_pid),
         within=10,
@@ -107,7 +108,7 @@ async def test_going_idle_waits_for_the_open_inbox_writer_and_sees_it(
     await t1.commit()
     assert await asyncio.wait_for(going_idle, 10) is True
     # ...and the final read of the inbox, after the grant, sees T1's order.
-    assert await QUERIES.drain_inbox(daemon, 100) == [first]
+    assert await STATEMENTS.take(daemon, 100) == [first]
     # Idle: the next dispatch NOTIFYs, the inbox stays empty.
     third = await dispatch(t2, "idle")
     assert await notified(listener) == [str(third)]
@@ -120,16 +121,16 @@ async def test_going_busy_while_a_notifying_transaction_is_open_loses_nothing(
     daemon, listener, admin, t1, t2 = (
         conns[k] for k in ("daemon", "listener", "admin", "t1", "t2")
     )
-    assert await QUERIES.take_idle_lock(daemon, wait=5) is True
+    assert await STATEMENTS.take_idle_lock(daemon, wait=5) is True
     # Idle: T1's trigger chose NOTIFY; T1 stays open.
     first = await dispatch(t1, "notify-chosen-before-the-switch")
-    await QUERIES.give_idle_lock(daemon)  # busy from here on
+    await STATEMENTS.give_idle_lock(daemon)  # busy from here on
     second = await dispatch(t2, "after-the-switch")
     assert await in_inbox(admin) == {str(second)}
     assert await notified(listener) == []  # T1 not committed yet
     await t1.commit()
     assert await notified(listener) == [str(first)]
-    assert await QUERIES.drain_inbox(daemon, 100) == [second]
+    assert await STATEMENTS.take(daemon, 100) == [second]
 
 
 async def test_a_lock_wait_that_times_out_leaves_the_daemon_busy_and_reading(
@@ -139,20 +140,18 @@ async def test_a_lock_wait_that_times_out_leaves_the_daemon_busy_and_reading(
         conns[k] for k in ("daemon", "listener", "admin", "t1", "t2")
     )
     first = await dispatch(t1, "long-transaction")
-    assert await QUERIES.take_idle_lock(daemon, wait=0.05) is False
+    assert await STATEMENTS.take_idle_lock(daemon, wait=0.05) is False
     # Still busy: a new dispatch goes to the inbox, not to NOTIFY.
     second = await dispatch(t2, "after-the-timeout")
     assert await in_inbox(admin) == {str(second)}
     await t1.commit()
-    assert sorted(map(str, await QUERIES.drain_inbox(daemon, 100))) == sorted(
-        [str(first), str(second)]
-    )
+    assert sorted(map(str, await STATEMENTS.take(daemon, 100))) == sorted([str(first), str(second)])
     assert await notified(listener) == []
 
 
 async def test_the_lock_goes_with_the_daemons_session(conns: dict[str, AConn]) -> None:
     daemon, listener, admin, t2 = (conns[k] for k in ("daemon", "listener", "admin", "t2"))
-    assert await QUERIES.take_idle_lock(daemon, wait=5) is True
+    assert await STATEMENTS.take_idle_lock(daemon, wait=5) is True
     pid = daemon.info.backend_pid
     await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     await eventually(lambda: _gone(admin, pid), within=10, what="the daemon's session to end")

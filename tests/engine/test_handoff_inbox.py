@@ -1,0 +1,161 @@
+"""Reading the inbox: waits that grow while it is empty, and reads that start where the last ended.
+
+The waits are the handoff's own, through an injected sleeper (no clock, no
+sleep); the cost of a read is counted in heap blocks by the server itself
+(``pg_stat_get_xact_blocks_fetched``), never in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from order_monitor.config import Layout
+from order_monitor.db import Queries
+from order_monitor.db.inbox import START, InboxStatements
+from order_monitor.engine.handoff import EmptyPolls, Handoff, HandoffTiming, OwnSession
+from order_monitor.metrics import Metrics
+from tests.conftest import as_daemon
+
+INBOX = "order_monitor_product_orders_inbox_v2"
+TIMING = HandoffTiming(poll_interval=0.005, poll_max=0.2)
+
+
+def test_empty_reads_double_the_wait_up_to_the_cap_and_any_id_resets_it() -> None:
+    polls = EmptyPolls(TIMING)
+    waits = [polls.after(0) for _ in range(8)]
+    assert waits == [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.2]
+    assert polls.after(3) == 0.005
+    assert [polls.after(0) for _ in range(3)] == [0.005, 0.01, 0.02]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=3), max_size=60))
+def test_the_wait_is_always_within_bounds_and_short_right_after_an_id(taken: list[int]) -> None:
+    polls = EmptyPolls(TIMING)
+    for count in taken:
+        wait = polls.after(count)
+        assert TIMING.poll_interval <= wait <= TIMING.poll_max
+        if count:
+            assert wait == TIMING.poll_interval
+
+
+class Stop(Exception):
+    """Ends the handoff's run from inside the injected sleeper."""
+
+
+async def test_the_handoff_backs_off_while_empty_and_resets_on_an_id(db: str) -> None:
+    waits: list[float] = []
+    taken: list[uuid.UUID] = []
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as admin:
+
+        async def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            if len(waits) == 8:
+                await admin.execute(
+                    f"INSERT INTO {INBOX} (order_id) VALUES (gen_random_uuid())"  # type: ignore[arg-type]
+                )
+            if len(waits) == 11:
+                raise Stop
+
+        handoff = Handoff(
+            "",
+            Queries(Layout()),
+            on_orders=taken.extend,
+            room=lambda: 100,
+            listening=lambda: False,
+            metrics=Metrics(),
+            clock=asyncio.get_running_loop().time,
+            timing=TIMING,
+            session=OwnSession(as_daemon(db)),
+            sleep=sleep,
+        )
+        with pytest.raises(Stop):
+            await handoff.run()
+    assert len(taken) == 1
+    assert waits == [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.2, 0.005, 0.005, 0.01]
+
+
+BACKLOG = 20_000
+BATCH = 500
+
+
+async def blocks_per_batch(db: str, take: Any) -> list[int]:
+    """Heap blocks of the inbox each batch reads, emptying a backlog with its dead rows kept.
+
+    One transaction, as a snapshot held elsewhere would leave it: the rows
+    each batch deleted stay in their pages for the next batch to walk over.
+    """
+    with psycopg.connect(db, autocommit=True) as admin:
+        admin.execute(
+            f"INSERT INTO {INBOX} (order_id) SELECT gen_random_uuid()"  # type: ignore[arg-type]
+            f" FROM generate_series(1, {BACKLOG})"
+        )
+    fetched = "SELECT pg_stat_get_xact_blocks_fetched(%s::regclass)"
+    blocks: list[int] = []
+    async with (
+        await psycopg.AsyncConnection.connect(as_daemon(db), autocommit=True) as conn,
+        conn.transaction(),
+    ):
+        before = (await (await conn.execute(fetched, (INBOX,))).fetchall())[0][0]
+        drained = 0
+        while batch := await take(conn, BATCH):
+            drained += len(batch)
+            after = (await (await conn.execute(fetched, (INBOX,))).fetchall())[0][0]
+            blocks.append(int(after - before))
+            before = after
+    assert drained == BACKLOG
+    return blocks
+
+
+async def test_a_backlog_drains_in_linear_time(db: str) -> None:
+    statements = InboxStatements(Layout())
+    blocks = await blocks_per_batch(db, statements.take)
+    # Each batch starts where the last one ended: the last costs what the
+    # first did (about three blocks per id deleted, plus the few pages read).
+    assert max(blocks) - min(blocks) <= 8, blocks
+    assert statements.position == START
+
+
+async def test_reading_from_the_first_page_each_time_is_quadratic(db: str) -> None:
+    """The read before this fix: each batch walks every row the ones before it deleted."""
+    blocks = await blocks_per_batch(db, Queries(Layout()).drain_inbox)
+    assert blocks[-1] - blocks[0] > 60, blocks
+
+
+async def test_a_read_that_runs_off_the_end_goes_back_for_rows_behind_it(db: str) -> None:
+    statements = InboxStatements(Layout())
+    async with (
+        await psycopg.AsyncConnection.connect(as_daemon(db), autocommit=True) as daemon,
+        await psycopg.AsyncConnection.connect(db, autocommit=True) as admin,
+    ):
+        ids = [
+            r[0]
+            for r in await (
+                await admin.execute(
+                    f"INSERT INTO {INBOX} (order_id) SELECT gen_random_uuid()"  # type: ignore[arg-type]
+                    " FROM generate_series(1, 10) RETURNING order_id"
+                )
+            ).fetchall()
+        ]
+        first = await statements.take(daemon, 4)
+        assert first == ids[:4]
+        assert statements.position == "(0,4)"
+        # A row put into the free space before the position (vacuum made room there).
+        await admin.execute(f"VACUUM {INBOX}")  # type: ignore[arg-type]
+        late = await (
+            await admin.execute(
+                f"INSERT INTO {INBOX} (order_id) VALUES (gen_random_uuid())"  # type: ignore[arg-type]
+                " RETURNING order_id, ctid::text"
+            )
+        ).fetchone()
+        assert late is not None
+        assert late[1] < "(0,4)"  # behind the position: only going back finds it
+        rest = await statements.take(daemon, 100)
+    assert sorted(rest) == sorted([*ids[4:], late[0]])
+    assert statements.position == START

@@ -1,0 +1,112 @@
+"""A leader change loses no inbox id: the inbox is read on the leader lock's own session.
+
+The old leader's lock session is terminated (pg_terminate_backend, as a DBA or
+a network cut would); orders then arrive through the inbox. Before the old
+leader has even noticed, its handoff must take none of them: each one it took
+would die with its engine and wait for the next sweep (5 minutes). The new
+leader's handoff takes them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from structlog.testing import capture_logs
+
+from order_monitor.config import Layout
+from order_monitor.db import Queries
+from order_monitor.engine.handoff import Handoff, LeaderSession
+from order_monitor.metrics import Metrics
+from order_monitor.ops.leader import LEADER, LOST, LeaderLock, lock_key
+from tests.conftest import as_daemon
+from tests.daemon_fixtures import eventually
+
+KEY = lock_key("public", "product_orders")
+DISPATCH = """INSERT INTO product_orders (provider_referans, "providerId", "externalStatus", "sentAt")
+              SELECT 'R' || n, 'fake', 'sent', now() FROM generate_series(1, %s) n RETURNING id"""
+
+
+class Taker:
+    """A handoff on a leader lock's session, recording what it takes."""
+
+    def __init__(self, lock: LeaderLock) -> None:
+        self.taken: list[uuid.UUID] = []
+        self.handoff = Handoff(
+            "",
+            Queries(Layout()),
+            on_orders=self.taken.extend,
+            room=lambda: 1000,
+            listening=lambda: False,  # stays busy: reads the inbox every few ms
+            metrics=Metrics(),
+            clock=asyncio.get_running_loop().time,
+            session=LeaderSession(lock),
+        )
+
+
+@asynccontextmanager
+async def leading(dsn: str) -> AsyncIterator[tuple[LeaderLock, Taker]]:
+    """A leader (its lock checked only every 60 s: the handoff must not rely on the check)."""
+    lock = LeaderLock(dsn, KEY, poll=0.05, check_interval=60.0)
+    async with lock.held():
+        taker = Taker(lock)
+        task = asyncio.create_task(taker.handoff.run())
+        try:
+            yield lock, taker
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+
+
+async def inbox_count(admin: psycopg.AsyncConnection[Any]) -> int:
+    row = await (
+        await admin.execute("SELECT count(*) FROM order_monitor_product_orders_inbox_v2")
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_the_old_leader_takes_nothing_once_its_lock_session_is_gone(db: str) -> None:
+    dsn = as_daemon(db)
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as admin:
+        with capture_logs() as logs:
+            async with leading(dsn) as (old_lock, old):
+                assert old_lock.role == LEADER
+                first = [r[0] for r in await (await admin.execute(DISPATCH, (5,))).fetchall()]
+                await eventually(lambda: _took(old, first), within=10, what="the leader to read")
+
+                await admin.execute("SELECT pg_terminate_backend(%s)", (old_lock.backend_pid,))
+                await eventually(lambda: _gone(admin, old_lock.backend_pid), what="the backend")
+                after = [r[0] for r in await (await admin.execute(DISPATCH, (50,))).fetchall()]
+
+                # The first read on the dead session says the lock is lost,
+                # long before the lock's own check would (60 s here).
+                await eventually(lambda: _is(old_lock, LOST), within=10, what="lost")
+                assert await inbox_count(admin) == len(after)
+                assert old.taken == first
+
+                async with leading(dsn) as (new_lock, new):
+                    assert new_lock.role == LEADER
+                    await eventually(lambda: _took(new, after), within=10, what="the new leader")
+                assert await inbox_count(admin) == 0
+    lost = [e for e in logs if e["event"] == "leader.lost"]
+    assert len(lost) == 1
+    assert "session failed" in lost[0]["reason"]
+
+
+async def _took(taker: Taker, ids: list[uuid.UUID]) -> bool:
+    return sorted(taker.taken) == sorted(ids)
+
+
+async def _is(lock: LeaderLock, role: str) -> bool:
+    return lock.role == role
+
+
+async def _gone(admin: psycopg.AsyncConnection[Any], pid: int | None) -> bool:
+    cursor = await admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+    row = await cursor.fetchone()
+    return row is not None and row[0] == 0
