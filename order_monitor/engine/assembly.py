@@ -22,6 +22,7 @@ from typing import Any
 
 from order_monitor.config import Settings
 from order_monitor.db import ColumnLimits, ManagedConnection, Queries
+from order_monitor.engine.anchors import DispatchAnchors
 from order_monitor.engine.checker import Checker, CheckerLimits
 from order_monitor.engine.handoff import Handoff, HandoffTiming
 from order_monitor.engine.inbox import Confirmer, Inbox
@@ -92,6 +93,8 @@ class Engine:
         on_listener_connected: Callable[[], None],
     ) -> Engine:
         """The pieces, wired: who wakes whom, who hands what to whom."""
+        # One for every reader of rows, so an order keeps its anchor whichever meets it.
+        anchors = DispatchAnchors(settings.layout, metrics)
         writer = Writer(
             writer_conn,
             queries,
@@ -115,6 +118,7 @@ class Engine:
             limits=checker_limits(settings),
             metrics=metrics,
             clock=clock,
+            anchors=anchors,
         )
         writer.on_rescheduled = checker.wake
         sweeper = Sweeper(
@@ -128,6 +132,7 @@ class Engine:
             clock=clock,
             on_scheduled=checker.wake,
             group_for=checker.group_for,
+            anchors=anchors,
         )
         confirmer = Confirmer(
             Inbox(inbox_capacity(settings)),
@@ -141,6 +146,7 @@ class Engine:
             on_scheduled=checker.wake,
             on_lost=sweeper.request,
             group_for=checker.group_for,
+            anchors=anchors,
         )
         handoff = Handoff(
             settings.dsn.reveal(),

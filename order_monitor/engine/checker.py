@@ -6,6 +6,11 @@ before any provider is asked), groups them by provider and hands each group
 to that provider's LimitedProvider. Groups run as separate tasks, so a slow
 provider holds up only its own orders; a per-provider cap on orders under way
 keeps one stuck provider from filling the global in-flight budget.
+
+A re-read that fails on one row's values is narrowed down to that row: it is
+skipped and warned about by id (``checker.row_unreadable``), the rest of the
+batch is checked. Orders with an unusable dispatch time get their age from
+engine.anchors before any decision is made, so decisions need not know.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import psycopg
 
 from order_monitor.config import OutcomeWrites
 from order_monitor.db import ColumnLimits, InFlightRow, ManagedConnection, Queries
+from order_monitor.engine.anchors import DispatchAnchors
 from order_monitor.engine.decisions import decide
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.engine.scheduler import Scheduler
+from order_monitor.engine.unreadable import UnreadableRows
 from order_monitor.engine.writer import Writer
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
@@ -38,6 +45,9 @@ log = get_logger()
 DEFER_BUSY = 5.0
 RETRY_AFTER_READ_FAILURE = 5.0
 RETRY_AFTER_BUG = 60.0
+#: An unreadable row is warned about at most once this often (it is met again
+#: at each sweep, every sweep_interval by default).
+UNREADABLE_WARN_EVERY = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +83,18 @@ class Checker:
         limits: CheckerLimits,
         metrics: Metrics,
         clock: Callable[[], float],
+        anchors: DispatchAnchors,
     ) -> None:
         self._conn = conn
         self._queries = queries
+        self._anchors = anchors
+        self._unreadable = UnreadableRows(
+            "checker.row_unreadable",
+            where="reread",
+            metrics=metrics,
+            clock=clock,
+            interval=UNREADABLE_WARN_EVERY,
+        )
         self._providers = providers
         self._scheduler = scheduler
         self._writer = writer
@@ -169,7 +188,7 @@ class Checker:
         uuids = [uuid.UUID(int=i) for i in ids]
         try:
             conn = await self._conn.get()
-            rows = await self._queries.fetch_in_flight(conn, uuids)
+            rows = await self._queries.fetch_in_flight(conn, uuids, unreadable=self._unreadable)
         except psycopg.Error as exc:
             await self._conn.reset()
             log.error(
@@ -183,11 +202,14 @@ class Checker:
                 self._scheduler.complete(order, retry_at)
             return
         read_at = self._clock()
+        rows = self._anchors.settle(rows, read_at)
         found = {row.id.int for row in rows}
         for order in ids:
             if order not in found:
                 # Finished by someone else, or no longer dispatched: not ours.
+                # (Or a row that cannot be read: the sweep finds it again.)
                 self._scheduler.forget(order)
+                self._anchors.drop((order,))
                 log.debug("order.left_flight", order_id=str(uuid.UUID(int=order)))
 
         groups: dict[str | None, list[InFlightRow]] = defaultdict(list)
@@ -270,7 +292,9 @@ class Checker:
         ids = [order for order, _ in pulled]
         try:
             rows = await self._queries.fetch_in_flight(
-                await self._conn.get(), [uuid.UUID(int=i) for i in ids]
+                await self._conn.get(),
+                [uuid.UUID(int=i) for i in ids],
+                unreadable=self._unreadable,
             )
         except psycopg.Error as exc:
             # Not worth a failed batch: they were not due yet, so they go
@@ -286,6 +310,7 @@ class Checker:
                 self._scheduler.complete(order, due)
             return None
         read_at = self._clock()
+        rows = self._anchors.settle(rows, read_at)
         same = [row for row in rows if row.provider_id == provider_id]
         kept = {row.id.int for row in same}
         moved = {row.id.int for row in rows} - kept

@@ -20,9 +20,11 @@ from collections.abc import Callable
 import psycopg
 
 from order_monitor.db import ManagedConnection, Queries
+from order_monitor.engine.anchors import DispatchAnchors
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.engine.scheduler import Scheduler
 from order_monitor.engine.sweep import GroupFor, no_groups, schedule_row
+from order_monitor.engine.unreadable import UnreadableRows
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 
@@ -89,8 +91,17 @@ class Confirmer:
         on_scheduled: Callable[[], None],
         on_lost: Callable[[], None],
         group_for: GroupFor = no_groups,
+        anchors: DispatchAnchors | None = None,
     ) -> None:
         self.inbox = inbox
+        #: Ages for orders whose dispatch time is unusable (shared with the
+        #: sweep and the checker); None: they read as dispatched just now.
+        self._anchors = anchors
+        # A row that fails the confirm is skipped, not its whole batch; the
+        # sweep meets it again, so once per order per sweep interval is enough.
+        self._unreadable = UnreadableRows(
+            "listener.row_unreadable", where="confirm", metrics=metrics, clock=clock, interval=300.0
+        )
         self._group_for = group_for
         self._conn = conn
         self._queries = queries
@@ -155,7 +166,9 @@ class Confirmer:
     async def _confirm(self, ids: list[int]) -> None:
         try:
             rows = await self._queries.confirm(
-                await self._conn.get(), [uuid.UUID(int=i) for i in ids]
+                await self._conn.get(),
+                [uuid.UUID(int=i) for i in ids],
+                unreadable=self._unreadable,
             )
         except psycopg.Error as exc:
             await self._conn.reset()
@@ -168,6 +181,8 @@ class Confirmer:
             self._on_lost()
             return
         now = self._clock()
+        if self._anchors is not None:
+            rows = self._anchors.settle(rows, now)
         woke = False
         for row in rows:
             woke |= schedule_row(self._scheduler, self.policy, row, now, self._group_for)

@@ -6,6 +6,11 @@ scan however large the table. Orders already in the schedule keep their
 place; missing ones are scheduled where the policy says they stand, from
 their dispatch and last-sync times, so a restarted daemon resumes the
 backoff instead of starting it over.
+
+A page that fails on one row's values is narrowed down to that row
+(Queries.sweep_page_narrowed): the row is skipped and warned about by id
+(``sweep.row_unreadable``), every other order is still found. An order whose
+dispatch time is unusable gets its age from engine.anchors.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from dataclasses import dataclass
 import psycopg
 
 from order_monitor.db import ManagedConnection, Queries, SweepRow
+from order_monitor.db.queries import Unreadable
+from order_monitor.engine.anchors import DispatchAnchors
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.engine.scheduler import Scheduler
+from order_monitor.engine.unreadable import UnreadableRows
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 
@@ -70,23 +78,41 @@ async def sweep_once(
     clock: Callable[[], float],
     page_size: int,
     group_for: GroupFor = no_groups,
+    *,
+    anchors: DispatchAnchors | None = None,
+    unreadable: Unreadable | None = None,
 ) -> SweepResult:
+    """One full sweep; without *unreadable* a failing page fails it, as without *anchors*
+    an order with an unusable dispatch time reads as dispatched just now."""
     started = time.perf_counter()
     found = scheduled = 0
+    anchored: set[int] = set()
     after = None
     while True:
-        rows = await queries.sweep_page(await conn.get(), after, page_size)
+        if unreadable is None:
+            rows = await queries.sweep_page(await conn.get(), after, page_size)
+            after = rows[-1].id if len(rows) == page_size else None
+        else:
+            rows, after = await queries.sweep_page_narrowed(
+                await conn.get(), after, page_size, unreadable
+            )
         now = clock()
+        if anchors is not None:
+            rows = anchors.settle(rows, now)
+            anchored.update(row.id.int for row in rows if row.id.int in anchors)
         for row in rows:
             if row.id.int not in scheduler:
                 schedule_row(scheduler, policy, row, now, group_for)
                 scheduled += 1
         found += len(rows)
-        if len(rows) < page_size:
+        if after is None:
             break
-        after = rows[-1].id
         # Let notifications and checks run between pages of a big sweep.
         await asyncio.sleep(0)
+    if anchors is not None:
+        # A complete sweep saw every order in flight: an anchor it did not
+        # meet, and that the schedule does not hold, belongs to an order gone.
+        anchors.retain(lambda key: key in anchored or key in scheduler)
     return SweepResult(found, scheduled, time.perf_counter() - started)
 
 
@@ -104,7 +130,13 @@ class Sweeper:
         clock: Callable[[], float],
         on_scheduled: Callable[[], None],
         group_for: GroupFor = no_groups,
+        anchors: DispatchAnchors,
     ) -> None:
+        self._anchors = anchors
+        # Once per order per interval: a bad row is met again at every sweep.
+        self._unreadable = UnreadableRows(
+            "sweep.row_unreadable", where="sweep", metrics=metrics, clock=clock, interval=interval
+        )
         self._conn = conn
         self._queries = queries
         self._scheduler = scheduler
@@ -140,6 +172,8 @@ class Sweeper:
                 self._clock,
                 self._page_size,
                 self._group_for,
+                anchors=self._anchors,
+                unreadable=self._unreadable,
             )
         except psycopg.Error as exc:
             await self._conn.reset()
