@@ -1,4 +1,4 @@
--- order-monitor: install (schema version 2)
+-- order-monitor: install (schema version 3)
 --
 -- What it does, on the orders table "public"."product_orders":
 --   * adds the column "provider_referans" (if missing; no rewrite, data untouched);
@@ -9,33 +9,188 @@
 --     order would serialise the application's commits; see the table's comment);
 --   * replaces version 1's triggers, which NOTIFYed always, in one transaction;
 --   * creates the function through which the daemon writes results (and
---     nothing else): done sets 'done', failed 'failed', gave_up 'manual_required', status is never written.
+--     nothing else): done sets 'done', failed 'failed', gave_up 'manual_required', status is never written;
+--   * leaves EXECUTE on its functions to the table's owner (and, once
+--     role.sql has run, the write function to the daemon's role) only.
 -- An order is "in flight" when "provider_referans" is set, lower("externalStatus") is one of
 -- (sent, processing, queued, pending, unknown) and lower("status") is not one of (approved, rejected).
 --
--- Apply with psql, as the table's owner, NOT inside a transaction
--- (CREATE INDEX CONCURRENTLY refuses to run in one):
+-- Apply with psql (it uses \if), as the table's owner or a superuser (it
+-- then switches to the owner), NOT inside a transaction (CREATE INDEX
+-- CONCURRENTLY refuses to run in one):
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/install.sql
 -- or, for a non-default layout: order-monitor sql install
--- Running it again is harmless: every statement is idempotent.
--- Upgrading from version 1: upgrade the daemon first (it runs on either
--- version, and holds the lock the new trigger looks for), then run this.
+-- Running it again is harmless: every step is idempotent, and a run that
+-- finds nothing to change takes no lock on the table. If it stops on
+-- "lock timeout" (the table was busy), run it again.
+-- Upgrading from version 1 or 2: stop every order-monitor instance (standbys
+-- included), run this, then start the new version (it refuses to start on
+-- an older schema, and an older one cannot write on this).
 
--- Fail fast instead of queueing the application's writes behind us if the
--- table is busy: re-run later when this times out.
-SET lock_timeout = '5s';
+-- Every name this file resolves comes from pg_catalog first: a role that
+-- may CREATE in a schema on the default path (public, before PostgreSQL
+-- 15) could otherwise put its own lower(varchar) in front of ours, and it
+-- would run as whoever runs this file. Restored at the end.
+SET search_path = pg_catalog, pg_temp;
+
+-- Wait at most this long for a lock on the orders table. While we wait,
+-- the application's statements that conflict with the lock we asked for
+-- queue behind our request, for at most that long; then this file stops
+-- with "lock timeout", having changed nothing in that step: run it again
+-- when the table is quieter (every step is idempotent). A re-run that has
+-- nothing to change takes no lock on the orders table at all.
+SET lock_timeout = '3s';
+
+-- The rest runs as the table's owner: the SECURITY DEFINER functions
+-- below run with their owner's rights, which must not be a superuser's.
+-- Run by a superuser (or a member of the owner role), this switches to
+-- the owner (SET ROLE, until the end of the file) and hands back any
+-- function an earlier superuser install left; on a table a superuser
+-- owns it goes on with a WARNING. Any other role is refused.
+DO $om$
+DECLARE
+    table_owner name;
+    owner_is_superuser boolean;
+    item record;
+BEGIN
+    SELECT r.rolname, r.rolsuper INTO table_owner, owner_is_superuser
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid = c.relowner
+     WHERE c.oid = pg_catalog.to_regclass('"public"."product_orders"');
+    IF table_owner IS NULL THEN
+        RAISE EXCEPTION 'order-monitor: table % does not exist', '"public"."product_orders"';
+    END IF;
+    IF owner_is_superuser THEN
+        -- Go on, but say it: our SECURITY DEFINER functions run as their
+        -- owner, the table's, so with every right on the cluster.
+        RAISE WARNING 'order-monitor: % is owned by the superuser %, so the SECURITY DEFINER functions this file creates run as a superuser', '"public"."product_orders"', table_owner
+            USING HINT = 'give the table to an ordinary role (ALTER TABLE ... OWNER TO ...) and run this file again';
+    ELSIF table_owner <> current_user THEN
+        IF NOT pg_catalog.pg_has_role(table_owner, 'MEMBER') THEN
+            RAISE EXCEPTION 'order-monitor: run this file as the owner of % (%), or as a role that may SET ROLE to it', '"public"."product_orders"', table_owner;
+        END IF;
+        -- An earlier install run by a superuser left functions (or the
+        -- inbox) that are not the table owner's: give them back, or the
+        -- owner could not replace them, and a superuser-owned SECURITY
+        -- DEFINER function would keep running with every right.
+        FOR item IN
+            SELECT p.oid::pg_catalog.regprocedure AS f
+              FROM pg_catalog.pg_proc p
+              JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
+             WHERE s.nspname = 'public' AND p.proname::text IN ('order_monitor_product_orders_notify_v2', 'order_monitor_product_orders_notify_v1', 'order_monitor_product_orders_write_v2', 'order_monitor_product_orders_write_v1')
+               AND p.proowner <> (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = table_owner)
+        LOOP
+            EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO %I', item.f, table_owner);
+        END LOOP;
+        IF EXISTS (SELECT FROM pg_catalog.pg_class i
+                    WHERE i.oid = pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"')
+                      AND i.relowner <> (SELECT r.oid FROM pg_catalog.pg_roles r
+                                          WHERE r.rolname = table_owner)) THEN
+            EXECUTE pg_catalog.format('ALTER TABLE %s OWNER TO %I',
+                                      pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"'), table_owner);
+        END IF;
+        -- For this session, until the RESET ROLE at the end of the file.
+        PERFORM pg_catalog.set_config('role', table_owner, false);
+    END IF;
+END
+$om$;
 
 -- The provider's reference for an order. Nullable and without a default,
 -- so adding it changes only the catalog: no table rewrite.
-ALTER TABLE "public"."product_orders" ADD COLUMN IF NOT EXISTS "provider_referans" varchar(255);
+DO $om$
+BEGIN
+    -- ADD COLUMN IF NOT EXISTS takes ACCESS EXCLUSIVE on the table even when
+    -- the column exists: ask the catalog (no lock) first.
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute
+                    WHERE attrelid = pg_catalog.to_regclass('"public"."product_orders"')
+                      AND attname = 'provider_referans' AND NOT attisdropped) THEN
+        ALTER TABLE "public"."product_orders" ADD COLUMN IF NOT EXISTS "provider_referans" varchar(255);
+    END IF;
+END
+$om$;
 
 -- The sweep's index: only orders in flight, keyed by id for keyset
 -- pagination. Small (finished orders leave it) and built CONCURRENTLY, so
--- the application keeps writing while it builds. If a build is interrupted
--- it leaves an INVALID index: DROP INDEX CONCURRENTLY it and run this again
--- (`order-monitor doctor` reports it).
+-- the application keeps writing while it builds. Built only when missing:
+-- CREATE INDEX ... IF NOT EXISTS takes a lock on the table before it
+-- finds the index there.
+SELECT (pg_catalog.to_regclass('"public"."order_monitor_product_orders_inflight_v1"') IS NULL) AS needed \gset order_monitor_
+\if :order_monitor_needed
 CREATE INDEX CONCURRENTLY IF NOT EXISTS "order_monitor_product_orders_inflight_v1" ON "public"."product_orders" ("id")
-    WHERE "provider_referans" IS NOT NULL AND lower("externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower("status") NOT IN ('approved', 'rejected');
+    WHERE "provider_referans" IS NOT NULL AND pg_catalog.lower("externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower("status") NOT IN ('approved', 'rejected');
+\endif
+
+-- Stops here when the index is INVALID (a build interrupted, by a lock
+-- timeout for one: DROP INDEX CONCURRENTLY it and run this file again) or
+-- was built for another in-flight rule: the sweep could not use it.
+-- Compared with the same index built on a temporary copy of the columns.
+DO $om$
+DECLARE
+    probe_columns text;
+    probe_drops text;
+    existing record;
+    wanted record;
+BEGIN
+    SELECT i.indisvalid AND i.indisready AS valid,
+           i.indrelid = pg_catalog.to_regclass('"public"."product_orders"') AS on_table,
+           (am.amname, i.indisunique, i.indnatts, i.indkey, i.indclass, i.indcollation,
+            pg_catalog.regexp_replace(i.indexprs::text, ' :location -?[0-9]+', '', 'g'), pg_catalog.regexp_replace(i.indpred::text, ' :location -?[0-9]+', '', 'g'))::text AS shape, i.indpred
+      INTO existing
+      FROM pg_catalog.pg_index i
+      JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+      JOIN pg_catalog.pg_am am ON am.oid = c.relam
+     WHERE i.indexrelid = pg_catalog.to_regclass('"public"."order_monitor_product_orders_inflight_v1"');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'order-monitor: index % is missing', '"public"."order_monitor_product_orders_inflight_v1"';
+    END IF;
+    IF NOT existing.valid THEN
+        RAISE EXCEPTION 'order-monitor: index % is INVALID (an interrupted CREATE INDEX CONCURRENTLY left it): the sweep cannot use it', '"public"."order_monitor_product_orders_inflight_v1"'
+            USING HINT = 'run DROP INDEX CONCURRENTLY ' || '"public"."order_monitor_product_orders_inflight_v1"' || '; then run this file again';
+    END IF;
+    IF NOT existing.on_table THEN
+        RAISE EXCEPTION 'order-monitor: index % indexes another table than %', '"public"."order_monitor_product_orders_inflight_v1"', '"public"."product_orders"'
+            USING HINT = 'run DROP INDEX CONCURRENTLY ' || '"public"."order_monitor_product_orders_inflight_v1"' || '; then run this file again';
+    END IF;
+    SELECT pg_catalog.string_agg(CASE WHEN a.attisdropped
+               THEN pg_catalog.format('order_monitor_dropped_%s integer', a.attnum)
+               ELSE pg_catalog.format('%I %s%s', a.attname,
+                   pg_catalog.format_type(a.atttypid, a.atttypmod),
+                   CASE WHEN a.attcollation = 0 THEN ''
+                   ELSE pg_catalog.format(' COLLATE %I.%I', cn.nspname, co.collname)
+                   END) END, ', ' ORDER BY a.attnum),
+           pg_catalog.string_agg(
+               pg_catalog.format('DROP COLUMN order_monitor_dropped_%s', a.attnum), ', '
+           ) FILTER (WHERE a.attisdropped)
+      INTO probe_columns, probe_drops
+      FROM pg_catalog.pg_attribute a
+      LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
+      LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
+     WHERE a.attrelid = pg_catalog.to_regclass('"public"."product_orders"') AND a.attnum > 0;
+    EXECUTE pg_catalog.format('CREATE TEMPORARY TABLE "pg_temp"."order_monitor_probe" (%s)', probe_columns);
+    IF probe_drops IS NOT NULL THEN
+        EXECUTE pg_catalog.format('ALTER TABLE "pg_temp"."order_monitor_probe" %s', probe_drops);
+    END IF;
+    CREATE INDEX order_monitor_probe_index ON "pg_temp"."order_monitor_probe" ("id") WHERE "provider_referans" IS NOT NULL AND pg_catalog.lower("externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower("status") NOT IN ('approved', 'rejected');
+    SELECT (am.amname, i.indisunique, i.indnatts, i.indkey, i.indclass, i.indcollation,
+            pg_catalog.regexp_replace(i.indexprs::text, ' :location -?[0-9]+', '', 'g'), pg_catalog.regexp_replace(i.indpred::text, ' :location -?[0-9]+', '', 'g'))::text AS shape, i.indpred, i.indrelid
+      INTO wanted
+      FROM pg_catalog.pg_index i
+      JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+      JOIN pg_catalog.pg_am am ON am.oid = c.relam
+     WHERE i.indexrelid = 'pg_temp.order_monitor_probe_index'::pg_catalog.regclass;
+    IF existing.shape IS DISTINCT FROM wanted.shape THEN
+        -- Both deparsed on the probe (same column numbers), not on the table.
+        RAISE EXCEPTION 'order-monitor: index % was built for another in-flight rule (WHERE %), this file builds it WHERE %', '"public"."order_monitor_product_orders_inflight_v1"',
+            pg_catalog.pg_get_expr(existing.indpred, wanted.indrelid), pg_catalog.pg_get_expr(wanted.indpred, wanted.indrelid)
+            USING HINT = 'run DROP INDEX CONCURRENTLY ' || '"public"."order_monitor_product_orders_inflight_v1"' || '; then run this file again (or render it with the settings the index was built for)';
+    END IF;
+    DROP TABLE "pg_temp"."order_monitor_probe";
+END
+$om$;
+
+-- Everything else in one transaction: every application commit sees
+-- the old objects or the new ones, never a mix, and a run that stops
+-- (lock timeout) leaves nothing half done.
+BEGIN;
 
 -- Why not a NOTIFY per order: a transaction that has NOTIFYed takes one
 -- lock for the whole cluster at COMMIT and holds it through its WAL flush,
@@ -49,13 +204,14 @@ CREATE INDEX CONCURRENTLY IF NOT EXISTS "order_monitor_product_orders_inflight_v
 -- No index: the daemon takes whatever is here, oldest pages first.
 CREATE UNLOGGED TABLE IF NOT EXISTS "public"."order_monitor_product_orders_inbox_v2" (
     order_id uuid NOT NULL,
-    queued_at timestamptz NOT NULL DEFAULT now()
+    queued_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 -- Announces an order: by NOTIFY on the channel named by the trigger's
 -- argument while the daemon holds its idle lock, else through the inbox.
 -- Either way the daemon sees the order only once it is committed.
 -- SECURITY DEFINER: the application's roles need no grant on the inbox.
+-- Replacing a function takes no lock on the orders table.
 CREATE OR REPLACE FUNCTION "public"."order_monitor_product_orders_notify_v2"() RETURNS trigger
     LANGUAGE plpgsql
     SECURITY DEFINER
@@ -68,49 +224,21 @@ BEGIN
     -- order goes to the inbox instead, and this transaction keeps the
     -- shared lock until it ends: the daemon cannot take the lock back, and
     -- so cannot stop reading the inbox, before this row is committed.
-    IF pg_try_advisory_xact_lock_shared(6769325586509180928) THEN
+    IF pg_catalog.pg_try_advisory_xact_lock_shared(6769325586509180928) THEN
         INSERT INTO "public"."order_monitor_product_orders_inbox_v2" (order_id) VALUES (NEW."id");
     ELSE
         -- The payload is the id alone: far below NOTIFY's 8000-byte
         -- limit, and the daemon reads the committed row itself.
-        PERFORM pg_notify(TG_ARGV[0], NEW."id"::text);
+        PERFORM pg_catalog.pg_notify(TG_ARGV[0], NEW."id"::text);
     END IF;
     RETURN NULL;
 END
 $om$;
 
--- The triggers are swapped in one transaction: every application commit
--- sees either the version 1 triggers or these, never both, never neither.
-BEGIN;
-
--- A new row that is already in flight (it has a provider reference).
-CREATE OR REPLACE TRIGGER "order_monitor_insert_v2"
-    AFTER INSERT ON "public"."product_orders"
-    FOR EACH ROW
-    WHEN (NEW."provider_referans" IS NOT NULL AND lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(NEW."status") NOT IN ('approved', 'rejected'))
-    EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v2"('order_monitor');
-
--- A row that becomes in flight, or gets a new provider reference while in
--- flight. Every other update (including the daemon's own result writes,
--- which take the row out of flight) is kept out by UPDATE OF and WHEN,
--- so it costs the application nothing.
-CREATE OR REPLACE TRIGGER "order_monitor_update_v2"
-    AFTER UPDATE OF "provider_referans", "externalStatus", "status" ON "public"."product_orders"
-    FOR EACH ROW
-    WHEN (NEW."provider_referans" IS NOT NULL AND lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(NEW."status") NOT IN ('approved', 'rejected')
-          AND (OLD."provider_referans" IS DISTINCT FROM NEW."provider_referans"
-               OR NOT coalesce(OLD."provider_referans" IS NOT NULL AND lower(OLD."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(OLD."status") NOT IN ('approved', 'rejected'), false)))
-    EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v2"('order_monitor');
-
--- Version 1's triggers, which NOTIFYed for every order.
-DROP TRIGGER IF EXISTS "order_monitor_insert_v1" ON "public"."product_orders";
-
-DROP TRIGGER IF EXISTS "order_monitor_update_v1" ON "public"."product_orders";
-
-COMMIT;
-
--- Version 1's trigger function: no trigger uses it any more.
-DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v1"();
+-- Only the triggers call it: executable by PUBLIC (the default), any role
+-- could attach it to a TEMP table of its own and fill the inbox with the
+-- owner's rights.
+REVOKE ALL ON FUNCTION "public"."order_monitor_product_orders_notify_v2"() FROM PUBLIC;
 
 -- The daemon's only way to write: one call applies a batch of results, each
 -- guarded (same reference and provider, row still in flight), skipping rows
@@ -160,7 +288,7 @@ WITH v AS (
     SELECT "o"."id" AS id FROM "public"."product_orders" AS o JOIN v ON "o"."id" = v.id
     WHERE "o"."provider_referans" = v.ref
       AND "o"."providerId"::text IS NOT DISTINCT FROM v.provider_id
-      AND o."provider_referans" IS NOT NULL AND lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(o."status") NOT IN ('approved', 'rejected')
+      AND o."provider_referans" IS NOT NULL AND pg_catalog.lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(o."status") NOT IN ('approved', 'rejected')
     FOR NO KEY UPDATE OF o SKIP LOCKED
 ), written AS (
     UPDATE "public"."product_orders" AS o SET
@@ -185,7 +313,7 @@ WITH v AS (
       AND "o"."id" IN (SELECT target.id FROM target)
       AND "o"."provider_referans" = v.ref
       AND "o"."providerId"::text IS NOT DISTINCT FROM v.provider_id
-      AND o."provider_referans" IS NOT NULL AND lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(o."status") NOT IN ('approved', 'rejected')
+      AND o."provider_referans" IS NOT NULL AND pg_catalog.lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(o."status") NOT IN ('approved', 'rejected')
     RETURNING "o"."id" AS id, v.kind AS kind, "o"."provider_referans" AS ref,
         "o"."externalStatus" AS external_status, "o"."status" AS status
 ), gate AS (
@@ -204,7 +332,7 @@ WITH v AS (
     SELECT v.id, v.kind FROM v JOIN "public"."product_orders" AS o ON "o"."id" = v.id
     WHERE "o"."provider_referans" = v.ref
       AND "o"."providerId"::text IS NOT DISTINCT FROM v.provider_id
-      AND o."provider_referans" IS NOT NULL AND lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND lower(o."status") NOT IN ('approved', 'rejected')
+      AND o."provider_referans" IS NOT NULL AND pg_catalog.lower(o."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(o."status") NOT IN ('approved', 'rejected')
       AND NOT EXISTS (SELECT FROM written WHERE written.id = v.id)
 )
 SELECT written.id, written.kind,
@@ -225,4 +353,147 @@ $om$;
 -- roles granted it (sql/role.sql).
 REVOKE ALL ON FUNCTION "public"."order_monitor_product_orders_write_v2"(uuid[], text[], text[], text[], text[], text[], text[]) FROM PUBLIC;
 
+-- And by no other role, whatever ALTER DEFAULT PRIVILEGES or an earlier
+-- GRANT gave: the owner, and the daemon's role for the write function.
+DO $om$
+DECLARE
+    item record;
+BEGIN
+    FOR item IN
+        SELECT p.oid::pg_catalog.regprocedure AS f, p.proname::text AS name
+          FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
+         WHERE s.nspname = 'public' AND p.proname::text IN ('order_monitor_product_orders_notify_v2', 'order_monitor_product_orders_write_v2')
+    LOOP
+        -- A function with no ACL yet is executable by PUBLIC: this makes the
+        -- ACL explicit, which the loop below then reads.
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', item.f);
+    END LOOP;
+    -- Whatever ALTER DEFAULT PRIVILEGES or an earlier hand granted: a
+    -- SECURITY DEFINER function runs with the owner's rights, so each grantee
+    -- is one more role that may write orders (or the inbox) as the owner.
+    FOR item IN
+        SELECT DISTINCT p.oid::pg_catalog.regprocedure AS f, r.rolname
+          FROM pg_catalog.pg_proc p
+         CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) AS acl
+          JOIN pg_catalog.pg_roles r ON r.oid = acl.grantee
+          JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
+         WHERE s.nspname = 'public' AND p.proname::text IN ('order_monitor_product_orders_notify_v2', 'order_monitor_product_orders_write_v2')
+           AND acl.grantee <> p.proowner
+           AND NOT (p.proname::text = 'order_monitor_product_orders_write_v2' AND r.rolname = 'order_monitor')
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM %I CASCADE', item.f, item.rolname);
+    END LOOP;
+END
+$om$;
+
+-- The triggers: an order that enters flight, or gets a new provider
+-- reference while in flight. Every other update (including the daemon's
+-- own result writes, which take the row out of flight) is kept out by
+-- UPDATE OF and WHEN, so it costs the application nothing. Compared
+-- first with what this file would create (on a temporary copy of the
+-- columns): when they match and version 1's are gone, this takes no
+-- lock on the table; else it takes the one lock the change needs, once.
+DO $om$
+DECLARE
+    insert_name constant text := 'order_monitor_insert_v2';
+    update_name constant text := 'order_monitor_update_v2';
+    probe_columns text;
+    probe_drops text;
+    differs boolean;
+    drop_v1 boolean;
+BEGIN
+    SELECT pg_catalog.string_agg(CASE WHEN a.attisdropped
+               THEN pg_catalog.format('order_monitor_dropped_%s integer', a.attnum)
+               ELSE pg_catalog.format('%I %s%s', a.attname,
+                   pg_catalog.format_type(a.atttypid, a.atttypmod),
+                   CASE WHEN a.attcollation = 0 THEN ''
+                   ELSE pg_catalog.format(' COLLATE %I.%I', cn.nspname, co.collname)
+                   END) END, ', ' ORDER BY a.attnum),
+           pg_catalog.string_agg(
+               pg_catalog.format('DROP COLUMN order_monitor_dropped_%s', a.attnum), ', '
+           ) FILTER (WHERE a.attisdropped)
+      INTO probe_columns, probe_drops
+      FROM pg_catalog.pg_attribute a
+      LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
+      LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
+     WHERE a.attrelid = pg_catalog.to_regclass('"public"."product_orders"') AND a.attnum > 0;
+    EXECUTE pg_catalog.format('CREATE TEMPORARY TABLE "pg_temp"."order_monitor_probe" (%s)', probe_columns);
+    IF probe_drops IS NOT NULL THEN
+        EXECUTE pg_catalog.format('ALTER TABLE "pg_temp"."order_monitor_probe" %s', probe_drops);
+    END IF;
+    CREATE OR REPLACE TRIGGER "order_monitor_insert_v2"
+            AFTER INSERT ON "pg_temp"."order_monitor_probe"
+            FOR EACH ROW
+            WHEN (NEW."provider_referans" IS NOT NULL AND pg_catalog.lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(NEW."status") NOT IN ('approved', 'rejected'))
+            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v2"('order_monitor');
+    CREATE OR REPLACE TRIGGER "order_monitor_update_v2"
+            AFTER UPDATE OF "provider_referans", "externalStatus", "status" ON "pg_temp"."order_monitor_probe"
+            FOR EACH ROW
+            WHEN (NEW."provider_referans" IS NOT NULL AND pg_catalog.lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(NEW."status") NOT IN ('approved', 'rejected')
+                  AND (OLD."provider_referans" IS DISTINCT FROM NEW."provider_referans"
+                       OR NOT coalesce(OLD."provider_referans" IS NOT NULL AND pg_catalog.lower(OLD."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(OLD."status") NOT IN ('approved', 'rejected'), false)))
+            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v2"('order_monitor');
+    WITH wanted AS (SELECT t.tgname::text AS name,
+                   (t.tgtype, t.tgfoid, t.tgargs, t.tgattr, pg_catalog.regexp_replace(t.tgqual::text, ' :location -?[0-9]+', '', 'g'))::text AS shape
+              FROM pg_catalog.pg_trigger t
+             WHERE t.tgrelid = '"pg_temp"."order_monitor_probe"'::pg_catalog.regclass AND NOT t.tgisinternal
+               AND t.tgname::text IN (insert_name, update_name)),
+         present AS (SELECT t.tgname::text AS name,
+                   (t.tgtype, t.tgfoid, t.tgargs, t.tgattr, pg_catalog.regexp_replace(t.tgqual::text, ' :location -?[0-9]+', '', 'g'))::text AS shape
+              FROM pg_catalog.pg_trigger t
+             WHERE t.tgrelid = pg_catalog.to_regclass('"public"."product_orders"') AND NOT t.tgisinternal
+               AND t.tgname::text IN (insert_name, update_name))
+    SELECT EXISTS (SELECT FROM wanted FULL JOIN present USING (name)
+                    WHERE wanted.shape IS DISTINCT FROM present.shape)
+      INTO differs;
+    DROP TABLE "pg_temp"."order_monitor_probe";
+    SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid = pg_catalog.to_regclass('"public"."product_orders"')
+                      AND t.tgname::text IN ('order_monitor_insert_v1', 'order_monitor_update_v1'))
+      INTO drop_v1;
+    IF NOT differs AND NOT drop_v1 THEN
+        RETURN;  -- nothing to change: no lock on the table at all
+    END IF;
+    -- The strongest lock this transaction will need, taken first and once:
+    -- CREATE OR REPLACE TRIGGER wants SHARE ROW EXCLUSIVE, DROP TRIGGER
+    -- ACCESS EXCLUSIVE. Asking for the weaker one and then the stronger
+    -- one deadlocked with an application transaction that had done
+    -- SELECT ... FOR UPDATE and then UPDATE.
+    IF drop_v1 THEN
+        LOCK TABLE "public"."product_orders" IN ACCESS EXCLUSIVE MODE;
+    ELSE
+        LOCK TABLE "public"."product_orders" IN SHARE ROW EXCLUSIVE MODE;
+    END IF;
+    CREATE OR REPLACE TRIGGER "order_monitor_insert_v2"
+            AFTER INSERT ON "public"."product_orders"
+            FOR EACH ROW
+            WHEN (NEW."provider_referans" IS NOT NULL AND pg_catalog.lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(NEW."status") NOT IN ('approved', 'rejected'))
+            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v2"('order_monitor');
+    CREATE OR REPLACE TRIGGER "order_monitor_update_v2"
+            AFTER UPDATE OF "provider_referans", "externalStatus", "status" ON "public"."product_orders"
+            FOR EACH ROW
+            WHEN (NEW."provider_referans" IS NOT NULL AND pg_catalog.lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(NEW."status") NOT IN ('approved', 'rejected')
+                  AND (OLD."provider_referans" IS DISTINCT FROM NEW."provider_referans"
+                       OR NOT coalesce(OLD."provider_referans" IS NOT NULL AND pg_catalog.lower(OLD."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(OLD."status") NOT IN ('approved', 'rejected'), false)))
+            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v2"('order_monitor');
+    DROP TRIGGER IF EXISTS "order_monitor_insert_v1" ON "public"."product_orders";
+    DROP TRIGGER IF EXISTS "order_monitor_update_v1" ON "public"."product_orders";
+END
+$om$;
+
+-- Version 1's trigger function: no trigger uses it any more.
+DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v1"();
+
+-- Versions 1 and 2's write function, which returned another shape. A
+-- daemon of those versions can no longer write: stop every instance
+-- (standbys included) before running this file, start the new ones after.
+DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_write_v1"(uuid[], text[], text[], text[], text[], text[], text[]);
+
+COMMIT;
+
 RESET lock_timeout;
+
+RESET ROLE;
+
+RESET search_path;

@@ -23,23 +23,29 @@ _HEADERS = {
 --     order would serialise the application's commits; see the table's comment);
 --   * replaces version 1's triggers, which NOTIFYed always, in one transaction;
 --   * creates the function through which the daemon writes results (and
---     nothing else): {writes}.
+--     nothing else): {writes};
+--   * leaves EXECUTE on its functions to the table's owner (and, once
+--     role.sql has run, the write function to the daemon's role) only.
 -- An order is "in flight" when {ref} is set, lower({external_status}) is one of
 -- ({in_flight}) and lower({status}) is not one of ({final}).
 --
--- Apply with psql, as the table's owner, NOT inside a transaction
--- (CREATE INDEX CONCURRENTLY refuses to run in one):
+-- Apply with psql (it uses \\if), as the table's owner or a superuser (it
+-- then switches to the owner), NOT inside a transaction (CREATE INDEX
+-- CONCURRENTLY refuses to run in one):
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/install.sql
 -- or, for a non-default layout: order-monitor sql install
--- Running it again is harmless: every statement is idempotent.
--- Upgrading from version 1: upgrade the daemon first (it runs on either
--- version, and holds the lock the new trigger looks for), then run this.
+-- Running it again is harmless: every step is idempotent, and a run that
+-- finds nothing to change takes no lock on the table. If it stops on
+-- "lock timeout" (the table was busy), run it again.
+-- Upgrading from version 1 or 2: stop every order-monitor instance (standbys
+-- included), run this, then start the new version (it refuses to start on
+-- an older schema, and an older one cannot write on this).
 """,
     "uninstall": """\
 -- order-monitor: uninstall (schema version {version})
 --
--- Removes the triggers and trigger functions (this version's and version 1's),
--- the inbox, the write function and the index from {table}.
+-- Removes every object any version created on {table}: the triggers and
+-- trigger functions, the inbox, the write functions and the index.
 -- Keeps the column {ref} and every row: nothing the application wrote is lost.
 -- Apply with psql, not inside a transaction (DROP INDEX CONCURRENTLY):
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/uninstall.sql
@@ -52,9 +58,14 @@ _HEADERS = {
 -- on the table, and never sees prices, user data or PINs. It takes order ids
 -- from the inbox install.sql creates (SELECT and DELETE there, nothing else).
 -- LISTEN/NOTIFY and advisory locks need no grant.
--- Apply with psql as a role that may create roles, after install.sql (the
--- grants name the column and the function it adds); running it again is
--- harmless, and brings an older release's grants down to these:
+-- Apply with psql as a role that may create roles and grant all of this
+-- (a superuser, or the table's owner with CREATEROLE), after install.sql
+-- (the grants name the column and the function it adds). It is one
+-- transaction, and stops with an ERROR, changing nothing, when the role
+-- running it cannot grant something. It takes back any power an existing
+-- role had (SUPERUSER, CREATEDB, CREATEROLE, REPLICATION, BYPASSRLS; it keeps
+-- LOGIN). Running it again is harmless, and brings an older release's grants
+-- down to these:
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/role.sql
 -- then give the role a password in psql with: \\password {role}
 """,
@@ -96,7 +107,9 @@ def describe_writes(writes: OutcomeWrites) -> str:
 
 def _render_statement(statement: Statement) -> str:
     comment = "".join(f"-- {line}".rstrip() + "\n" for line in statement.comment.splitlines())
-    return f"\n{comment}{statement.text()};\n"
+    # A conditional statement ends with psql's \\endif, which takes no ";".
+    end = "" if statement.only_if is not None else ";"
+    return f"\n{comment}{statement.text()}{end}\n"
 
 
 def statements_for(

@@ -5,7 +5,9 @@ from __future__ import annotations
 from psycopg import sql
 
 from order_monitor.config import Layout, OutcomeWrites
+from order_monitor.schema import guards, role_guards
 from order_monitor.schema.names import (
+    V1_WRITE_SIGNATURE,
     Names,
     Statement,
     dollar_quoted,
@@ -27,12 +29,12 @@ def notify_function_body(layout: Layout) -> str:
             "    -- order goes to the inbox instead, and this transaction keeps the\n"
             "    -- shared lock until it ends: the daemon cannot take the lock back, and\n"
             "    -- so cannot stop reading the inbox, before this row is committed.\n"
-            "    IF pg_try_advisory_xact_lock_shared({key}) THEN\n"
+            "    IF pg_catalog.pg_try_advisory_xact_lock_shared({key}) THEN\n"
             "        INSERT INTO {inbox} (order_id) VALUES (NEW.{id});\n"
             "    ELSE\n"
             "        -- The payload is the id alone: far below NOTIFY's 8000-byte\n"
             "        -- limit, and the daemon reads the committed row itself.\n"
-            "        PERFORM pg_notify(TG_ARGV[0], NEW.{id}::text);\n"
+            "        PERFORM pg_catalog.pg_notify(TG_ARGV[0], NEW.{id}::text);\n"
             "    END IF;\n"
             "    RETURN NULL;\n"
             "END\n"
@@ -46,38 +48,91 @@ def notify_function_body(layout: Layout) -> str:
     )
 
 
+#: How long a statement of ours waits for a lock on the orders table before it
+#: fails. While it waits, every later statement of the application on the
+#: table that conflicts with the lock we asked for queues behind our request:
+#: for at most this long, then the file stops with "canceling statement due
+#: to lock timeout", having changed nothing in that step (each step is
+#: idempotent: run the file again when the table is quieter). A re-run that
+#: has nothing to change asks for no lock on the table at all.
+LOCK_TIMEOUT = "3s"
+
+
+def _pin_search_path() -> Statement:
+    return Statement(
+        "Every name this file resolves comes from pg_catalog first: a role that\n"
+        "may CREATE in a schema on the default path (public, before PostgreSQL\n"
+        "15) could otherwise put its own lower(varchar) in front of ours, and it\n"
+        "would run as whoever runs this file. Restored at the end.",
+        sql.SQL("SET search_path = pg_catalog, pg_temp"),
+        replayable=False,
+    )
+
+
+def _set_lock_timeout() -> Statement:
+    return Statement(
+        "Wait at most this long for a lock on the orders table. While we wait,\n"
+        "the application's statements that conflict with the lock we asked for\n"
+        "queue behind our request, for at most that long; then this file stops\n"
+        'with "lock timeout", having changed nothing in that step: run it again\n'
+        "when the table is quieter (every step is idempotent). A re-run that has\n"
+        "nothing to change takes no lock on the orders table at all.",
+        sql.SQL("SET lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)),
+    )
+
+
 def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> list[Statement]:
     n = Names(layout)
-    c = layout.columns
-    channel = sql.Literal(layout.channel)
     return [
+        _pin_search_path(),
+        _set_lock_timeout(),
         Statement(
-            "Fail fast instead of queueing the application's writes behind us if the\n"
-            "table is busy: re-run later when this times out.",
-            sql.SQL("SET lock_timeout = '5s'"),
+            "The rest runs as the table's owner: the SECURITY DEFINER functions\n"
+            "below run with their owner's rights, which must not be a superuser's.\n"
+            "Run by a superuser (or a member of the owner role), this switches to\n"
+            "the owner (SET ROLE, until the end of the file) and hands back any\n"
+            "function an earlier superuser install left; on a table a superuser\n"
+            "owns it goes on with a WARNING. Any other role is refused.",
+            guards.as_table_owner(layout),
+            replayable=False,
         ),
         Statement(
             "The provider's reference for an order. Nullable and without a default,\n"
             "so adding it changes only the catalog: no table rewrite.",
-            sql.SQL("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {ref} varchar(255)").format(
-                table=n.table, ref=sql.Identifier(c.provider_ref)
-            ),
+            guards.add_column_if_missing(layout),
+            replayable=False,
         ),
         Statement(
             "The sweep's index: only orders in flight, keyed by id for keyset\n"
             "pagination. Small (finished orders leave it) and built CONCURRENTLY, so\n"
-            "the application keeps writing while it builds. If a build is interrupted\n"
-            "it leaves an INVALID index: DROP INDEX CONCURRENTLY it and run this again\n"
-            "(`order-monitor doctor` reports it).",
+            "the application keeps writing while it builds. Built only when missing:\n"
+            "CREATE INDEX ... IF NOT EXISTS takes a lock on the table before it\n"
+            "finds the index there.",
             sql.SQL(
                 "CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} ({id})\n"
                 "    WHERE {predicate}"
             ).format(
                 index=sql.Identifier(n.index_name),
                 table=n.table,
-                id=sql.Identifier(c.id),
+                id=sql.Identifier(layout.columns.id),
                 predicate=in_flight_predicate(layout),
             ),
+            only_if=guards.index_missing(layout),
+        ),
+        Statement(
+            "Stops here when the index is INVALID (a build interrupted, by a lock\n"
+            "timeout for one: DROP INDEX CONCURRENTLY it and run this file again) or\n"
+            "was built for another in-flight rule: the sweep could not use it.\n"
+            "Compared with the same index built on a temporary copy of the columns.",
+            guards.check_index(layout),
+            replayable=False,
+        ),
+        Statement(
+            "Everything else in one transaction: every application commit sees\n"
+            "the old objects or the new ones, never a mix, and a run that stops\n"
+            "(lock timeout) leaves nothing half done.",
+            sql.SQL("BEGIN"),
+            replayable=False,
         ),
         Statement(
             "Why not a NOTIFY per order: a transaction that has NOTIFYed takes one\n"
@@ -93,7 +148,7 @@ def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> l
             sql.SQL(
                 "CREATE UNLOGGED TABLE IF NOT EXISTS {inbox} (\n"
                 "    order_id uuid NOT NULL,\n"
-                "    queued_at timestamptz NOT NULL DEFAULT now()\n"
+                "    queued_at timestamptz NOT NULL DEFAULT pg_catalog.now()\n"
                 ")"
             ).format(inbox=n.inbox),
             replayable=False,
@@ -102,7 +157,8 @@ def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> l
             "Announces an order: by NOTIFY on the channel named by the trigger's\n"
             "argument while the daemon holds its idle lock, else through the inbox.\n"
             "Either way the daemon sees the order only once it is committed.\n"
-            "SECURITY DEFINER: the application's roles need no grant on the inbox.",
+            "SECURITY DEFINER: the application's roles need no grant on the inbox.\n"
+            "Replacing a function takes no lock on the orders table.",
             sql.SQL(
                 "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n"
                 "    LANGUAGE plpgsql\n"
@@ -112,68 +168,10 @@ def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> l
             ).format(function=n.function, body=dollar_quoted(notify_function_body(layout))),
         ),
         Statement(
-            "The triggers are swapped in one transaction: every application commit\n"
-            "sees either the version 1 triggers or these, never both, never neither.",
-            sql.SQL("BEGIN"),
-            replayable=False,
-        ),
-        Statement(
-            "A new row that is already in flight (it has a provider reference).",
-            sql.SQL(
-                "CREATE OR REPLACE TRIGGER {trigger}\n"
-                "    AFTER INSERT ON {table}\n"
-                "    FOR EACH ROW\n"
-                "    WHEN ({new_in_flight})\n"
-                "    EXECUTE FUNCTION {function}({channel})"
-            ).format(
-                trigger=sql.Identifier(n.insert_trigger_name),
-                table=n.table,
-                new_in_flight=in_flight_predicate(layout, "NEW"),
-                function=n.function,
-                channel=channel,
-            ),
-        ),
-        Statement(
-            "A row that becomes in flight, or gets a new provider reference while in\n"
-            "flight. Every other update (including the daemon's own result writes,\n"
-            "which take the row out of flight) is kept out by UPDATE OF and WHEN,\n"
-            "so it costs the application nothing.",
-            sql.SQL(
-                "CREATE OR REPLACE TRIGGER {trigger}\n"
-                "    AFTER UPDATE OF {ref}, {external_status}, {status} ON {table}\n"
-                "    FOR EACH ROW\n"
-                "    WHEN ({new_in_flight}\n"
-                "          AND (OLD.{ref} IS DISTINCT FROM NEW.{ref}\n"
-                "               OR NOT coalesce({old_in_flight}, false)))\n"
-                "    EXECUTE FUNCTION {function}({channel})"
-            ).format(
-                trigger=sql.Identifier(n.update_trigger_name),
-                ref=sql.Identifier(c.provider_ref),
-                external_status=sql.Identifier(c.external_status),
-                status=sql.Identifier(c.status),
-                table=n.table,
-                new_in_flight=in_flight_predicate(layout, "NEW"),
-                old_in_flight=in_flight_predicate(layout, "OLD"),
-                function=n.function,
-                channel=channel,
-            ),
-        ),
-        Statement(
-            "Version 1's triggers, which NOTIFYed for every order.",
-            sql.SQL("DROP TRIGGER IF EXISTS {trigger} ON {table}").format(
-                trigger=sql.Identifier(n.v1_insert_trigger_name), table=n.table
-            ),
-        ),
-        Statement(
-            "",
-            sql.SQL("DROP TRIGGER IF EXISTS {trigger} ON {table}").format(
-                trigger=sql.Identifier(n.v1_update_trigger_name), table=n.table
-            ),
-        ),
-        Statement("", sql.SQL("COMMIT"), replayable=False),
-        Statement(
-            "Version 1's trigger function: no trigger uses it any more.",
-            sql.SQL("DROP FUNCTION IF EXISTS {function}()").format(function=n.v1_function),
+            "Only the triggers call it: executable by PUBLIC (the default), any role\n"
+            "could attach it to a TEMP table of its own and fill the inbox with the\n"
+            "owner's rights.",
+            sql.SQL("REVOKE ALL ON FUNCTION {function}() FROM PUBLIC").format(function=n.function),
         ),
         write_function_statement(layout, writes or OutcomeWrites()),
         Statement(
@@ -183,47 +181,104 @@ def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> l
                 function=n.write_function, signature=write_signature()
             ),
         ),
+        Statement(
+            "And by no other role, whatever ALTER DEFAULT PRIVILEGES or an earlier\n"
+            "GRANT gave: the owner, and the daemon's role for the write function.",
+            guards.reduce_function_acls(layout),
+            replayable=False,
+        ),
+        Statement(
+            "The triggers: an order that enters flight, or gets a new provider\n"
+            "reference while in flight. Every other update (including the daemon's\n"
+            "own result writes, which take the row out of flight) is kept out by\n"
+            "UPDATE OF and WHEN, so it costs the application nothing. Compared\n"
+            "first with what this file would create (on a temporary copy of the\n"
+            "columns): when they match and version 1's are gone, this takes no\n"
+            "lock on the table; else it takes the one lock the change needs, once.",
+            guards.swap_triggers(layout),
+        ),
+        Statement(
+            "Version 1's trigger function: no trigger uses it any more.",
+            sql.SQL("DROP FUNCTION IF EXISTS {function}()").format(function=n.v1_function),
+        ),
+        Statement(
+            "Versions 1 and 2's write function, which returned another shape. A\n"
+            "daemon of those versions can no longer write: stop every instance\n"
+            "(standbys included) before running this file, start the new ones after.",
+            sql.SQL("DROP FUNCTION IF EXISTS {function}({signature})").format(
+                function=n.v1_write_function, signature=V1_WRITE_SIGNATURE
+            ),
+        ),
+        Statement("", sql.SQL("COMMIT"), replayable=False),
         Statement("", sql.SQL("RESET lock_timeout")),
+        Statement("", sql.SQL("RESET ROLE"), replayable=False),
+        Statement("", sql.SQL("RESET search_path"), replayable=False),
     ]
 
 
 def uninstall_statements(layout: Layout) -> list[Statement]:
     n = Names(layout)
+    triggers = (
+        n.insert_trigger_name,
+        n.update_trigger_name,
+        n.v1_insert_trigger_name,
+        n.v1_update_trigger_name,
+    )
+    drop_triggers = sql.SQL(
+        """
+BEGIN
+    -- DROP TRIGGER IF EXISTS takes ACCESS EXCLUSIVE even when there is
+    -- nothing to drop: ask the catalog first, then lock once for all four.
+    IF EXISTS (SELECT FROM pg_catalog.pg_trigger
+                WHERE tgrelid = pg_catalog.to_regclass({table}) AND tgname::text IN ({names})) THEN
+        LOCK TABLE {table_ident} IN ACCESS EXCLUSIVE MODE;
+        {drops}
+    END IF;
+END
+"""
+    ).format(
+        table=guards.table_text(layout),
+        names=sql.SQL(", ").join(sql.Literal(t) for t in triggers),
+        table_ident=n.table,
+        drops=sql.SQL("\n        ").join(
+            sql.SQL("DROP TRIGGER IF EXISTS {trigger} ON {table};").format(
+                trigger=sql.Identifier(t), table=n.table
+            )
+            for t in triggers
+        ),
+    )
 
-    def drop_trigger(name: str) -> sql.Composed:
-        return sql.SQL("DROP TRIGGER IF EXISTS {trigger} ON {table}").format(
-            trigger=sql.Identifier(name), table=n.table
+    def drop_function(function: sql.Identifier, signature: sql.Composable) -> sql.Composed:
+        return sql.SQL("DROP FUNCTION IF EXISTS {function}({signature})").format(
+            function=function, signature=signature
         )
 
     return [
-        Statement("See install.sql.", sql.SQL("SET lock_timeout = '5s'")),
+        _pin_search_path(),
         Statement(
-            "Triggers first, this version's and version 1's: from here on the\n"
-            "application's writes announce nothing.",
-            drop_trigger(n.insert_trigger_name),
-        ),
-        Statement("", drop_trigger(n.update_trigger_name)),
-        Statement("", drop_trigger(n.v1_insert_trigger_name)),
-        Statement("", drop_trigger(n.v1_update_trigger_name)),
-        Statement(
-            "",
-            sql.SQL("DROP FUNCTION IF EXISTS {function}()").format(function=n.function),
+            "See install.sql.", sql.SQL("SET lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT))
         ),
         Statement(
-            "",
-            sql.SQL("DROP FUNCTION IF EXISTS {function}()").format(function=n.v1_function),
+            "Triggers first, every version's: from here on the application's writes\n"
+            "announce nothing.",
+            guards.do(drop_triggers),
         ),
+        Statement(
+            "The trigger functions of versions 2 and 1.",
+            drop_function(n.function, sql.SQL("")),
+        ),
+        Statement("", drop_function(n.v1_function, sql.SQL(""))),
         Statement(
             "Order ids still waiting in it are orders in flight: the table keeps them\n"
             "and the partial index finds them.",
             sql.SQL("DROP TABLE IF EXISTS {inbox}").format(inbox=n.inbox),
         ),
         Statement(
-            "From here on the daemon cannot write results.",
-            sql.SQL("DROP FUNCTION IF EXISTS {function}({signature})").format(
-                function=n.write_function, signature=write_signature()
-            ),
+            "From here on the daemon cannot write results (this version's write\n"
+            "function, and that of versions 1 and 2).",
+            drop_function(n.write_function, write_signature()),
         ),
+        Statement("", drop_function(n.v1_write_function, V1_WRITE_SIGNATURE)),
         Statement(
             "CONCURRENTLY: dropping the index does not block the application's writes.",
             sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {index}").format(index=n.index),
@@ -233,25 +288,34 @@ def uninstall_statements(layout: Layout) -> list[Statement]:
             "application's data now.",
             sql.SQL("RESET lock_timeout"),
         ),
+        Statement("", sql.SQL("RESET search_path"), replayable=False),
     ]
 
 
 def role_statements(layout: Layout) -> list[Statement]:
     n = Names(layout)
     c = layout.columns
-    create_role = sql.SQL(
-        "\nBEGIN\n"
-        "    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = {name}) THEN\n"
-        "        CREATE ROLE {role} LOGIN;\n"
-        "    END IF;\n"
-        "    EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), {name});\n"
-        "END\n"
-    ).format(name=sql.Literal(layout.role), role=n.role)
     return [
         Statement(
-            "A login role for the daemon, created once. Give it a password or a\n"
-            "certificate yourself (ALTER ROLE ... PASSWORD), outside this file.",
-            sql.SQL("DO {body}").format(body=dollar_quoted(create_role.as_string(None))),
+            "Names resolve in pg_catalog first (see install.sql).",
+            sql.SQL("SET search_path = pg_catalog, pg_temp"),
+            replayable=False,
+        ),
+        Statement(
+            "One transaction: a daemon working while this runs sees the grants as\n"
+            "they were or as they are after, never the moment between the REVOKE\n"
+            'and the GRANTs below (that gave it "permission denied").',
+            sql.SQL("BEGIN"),
+            replayable=False,
+        ),
+        Statement(
+            "First, whether this role can grant all of it: a GRANT without the\n"
+            'grant option is only a WARNING ("no privileges were granted") and psql\n'
+            "would exit 0. Then a login role for the daemon, created once, with\n"
+            "every power an older role may have been given taken back (it keeps\n"
+            "LOGIN). Give it a password or a certificate yourself (ALTER ROLE ...\n"
+            "PASSWORD), outside this file.",
+            role_guards.check_and_create_role(layout),
         ),
         Statement(
             "",
@@ -284,8 +348,14 @@ def role_statements(layout: Layout) -> list[Statement]:
         Statement(
             "The inbox (install.sql): the daemon takes the order ids the trigger left\n"
             "there while it was busy. DELETE needs SELECT to find the rows it takes.",
+            role_guards.check_inbox_grant(layout),
+        ),
+        Statement(
+            "",
             sql.SQL("GRANT SELECT, DELETE ON TABLE {inbox} TO {role}").format(
                 inbox=n.inbox, role=n.role
             ),
         ),
+        Statement("", sql.SQL("COMMIT"), replayable=False),
+        Statement("", sql.SQL("RESET search_path"), replayable=False),
     ]

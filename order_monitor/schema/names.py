@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Final
 
 from psycopg import sql
 
 from order_monitor.config import Layout
 
 #: The schema version the files announce: that of the newest object.
-VERSION = 2
+VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +24,19 @@ class Statement:
     #: what the install creates (a transaction block or an UNLOGGED table
     #: cannot be replayed there).
     replayable: bool = True
+    #: A SELECT of one boolean: run the statement only when it is true. For
+    #: what must run outside a transaction (CREATE INDEX CONCURRENTLY) and so
+    #: cannot sit in a DO block, yet takes a lock on the table even when it
+    #: has nothing to do. psql runs it through \gset and \if.
+    only_if: sql.Composed | None = None
 
     def text(self) -> str:
-        return self.query.as_string(None)
+        if self.only_if is None:
+            return self.query.as_string(None)
+        return (
+            f"SELECT ({self.only_if.as_string(None)}) AS needed \\gset order_monitor_\n"
+            f"\\if :order_monitor_needed\n{self.query.as_string(None)};\n\\endif"
+        )
 
 
 def object_name(prefix: str, table: str, suffix: str) -> str:
@@ -60,6 +71,14 @@ class Names:
         self.v1_function = sql.Identifier(layout.schema, self.v1_function_name)
         self.v1_insert_trigger_name = "order_monitor_insert_v1"
         self.v1_update_trigger_name = "order_monitor_update_v1"
+        #: What version 2 installed and version 3 replaces (dropped by install):
+        #: the write function before its return shape changed.
+        self.v1_write_function_name = object_name("order_monitor", layout.table, "write_v1")
+        self.v1_write_function = sql.Identifier(layout.schema, self.v1_write_function_name)
+
+
+#: The argument types of the ``_write_v1`` function (versions 1 and 2), as DROP names them.
+V1_WRITE_SIGNATURE: Final = sql.SQL("uuid[], text[], text[], text[], text[], text[], text[]")
 
 
 def advisory_key(name: str) -> int:
@@ -95,6 +114,10 @@ def in_flight_predicate(layout: Layout, row: str | None = None) -> sql.Composed:
     The partial index is built on this exact expression and the sweep query
     repeats it, with the values as literals: the planner can only use a
     partial index when the query's predicate visibly implies the index's.
+    ``pg_catalog.lower``, never ``lower``: where a role may CREATE in a schema
+    on the caller's search_path (``public`` before PostgreSQL 15), its own
+    ``lower(varchar)`` would be a better match than ``pg_catalog.lower(text)``
+    and would run with the rights of whoever evaluates the rule.
     """
     c = layout.columns
 
@@ -107,8 +130,8 @@ def in_flight_predicate(layout: Layout, row: str | None = None) -> sql.Composed:
     external = sql.SQL(", ").join(sql.Literal(s) for s in layout.in_flight_external_statuses)
     final = sql.SQL(", ").join(sql.Literal(s) for s in layout.final_statuses)
     return sql.SQL(
-        "{ref} IS NOT NULL AND lower({external_status}) IN ({external}) "
-        "AND lower({status}) NOT IN ({final})"
+        "{ref} IS NOT NULL AND pg_catalog.lower({external_status}) IN ({external}) "
+        "AND pg_catalog.lower({status}) NOT IN ({final})"
     ).format(
         ref=ref(c.provider_ref),
         external_status=ref(c.external_status),

@@ -192,7 +192,7 @@ def test_install_twice_is_harmless(db: str) -> None:
     assert triggers == [("order_monitor_insert_v2",), ("order_monitor_update_v2",)]
     assert conn_functions(db) == [
         "order_monitor_product_orders_notify_v2",
-        "order_monitor_product_orders_write_v1",
+        "order_monitor_product_orders_write_v2",
     ]
     assert indexes == [("order_monitor_product_orders_inflight_v1",)]
 
