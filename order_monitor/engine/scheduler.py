@@ -5,10 +5,11 @@ timing is tested with plain numbers.
 
 Memory matters: a shop can have a million orders in flight. An order is held
 as its UUID's 128-bit integer and a due time, nothing else (the checker
-re-reads the row anyway), which costs well under 300 bytes an order; an order
-of a batched provider also has an entry in its provider's *open* heap (about
-100 bytes more: 281 against 185 bytes an order, counted with tracemalloc over
-200,000 offers).
+re-reads the row anyway); an order of a batched provider also has an entry in
+its provider's *open* heap. Entries that no longer count (an order checked,
+rescheduled or forgotten) are dropped lazily, and every structure is compacted
+once its dead entries outnumber its live ones, so memory follows the orders
+held, whatever the load: bench/memory.py measures it under sustained load.
 
 Batched providers answer up to 50 orders a request, but orders dispatched at
 different moments are due at different moments and would each go out alone.
@@ -20,6 +21,10 @@ little before its due time: policy.PULL_SHARE) can be taken early, with
 from __future__ import annotations
 
 import heapq
+from typing import TypeAlias
+
+#: (due, order): an order's place in the schedule.
+_Entry: TypeAlias = tuple[float, int]
 
 
 class Scheduler:
@@ -35,20 +40,28 @@ class Scheduler:
     is dropped at completion rather than bring a second request for the slot.
     """
 
-    __slots__ = ("_due", "_heap", "_in_flight", "_open", "_requeue")
+    __slots__ = ("_due", "_heap", "_in_flight", "_open", "_open_entries", "_requeue", "_slack")
 
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int]] = []
-        self._due: dict[int, float] = {}
+    def __init__(self, *, slack: int = 1024) -> None:
+        #: Dead entries tolerated in a structure beyond its live ones before
+        #: it is compacted (small in tests, so that compaction is exercised).
+        self._slack = slack
+        self._heap: list[_Entry] = []
+        #: The order's live heap entry. Liveness is by identity, not by value:
+        #: an order rescheduled at the very same due time (or in another
+        #: group) leaves its old entries dead instead of alive twice.
+        self._due: dict[int, _Entry] = {}
         self._in_flight: set[int] = set()
         #: Offers made while in flight: the earliest due time, and the
         #: reference they read (None when none was given, or they disagree).
         self._requeue: dict[int, tuple[float, str | None]] = {}
-        #: Per group, (opens, due, order) by opening time. An entry is live
-        #: while the order is still scheduled at that due time; any other
-        #: schedule change (a check, an earlier offer) leaves it stale, to be
-        #: dropped when met: no second index to keep in step.
-        self._open: dict[str, list[tuple[float, float, int]]] = {}
+        #: Per group, (opens, entry) by opening time. Live while *entry* is
+        #: still the order's heap entry; any other schedule change (a check,
+        #: an earlier offer) leaves it dead, to be dropped when met or at the
+        #: next compaction: no second index to keep in step.
+        self._open: dict[str, list[tuple[float, _Entry]]] = {}
+        #: Entries in every open heap together (live and dead).
+        self._open_entries = 0
 
     def offer(
         self,
@@ -80,7 +93,7 @@ class Scheduler:
                 )
             return False
         current = self._due.get(order)
-        if current is not None and current <= due:
+        if current is not None and current[0] <= due:
             return False
         head = self._heap[0][0] if self._heap else None
         self._push(order, due, group, opens)
@@ -91,12 +104,15 @@ class Scheduler:
         taken: list[int] = []
         heap = self._heap
         while heap and len(taken) < limit and heap[0][0] <= now:
-            due, order = heapq.heappop(heap)
-            if self._due.get(order) != due:
+            entry = heapq.heappop(heap)
+            order = entry[1]
+            if self._due.get(order) is not entry:
                 continue  # superseded by a later offer/reschedule
             del self._due[order]
             self._in_flight.add(order)
             taken.append(order)
+        # Each order taken leaves its open entry, if any, dead.
+        self._compact_if_needed()
         return taken
 
     def complete(
@@ -136,14 +152,18 @@ class Scheduler:
         heap = self._open.get(group)
         taken: list[tuple[int, float]] = []
         while heap and len(taken) < limit and heap[0][0] <= now:
-            _, due, order = heapq.heappop(heap)
-            if self._due.get(order) != due:
-                continue  # checked or rescheduled since: a stale entry
+            _, entry = heapq.heappop(heap)
+            self._open_entries -= 1
+            due, order = entry
+            if self._due.get(order) is not entry:
+                continue  # checked or rescheduled since: a dead entry
             del self._due[order]
             self._in_flight.add(order)
             taken.append((order, due))
         if heap is not None and not heap:
             del self._open[group]
+        # Each order taken leaves its entry in the main heap dead.
+        self._compact_if_needed()
         return taken
 
     def forget(self, order: int) -> None:
@@ -151,6 +171,7 @@ class Scheduler:
         self._due.pop(order, None)
         self._in_flight.discard(order)
         self._requeue.pop(order, None)
+        self._compact_if_needed()
 
     def next_due(self) -> float | None:
         """The earliest due time, or None when nothing is scheduled."""
@@ -163,7 +184,8 @@ class Scheduler:
         return max(0.0, now - head) if head is not None else 0.0
 
     def due_in(self, order: int) -> float | None:
-        return self._due.get(order)
+        entry = self._due.get(order)
+        return None if entry is None else entry[0]
 
     def __contains__(self, order: object) -> bool:
         return order in self._due or order in self._in_flight
@@ -179,25 +201,51 @@ class Scheduler:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    @property
+    def entries(self) -> dict[str, int]:
+        """Entries each internal structure holds, live or dead (for tests and bench/)."""
+        return {
+            "heap": len(self._heap),
+            "open": self._open_entries,
+            "due": len(self._due),
+            "in_flight": len(self._in_flight),
+            "requeue": len(self._requeue),
+        }
+
     def _push(self, order: int, due: float, group: str | None, opens: float | None) -> None:
-        self._due[order] = due
-        heapq.heappush(self._heap, (due, order))
+        entry = (due, order)
+        self._due[order] = entry
+        heapq.heappush(self._heap, entry)
         if group is not None and opens is not None:
-            heapq.heappush(self._open.setdefault(group, []), (min(opens, due), due, order))
-        # Superseded entries stay in the heap until popped; rebuild when they
-        # outnumber the live ones so memory stays proportional to orders.
-        if len(self._heap) > 2 * len(self._due) + 1024:
-            self._heap = [(d, o) for o, d in self._due.items()]
+            heapq.heappush(self._open.setdefault(group, []), (min(opens, due), entry))
+            self._open_entries += 1
+        self._compact_if_needed()
+
+    def _compact_if_needed(self) -> None:
+        # Each order an operation handles leaves at most one dead entry in
+        # each heap, and a compaction runs only once the dead outnumber the
+        # live (plus the slack), so its cost is paid by the operations that
+        # made them: amortised O(1) an order, and each heap stays within
+        # 2 * scheduled + slack.
+        # Checked after every operation, not only on push: checks that return
+        # no order (or forget) shrink the live set without pushing anything.
+        bound = 2 * len(self._due) + self._slack
+        if len(self._heap) > bound:
+            self._heap = list(self._due.values())
             heapq.heapify(self._heap)
+        if self._open_entries > bound:
+            total = 0
             for group, entries in list(self._open.items()):
-                live = [e for e in entries if self._due.get(e[2]) == e[1]]
+                live = [e for e in entries if self._due.get(e[1][1]) is e[1]]
                 if live:
                     heapq.heapify(live)
                     self._open[group] = live
+                    total += len(live)
                 else:
                     del self._open[group]
+            self._open_entries = total
 
     def _drop_stale_head(self) -> None:
         heap = self._heap
-        while heap and self._due.get(heap[0][1]) != heap[0][0]:
+        while heap and self._due.get(heap[0][1]) is not heap[0]:
             heapq.heappop(heap)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -122,7 +123,7 @@ def test_superseded_entries_do_not_grow_the_heap_without_bound() -> None:
     for round_ in range(200):
         for order in range(50):
             s.offer(order, 1_000_000.0 - round_)
-    assert len(s._heap) <= 2 * len(s) + 1024
+    assert s.entries["heap"] <= 2 * len(s) + 1024
 
 
 def test_an_open_order_of_the_group_joins_a_request_early() -> None:
@@ -175,15 +176,63 @@ def test_stale_pull_entries_do_not_grow_without_bound() -> None:
                 s.offer(order, 0.0)
                 s.pop_due(now=0.0, limit=100)
             s.complete(order, 1e6 - round_, group="g", opens=1e6 - round_ - 1)
-    assert sum(len(h) for h in s._open.values()) <= 2 * len(s) + 1024
+    assert s.entries["open"] <= 2 * len(s) + 1024
+
+
+def test_checks_with_no_room_to_pull_leave_memory_bounded_by_the_orders() -> None:
+    # The issue's reproduction, smaller: a batched provider whose requests
+    # are always full, so pull_open is never called, and every completed
+    # check pushed an open entry that nothing removed (600,000 checks over
+    # 20,000 orders held 620,000 of them).
+    orders, rounds, slack = 2_000, 30, 64
+    s = Scheduler(slack=slack)
+    for order in range(orders):
+        s.offer(order, 0.0)
+    now = 0.0
+    for _ in range(rounds):
+        now += 10.0
+        for order in s.pop_due(now, limit=orders):
+            s.complete(order, now + 5.0, group="barakat", opens=now + 1.0)
+    assert len(s) == orders
+    for name, size in s.entries.items():
+        assert size <= 2 * orders + slack, (name, size)
+
+
+def test_forgotten_orders_do_not_stay_in_the_heaps() -> None:
+    s = Scheduler(slack=16)
+    for order in range(1_000):
+        s.offer(order, 1e6, group="g", opens=1e6 - 1)  # far in the future: never popped
+    for order in range(1_000):
+        s.forget(order)
+    assert len(s) == 0
+    assert s.entries["heap"] <= 16
+    assert s.entries["open"] <= 16
+
+
+def test_an_order_rescheduled_at_the_same_due_time_in_another_group_is_not_pulled_by_the_old() -> (
+    None
+):
+    # Liveness by value made the old group's entry live again: its provider
+    # changed, yet a request to the old provider could take it.
+    s = Scheduler()
+    s.offer(1, 0.0)
+    assert s.pop_due(now=0.0, limit=10) == [1]
+    s.complete(1, 100.0, group="a", opens=90.0)
+    assert s.pop_due(now=100.0, limit=10) == [1]
+    s.complete(1, 100.0, group="b", opens=95.0)
+    assert s.pull_open("a", now=99.0, limit=10) == []
+    assert s.pull_open("b", now=99.0, limit=10) == [(1, 100.0)]
 
 
 class SchedulerMachine(RuleBasedStateMachine):
     """Random offers, pops and completions against a plain model of the schedule."""
 
+    #: Small, so that the machine's short runs go through compactions.
+    SLACK = 4
+
     def __init__(self) -> None:
         super().__init__()
-        self.s = Scheduler()
+        self.s = Scheduler(slack=self.SLACK)
         self.model: dict[int, float] = {}
         self.flying: set[int] = set()
         #: Offers made while in flight: the earliest due, and the reference
@@ -195,7 +244,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(
         order=st.integers(0, 20),
-        due=st.floats(0, 100, allow_nan=False),
+        # A few fixed values too: orders rescheduled at the very same time.
+        due=st.floats(0, 100, allow_nan=False) | st.sampled_from([10.0, 50.0]),
         reference=st.none() | st.sampled_from(["R1", "R2"]),
     )
     def offer(self, order: int, due: float, reference: str | None) -> None:
@@ -230,7 +280,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.flying)
     @rule(
         data=st.data(),
-        next_due=st.none() | st.floats(0, 200, allow_nan=False),
+        next_due=st.none() | st.floats(0, 200, allow_nan=False) | st.sampled_from([10.0, 50.0]),
         group=st.none() | st.sampled_from(["a", "b"]),
         early=st.floats(0, 20, allow_nan=False),
         checked=st.none() | st.sampled_from(["R1", "R2"]),
@@ -288,5 +338,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         for order, due in self.model.items():
             assert self.s.due_in(order) == due
 
+    @invariant()
+    def memory_follows_the_live_orders(self) -> None:
+        # Every structure, dead entries included, stays within twice the
+        # orders held plus a constant, whatever the sequence of operations.
+        live = len(self.model) + len(self.flying)
+        for name, size in self.s.entries.items():
+            assert size <= 2 * live + self.SLACK, (name, size, live)
 
+
+SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=100)
 TestSchedulerMachine = SchedulerMachine.TestCase
