@@ -265,3 +265,48 @@ secrets = {{ kod = "{fake.kod}", sifre = "{fake.sifre}" }}
     line = lines(result)["provider znet"]
     assert line.startswith("WARN  provider znet: znet at http://127.0.0.1:")
     assert "İşlem bulunamadı" in line
+
+
+def test_doctor_names_a_lock_holder_that_is_not_an_order_monitor_session(
+    db: str, env_file: Path
+) -> None:
+    from order_monitor import schema
+    from order_monitor.config import Layout
+    from order_monitor.ops.leader import lock_key
+
+    squatter = make_conninfo(db, application_name="nightly-report")
+    with psycopg.connect(squatter, autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        conn.execute("SELECT pg_advisory_lock(%s)", (lock_key("public", "product_orders"),))
+        conn.execute("SELECT pg_advisory_lock(%s)", (schema.idle_lock_key(Layout()),))
+        result = invoke(["doctor"], environment(as_daemon(db), env_file))
+    found = [line for line in result.stdout.splitlines() if "lock holders:" in line]
+    assert len(found) == 2, result.stdout
+    assert all(line.startswith("FAIL") for line in found)
+    assert "the leader lock is held by" in found[0]
+    assert "the idle lock is held by" in found[1]
+    for line in found:
+        assert f"pid {pid} (nightly-report, user " in line
+
+
+def test_doctor_leaves_our_own_lock_holders_alone(db: str, env_file: Path) -> None:
+    from order_monitor.ops.leader import lock_key
+
+    ours = make_conninfo(db, application_name="order-monitor 0.3.0 (leader lock)")
+    with psycopg.connect(ours, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (lock_key("public", "product_orders"),))
+        result = invoke(["doctor"], environment(as_daemon(db), env_file))
+    assert verdicts(result)["lock holders"] == "PASS"
+
+
+def test_doctor_names_instances_older_than_itself(db: str, env_file: Path) -> None:
+    old = make_conninfo(as_daemon(db), application_name="order-monitor 0.1.0 (listener)")
+    current = make_conninfo(as_daemon(db), application_name="order-monitor 0.3.0 (listener)")
+    with psycopg.connect(old) as before, psycopg.connect(current):
+        pid = before.info.backend_pid
+        result = invoke(["doctor"], environment(as_daemon(db), env_file))
+    line = lines(result)["instances"]
+    assert line.startswith("WARN"), line
+    assert f"pid {pid} (order-monitor 0.1.0 (listener)" in line
+    assert "1 session(s)" in line
+    assert "0.3.0 (listener)" not in line

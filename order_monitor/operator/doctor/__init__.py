@@ -116,7 +116,10 @@ async def _database_checks(settings: Settings, emit: Emit, notify_timeout: float
             await conn.execute(
                 sql.SQL("SET statement_timeout = {}").format(sql.Literal(STATEMENT_TIMEOUT))
             )
-            await check_server(conn, settings, emit)
+            if not await check_server(conn, settings, emit):
+                # A replica: the inbox, the write proof and LISTEN would each
+                # fail with a message of their own; the one that matters is said.
+                return
             table = await check_table(conn, settings.layout, emit)
             if table is not None:
                 await check_objects(conn, settings.layout, table, emit)

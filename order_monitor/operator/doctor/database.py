@@ -9,6 +9,7 @@ from psycopg import sql
 
 from order_monitor import db
 from order_monitor.config import Layout, Settings
+from order_monitor.db.sessions import REPLICA_HINT
 from order_monitor.errors import OrderMonitorError
 from order_monitor.operator.findings import INSTALL_HINT, Emit, Verdict
 
@@ -21,23 +22,20 @@ async def fetch_one(
     return await cursor.fetchone()
 
 
-async def check_server(conn: db.AsyncConn, settings: Settings, emit: Emit) -> None:
+async def check_server(conn: db.AsyncConn, settings: Settings, emit: Emit) -> bool:
+    """The server answers; False on a replica, where no further check means anything."""
     row = await fetch_one(
         conn,
-        "SELECT current_setting('server_version'), current_database(), current_user,"
-        " pg_is_in_recovery()",
+        "SELECT pg_catalog.current_setting('server_version'), pg_catalog.current_database(),"
+        " current_user, pg_catalog.pg_is_in_recovery()",
     )
     version, database, user, in_recovery = row
     where = f"PostgreSQL {version}, database {database} as {user} ({settings.safe_dsn})"
     if in_recovery:
-        emit(
-            Verdict.FAIL,
-            "database",
-            f"{where} is a standby in recovery: the daemon writes and LISTENs, which needs "
-            "the primary — point ORDER_MONITOR_DSN at the primary",
-        )
-    else:
-        emit(Verdict.PASS, "database", f"connected: {where}")
+        emit(Verdict.FAIL, "database", f"{where}: {REPLICA_HINT}")
+        return False
+    emit(Verdict.PASS, "database", f"connected: {where}")
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,9 @@ from typing import Final
 
 from psycopg import sql
 
-from order_monitor import db, schema
+from order_monitor import __version__, db, schema
 from order_monitor.config import Layout
+from order_monitor.db import sessions
 from order_monitor.engine.policy import format_seconds
 from order_monitor.operator.findings import INSTALL_HINT, Emit, Verdict
 
@@ -23,13 +24,55 @@ async def check_handoff(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
     await _version_1_triggers(conn, layout, emit)
     if await _inbox(conn, layout, emit):
         await _idle_lock(conn, layout, emit)
+    await check_instances(conn, emit)
+    await check_lock_holders(conn, layout, emit)
+
+
+async def check_instances(conn: db.AsyncConn, emit: Emit) -> None:
+    """Daemons connected with a version older than this one (application_name says which)."""
+    older = await sessions.older_instances(conn)
+    if older:
+        named = "; ".join(str(s) for s in older[:10])
+        more = f" and {len(older) - 10} more" if len(older) > 10 else ""
+        emit(
+            Verdict.WARN,
+            "instances",
+            f"{len(older)} session(s) of an order-monitor older than {__version__} "
+            f"(schema version {schema.VERSION}): {named}{more} — upgrade or stop every "
+            "instance, standbys included: an old daemon does not read the inbox (its orders "
+            "wait for the sweep) or misreads what this install writes",
+        )
+    else:
+        emit(Verdict.PASS, "instances", f"no order-monitor older than {__version__} is connected")
+
+
+async def check_lock_holders(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
+    """A session that is not ours holding the leader or the idle lock stalls the daemon."""
+    holders = await sessions.foreign_lock_holders(conn, layout)
+    if not holders:
+        emit(Verdict.PASS, "lock holders", "the leader and idle locks are ours or free")
+        return
+    for holder in holders:
+        effect = (
+            "every order-monitor instance stands by, and no order is checked"
+            if holder.lock == "leader"
+            else "the daemon cannot switch between NOTIFY and the inbox as it should"
+        )
+        emit(
+            Verdict.FAIL,
+            "lock holders",
+            f"the {holder.lock} lock is held by {holder.session}, which is not an order-monitor "
+            f"session: {effect} — end it (pg_terminate_backend({holder.session.pid})) and find "
+            "who takes our advisory lock",
+        )
 
 
 async def _version_1_triggers(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
     names = schema.Names(layout)
     cursor = await conn.execute(
         "SELECT t.tgname FROM pg_catalog.pg_trigger t"
-        " WHERE t.tgrelid = to_regclass(%s) AND t.tgname = ANY(%s) AND NOT t.tgisinternal"
+        " WHERE t.tgrelid = pg_catalog.to_regclass(%s) AND t.tgname = ANY(%s)"
+        " AND NOT t.tgisinternal"
         " ORDER BY 1",
         (
             names.table.as_string(conn),
@@ -52,8 +95,13 @@ async def _version_1_triggers(conn: db.AsyncConn, layout: Layout, emit: Emit) ->
 async def _inbox(conn: db.AsyncConn, layout: Layout, emit: Emit) -> bool:
     names = schema.Names(layout)
     qualified = names.inbox.as_string(conn)
+    if await sessions.in_recovery(conn):
+        # An UNLOGGED table cannot be read during recovery: say why, not the error.
+        emit(Verdict.FAIL, "inbox", sessions.REPLICA_HINT)
+        return False
     cursor = await conn.execute(
-        "SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = to_regclass(%s)",
+        "SELECT c.relpersistence FROM pg_catalog.pg_class c"
+        " WHERE c.oid = pg_catalog.to_regclass(%s)",
         (qualified,),
     )
     row = await cursor.fetchone()
@@ -67,7 +115,7 @@ async def _inbox(conn: db.AsyncConn, layout: Layout, emit: Emit) -> bool:
         return False
     cursor = await conn.execute(
         sql.SQL(
-            "SELECT count(*), extract(epoch FROM now() - min(queued_at))::float8 FROM {}"
+            "SELECT count(*), extract(epoch FROM pg_catalog.now() - min(queued_at))::float8 FROM {}"
         ).format(names.inbox)
     )
     counted = await cursor.fetchone()
