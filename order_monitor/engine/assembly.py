@@ -158,6 +158,7 @@ class Engine:
             clock=clock,
             timing=handoff_timing,
             batch_size=settings.batch_size,
+            use_notify=settings.handoff != "inbox",
         )
 
         def notified(order: uuid.UUID) -> None:
