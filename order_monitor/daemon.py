@@ -101,6 +101,7 @@ class Daemon:
         self.http_server: HttpServer | None = None
         self.metrics.track(self.metrics.pending, lambda: float(len(self.scheduler)))
         self.metrics.track(self.metrics.lag, lambda: self.scheduler.lag(self._clock()))
+        self.metrics.track(self.metrics.unwritten_age, self.unwritten_age)
         self.metrics.track(self.metrics.leader, lambda: 1.0 if self._lock.is_leader else 0.0)
 
     # --- control ------------------------------------------------------------------
@@ -193,6 +194,11 @@ class Daemon:
             return None
         return time.monotonic() - self.sweeper.last_completed
 
+    def unwritten_age(self) -> float:
+        """Seconds the oldest result not yet written has waited (0: none, or not leading)."""
+        writer = self.writer
+        return writer.unwritten_age() if writer is not None else 0.0
+
     # --- running ------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -214,6 +220,7 @@ class Daemon:
                 metrics=self.metrics,
                 readiness=self,
                 max_sweep_age=settings.sweep_interval * 3,
+                unwritten_age=self.unwritten_age,
             ) as self.http_server:
                 idle = asyncio.create_task(self._keep_systemd_informed(), name="idle-watchdog")
                 try:
@@ -398,10 +405,13 @@ class Daemon:
         if self._engine is None:
             return "leader: connecting to the database"
         sweep_age = self.last_sweep_age()
+        unwritten = self.unwritten_age()
         return (
             f"leader: {len(self.scheduler)} pending, {self.scheduler.in_flight} being checked, "
             f"lag {self.scheduler.lag(self._clock()):.1f}s, "
-            f"listener {'up' if self.listener_connected else 'DOWN'}, "
+            # Only when there is one: results waiting to be written are the news.
+            + (f"oldest unwritten result {unwritten:.0f}s, " if unwritten >= 1 else "")
+            + f"listener {'up' if self.listener_connected else 'DOWN'}, "
             + (f"last sweep {sweep_age:.0f}s ago" if sweep_age is not None else "no sweep yet")
         )
 

@@ -49,6 +49,26 @@ class Metrics:
             "(finished by someone else, or a new provider reference).",
             registry=r,
         )
+        self.writes_deferred = Counter(
+            "order_monitor_result_writes_deferred",
+            "Results kept for another write instead of being written, by reason: locked"
+            " (another transaction held the row) or database (the statement or its COMMIT"
+            " failed). Counted per try; the provider is not asked again.",
+            ["reason"],
+            registry=r,
+        )
+        self.unwritten_age = Gauge(
+            "order_monitor_unwritten_result_age_seconds",
+            "Age of the oldest result the writer has not written yet (queued or kept after a"
+            " write that did not take it); 0 when none.",
+            registry=r,
+        )
+        self.announcements_skipped = Counter(
+            "order_monitor_result_announcements_skipped",
+            "Finished results written without their NOTIFY on the result channel, because"
+            " the cluster's notification queue was at least half full.",
+            registry=r,
+        )
         self.unconfigured = Counter(
             "order_monitor_unconfigured_provider_orders",
             "Checks skipped because the order's provider is not in the providers file.",

@@ -33,14 +33,17 @@ async def housekeeping(
 
     WATCHDOG=1 is sent when this loop completes an iteration: a frozen event
     loop, or this coroutine hanging, stops it and systemd restarts us. (A
-    hung checker or writer shows in the queue-lag metric, not here.) The
-    database query is bounded by a timeout, so a database outage, which the
-    engine rides out by itself, does not stop the pings.
+    hung checker shows in the queue-lag metric, a stuck writer in the
+    unwritten-result age, not here.) The database query is bounded by a
+    timeout, so a database outage, which the engine rides out by itself,
+    does not stop the pings.
     """
     while True:
         try:
             async with asyncio.timeout(interval):
-                cursor = await (await reader.get()).execute("SELECT pg_notification_queue_usage()")
+                cursor = await (await reader.get()).execute(
+                    "SELECT pg_catalog.pg_notification_queue_usage()"
+                )
                 row = await cursor.fetchone()
             if row is not None:
                 metrics.notification_queue.set(float(row[0]))

@@ -5,7 +5,8 @@
   the blip into a restart storm, and the daemon already recovers from a
   Postgres restart by itself.
 * ``/readyz`` answers 200 only when this instance is the leader, its LISTEN
-  connection is up, the database answers and a sweep finished recently. Else
+  connection is up, the database answers, a sweep finished recently and no
+  checked result has waited more than a minute to be written. Else
   503, with a JSON body naming the checks that failed, so "not ready" says why.
   A standby instance is not ready (``"role": "standby"``): it does no work.
 * ``/metrics`` is the Prometheus text exposition of the daemon's own registry.
@@ -47,6 +48,10 @@ log = get_logger(component="http")
 LEADER: Final = "leader"
 MAX_CONNECTIONS: Final = 64
 HEADER_TIMEOUT: Final = 5.0
+#: /readyz fails its ``writes`` check when a checked result has waited longer
+#: than this to be written: a minute rides out a lock held by an ordinary
+#: transaction and the writer's retries, not an idle-in-transaction session.
+MAX_UNWRITTEN_AGE: Final = 60.0
 REFUSAL_LOG_INTERVAL: Final = 60.0
 _REFUSED: Final = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
@@ -225,6 +230,8 @@ class HttpServer:
         readiness: Readiness,
         database_timeout: float = 2.0,
         max_sweep_age: float | None = None,
+        unwritten_age: Callable[[], float] | None = None,
+        max_unwritten_age: float = MAX_UNWRITTEN_AGE,
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT,
         refusal_log_interval: float = REFUSAL_LOG_INTERVAL,
@@ -236,6 +243,8 @@ class HttpServer:
         self._readiness = readiness
         self._database_timeout = database_timeout
         self._max_sweep_age = max_sweep_age
+        self._unwritten_age = unwritten_age
+        self._max_unwritten_age = max_unwritten_age
         self._started = time.monotonic()
         self._runner: web.AppRunner | None = None
         self._header_timeout = header_timeout
@@ -350,7 +359,23 @@ class HttpServer:
             )
         checks["sweep"] = sweep
 
+        if self._unwritten_age is not None:
+            checks["writes"] = self._writes_check(self._unwritten_age())
+
         return checks, [name for name, check in checks.items() if not check["ok"]]
+
+    def _writes_check(self, age: float) -> dict[str, Any]:
+        # Results checked but not written (rows held by another transaction, a
+        # database that fails the writes): the listener and the sweep look
+        # fine meanwhile, and no customer gets a PIN.
+        writes: dict[str, Any] = {"ok": age <= self._max_unwritten_age, "age_s": round(age, 3)}
+        if not writes["ok"]:
+            writes["reason"] = (
+                f"a result has waited {age:.0f}s to be written "
+                f"(more than {self._max_unwritten_age:g}s): see writer.rows_locked or "
+                "writer.failed in the log"
+            )
+        return writes
 
     async def _database_check(self) -> dict[str, Any]:
         try:
@@ -382,6 +407,7 @@ async def serve_http(
     readiness: Readiness,
     database_timeout: float = 2.0,
     max_sweep_age: float | None = None,
+    unwritten_age: Callable[[], float] | None = None,
 ) -> AsyncIterator[HttpServer | None]:
     """Run the server for the duration of the block, or nothing when *listen* is None."""
     if listen is None:
@@ -393,5 +419,6 @@ async def serve_http(
         readiness=readiness,
         database_timeout=database_timeout,
         max_sweep_age=max_sweep_age,
+        unwritten_age=unwritten_age,
     ) as server:
         yield server
