@@ -8,6 +8,11 @@ guarded write (:meth:`~order_monitor.db.Queries.write`). A running daemon is
 no obstacle: the write applies only while the row is still in flight with
 the same provider reference, so whichever of the two writes second finds the
 order finished and is dropped as stale.
+
+Nothing a row holds makes it traceback: an unusable dispatch time (infinite,
+NULL, in the future; db.dispatch) is reported and the order is checked as if
+dispatched now; a row the re-read cannot read, or a write the database
+refuses, is reported by the error's class and primary message, never values.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import aiohttp
+import psycopg
 from psycopg import sql
 
 from order_monitor import __version__, db, schema
 from order_monitor.config import Layout, Settings
 from order_monitor.db import InFlightRow, Queries
+from order_monitor.db.queries import is_row_error
 from order_monitor.engine.decisions import Decision, decide, write_batch
 from order_monitor.engine.policy import format_seconds
+from order_monitor.engine.unreadable import primary_message
 from order_monitor.errors import OrderMonitorError
 from order_monitor.metrics import Metrics
 from order_monitor.operator import printable
@@ -66,6 +74,8 @@ class CheckResult:
     #: None when nothing was to be written or it was a dry run.
     written: bool | None = None
     notes: list[str] = field(default_factory=list)
+    #: Why the database refused the write (its class and primary message).
+    write_error: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -128,11 +138,21 @@ async def run_check(settings: Settings, order_id: uuid.UUID, *, dry_run: bool) -
     layout = settings.layout
     table = f"{layout.schema}.{layout.table}"
     async with await db.connect(settings.dsn.reveal(), "check") as conn:
-        order = await read_order(conn, layout, order_id)
+        try:
+            order = await read_order(conn, layout, order_id)
+        except psycopg.Error as exc:
+            if not is_row_error(exc, conn):
+                raise
+            raise CheckError(_unreadable(order_id, exc)) from None
         if order is None:
             raise CheckError(f"no order with id {order_id} in {table}")
         queries = Queries(layout)
-        rows = await queries.fetch_in_flight(conn, [order_id])
+        try:
+            rows = await queries.fetch_in_flight(conn, [order_id])
+        except psycopg.Error as exc:
+            if not is_row_error(exc, conn):
+                raise
+            raise CheckError(_unreadable(order_id, exc)) from None
         read_at = time.monotonic()
         if not order.in_flight or not rows:
             raise CheckError(
@@ -173,11 +193,30 @@ async def run_check(settings: Settings, order_id: uuid.UUID, *, dry_run: bool) -
         result = CheckResult(
             order, row, provider.name, config.kind, outcome, asked_in, decision, dry_run
         )
+        if row.dispatch_issue is not None:
+            result.notes.append(
+                f"dispatch time unusable ({row.dispatch_issue.describe(layout)}): checked as if "
+                "dispatched now; the daemon schedules such an order from when it first saw it"
+            )
         if dry_run or not decision.writes:
             return result
-        written = await queries.write(conn, write_batch([decision]))
+        try:
+            written = await queries.write(conn, write_batch([decision]))
+        except psycopg.Error as exc:
+            if not is_row_error(exc, conn):
+                raise
+            result.written = False
+            result.write_error = f"{type(exc).__name__}: {primary_message(exc)}"
+            return result
         result.written = row.id in written
         return result
+
+
+def _unreadable(order_id: uuid.UUID, exc: psycopg.Error) -> str:
+    return (
+        f"order {order_id} cannot be read (the daemon skips it too, warning "
+        f"sweep.row_unreadable): {type(exc).__name__}: {primary_message(exc)}"
+    )
 
 
 # --- formatting (pure) -------------------------------------------------------------------
@@ -216,7 +255,7 @@ def format_result(result: CheckResult, layout: Layout) -> str:
         f"{'provider':<{width}}{result.provider} (kind {result.kind}, "
         f"{layout.columns.provider_id} {result.row.provider_id!r})",
         f"{'reference':<{width}}{result.row.reference}",
-        f"{'dispatched':<{width}}{format_seconds(result.row.elapsed)} ago",
+        f"{'dispatched':<{width}}{_dispatched_text(result, layout)}",
         f"{'asked':<{width}}{result.asked_in_s * 1000:.0f} ms",
         f"{'raw status':<{width}}{_or_dash(o.raw_status)}",
         f"{'outcome':<{width}}{o.status.value}",
@@ -228,7 +267,15 @@ def format_result(result: CheckResult, layout: Layout) -> str:
     for entry in planned_writes(d, layout):
         lines.append(f"{'':<{width}}  {entry}")
     lines.append(f"{'write':<{width}}{_write_text(result)}")
+    lines.extend(f"{'note':<{width}}{note}" for note in result.notes)
     return "".join(printable(line) + "\n" for line in lines)
+
+
+def _dispatched_text(result: CheckResult, layout: Layout) -> str:
+    issue = result.row.dispatch_issue
+    if issue is None:
+        return f"{format_seconds(result.row.elapsed)} ago"
+    return f"unknown: {issue.describe(layout)}"
 
 
 def _decision_text(decision: Decision) -> str:
@@ -252,6 +299,8 @@ def _write_text(result: CheckResult) -> str:
         return "nothing to write"
     if result.dry_run:
         return "dry run: nothing written"
+    if result.write_error is not None:
+        return f"NOT written: the database refused it ({result.write_error})"
     if result.written:
         return "written (through the write function the daemon uses)"
     return (
@@ -284,7 +333,9 @@ def to_json(result: CheckResult) -> dict[str, object]:
         "order": order_to_json(result.order),
         "provider": result.provider,
         "kind": result.kind,
-        "dispatched_s_ago": round(result.row.elapsed, 3),
+        "dispatched_s_ago": None
+        if result.row.dispatch_issue is not None
+        else round(result.row.elapsed, 3),
         "asked_in_s": round(result.asked_in_s, 3),
         "answer": {
             "raw_status": o.raw_status,
@@ -306,7 +357,13 @@ def to_json(result: CheckResult) -> dict[str, object]:
         },
         "dry_run": result.dry_run,
         "written": result.written,
-        "notes": list(result.notes),
+        # An unusable dispatch time and a refused write are said in the notes.
+        "notes": list(result.notes)
+        + (
+            []
+            if result.write_error is None
+            else [f"the database refused the write: {result.write_error}"]
+        ),
         "exit_status": result.exit_code,
     }
 

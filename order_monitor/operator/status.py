@@ -15,13 +15,17 @@ Cost on a big table:
   CTE read once for both), seconds on tens of millions of rows. It only
   reads; the application's writes do not wait for it;
 * who holds the leader lock comes from ``pg_locks``: no table is read.
+
+Nothing a row holds makes it fail: ages come from db.dispatch (an infinite,
+NULL or future "sentAt" is never subtracted from), and such orders are listed
+by id, since the daemon schedules them from when it first saw them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import psycopg
@@ -29,12 +33,17 @@ from psycopg import sql
 
 from order_monitor import db, schema
 from order_monitor.config import Settings
+from order_monitor.db.dispatch import DispatchIssue, dispatch_sql, issue_of
 from order_monitor.engine.policy import format_seconds
 from order_monitor.operator import printable
 from order_monitor.ops.leader import lock_key
 
 #: How many of the orders that gave up are listed (all are counted).
 GAVE_UP_LISTED: Final = 10
+#: How many of the orders whose dispatch time is unusable are listed (all are counted).
+ODD_LISTED: Final = 10
+#: A message longer than this is cut in the text report (--json has it whole).
+MESSAGE_SHOWN: Final = 200
 GAVE_UP_WINDOW: Final = dt.timedelta(hours=24)
 FINISHED_WINDOW: Final = dt.timedelta(hours=1)
 
@@ -61,9 +70,21 @@ class GaveUpOrder:
     id: uuid.UUID
     provider_id: str | None
     reference: str | None
-    #: Seconds since its "lastSyncAt" (when it gave up).
-    age_s: float
+    #: Seconds since its "lastSyncAt" (when it gave up); None when that is not finite.
+    age_s: float | None
     last_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OddOrder:
+    """An order in flight whose dispatch time cannot be used (db.dispatch)."""
+
+    id: uuid.UUID
+    provider_id: str | None
+    reference: str
+    issue: DispatchIssue
+    #: How the report says what is wrong ("sentAt is infinity").
+    why: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +110,9 @@ class Status:
     failed_status: str
     failed_last_hour: int
     leader: LeaderInfo | None
+    #: In flight with an unusable dispatch time: how many, and the first by id.
+    odd_count: int = 0
+    odd: list[OddOrder] = field(default_factory=list)
 
     @property
     def in_flight_total(self) -> int:
@@ -113,9 +137,7 @@ async def read_status(conn: db.AsyncConn, settings: Settings) -> Status:
     names = schema.Names(layout)
     table = names.table
     in_flight = schema.in_flight_predicate(layout)
-    dispatched = sql.SQL("coalesce({sent}, {created})").format(
-        sent=sql.Identifier(c.sent_at), created=sql.Identifier(c.created_at)
-    )
+    d = dispatch_sql(layout)
     ident = sql.Identifier
 
     cursor = await conn.execute("SELECT now()")
@@ -125,9 +147,15 @@ async def read_status(conn: db.AsyncConn, settings: Settings) -> Status:
 
     cursor = await conn.execute(
         sql.SQL(
-            "SELECT {pid}::text, count(*), extract(epoch FROM now() - min({dispatched}))::float8"
+            "SELECT {pid}::text, count(*), max({elapsed}) FILTER (WHERE {usable})"
             " FROM {table} WHERE {in_flight} GROUP BY 1 ORDER BY 1 NULLS LAST"
-        ).format(pid=ident(c.provider_id), dispatched=dispatched, table=table, in_flight=in_flight)
+        ).format(
+            pid=ident(c.provider_id),
+            elapsed=d.elapsed,
+            usable=d.usable,
+            table=table,
+            in_flight=in_flight,
+        )
     )
     lines = []
     for provider_id, count, age in await cursor.fetchall():
@@ -145,14 +173,15 @@ async def read_status(conn: db.AsyncConn, settings: Settings) -> Status:
     if lines:
         cursor = await conn.execute(
             sql.SQL(
-                "SELECT {id}, {pid}::text, {ref}::text,"
-                " extract(epoch FROM now() - {dispatched})::float8"
-                " FROM {table} WHERE {in_flight} ORDER BY {dispatched}, {id} LIMIT 1"
+                "SELECT {id}, {pid}::text, {ref}::text, {elapsed}"
+                " FROM {table} WHERE {in_flight} AND {usable} ORDER BY {dispatched}, {id} LIMIT 1"
             ).format(
                 id=ident(c.id),
                 pid=ident(c.provider_id),
                 ref=ident(c.provider_ref),
-                dispatched=dispatched,
+                elapsed=d.elapsed,
+                usable=d.usable,
+                dispatched=d.dispatched,
                 table=table,
                 in_flight=in_flight,
             )
@@ -180,7 +209,9 @@ SELECT
       WHERE external_status = %(failed)s AND completed >= now() - %(finished_window)s),
     (SELECT coalesce(json_agg(g), '[]') FROM (
         SELECT id, provider_id, reference,
-               extract(epoch FROM now() - last_sync)::float8 AS age_s, last_message
+               CASE WHEN pg_catalog.isfinite(last_sync)
+                    THEN pg_catalog.date_part('epoch', pg_catalog.now() - last_sync) END AS age_s,
+               last_message
         FROM recent
         WHERE external_status = %(gave_up)s AND last_sync >= now() - %(gave_up_window)s
         ORDER BY last_sync DESC, id LIMIT %(listed)s) AS g)"""
@@ -211,11 +242,12 @@ SELECT
             uuid.UUID(item["id"]),
             item["provider_id"],
             item["reference"],
-            float(item["age_s"]),
+            None if item["age_s"] is None else float(item["age_s"]),
             item["last_message"],
         )
         for item in listed
     ]
+    odd_count, odd = await read_odd(conn, settings)
 
     return Status(
         table=f"{layout.schema}.{layout.table}",
@@ -230,7 +262,43 @@ SELECT
         failed_status=writes.failed_external_status,
         failed_last_hour=int(failed),
         leader=await read_leader(conn, layout.schema, layout.table),
+        odd_count=odd_count,
+        odd=odd,
     )
+
+
+async def read_odd(conn: db.AsyncConn, settings: Settings) -> tuple[int, list[OddOrder]]:
+    """How many orders in flight have an unusable dispatch time, and the first few by id."""
+    layout = settings.layout
+    c = layout.columns
+    d = dispatch_sql(layout)
+    cursor = await conn.execute(
+        sql.SQL(
+            "SELECT {id}, {pid}::text, {ref}::text, {elapsed}, {why}, {column},"
+            " count(*) OVER ()"
+            " FROM {table} WHERE {in_flight} AND NOT coalesce({usable}, false)"
+            " ORDER BY {id} LIMIT %s"
+        ).format(
+            id=sql.Identifier(c.id),
+            pid=sql.Identifier(c.provider_id),
+            ref=sql.Identifier(c.provider_ref),
+            elapsed=d.elapsed,
+            why=d.why,
+            column=d.column,
+            usable=d.usable,
+            table=schema.Names(layout).table,
+            in_flight=schema.in_flight_predicate(layout),
+        ),
+        (ODD_LISTED,),
+    )
+    odd: list[OddOrder] = []
+    total = 0
+    for id_, pid, ref, elapsed, why, column, count in await cursor.fetchall():
+        total = int(count)
+        issue = issue_of(elapsed, why, column)
+        if issue is not None:
+            odd.append(OddOrder(id_, pid, ref, issue, issue.describe(layout)))
+    return total, odd
 
 
 async def read_leader(conn: db.AsyncConn, schema_name: str, table: str) -> LeaderInfo | None:
@@ -295,10 +363,24 @@ def to_json(status: Status) -> dict[str, Any]:
                     "id": str(order.id),
                     "provider_id": order.provider_id,
                     "reference": order.reference,
-                    "age_s": _seconds(order.age_s),
+                    "age_s": None if order.age_s is None else _seconds(order.age_s),
                     "last_message": order.last_message,
                 }
                 for order in status.gave_up
+            ],
+        },
+        "dispatch_time_unusable": {
+            "count": status.odd_count,
+            "orders": [
+                {
+                    "id": str(order.id),
+                    "provider_id": order.provider_id,
+                    "reference": order.reference,
+                    "reason": order.issue.reason,
+                    "column": order.issue.column,
+                    "why": order.why,
+                }
+                for order in status.odd
             ],
         },
         "finished_1h": {"done": status.done_last_hour, "failed": status.failed_last_hour},
@@ -314,7 +396,12 @@ def to_json(status: Status) -> dict[str, Any]:
 
 
 def _pid(provider_id: str | None) -> str:
-    return "(none)" if provider_id is None else provider_id
+    return "(none)" if provider_id is None else _cut(provider_id)
+
+
+def _cut(text: str) -> str:
+    """Text from the table, short enough for one line of the report."""
+    return text if len(text) <= MESSAGE_SHOWN else text[: MESSAGE_SHOWN - 1] + "…"
 
 
 def format_text(status: Status) -> str:
@@ -336,20 +423,35 @@ def format_text(status: Status) -> str:
     if status.oldest is not None:
         o = status.oldest
         out.append(
-            f"  oldest: {o.id} (providerId {_pid(o.provider_id)}, reference {o.reference}), "
+            f"  oldest: {o.id} (providerId {_pid(o.provider_id)}, reference {_cut(o.reference)}), "
             f"dispatched {format_seconds(o.age_s)} ago"
         )
     out.append("")
+
+    if status.odd_count:
+        out.append(
+            f"Dispatch time unusable: {status.odd_count} in flight (checked on a schedule "
+            "from when the daemon first saw them; fix the row if the time is wrong)"
+        )
+        for odd in status.odd:
+            out.append(
+                f"  {odd.id}  providerId {_pid(odd.provider_id)}  reference "
+                f"{_cut(odd.reference)}  {odd.why}"
+            )
+        if status.odd_count > len(status.odd):
+            out.append(f"  … and {status.odd_count - len(status.odd)} more")
+        out.append("")
 
     out.append(
         f"Gave up in the last 24 h: {status.gave_up_count} "
         f"(externalStatus = {status.gave_up_status!r}: a human must look)"
     )
     for order in status.gave_up:
-        message = f" — {order.last_message}" if order.last_message else ""
+        message = f" — {_cut(order.last_message)}" if order.last_message else ""
+        ago = "at an unusable time" if order.age_s is None else f"{format_seconds(order.age_s)} ago"
         out.append(
             f"  {order.id}  providerId {_pid(order.provider_id)}  reference "
-            f"{order.reference or '-'}  {format_seconds(order.age_s)} ago{message}"
+            f"{_cut(order.reference or '-')}  {ago}{message}"
         )
     if status.gave_up_count > len(status.gave_up):
         out.append(f"  … and {status.gave_up_count - len(status.gave_up)} more")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import psycopg
 
 from order_monitor.providers.fake import MSG_DONE, FakeProvider, Script
 from tests.daemon_fixtures import App, eventually
+from tests.db.test_narrowing import make_hostile_view
 from tests.operator.helpers import environment, invoke, invoke_async
 
 
@@ -174,3 +177,70 @@ def test_check_of_an_order_whose_provider_is_not_configured(db: str, env_file: P
     assert result.exit_code == 1
     assert "providerId='ghost', which no provider" in result.stderr
     assert "provider_ids" in result.stderr
+
+
+async def _insert(app: App, reference: str, sent_at: str) -> uuid.UUID:
+    cursor = await app.conn.execute(
+        """INSERT INTO product_orders (provider_referans, "providerId", "externalStatus", "sentAt")
+           VALUES (%s, 'fake', 'sent', %s::timestamptz) RETURNING id""",
+        (reference, sent_at),
+    )
+    row = await cursor.fetchone()
+    assert row is not None
+    return uuid.UUID(str(row[0]))
+
+
+async def test_check_of_an_order_sent_at_infinity_checks_it_and_says_so(
+    app: App, fake: FakeProvider, check_env: dict[str, str]
+) -> None:
+    """Before db.dispatch the re-read raised (cannot subtract infinite timestamps): a traceback."""
+    fake.set_script("INF", Script.done("PIN-INF"))
+    order = await _insert(app, "INF", "infinity")
+
+    result = await invoke_async(["check", str(order)], check_env)
+
+    assert result.exit_code == 0, result.output
+    assert "dispatched unknown: sentAt is infinity" in result.stdout
+    assert "note       dispatch time unusable (sentAt is infinity)" in result.stdout
+    assert "write      written" in result.stdout
+    assert fake.poll_count("INF") == 1
+
+
+async def test_check_of_an_order_sent_30_days_ahead_says_how_far(
+    app: App, fake: FakeProvider, check_env: dict[str, str]
+) -> None:
+    """A "sentAt" in the future read as a negative age ("dispatched -2592000s ago")."""
+    fake.set_script("AHEAD", Script.pending())
+    order = await _insert(app, "AHEAD", "now")
+    await app.conn.execute(
+        """UPDATE product_orders SET "sentAt" = now() + interval '30 days' WHERE id = %s""",
+        (order,),
+    )
+
+    result = await invoke_async(["check", str(order), "--json"], check_env)
+
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["dispatched_s_ago"] is None
+    (note,) = out["notes"]
+    ahead = re.search(r"sentAt is (\d+) s ahead of the database's clock", note)
+    assert ahead is not None, note
+    assert 30 * 86400 - 60 < int(ahead[1]) <= 30 * 86400
+    assert out["decision"]["kind"] == "pending"
+    assert out["written"] is True
+
+
+async def test_check_of_a_row_that_cannot_be_read_names_the_error_not_a_traceback(
+    db: str, app: App, fake: FakeProvider, check_env: dict[str, str]
+) -> None:
+    make_hostile_view(db)
+    order = await _insert(app, "BAD-1", "now")
+    check_env["ORDER_MONITOR_TABLE"] = "hostile_orders"
+
+    result = await invoke_async(["check", str(order)], check_env)
+
+    assert result.exit_code == 1
+    assert f"order {order} cannot be read" in result.stderr
+    assert "DivisionByZero: division by zero" in result.stderr
+    assert "Traceback" not in result.output
+    assert fake.requests_total == 0

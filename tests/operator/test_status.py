@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from pathlib import Path
@@ -11,6 +12,7 @@ from psycopg.conninfo import make_conninfo
 
 from order_monitor.ops.leader import lock_key
 from tests.conftest import as_daemon
+from tests.db.test_dispatch_times import grant_nullable
 from tests.operator.helpers import environment, invoke, providers_file
 
 
@@ -99,3 +101,82 @@ def test_status_names_the_session_holding_the_leader_lock(db: str, env_file: Pat
     assert leader["pid"] == pid
     assert leader["application_name"] == "order-monitor test (leader lock)"
     assert json.loads(result.stdout)["in_flight"] == {"total": 0, "by_provider": [], "oldest": None}
+
+
+def test_status_names_orders_whose_dispatch_time_is_unusable(
+    db: str, env_file: Path, tmp_path: Path
+) -> None:
+    """Infinite, future and missing dispatch times, an infinite last sync on a given-up
+    order, and table text that is long or carries terminal escapes: before db.dispatch
+    the first of them ended `status` in a traceback (cannot subtract infinite timestamps)."""
+    grant_nullable(db)
+    weird = "ref\x1b[31m-" + "x" * 240
+    rows = {
+        # name: (externalStatus, referans, "sentAt", "approvedAt", "lastSyncAt", "lastMessage")
+        "good": ("sent", "G1", "-1 hour", None, None, None),
+        "inf": ("sent", "INF", "infinity", None, None, None),
+        "minus": ("sent", "MINUS", "-infinity", None, None, None),
+        "ahead": ("sent", "AHEAD", "+3 hours", None, None, None),
+        "none": ("sent", weird, None, None, None, None),
+        "later": ("processing", "L1", "-10 minutes", None, None, None),
+        "gave-up-inf": ("manual_required", "M1", "-2 hours", None, "infinity", "\x07" * 250),
+    }
+    ids: dict[str, uuid.UUID] = {}
+    with psycopg.connect(db, autocommit=True) as conn:
+        for name, (ext, ref, sent, created, synced, message) in rows.items():
+            row = conn.execute(
+                """INSERT INTO product_orders
+                       ("providerId", "externalStatus", provider_referans, "sentAt", "approvedAt",
+                        "lastSyncAt", "lastMessage")
+                   VALUES ('fake', %s, %s, %s, %s, %s, %s) RETURNING id""",
+                (ext, ref, _moment(sent), _moment(created), _moment(synced), message),
+            ).fetchone()
+            assert row is not None
+            ids[name] = row[0]
+    env = environment(
+        as_daemon(db),
+        env_file,
+        providers_file(tmp_path, "http://127.0.0.1:9"),
+        COLUMN_CREATED_AT="approvedAt",
+    )
+
+    text = invoke(["status"], env)
+    report = invoke(["status", "--json"], env)
+
+    assert text.exit_code == 0, text.output
+    assert report.exit_code == 0, report.output
+    out = text.stdout
+    assert "In flight: 6 orders" in out
+    assert "Dispatch time unusable: 4 in flight" in out
+    listed = ["inf", "minus", "ahead", "none", "gave-up-inf"]
+    by_id = {name: next(ln for ln in out.splitlines() if str(ids[name]) in ln) for name in listed}
+    assert by_id["inf"].endswith("sentAt is infinity")
+    assert by_id["minus"].endswith("sentAt is -infinity")
+    assert "s ahead of the database's clock" in by_id["ahead"]
+    assert by_id["none"].endswith("sentAt and approvedAt are both NULL")
+    # The oldest with a usable time: neither -infinity nor anything computed from it.
+    assert f"oldest: {ids['good']}" in out
+    assert "at an unusable time" in by_id["gave-up-inf"]
+    assert "\x1b" not in out
+    assert "\x07" not in out
+    assert by_id["none"].count("x") < 200  # cut, not the whole 240
+
+    unusable = json.loads(report.stdout)["dispatch_time_unusable"]
+    assert unusable["count"] == 4
+    assert {o["id"]: o["reason"] for o in unusable["orders"]} == {
+        str(ids["inf"]): "infinite",
+        str(ids["minus"]): "infinite",
+        str(ids["ahead"]): "future",
+        str(ids["none"]): "missing",
+    }
+    (gave_up,) = json.loads(report.stdout)["gave_up_24h"]["recent"]
+    assert gave_up["age_s"] is None
+
+
+def _moment(relative: str | None) -> str | None:
+    """'-1 hour' as a timestamp text relative to now; 'infinity' and None as they are."""
+    if relative is None or relative.endswith("infinity"):
+        return relative
+    amount, unit = relative.split()
+    delta = dt.timedelta(**{unit.rstrip("s") + "s": int(amount)})
+    return (dt.datetime.now(dt.UTC) + delta).isoformat()

@@ -1,0 +1,168 @@
+"""Issue #19's reproduction: odd rows among good ones, the whole daemon as the least-privilege role.
+
+Before db.dispatch, one in-flight row with "sentAt" = 'infinity' among 300
+made every sweep fail (0/300 found), and nine good orders inserted in the
+same statement as the bad one were never confirmed: the confirm of their
+batch failed with it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from structlog.testing import capture_logs
+
+from order_monitor.daemon import Daemon
+from order_monitor.db import ManagedConnection, Queries
+from order_monitor.engine.anchors import DispatchAnchors
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.engine.scheduler import Scheduler
+from order_monitor.engine.sweep import Sweeper
+from order_monitor.metrics import Metrics, counter_total
+from order_monitor.providers.fake import Behaviour, FakeProvider, Script
+from tests.conftest import as_daemon
+from tests.daemon_fixtures import App, eventually, running, settings_for
+from tests.db.test_narrowing import HOSTILE, insert, make_hostile_view
+from tests.operator.helpers import environment, invoke_async, providers_file
+
+
+def _pending_unless_done(reference: str) -> Script:
+    return Script.done() if reference.startswith("done") else Script.pending()
+
+
+def _events(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == event]
+
+
+async def test_infinite_dispatch_times_among_300_orders(
+    db: str, app: App, fake: FakeProvider, tmp_path: Path
+) -> None:
+    fake.behaviour = Behaviour(default=_pending_unless_done)
+    (tmp_path / "empty.env").write_text("")
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO product_orders (provider_referans, "externalStatus", "providerId", "sentAt")
+               SELECT 'wait-' || n, 'sent', 'fake',
+                      CASE n WHEN 100 THEN 'infinity'::timestamptz
+                             WHEN 200 THEN '-infinity'::timestamptz
+                             ELSE now() END
+               FROM generate_series(1, 300) AS n"""
+        )
+    with capture_logs() as logs:
+        async with running(Daemon(settings_for(db, fake))):
+            await eventually(
+                lambda: _async(bool(_events(logs, "sweep.finished"))), what="the first sweep"
+            )
+            # Nine good orders and a bad one, in one statement: one confirm batch.
+            cursor = await app.conn.execute(
+                """INSERT INTO product_orders (provider_referans, "externalStatus", "providerId",
+                       "sentAt")
+                   SELECT 'done-' || n, 'sent', 'fake',
+                          CASE n WHEN 5 THEN 'infinity'::timestamptz ELSE now() END
+                   FROM generate_series(1, 10) AS n
+                   RETURNING provider_referans, id"""
+            )
+            fresh = dict(await cursor.fetchall())
+            await eventually(
+                lambda: _done(app, [f"done-{n}" for n in range(1, 11)]),
+                what="the ten orders of the statement to be checked and written",
+            )
+            report = await invoke_async(
+                ["status"],
+                environment(
+                    as_daemon(db),
+                    tmp_path / "empty.env",
+                    providers_file(tmp_path, fake.base_url or ""),
+                ),
+            )
+
+    (first, *_) = _events(logs, "sweep.finished")
+    assert first["found"] == 300
+    # Scheduled by the confirmer (the install's inbox) or the sweep, whichever came first.
+    assert first["pending"] == 300
+    assert not _events(logs, "sweep.failed")
+    assert not _events(logs, "listener.confirm_failed")
+    for n in range(1, 11):
+        assert fake.poll_count(f"done-{n}") >= 1, n
+    rows = await _rows(app)
+    assert rows["done-5"]["externalStatus"] == "done"
+    assert rows["done-5"]["durationMs"] is None  # no finite dispatch time to measure from
+    warned = {e["order_id"] for e in _events(logs, "order.dispatch_time_unusable")}
+    assert warned == {
+        str(rows["wait-100"]["id"]),
+        str(rows["wait-200"]["id"]),
+        str(fresh["done-5"]),
+    }
+    assert report.exit_code == 0, report.output
+    assert "In flight: 300 orders" in report.stdout
+    assert "Dispatch time unusable: 2 in flight" in report.stdout
+    assert str(rows["wait-100"]["id"]) in report.stdout
+    assert str(rows["wait-200"]["id"]) in report.stdout
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def _rows(app: App) -> dict[str, dict[str, Any]]:
+    """App.rows() less "sentAt", which Python's datetime cannot hold when it is infinite."""
+    cursor = await app.conn.execute(
+        'SELECT provider_referans, id, "externalStatus", "durationMs" FROM product_orders'
+    )
+    return {
+        ref: {"id": id_, "externalStatus": ext, "durationMs": ms}
+        for ref, id_, ext, ms in await cursor.fetchall()
+    }
+
+
+async def _done(app: App, references: list[str]) -> bool:
+    rows = await _rows(app)
+    return all(rows[ref]["externalStatus"] == "done" for ref in references)
+
+
+async def test_the_sweep_skips_an_unreadable_row_by_id_and_warns_once_an_interval(
+    db: str,
+) -> None:
+    make_hostile_view(db)
+    ids = insert(db, [f"R{n}" for n in range(7)] + ["BAD-1"])
+    metrics = Metrics()
+    clock = [1000.0]
+    scheduler = Scheduler()
+    conn = ManagedConnection(as_daemon(db), "test")
+    sweeper = Sweeper(
+        conn,
+        Queries(HOSTILE),
+        scheduler,
+        policy=BackoffPolicy(),
+        interval=300.0,
+        page_size=3,
+        metrics=metrics,
+        clock=lambda: clock[0],
+        on_scheduled=lambda: None,
+        anchors=DispatchAnchors(HOSTILE, metrics),
+    )
+    try:
+        with capture_logs() as logs:
+            first = await sweeper.sweep()
+            clock[0] += 60.0  # within the interval: counted, not warned again
+            await sweeper.sweep()
+            clock[0] += 300.0
+            await sweeper.sweep()
+    finally:
+        await conn.close()
+    assert first is not None
+    assert first.found == 7
+    assert len(scheduler) == 7
+    assert ids["BAD-1"].int not in scheduler
+    warned = _events(logs, "sweep.row_unreadable")
+    assert len(warned) == 2
+    assert warned[0]["order_id"] == str(ids["BAD-1"])
+    assert warned[0]["error_class"] == "DivisionByZero"
+    assert warned[0]["error"] == "division by zero"
+    assert warned[0]["log_level"] == "warning"
+    assert not _events(logs, "sweep.failed")
+    assert counter_total(metrics.rows_unreadable, where="sweep") == 3
+    assert all(uuid.UUID(e["order_id"]) == ids["BAD-1"] for e in warned)
