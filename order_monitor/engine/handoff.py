@@ -65,6 +65,7 @@ from order_monitor.db import CONNECTION_ERRORS, AsyncConn, Queries, close_within
 from order_monitor.db.inbox import InboxStatements
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
+from order_monitor.ops.installed import InstallHealth, is_missing
 
 log = get_logger()
 
@@ -286,6 +287,7 @@ class Handoff:
         session: HandoffSession | None = None,
         use_notify: bool = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        health: InstallHealth | None = None,
     ) -> None:
         self._statements = InboxStatements(queries.layout)
         self._session: HandoffSession = session or OwnSession(dsn, max_backoff=max_backoff)
@@ -309,6 +311,8 @@ class Handoff:
         #: None until the first connection tells; False on a version 1 install.
         self.inbox_installed: bool | None = None
         self._wake = asyncio.Event()
+        #: Told when the inbox vanishes under us (uninstall) and when it is back.
+        self._health = health or InstallHealth()
 
     def use_session(self, session: HandoffSession) -> None:
         """Run on *session* from the next (re)connection on (the daemon: the leader lock's)."""
@@ -329,6 +333,8 @@ class Handoff:
             except CONNECTION_ERRORS as exc:
                 error = str(exc).strip() or type(exc).__name__
                 log.warning("handoff.lost", error=error)
+                if is_missing(exc):
+                    self._health.missing("inbox", error)
                 if self.mode is Mode.IDLE:
                     await self._give_back(conn)
                 self._set_mode(Mode.BUSY, reason="connection closed")
@@ -358,6 +364,10 @@ class Handoff:
 
     async def _installed(self, conn: AsyncConn) -> bool:
         installed = await self._statements.installed(conn)
+        if installed:
+            self._health.present("inbox")
+        elif self.inbox_installed:
+            self._health.missing("inbox", "the inbox table is gone, or its grants are")
         if not installed and self.inbox_installed is not False:
             log.warning(
                 "handoff.version_1_install",

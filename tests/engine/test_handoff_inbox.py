@@ -15,13 +15,16 @@ import psycopg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from order_monitor.config import Layout
 from order_monitor.db import Queries
 from order_monitor.db.inbox import START, InboxStatements
 from order_monitor.engine.handoff import EmptyPolls, Handoff, HandoffTiming, OwnSession
 from order_monitor.metrics import Metrics
-from tests.conftest import as_daemon
+from order_monitor.ops.installed import InstallHealth
+from tests.conftest import as_daemon, deploy
+from tests.daemon_fixtures import eventually
 
 INBOX = "order_monitor_product_orders_inbox_v2"
 TIMING = HandoffTiming(poll_interval=0.005, poll_max=0.2)
@@ -159,3 +162,53 @@ async def test_a_read_that_runs_off_the_end_goes_back_for_rows_behind_it(db: str
         rest = await statements.take(daemon, 100)
     assert sorted(rest) == sorted([*ids[4:], late[0]])
     assert statements.position == START
+
+
+async def test_an_inbox_dropped_under_the_handoff_is_reported_missing_then_back(db: str) -> None:
+    health = InstallHealth()
+    handoff = Handoff(
+        "",
+        Queries(Layout()),
+        on_orders=lambda ids: None,
+        room=lambda: 100,
+        listening=lambda: False,
+        metrics=Metrics(),
+        clock=asyncio.get_running_loop().time,
+        timing=HandoffTiming(idle_check=0.05),
+        session=OwnSession(as_daemon(db), max_backoff=0.2),
+        health=health,
+    )
+    with capture_logs() as logs:
+        task = asyncio.create_task(handoff.run())
+        try:
+            await eventually(lambda: _installed(handoff), what="the handoff to start")
+            assert health.readiness() == {"ok": True}
+            with psycopg.connect(db, autocommit=True) as admin:
+                admin.execute(f"DROP TABLE {INBOX}")  # type: ignore[arg-type]
+            await eventually(lambda: _missing(health), what="the inbox reported missing")
+            readiness = health.readiness()
+            assert readiness["ok"] is False
+            assert readiness["missing"] == ["inbox"]
+            assert "install.sql" in readiness["reason"]
+
+            deploy(db)  # the DBA runs install.sql and role.sql again
+            await eventually(lambda: _back(health), what="the inbox back")
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+    missing = [e for e in logs if e["event"] == "daemon.object_missing"]
+    assert len(missing) == 1  # once, not once a read
+    assert missing[0]["object"] == "inbox"
+    assert any(e["event"] == "daemon.object_back" for e in logs)
+
+
+async def _installed(handoff: Handoff) -> bool:
+    return handoff.inbox_installed is True
+
+
+async def _missing(health: InstallHealth) -> bool:
+    return "inbox" in health.problems
+
+
+async def _back(health: InstallHealth) -> bool:
+    return not health.problems
