@@ -232,6 +232,7 @@ class HttpServer:
         max_sweep_age: float | None = None,
         unwritten_age: Callable[[], float] | None = None,
         max_unwritten_age: float = MAX_UNWRITTEN_AGE,
+        install_check: Callable[[], dict[str, Any]] | None = None,
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT,
         refusal_log_interval: float = REFUSAL_LOG_INTERVAL,
@@ -245,6 +246,9 @@ class HttpServer:
         self._max_sweep_age = max_sweep_age
         self._unwritten_age = unwritten_age
         self._max_unwritten_age = max_unwritten_age
+        #: The "schema" check: objects of the install that vanished while running
+        #: (ops.installed.InstallHealth.readiness).
+        self._install_check = install_check
         self._started = time.monotonic()
         self._runner: web.AppRunner | None = None
         self._header_timeout = header_timeout
@@ -362,6 +366,9 @@ class HttpServer:
         if self._unwritten_age is not None:
             checks["writes"] = self._writes_check(self._unwritten_age())
 
+        if self._install_check is not None:
+            checks["schema"] = self._install_check()
+
         return checks, [name for name, check in checks.items() if not check["ok"]]
 
     def _writes_check(self, age: float) -> dict[str, Any]:
@@ -408,6 +415,7 @@ async def serve_http(
     database_timeout: float = 2.0,
     max_sweep_age: float | None = None,
     unwritten_age: Callable[[], float] | None = None,
+    install_check: Callable[[], dict[str, Any]] | None = None,
 ) -> AsyncIterator[HttpServer | None]:
     """Run the server for the duration of the block, or nothing when *listen* is None."""
     if listen is None:
@@ -420,5 +428,6 @@ async def serve_http(
         database_timeout=database_timeout,
         max_sweep_age=max_sweep_age,
         unwritten_age=unwritten_age,
+        install_check=install_check,
     ) as server:
         yield server
