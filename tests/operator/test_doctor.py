@@ -310,3 +310,33 @@ def test_doctor_names_instances_older_than_itself(db: str, env_file: Path) -> No
     assert f"pid {pid} (order-monitor 0.1.0 (listener)" in line
     assert "1 session(s)" in line
     assert "0.3.0 (listener)" not in line
+
+
+def test_doctor_names_orders_whose_dispatch_time_is_unusable(db: str, env_file: Path) -> None:
+    """Before db.dispatch one "sentAt" = 'infinity' failed the doctor's sweep probe:
+    'FAIL  database: a check query failed: cannot subtract infinite timestamps', no row named."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        rows = conn.execute(
+            # A has the lowest id: the first row of the sweep probe's page.
+            """INSERT INTO product_orders (id, provider_referans, "providerId", "externalStatus",
+                   "sentAt")
+               VALUES ('00000000-0000-4000-8000-000000000001', 'A', 'fake', 'sent', '-infinity'),
+                      (gen_random_uuid(), 'B', 'fake', 'sent', 'infinity'),
+                      (gen_random_uuid(), 'C', 'fake', 'sent', now() + interval '3 hours'),
+                      (gen_random_uuid(), 'D', 'fake', 'sent', now())
+               RETURNING provider_referans, id"""
+        ).fetchall()
+    ids = dict(rows)
+
+    result = invoke(["doctor"], environment(as_daemon(db), env_file))
+
+    found = lines(result)
+    assert "database" in found
+    assert found["database"].startswith("PASS"), found["database"]
+    assert found["privileges"].startswith("PASS"), found["privileges"]
+    line = found["dispatch times"]
+    assert line.startswith("WARN  dispatch times: 3 orders in flight"), line
+    assert f"{ids['A']} (sentAt is -infinity)" in line
+    assert f"{ids['B']} (sentAt is infinity)" in line
+    assert f"{ids['C']} (sentAt is " in line
+    assert str(ids["D"]) not in line

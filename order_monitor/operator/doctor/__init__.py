@@ -38,6 +38,7 @@ from order_monitor.config import Settings
 from order_monitor.errors import OrderMonitorError
 from order_monitor.operator import database_error, printable
 from order_monitor.operator.doctor.database import check_server, check_table
+from order_monitor.operator.doctor.dispatch import check_dispatch_times
 from order_monitor.operator.doctor.handoff import check_handoff
 from order_monitor.operator.doctor.notify import (
     NOTIFY_TIMEOUT,
@@ -128,6 +129,7 @@ async def _database_checks(settings: Settings, emit: Emit, notify_timeout: float
                 privileges_ok = await check_privileges(conn, settings, table, emit)
                 if privileges_ok and table.complete:
                     await check_unserved_orders(conn, settings, emit)
+                    await check_dispatch_times(conn, settings, emit)
             await check_listen_notify(conn, emit, notify_timeout)
             await check_notification_queue(conn, emit)
         except psycopg.Error as exc:
