@@ -32,6 +32,7 @@ from order_monitor.engine.sweep import Sweeper
 from order_monitor.engine.writer import Writer
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
+from order_monitor.ops.installed import InstallHealth
 from order_monitor.providers.base import Provider
 
 log = get_logger()
@@ -91,6 +92,7 @@ class Engine:
         clock: Callable[[], float],
         handoff_timing: HandoffTiming | None,
         on_listener_connected: Callable[[], None],
+        install_health: InstallHealth | None = None,
     ) -> Engine:
         """The pieces, wired: who wakes whom, who hands what to whom."""
         # One for every reader of rows, so an order keeps its anchor whichever meets it.
@@ -159,6 +161,7 @@ class Engine:
             timing=handoff_timing,
             batch_size=settings.batch_size,
             use_notify=settings.handoff != "inbox",
+            health=install_health,
         )
 
         def notified(order: uuid.UUID) -> None:
