@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from order_monitor import config
-from order_monitor.config import Env, Settings, load_settings
+from order_monitor.config import Env, ProviderLimits, Settings, load_settings
 from order_monitor.errors import ConfigError
 from order_monitor.ops.http import MAX_CONNECTIONS
 from order_monitor.redaction import Secret
@@ -130,6 +130,34 @@ def test_the_descriptor_limit_leaves_room_for_every_connection() -> None:
     needed = Settings(dsn=Secret("")).concurrency + MAX_CONNECTIONS
     assert int(soft) >= 16 * needed
     assert int(hard or soft) >= int(soft)
+
+
+#: What the unit's memory limits rest on: the process at start (RSS), the
+#: schedule's peak bytes per order under sustained load (bench/memory.py,
+#: tracemalloc) and the allocator's overhead on top of what tracemalloc counts.
+BASELINE_BYTES = 85 * 2**20
+PEAK_BYTES_PER_ORDER = 361
+ALLOCATOR_OVERHEAD = 1.5
+ORDERS_IN_FLIGHT = 1_000_000
+
+
+def size(value: str) -> int:
+    """A systemd byte size: 768M, 1G (suffixes are powers of 1024)."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)", value)
+    assert match, f"not a size this test reads: {value!r}"
+    power: int = 1024 ** " KMGT".index(match.group(2) or " ")
+    return int(match.group(1)) * power
+
+
+def test_the_memory_limits_leave_room_for_a_million_orders_in_flight() -> None:
+    unit = directives(UNIT.read_text())
+    high = size(unit["MemoryHigh"][0])
+    most = size(unit["MemoryMax"][0])
+    bodies = Settings(dsn=Secret("")).concurrency * ProviderLimits().max_body
+    needed = BASELINE_BYTES + bodies + ALLOCATOR_OVERHEAD * PEAK_BYTES_PER_ORDER * ORDERS_IN_FLIGHT
+    assert high >= needed, "a healthy daemon at a million orders would be throttled"
+    # Reclaim must start before the kill, with room between them.
+    assert most >= 1.25 * high
 
 
 def test_protect_home_and_exec_start_agree() -> None:
