@@ -1,0 +1,85 @@
+"""Issue #19: a schema upgraded from version 1 or 2 is the schema a fresh version 3 install makes.
+
+Built each way on its own database (fresh; version 1 then this; version 2
+then this), with role.sql after, and the catalog compared: our functions
+(body, settings, owner, ACL), the triggers, the index, the inbox and the
+table's grants, each as Postgres deparses it under the pinned search_path.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from order_monitor.config import Layout
+from tests.conftest import DAEMON_ROLE, Server
+from tests.schema.scripts import current, give_table_to_owner, install_release, psql
+
+CATALOG = {
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid), p.prosrc, p.prosecdef,
+               p.proconfig, p.proowner::regrole::text, p.proacl::text
+        FROM pg_proc p WHERE p.proname LIKE 'order_monitor%' ORDER BY 1, 2""",
+    "triggers": """
+        SELECT tgname, tgenabled, pg_get_triggerdef(oid) FROM pg_trigger
+        WHERE tgrelid = 'public.product_orders'::regclass AND NOT tgisinternal ORDER BY 1""",
+    "indexes": """
+        SELECT c.relname, pg_get_indexdef(i.indexrelid), i.indisvalid, i.indisready
+        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE i.indrelid = 'public.product_orders'::regclass ORDER BY 1""",
+    "inbox": """
+        SELECT c.relname, c.relpersistence, c.relowner::regrole::text, c.relacl::text,
+               a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+               pg_get_expr(d.adbin, d.adrelid)
+        FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+        LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+        WHERE c.relname LIKE 'order_monitor%inbox%' ORDER BY 1, a.attnum""",
+    "table grants": """
+        SELECT coalesce(c.relacl::text, ''), a.attname, coalesce(a.attacl::text, '')
+        FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+        WHERE c.oid = 'public.product_orders'::regclass ORDER BY a.attnum""",
+}
+
+
+def catalog(dsn: str) -> dict[str, list[tuple[object, ...]]]:
+    with psycopg.connect(dsn, options="-c search_path=pg_catalog,pg_temp") as conn:
+        return {name: conn.execute(query).fetchall() for name, query in CATALOG.items()}  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def databases(pg_server: Server, templates: tuple[str, str]) -> Iterator[dict[str, str]]:
+    """Three databases with the application's table alone, as a DBA's are before we come."""
+    names = {how: f"om_test_{uuid.uuid4().hex[:12]}" for how in ("fresh", "from v1", "from v2")}
+    try:
+        yield {how: pg_server.create_database(n, template=templates[0]) for how, n in names.items()}
+    finally:
+        for n in names.values():
+            pg_server.drop_database(n)
+
+
+def test_upgrades_from_versions_1_and_2_give_the_fresh_install(
+    databases: dict[str, str], tmp_path: Path
+) -> None:
+    layout = Layout(role=DAEMON_ROLE)
+    for how, dsn in databases.items():
+        give_table_to_owner(dsn)
+        if how != "fresh":
+            install_release(dsn, int(how[-1]))
+            with psycopg.connect(dsn, autocommit=True) as app:
+                app.execute(
+                    """INSERT INTO product_orders (provider_referans, "externalStatus")
+                       SELECT 'R' || g, 'sent' FROM generate_series(1, 10) g"""
+                )
+        for kind in ("install", "role"):
+            done = psql(dsn, current(kind, tmp_path, layout))
+            assert done.returncode == 0, f"{how}, {kind}: {done.stderr}"
+    fresh = catalog(databases["fresh"])
+    assert all(fresh[part] for part in ("functions", "triggers", "indexes", "inbox"))
+    for how in ("from v1", "from v2"):
+        upgraded = catalog(databases[how])
+        for part, rows in fresh.items():
+            assert upgraded[part] == rows, f"{part} differ between a fresh install and one {how}"
