@@ -388,20 +388,34 @@ def scrub_prepared(text: str, values: tuple[str, ...]) -> str:
     return text
 
 
+#: Rounds of finding and replacing before :func:`_hide` gives up on keeping
+#: any of the text. Two are enough for every text but a contrived one.
+_MAX_ROUNDS: Final = 4
+
+
 def _hide(text: str, values: tuple[str, ...]) -> str:
     """*text* with every reading's occurrence of *values* (longest first) replaced."""
     # Replacing can make a new occurrence out of the marker and its
-    # neighbours ("x**" in "xx**" -> "x***"): repeat until nothing is found.
-    # Each round removes at least one character that is not "*", so it ends.
-    for _ in range(len(text) + 1):
-        spans = [span for reading in _readings(text) for v in values for span in _spans(reading, v)]
+    # neighbours ("x**" in "xx**" -> "x***"), so the text is searched again
+    # after each round. A secret that starts or ends with "*" can chain that
+    # through the whole text ("aaaa**" for "a**" loses one "a" a round), and
+    # a round per character made scrubbing quadratic: a 4 KB answer blocked
+    # the event loop for seconds. So the rounds are bounded, and text that
+    # still shows a secret after them is hidden whole: linear in every case,
+    # and such a chain is no message worth keeping.
+    for _ in range(_MAX_ROUNDS):
+        spans = _find(text, values)
         if not spans:
-            break
+            return text
         replaced = _replace(text, spans)
         if replaced == text:
-            break
+            return text
         text = replaced
-    return text
+    return REDACTED if _find(text, values) else text
+
+
+def _find(text: str, values: tuple[str, ...]) -> list[tuple[int, int]]:
+    return [span for reading in _readings(text) for v in values for span in _spans(reading, v)]
 
 
 def _replace(text: str, spans: list[tuple[int, int]]) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from order_monitor import redaction
 from order_monitor.redaction import REDACTED, redact_dsn, redact_url, scrub
 from tests.providers import PRINTABLE, forms, leaks, yarl_form
 
@@ -66,6 +69,55 @@ def test_scrub_of_any_text_never_shows_the_secret(secret: str, text: str) -> Non
 def test_replacing_cannot_build_the_secret_from_the_marker() -> None:
     # "xx**" -> "x***" would show "x**" again; scrub keeps going.
     assert "x**" not in scrub("xx**", ["x**"])
+
+
+@pytest.mark.parametrize(
+    ("secret", "text"),
+    [
+        ("a**", "a" * 65536 + "**"),  # each round of replacing made one more "a**"
+        ("**a", "**" + "a" * 65536),
+        ("***a***", "*" * 65536),
+        ("***a***", "***a" * 16384),
+    ],
+)
+def test_scrub_searches_the_text_a_bounded_number_of_times(
+    secret: str, text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each search is linear in the text; a search per replaced occurrence
+    # made a 4 KB answer take seconds (65,536 searches of 64 KiB here).
+    searches = 0
+    readings = redaction._readings
+
+    def counted(text: str) -> list[Any]:
+        nonlocal searches
+        searches += 1
+        assert searches <= 8, "scrub searched the text again and again"
+        return readings(text)
+
+    monkeypatch.setattr(redaction, "_readings", counted)
+    scrubbed = scrub(text, [secret])
+    assert not leaks(scrubbed, secret)
+    assert searches <= 8
+
+
+# Secrets bounded by "*" and text made of their pieces: where replacing
+# chains through the marker.
+starred = st.builds(
+    lambda head, core, tail: head + core + tail,
+    st.text("*", max_size=3),
+    st.text("ab*%+", min_size=1, max_size=4),
+    st.text("*", max_size=3),
+).filter(lambda s: s != REDACTED)
+
+
+@given(secret=starred, data=st.data())
+@settings(max_examples=300)
+def test_no_chain_of_replacements_leaves_a_secret_that_starts_or_ends_with_a_star(
+    secret: str, data: st.DataObject
+) -> None:
+    pieces = st.sampled_from([secret, secret[:-1], secret[1:], "*", "a", "%2A", " ", "="])
+    text = "".join(data.draw(st.lists(pieces, max_size=30)))
+    assert not leaks(scrub(text, [secret]), secret)
 
 
 # --- short secrets -------------------------------------------------------------------
