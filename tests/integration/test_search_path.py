@@ -35,12 +35,13 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from order_monitor import __version__
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
 from order_monitor.db import ManagedConnection, Queries, connect, connect_forever
 from order_monitor.ops.leader import LeaderLock, lock_key
 from order_monitor.providers.fake import FakeProvider
-from tests.conftest import as_daemon, deploy
+from tests.conftest import DAEMON_ROLE, as_daemon, deploy
 from tests.daemon_fixtures import App, eventually, running, settings_for
 from tests.operator.helpers import environment, invoke_async, providers_file
 
@@ -75,7 +76,7 @@ def planted_in(dsn: str) -> Iterator[None]:
             conn.execute("RESET ROLE")
             yield
         finally:
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(role))
+            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(role))
             conn.execute(sql.SQL("DROP ROLE {}").format(role))
 
 
@@ -198,3 +199,29 @@ async def _run_everything(bare_db: str, fake: FakeProvider, tmp_path: Path) -> N
 async def _finished(app: App, count: int) -> bool:
     rows = await app.rows()
     return bool(sum(r["externalStatus"] == "done" for r in rows.values()) == count)
+
+
+async def test_every_session_of_a_running_daemon_carries_its_version(
+    db: str, fake: FakeProvider
+) -> None:
+    """Named ``order-monitor <version> (<purpose>)``: doctor finds old instances by it."""
+    async with (
+        running(Daemon(settings_for(db, fake))),
+        await psycopg.AsyncConnection.connect(db, autocommit=True) as admin,
+    ):
+        app = App(admin)
+        await app.dispatch(["named-1"])  # the writer connects for its first write
+        await eventually(lambda: _finished(app, 1), what="the order written")
+        cursor = await admin.execute(
+            "SELECT application_name FROM pg_stat_activity WHERE usename = %s ORDER BY 1",
+            (DAEMON_ROLE,),
+        )
+        names = [row[0] for row in await cursor.fetchall()]
+    # A leader's connections: the lock (which the handoff shares), the
+    # listener, the reader and the writer.
+    assert names == [
+        f"order-monitor {__version__} (leader lock)",
+        f"order-monitor {__version__} (listener)",
+        f"order-monitor {__version__} (reader)",
+        f"order-monitor {__version__} (writer)",
+    ]
