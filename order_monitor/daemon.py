@@ -28,6 +28,7 @@ from order_monitor.db import (
     connect,
     retry_forever,
 )
+from order_monitor.db.checks import check_index
 from order_monitor.engine.assembly import Engine, provider_lookup
 from order_monitor.engine.checker import Checker
 from order_monitor.engine.handoff import Handoff, HandoffTiming
@@ -255,6 +256,7 @@ class Daemon:
         settings = self.settings
         limits = await column_limits(conn, settings.layout, settings.writes)
         await check_write_function(conn, settings.layout, settings.writes)
+        await check_index(conn, settings.layout)
         return limits
 
     async def _lead_until_stopped(self) -> None:

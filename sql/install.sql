@@ -140,7 +140,8 @@ BEGIN
       JOIN pg_catalog.pg_am am ON am.oid = c.relam
      WHERE i.indexrelid = pg_catalog.to_regclass('"public"."order_monitor_product_orders_inflight_v1"');
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'order-monitor: index % is missing', '"public"."order_monitor_product_orders_inflight_v1"';
+        RAISE EXCEPTION 'order-monitor: index % is missing', '"public"."order_monitor_product_orders_inflight_v1"'
+            USING HINT = 'run this file again, as the table''s owner';
     END IF;
     IF NOT existing.valid THEN
         RAISE EXCEPTION 'order-monitor: index % is INVALID (an interrupted CREATE INDEX CONCURRENTLY left it): the sweep cannot use it', '"public"."order_monitor_product_orders_inflight_v1"'

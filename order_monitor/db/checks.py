@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import psycopg
+
+import order_monitor.schema.guards
 from order_monitor import schema
 from order_monitor.config import Layout, OutcomeWrites
 from order_monitor.db.connections import AsyncConn
@@ -110,5 +113,32 @@ async def write_function_problem(
 async def check_write_function(conn: AsyncConn, layout: Layout, writes: OutcomeWrites) -> None:
     """Raise SchemaError when :func:`write_function_problem` finds one."""
     problem = await write_function_problem(conn, layout, writes)
+    if problem is not None:
+        raise SchemaError(problem)
+
+
+async def index_problem(conn: AsyncConn, layout: Layout) -> str | None:
+    """Why the sweep's index cannot serve, or None: missing, INVALID, or built for another rule.
+
+    The same check ``install.sql`` makes before it goes on (a DO block that
+    raises), run here in a transaction that is rolled back: it builds the
+    index it would create on a temporary copy of the columns and compares
+    the two stored expression trees. Without a usable index every sweep
+    page is a scan of the table, so a daemon that starts anyway gets slower
+    as the table grows, and nobody is told why.
+    """
+    try:
+        async with conn.transaction(force_rollback=True):
+            await conn.execute(order_monitor.schema.guards.check_index(layout))
+    except psycopg.errors.RaiseException as exc:
+        problem = (exc.diag.message_primary or str(exc)).removeprefix("order-monitor: ")
+        hint = exc.diag.message_hint or "run `order-monitor sql install` (sql/install.sql)"
+        return f"{problem} — {hint.replace('this file', 'sql/install.sql')}"
+    return None
+
+
+async def check_index(conn: AsyncConn, layout: Layout) -> None:
+    """Raise SchemaError when :func:`index_problem` finds one."""
+    problem = await index_problem(conn, layout)
     if problem is not None:
         raise SchemaError(problem)

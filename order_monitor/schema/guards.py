@@ -197,7 +197,8 @@ BEGIN
       JOIN pg_catalog.pg_am am ON am.oid = c.relam
      WHERE i.indexrelid = pg_catalog.to_regclass({index});
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'order-monitor: index % is missing', {index};
+        RAISE EXCEPTION 'order-monitor: index % is missing', {index}
+            USING HINT = 'run this file again, as the table''s owner';
     END IF;
     IF NOT existing.valid THEN
         RAISE EXCEPTION 'order-monitor: index % is INVALID (an interrupted CREATE INDEX CONCURRENTLY left it): the sweep cannot use it', {index}

@@ -89,6 +89,6 @@ def login_role(pg_server: Server, db: str, prefix: str) -> Iterator[tuple[str, s
 
 
 def scalar(conn: Conn, query: str, params: tuple[object, ...] = ()) -> object:
-    row = conn.execute(query, params).fetchone()  # type: ignore[call-overload]
+    row = conn.execute(query, params or None).fetchone()  # type: ignore[call-overload]
     assert row is not None
     return row[0]
