@@ -10,6 +10,9 @@ from order_monitor.config import Layout, OutcomeWrites
 from order_monitor.db.connections import AsyncConn
 from order_monitor.db.queries import ColumnLimits
 from order_monitor.errors import SchemaError
+from order_monitor.logs import get_logger
+
+log = get_logger()
 
 
 async def column_limits(
@@ -134,6 +137,29 @@ async def index_problem(conn: AsyncConn, layout: Layout) -> str | None:
         problem = (exc.diag.message_primary or str(exc)).removeprefix("order-monitor: ")
         hint = exc.diag.message_hint or "run `order-monitor sql install` (sql/install.sql)"
         return f"{problem} — {hint.replace('this file', 'sql/install.sql')}"
+    except psycopg.errors.InsufficientPrivilege as exc:
+        # No TEMPORARY on the database (a DBA may revoke it from PUBLIC): the
+        # rule cannot be compared, but an INVALID index still can.
+        log.warning("schema.index_rule_not_compared", reason=str(exc).strip())
+        return await _invalid_index(conn, layout)
+    return None
+
+
+async def _invalid_index(conn: AsyncConn, layout: Layout) -> str | None:
+    index = schema.Names(layout).index.as_string(None)
+    cursor = await conn.execute(
+        "SELECT i.indisvalid AND i.indisready FROM pg_catalog.pg_index i"
+        " WHERE i.indexrelid = pg_catalog.to_regclass(%s)",
+        (index,),
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        return f"index {index} is missing — run `order-monitor sql install` (sql/install.sql)"
+    if not row[0]:
+        return (
+            f"index {index} is INVALID (an interrupted CREATE INDEX CONCURRENTLY left it) — "
+            f"run DROP INDEX CONCURRENTLY {index}; then sql/install.sql again"
+        )
     return None
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
+from structlog.testing import capture_logs
 
 from order_monitor import schema
 from order_monitor.config import Layout
@@ -102,3 +104,22 @@ async def test_the_daemon_refuses_to_start_on_an_invalid_index(db: str, fake: Fa
     with pytest.raises(SchemaError, match="is INVALID") as refused:
         await asyncio.wait_for(Daemon(settings_for(db, fake)).run(), 10)
     assert refused.value.exit_code == 78
+
+
+async def test_without_temporary_the_daemon_still_sees_an_invalid_index(db: str) -> None:
+    """A DBA may revoke TEMPORARY from PUBLIC: the rule is then not compared, validity still is."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        dbname = scalar(conn, "SELECT current_database()")
+        conn.execute(
+            sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC").format(
+                sql.Identifier(str(dbname))
+            )
+        )
+    async with await connect(as_daemon(db), "test") as conn:
+        with capture_logs() as logs:
+            assert await index_problem(conn, OTHER_RULE) is None
+        assert [e["event"] for e in logs] == ["schema.index_rule_not_compared"]
+        invalidate(db)
+        invalid = await index_problem(conn, LAYOUT)
+    assert invalid is not None
+    assert "is INVALID" in invalid
