@@ -57,6 +57,10 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # Both series from the start: a rate() over a series that appears
+        # only at the first deferral reads as "no data", not 0.
+        for reason in ("locked", "database"):
+            self.writes_deferred.labels(reason)
         self.unwritten_age = Gauge(
             "order_monitor_unwritten_result_age_seconds",
             "Age of the oldest result the writer has not written yet (queued or kept after a"
