@@ -13,11 +13,15 @@
 
 The server is bounded, because it shares the process's file descriptors with
 the database and provider connections: at most ``max_connections`` are open
-at once (more are answered 503 and closed at once, and counted in a warning
-logged at most once a minute), and a client has ``header_timeout`` seconds
-from connecting to send a whole request (and from the end of a response to
-send the next one). Without both, a few hundred clients that connect and send
-nothing use up the descriptors and the daemon's own connections fail.
+at once, and a client has ``header_timeout`` seconds from connecting to send a
+whole request (and from the end of a response to send the next one). Without
+both, a few hundred clients that connect and send nothing use up the
+descriptors and the daemon's own connections fail. When every slot is taken, a
+new connection closes the one idle the longest (no request being answered: a
+slow client still sending, a keep-alive between requests) and takes its slot,
+so a liveness probe is answered at once however many slow clients hold the
+rest; only when every open connection is being answered is it refused (503).
+Both are counted in warnings logged at most once a minute.
 
 Usage in the daemon::
 
@@ -31,7 +35,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, cast
@@ -60,6 +65,9 @@ _REFUSED: Final = (
 )
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 class HttpListenError(ConfigError):
     """The probe/metrics server cannot listen where it was told to.
 
@@ -68,12 +76,43 @@ class HttpListenError(ConfigError):
     """
 
 
-class ConnectionGate:
-    """Counts open connections and says whether one more may open.
+class Closable(Hashable, Protocol):
+    """An open connection, as the gate sees it (an asyncio transport)."""
 
-    Refusals are counted; the warning about them is logged at most once per
-    *log_interval* (by *clock*), carrying how many were refused since the
-    last one: a flood must not become a flood of log lines.
+    def abort(self) -> None: ...
+
+
+class _Throttled:
+    """A warning logged at most once per *interval*, with the count since the last one."""
+
+    def __init__(self, event: str, interval: float, clock: Callable[[], float]) -> None:
+        self._event = event
+        self._interval = interval
+        self._clock = clock
+        self._unlogged = 0
+        self._next_log_at = -math.inf
+
+    def count(self, **fields: object) -> None:
+        self._unlogged += 1
+        now = self._clock()
+        if now >= self._next_log_at:
+            log.warning(
+                self._event, count=self._unlogged, next_report_in_s=self._interval, **fields
+            )
+            self._unlogged = 0
+            self._next_log_at = now + self._interval
+
+
+class ConnectionGate:
+    """Holds the open connections and says whether one more may open.
+
+    When all *limit* slots are taken, the connection idle the longest (no
+    request of it being answered) is closed to make room: slow clients cannot
+    keep a probe out, and one that trickles a request in is the first to go.
+    Only when every connection is being answered is a new one refused.
+    Evictions and refusals are counted; the warning about each is logged at
+    most once per *log_interval* (by *clock*): a flood must not become a flood
+    of log lines.
     """
 
     def __init__(
@@ -86,34 +125,49 @@ class ConnectionGate:
         if limit < 1:
             raise ValueError("limit must be >= 1")
         self.limit = limit
-        self.open = 0
         self.refused_total = 0
-        self._log_interval = log_interval
-        self._clock = clock
-        self._unlogged = 0
-        self._next_log_at = -math.inf
+        self.evicted_total = 0
+        #: Open connections, the one idle the longest first.
+        self._open: OrderedDict[Closable, None] = OrderedDict()
+        #: Connections with a request being answered: never evicted.
+        self._busy: set[Closable] = set()
+        self._refused_log = _Throttled("http.connections_refused", log_interval, clock)
+        self._evicted_log = _Throttled("http.idle_connections_closed", log_interval, clock)
 
-    def admit(self) -> bool:
-        if self.open < self.limit:
-            self.open += 1
-            return True
-        self.refused_total += 1
-        self._unlogged += 1
-        now = self._clock()
-        if now >= self._next_log_at:
-            log.warning(
-                "http.connections_refused",
-                limit=self.limit,
-                refused=self._unlogged,
-                refused_total=self.refused_total,
-                next_report_in_s=self._log_interval,
-            )
-            self._unlogged = 0
-            self._next_log_at = now + self._log_interval
-        return False
+    @property
+    def open(self) -> int:
+        return len(self._open)
 
-    def release(self) -> None:
-        self.open -= 1
+    def admit(self, connection: Closable) -> bool:
+        if len(self._open) >= self.limit:
+            idle = next((c for c in self._open if c not in self._busy), None)
+            if idle is None:
+                self.refused_total += 1
+                self._refused_log.count(limit=self.limit, refused_total=self.refused_total)
+                return False
+            del self._open[idle]
+            self.evicted_total += 1
+            self._evicted_log.count(limit=self.limit, closed_total=self.evicted_total)
+            idle.abort()  # frees the descriptor now, whatever the client does
+        self._open[connection] = None
+        return True
+
+    def busy(self, connection: Closable) -> None:
+        """A request of *connection* is being answered: keep it open."""
+        if connection in self._open:
+            self._busy.add(connection)
+
+    def idle(self, connection: Closable) -> None:
+        """*connection* was answered: the last to be evicted among the idle ones."""
+        self._busy.discard(connection)
+        if connection in self._open:
+            self._open.move_to_end(connection)
+
+    def release(self, connection: Closable) -> None:
+        # An evicted connection is released twice: at eviction and when the
+        # loop reports it lost.
+        self._open.pop(connection, None)
+        self._busy.discard(connection)
 
 
 class _GatedProtocol(asyncio.Protocol):
@@ -128,19 +182,23 @@ class _GatedProtocol(asyncio.Protocol):
         self._gate = gate
         self._factory = factory
         self._inner: asyncio.Protocol | None = None
+        self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._gate.admit():
-            cast(asyncio.Transport, transport).write(_REFUSED)
-            transport.close()
+        stream = cast(asyncio.Transport, transport)
+        if not self._gate.admit(stream):
+            stream.write(_REFUSED)
+            stream.close()
             return
+        self._transport = stream
         self._inner = self._factory()
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._inner is not None:
             inner, self._inner = self._inner, None
-            self._gate.release()
+            if self._transport is not None:
+                self._gate.release(self._transport)
             inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -255,7 +313,7 @@ class HttpServer:
         self.gate = ConnectionGate(max_connections, log_interval=refusal_log_interval, clock=clock)
         self.addresses: list[tuple[str, int]] = []
 
-        app = web.Application()
+        app = web.Application(middlewares=[self._answering])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_handler)
@@ -318,6 +376,19 @@ class HttpServer:
         await self.stop()
 
     # --- handlers -----------------------------------------------------------
+
+    @web.middleware
+    async def _answering(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # A connection whose request is being answered (a /readyz waiting on
+        # the database) is never the one closed to make room.
+        connection = request.transport
+        if connection is None:
+            return await handler(request)
+        self.gate.busy(connection)
+        try:
+            return await handler(request)
+        finally:
+            self.gate.idle(connection)
 
     async def _healthz(self, _: web.Request) -> web.Response:
         # Being here proves the loop is turning; that is all liveness means.

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from order_monitor.errors import ConfigError
 from order_monitor.metrics import Metrics
 from order_monitor.ops.http import (
+    MAX_CONNECTIONS,
     ConnectionGate,
     HttpListenError,
     HttpServer,
@@ -287,7 +288,7 @@ async def test_idle_and_half_sent_clients_cannot_exhaust_descriptors_or_healthz(
                         await loop.sock_sendall(sock, b"GET /healthz HT")
                 gate = server.gate
                 await wait_until(
-                    lambda: gate.open + gate.refused_total >= clients,
+                    lambda: gate.open + gate.evicted_total >= clients,
                     2.0,
                     "the server accepted every connection",
                 )
@@ -295,15 +296,10 @@ async def test_idle_and_half_sent_clients_cannot_exhaust_descriptors_or_healthz(
                 # what the server holds on top of them is bounded by the cap.
                 assert open_fds() - baseline - clients <= limit + 8
                 assert gate.open == limit
+                assert gate.refused_total == 0  # none was being answered: room was made
 
-                started = time.monotonic()
-                status = 0
-                while status != 200:
-                    assert time.monotonic() - started < timeout + 1.0, "/healthz never answered"
-                    async with session.get(f"http://127.0.0.1:{server.port}/healthz") as response:
-                        # 503 while the slots are held, 200 once the timeout frees them.
-                        status = response.status
-                assert time.monotonic() - started < timeout + 1.0
+                async with session.get(f"http://127.0.0.1:{server.port}/healthz") as response:
+                    assert response.status == 200
 
                 async with asyncio.timeout(timeout + 1.0):
                     await asyncio.gather(*(closed_by_server(s) for s in socks))
@@ -311,22 +307,107 @@ async def test_idle_and_half_sent_clients_cannot_exhaust_descriptors_or_healthz(
     finally:
         for sock in socks:
             sock.close()
-    refusals = [e for e in logs if e["event"] == "http.connections_refused"]
-    assert len(refusals) == 1, "a flood of refusals is one log line, not one per connection"
-    assert refusals[0]["limit"] == limit
+    closed = [e for e in logs if e["event"] == "http.idle_connections_closed"]
+    assert len(closed) == 1, "a flood of connections is one log line, not one per connection"
+    assert closed[0]["limit"] == limit
 
 
-def test_refusals_are_logged_at_most_once_per_interval() -> None:
+async def test_healthz_answers_at_once_while_slow_clients_hold_every_slot() -> None:
+    # 64 clients that send half a request and wait: the cap is reached and,
+    # before, /healthz answered 503 until a header timeout freed a slot, so a
+    # liveness probe restarted a healthy daemon.
+    loop = asyncio.get_running_loop()
+    server = HttpServer("127.0.0.1:0", metrics=Metrics(), readiness=FakeState())
+    socks: list[socket.socket] = []
+    try:
+        async with server, aiohttp.ClientSession() as session:
+            for _ in range(MAX_CONNECTIONS):
+                sock = socket.socket()
+                sock.setblocking(False)
+                socks.append(sock)
+                await loop.sock_connect(sock, ("127.0.0.1", server.port))
+                await loop.sock_sendall(sock, b"GET /metrics HTTP/1.1\r\nHost: x")
+            await wait_until(
+                lambda: server.gate.open == MAX_CONNECTIONS, 2.0, "every slow client is in"
+            )
+            async with asyncio.timeout(1.0):
+                async with session.get(f"http://127.0.0.1:{server.port}/healthz") as response:
+                    assert response.status == 200
+                    assert (await response.json())["status"] == "ok"
+            # The slot came from the client idle the longest, not a refusal.
+            assert server.gate.refused_total == 0
+            assert server.gate.evicted_total == 1
+            async with asyncio.timeout(1.0):
+                await closed_by_server(socks[0])
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def test_a_connection_being_answered_is_never_the_one_closed() -> None:
+    # A /readyz waiting on the database holds the only slot: the newcomer is
+    # refused rather than the answer cut off.
+    state = FakeState(database="hang")
+    server = HttpServer(
+        "127.0.0.1:0", metrics=Metrics(), readiness=state, max_connections=1, database_timeout=5
+    )
+    async with server, aiohttp.ClientSession() as first, aiohttp.ClientSession() as second:
+        base = f"http://127.0.0.1:{server.port}"
+        waiting = asyncio.create_task(first.get(base + "/readyz"))
+        await wait_until(lambda: state.database_calls == 1, 2.0, "/readyz is being answered")
+        async with second.get(base + "/healthz") as response:
+            assert response.status == 503
+        state.database = "ok"
+        state.released.set()
+        async with await waiting as response:
+            assert response.status == 200
+        assert server.gate.refused_total == 1
+        assert server.gate.evicted_total == 0
+
+
+@dataclass(eq=False)
+class FakeConnection:
+    aborted: bool = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_the_gate_closes_the_connection_idle_the_longest() -> None:
+    gate = ConnectionGate(2)
+    a, b, c, d = FakeConnection(), FakeConnection(), FakeConnection(), FakeConnection()
+    assert gate.admit(a)
+    assert gate.admit(b)
+    gate.busy(a)
+    gate.idle(a)  # answered just now: b has been idle longer
+    assert gate.admit(c)
+    assert (a.aborted, b.aborted) == (False, True)
+    gate.release(b)  # the loop reports the aborted connection lost: no double count
+    assert gate.open == 2
+    gate.busy(a)
+    gate.busy(c)
+    assert not gate.admit(d)
+    assert gate.open == 2
+
+
+def test_refusals_and_evictions_are_logged_at_most_once_per_interval() -> None:
     now = [1000.0]
     gate = ConnectionGate(1, log_interval=60.0, clock=lambda: now[0])
+    held = FakeConnection()
     with capture_logs() as logs:
-        assert gate.admit()
-        assert not any(gate.admit() for _ in range(100))
+        assert gate.admit(held)
+        gate.busy(held)
+        assert not any(gate.admit(FakeConnection()) for _ in range(100))
         now[0] += 59.0
-        assert not gate.admit()
+        assert not gate.admit(FakeConnection())
         now[0] += 1.0
-        assert not gate.admit()
-        gate.release()
-        assert gate.admit()
-    assert [(e["refused"], e["refused_total"]) for e in logs] == [(1, 1), (101, 102)]
+        assert not gate.admit(FakeConnection())
+        gate.idle(held)
+        for _ in range(3):
+            assert gate.admit(FakeConnection())
+    refused = [e for e in logs if e["event"] == "http.connections_refused"]
+    assert [(e["count"], e["refused_total"]) for e in refused] == [(1, 1), (101, 102)]
     assert gate.refused_total == 102
+    closed = [e for e in logs if e["event"] == "http.idle_connections_closed"]
+    assert [(e["count"], e["closed_total"]) for e in closed] == [(1, 1)]
+    assert gate.evicted_total == 3
