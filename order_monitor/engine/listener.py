@@ -12,6 +12,7 @@ between the two is then either seen by the listener or found by the sweep.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 from typing import Final
@@ -19,6 +20,7 @@ from typing import Final
 from psycopg import sql
 
 from order_monitor.db import CONNECTION_ERRORS, AsyncConn, close_within, connect_forever
+from order_monitor.engine.bad_payloads import BadPayloads
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 
@@ -27,7 +29,6 @@ log = get_logger()
 # A uuid in any of its text forms is at most 45 characters; anything longer is
 # junk and is not even parsed.
 _MAX_PAYLOAD: Final = 64
-_LOGGED_PAYLOAD: Final = 100
 
 
 def parse_payload(payload: str) -> uuid.UUID | None:
@@ -53,6 +54,7 @@ class Listener:
         health_interval: float = 10.0,
         health_timeout: float = 5.0,
         max_backoff: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._dsn = dsn
         self._channel = channel
@@ -66,6 +68,7 @@ class Listener:
         self._max_backoff = max_backoff
         self.connected = False
         self._connections = 0
+        self._bad_payloads = BadPayloads(channel, clock=clock)
 
     async def run(self) -> None:
         """Listen forever; returns only by cancellation."""
@@ -106,6 +109,7 @@ class Listener:
         while True:
             async for notify in conn.notifies(timeout=self._health_interval):
                 self._handle(notify.payload)
+            self._bad_payloads.flush()
             # No traffic for a while: prove the connection still answers.
             async with asyncio.timeout(self._health_timeout):
                 await conn.execute("SELECT 1")
@@ -114,13 +118,7 @@ class Listener:
         order = parse_payload(payload)
         if order is None:
             self._metrics.notifications.labels("rejected").inc()
-            log.warning(
-                "listener.bad_payload",
-                channel=self._channel,
-                payload=payload[:_LOGGED_PAYLOAD],
-                payload_length=len(payload),
-                expected="an order id (uuid)",
-            )
+            self._bad_payloads.note(payload)
             return
         self._accepted.inc()
         self._on_order(order)
