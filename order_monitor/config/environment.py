@@ -187,7 +187,7 @@ class Env:
                 f"a PostgreSQL name of at most {_MAX_IDENTIFIER} bytes, without line breaks, "
                 "tabs or other control characters",
             )
-        return value
+        return self._check_no_percent(name, value, "a PostgreSQL name")
 
     def channel(self, name: str, default: str) -> str:
         value = self.string(name, default)
@@ -209,6 +209,21 @@ class Env:
                 value,
                 "ASCII words: Python and PostgreSQL lower-case other letters differently, "
                 "so a non-ASCII status would never match",
+            )
+        return self._check_no_percent(name, value, "words")
+
+    def _check_no_percent(self, name: str, value: str, what: str) -> str:
+        # psycopg reads every "%" of a query run with parameters as a
+        # placeholder, those inside the quoted names and literals it composed
+        # too (it does not escape them): such a name passed validation and
+        # install, then failed every query of the daemon. Doubling them would
+        # break the same SQL run without parameters (install.sql), so: refuse.
+        if "%" in value:
+            raise self._error(
+                name,
+                value,
+                f"{what} without '%': the database driver would read it as a query "
+                "placeholder and every query naming it would fail",
             )
         return value
 
