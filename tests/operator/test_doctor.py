@@ -188,7 +188,7 @@ def test_doctor_proves_the_write_itself_is_permitted(
     role_dsn: str, db: str, env_file: Path
 ) -> None:
     role = psycopg.conninfo.conninfo_to_dict(role_dsn)["user"]
-    function = '"public"."order_monitor_product_orders_write_v1"'
+    function = '"public"."order_monitor_product_orders_write_v2"'
     execute(
         db,
         f"REVOKE EXECUTE ON FUNCTION {function}(uuid[], text[], text[], text[], text[], text[],"

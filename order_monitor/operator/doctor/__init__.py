@@ -45,9 +45,11 @@ from order_monitor.operator.doctor.notify import (
     check_listen_notify,
     check_notification_queue,
 )
-from order_monitor.operator.doctor.objects import check_objects
+from order_monitor.operator.doctor.objects import check_function_acls, check_objects
 from order_monitor.operator.doctor.privileges import (
     check_privileges,
+    check_role_powers,
+    check_schema_create,
     check_unserved_orders,
     check_write_function,
 )
@@ -124,9 +126,12 @@ async def _database_checks(settings: Settings, emit: Emit, notify_timeout: float
             table = await check_table(conn, settings.layout, emit)
             if table is not None:
                 await check_objects(conn, settings.layout, table, emit)
+                await check_function_acls(conn, settings.layout, emit)
                 await check_handoff(conn, settings.layout, emit)
                 await check_write_function(conn, settings, emit)
                 privileges_ok = await check_privileges(conn, settings, table, emit)
+                await check_role_powers(conn, settings, table, emit)
+                await check_schema_create(conn, settings, emit)
                 if privileges_ok and table.complete:
                     await check_unserved_orders(conn, settings, emit)
                     await check_dispatch_times(conn, settings, emit)

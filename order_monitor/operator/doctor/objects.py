@@ -254,3 +254,67 @@ async def check_objects(conn: db.AsyncConn, layout: Layout, table: Table, emit: 
             )
         else:
             emit(Verdict.PASS, check, "enabled, and matches the current settings")
+
+
+async def check_function_acls(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
+    """Who may execute the functions we install: their owner, and the write function our role.
+
+    Both are SECURITY DEFINER: every other grantee may write orders (the
+    write function) or the inbox (the trigger function, attached to a TEMP
+    table of its own) with the owner's rights. "Our role" is the configured
+    ORDER_MONITOR_ROLE, this session's role, or a role sql/role.sql was
+    applied to (it alone is granted DELETE on the inbox).
+    """
+    names = schema.Names(layout)
+    cursor = await conn.execute(
+        "SELECT p.proname::text, r.rolname, r.rolsuper,"
+        " ARRAY(SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE g.rolname::text END"
+        "       FROM pg_catalog.aclexplode(coalesce(p.proacl,"
+        "                                  pg_catalog.acldefault('f', p.proowner))) AS a"
+        "       LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee"
+        "       WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner"
+        "         AND NOT (p.proname = %(write)s AND CASE WHEN a.grantee = 0 THEN false"
+        "             ELSE g.rolname IN (%(role)s, current_user)"
+        "               OR coalesce(pg_catalog.has_table_privilege(a.grantee,"
+        "                      pg_catalog.to_regclass(%(inbox)s), 'DELETE'), false) END)"
+        "       ORDER BY 1)"
+        " FROM pg_catalog.pg_proc p"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+        " JOIN pg_catalog.pg_roles r ON r.oid = p.proowner"
+        " WHERE n.nspname = %(schema)s AND p.proname IN (%(function)s, %(write)s)"
+        " ORDER BY 1",
+        {
+            "schema": layout.schema,
+            "function": names.function_name,
+            "write": names.write_function_name,
+            "role": layout.role,
+            "inbox": names.inbox.as_string(None),
+        },
+    )
+    rows = await cursor.fetchall()
+    if not rows:
+        return  # missing functions are reported by their own checks
+    problems, warnings = [], []
+    for name, owner, superuser, grantees in rows:
+        if grantees:
+            problems.append(f"{', '.join(grantees)} may execute {name}()")
+        if superuser:
+            warnings.append(f"{name}() is owned by the superuser {owner}, so it runs as one")
+    if problems:
+        emit(
+            Verdict.FAIL,
+            "function ACLs",
+            f"{'; '.join(problems)}: each may write with the owner's rights (SECURITY DEFINER) "
+            f"— run `order-monitor sql install` (it takes such grants back), or REVOKE them",
+        )
+    elif warnings:
+        emit(
+            Verdict.WARN,
+            "function ACLs",
+            f"{'; '.join(warnings)} — give the table to an ordinary role and install again "
+            "as it (install.sql then hands the functions to it)",
+        )
+    else:
+        emit(
+            Verdict.PASS, "function ACLs", "only their owner and the daemon's role may execute them"
+        )

@@ -143,3 +143,126 @@ async def check_unserved_orders(conn: db.AsyncConn, settings: Settings, emit: Em
         f"({listed}) and will not be checked — add those ids to provider_ids in the "
         "providers file, then reload (systemctl reload order-monitor)",
     )
+
+
+#: Role attributes the daemon's role must not have (sql/role.sql takes them back).
+POWERS = ("rolcreatedb", "rolcreaterole", "rolreplication", "rolbypassrls")
+#: What the daemon's role must not be able to do to the table, whichever way it got it.
+TABLE_WRITES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "TRIGGER", "REFERENCES")
+
+
+async def check_role_powers(
+    conn: db.AsyncConn, settings: Settings, table: Table, emit: Emit
+) -> None:
+    """This role's memberships, attributes, and any privilege on the table beyond role.sql's.
+
+    A role that existed before role.sql, or was later made a member of an
+    application role, may write the table or read the PINs and prices
+    through that membership (or through PUBLIC), which no grant of ours shows.
+    """
+    c = settings.layout.columns
+    allowed = set(c.read())
+    row = await fetch_one(
+        conn,
+        "WITH RECURSIVE member_of(oid) AS ("
+        "  SELECT m.roleid FROM pg_catalog.pg_auth_members m"
+        "   WHERE m.member = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)"
+        "  UNION SELECT m.roleid FROM pg_catalog.pg_auth_members m"
+        "   JOIN member_of ON m.member = member_of.oid)"
+        " SELECT current_user, r.rolsuper,"
+        "  ARRAY(SELECT pg_catalog.upper(pg_catalog.substr(p, 4))"
+        "        FROM pg_catalog.unnest(%s::text[]) AS p"
+        "        WHERE (pg_catalog.to_jsonb(r) ->> p)::boolean),"
+        "  ARRAY(SELECT g.rolname::text FROM member_of JOIN pg_catalog.pg_roles g"
+        "        ON g.oid = member_of.oid ORDER BY 1),"
+        "  ARRAY(SELECT w FROM pg_catalog.unnest(%s::text[]) AS w"
+        "        WHERE pg_catalog.has_table_privilege(%s::oid, w)),"
+        "  ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a"
+        "        WHERE a.attrelid = %s::oid AND a.attnum > 0 AND NOT a.attisdropped"
+        "          AND NOT a.attname = ANY(%s::text[])"
+        "          AND pg_catalog.has_column_privilege(%s::oid, a.attnum, 'SELECT')"
+        "        ORDER BY a.attnum)"
+        " FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
+        (list(POWERS), list(TABLE_WRITES), table.oid, table.oid, sorted(allowed), table.oid),
+    )
+    user, superuser, powers, memberships, writes, reads = row
+    through = (
+        f" (through its memberships: {', '.join(memberships)}, or PUBLIC)"
+        if memberships
+        else " (granted to it, or to PUBLIC)"
+    )
+    if superuser:
+        emit(
+            Verdict.WARN,
+            "role powers",
+            f"{user} is a superuser: every check above passes for it, and whoever holds its DSN "
+            "may do anything — run the daemon as the role sql/role.sql creates",
+        )
+        return
+    excess = [f"{w} on the table" for w in writes]
+    if reads:
+        excess.append(f"SELECT on {', '.join(reads)}")
+    if excess:
+        emit(
+            Verdict.FAIL,
+            "role powers",
+            f"{user} may also {'; '.join(excess)}{through} — revoke them, or take the role out "
+            "of those roles (REVOKE <role> FROM ...): it needs nothing beyond sql/role.sql",
+        )
+    elif powers or memberships:
+        extra = [*powers, *(f"member of {m}" for m in memberships)]
+        emit(
+            Verdict.WARN,
+            "role powers",
+            f"{user} has more than it needs ({', '.join(extra)}), though nothing on the table "
+            "beyond sql/role.sql's — apply sql/role.sql again (it takes the attributes back) "
+            "and revoke the memberships",
+        )
+    else:
+        emit(
+            Verdict.PASS,
+            "role powers",
+            f"{user} is a member of no role and may do nothing on the table beyond sql/role.sql's",
+        )
+
+
+async def check_schema_create(conn: db.AsyncConn, settings: Settings, emit: Emit) -> None:
+    """Warn when a role other than the schema's and the table's owner may CREATE in our schema.
+
+    On such a schema (``public`` on a database created before PostgreSQL 15
+    lets PUBLIC CREATE) any role can plant functions that shadow pg_catalog's
+    for every session that does not pin its search_path: the daemon pins it,
+    the application, psql and report tools usually do not.
+    """
+    layout = settings.layout
+    cursor = await conn.execute(
+        "SELECT n.nspname::text,"
+        " ARRAY(SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE g.rolname::text END"
+        "       FROM pg_catalog.aclexplode(coalesce(n.nspacl,"
+        "                                  pg_catalog.acldefault('n', n.nspowner))) AS a"
+        "       LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee"
+        "       WHERE a.privilege_type = 'CREATE' AND a.grantee <> n.nspowner"
+        "         AND a.grantee IS DISTINCT FROM (SELECT t.relowner FROM pg_catalog.pg_class t"
+        "                                 WHERE t.oid = pg_catalog.to_regclass(%s))"
+        "         AND NOT coalesce(g.rolsuper, false)"
+        "       ORDER BY 1)"
+        " FROM pg_catalog.pg_namespace n WHERE n.nspname IN (%s, 'public') ORDER BY 1",
+        (schema.Names(layout).table.as_string(None), layout.schema),
+    )
+    open_schemas = [(name, who) for name, who in await cursor.fetchall() if who]
+    if not open_schemas:
+        emit(
+            Verdict.PASS,
+            "schema CREATE",
+            "only the schema's and the table's owner may create objects in "
+            + " and ".join(sorted({layout.schema, "public"})),
+        )
+        return
+    said = "; ".join(f"{', '.join(who)} may CREATE in schema {name}" for name, who in open_schemas)
+    emit(
+        Verdict.WARN,
+        "schema CREATE",
+        f"{said}: such a role can plant functions (a lower(varchar)) that run as whoever calls "
+        "them from a session that does not pin search_path (the daemon pins it; the "
+        "application and psql may not) — REVOKE CREATE ON SCHEMA ... FROM those roles",
+    )
