@@ -228,7 +228,7 @@ class Writer:
             else:
                 results, cause = {}, exc
             unsettled = [i for i in items if i.decision.writes and i.decision.row.id not in done]
-            self._hold(unsettled, "database", error=refusal_reason(cause))
+            self._hold(unsettled, "database", error=database_error(cause))
             self._settle_all([i for i in items if i not in unsettled], results, refused)
             return
         self._settle_all(items, results, refused)
@@ -368,6 +368,7 @@ class Writer:
                 "SELECT pg_catalog.set_config('lock_timeout', %s, false)", (LOCK_TIMEOUT,)
             )
             self._configured = conn
+            log.info("writer.session_configured", lock_timeout=LOCK_TIMEOUT)
         return await self._queries.write(conn, write_batch(decisions))
 
     def _settle(self, decision: Decision, result: Written | None, now: float) -> bool:
@@ -428,3 +429,13 @@ def refusal_reason(exc: BaseException) -> str:
         return kind
     code = f" {exc.sqlstate}" if exc.sqlstate else ""
     return f"{kind}{code}: {exc.diag.message_primary or 'no message'}"
+
+
+def database_error(exc: BaseException) -> str:
+    """What failed a write, for the log: the server's words, else the client's (a lost link)."""
+    if isinstance(exc, psycopg.Error) and exc.sqlstate:
+        return refusal_reason(exc)
+    # libpq's own messages (connection refused, server closed the connection)
+    # name the host and port, never the password.
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first_line or 'no message'}"

@@ -217,6 +217,13 @@ async def test_a_failing_write_is_written_again_without_asking_the_provider_agai
             )
             assert await app.in_flight() == len(done) + len(waiting)
             assert {ref: fake.poll_count(ref) for ref in done} == dict.fromkeys(done, 1)
+            # The writer's session is lost too: the results are written over a
+            # new one, which gets its lock_timeout like the first.
+            await app.conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name LIKE %s",
+                ("order-monitor % (writer)",),
+            )
             await app.conn.execute("UPDATE public.write_fault SET failing = false")
             await eventually(_in_flight(app, len(waiting)), within=30, what="the results written")
     assert {ref: fake.poll_count(ref) for ref in done} == dict.fromkeys(done, 1)
@@ -234,6 +241,9 @@ async def test_a_failing_write_is_written_again_without_asking_the_provider_agai
     assert any(e["event"] == "writer.pending_result_dropped" for e in logs)
     failed = [e for e in logs if e["event"] == "writer.failed"]
     assert "InsufficientResources 53000" in failed[0]["error"]
+    # The first session, and the one after the termination.
+    sessions = [e for e in logs if e["event"] == "writer.session_configured"]
+    assert [e["lock_timeout"] for e in sessions] == ["2s", "2s"]
     assert not [e for e in logs if e["event"] == "writer.row_rejected"]
 
 
