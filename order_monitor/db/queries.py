@@ -117,9 +117,18 @@ def _timing(
 
 
 def _sweep_row(record: Sequence[Any]) -> SweepRow:
-    id_, provider_id, elapsed, last_checked, why, column, *reference = record
+    id_, provider_id, elapsed, last_checked, why, column = record
+    if why is None and elapsed is not None:
+        # Nearly every row: no verdict to read (a sweep makes 100,000 of these).
+        return SweepRow(id_, provider_id, elapsed, last_checked)
     e, lc, issue = _timing(elapsed, last_checked, why, column)
-    return SweepRow(id_, provider_id, e, lc, reference[0] if reference else None, issue)
+    return SweepRow(id_, provider_id, e, lc, None, issue)
+
+
+def _confirmed_row(record: Sequence[Any]) -> SweepRow:
+    id_, provider_id, elapsed, last_checked, why, column, reference = record
+    e, lc, issue = _timing(elapsed, last_checked, why, column)
+    return SweepRow(id_, provider_id, e, lc, reference, issue)
 
 
 def _in_flight_row(record: Sequence[Any]) -> InFlightRow:
@@ -305,7 +314,7 @@ class Queries:
 
         async def read(part: list[uuid.UUID]) -> list[SweepRow]:
             cursor = await conn.execute(self._confirm, (part,))
-            return [_sweep_row(row) for row in await cursor.fetchall()]
+            return [_confirmed_row(row) for row in await cursor.fetchall()]
 
         if unreadable is None:
             return await read(list(ids))

@@ -60,6 +60,8 @@ class DispatchAnchors:
 
         *now* is the caller's clock at the moment the rows were read.
         """
+        if not self._first_seen and all(row.dispatch_issue is None for row in rows):
+            return list(rows)  # the usual case, and a sweep's pages are big
         return [self._settle(row, now) for row in rows]
 
     def _settle(self, row: Row, now: float) -> Row:

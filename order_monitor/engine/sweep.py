@@ -99,7 +99,8 @@ async def sweep_once(
         now = clock()
         if anchors is not None:
             rows = anchors.settle(rows, now)
-            anchored.update(row.id.int for row in rows if row.id.int in anchors)
+            if anchors:
+                anchored.update(row.id.int for row in rows if row.id.int in anchors)
         for row in rows:
             if row.id.int not in scheduler:
                 schedule_row(scheduler, policy, row, now, group_for)
