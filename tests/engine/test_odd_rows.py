@@ -269,3 +269,27 @@ async def test_the_confirm_and_the_re_read_skip_an_unreadable_row_and_go_on(db: 
         assert warning["sqlstate"] == "22012"
     assert counter_total(metrics.rows_unreadable, where="confirm") == 1
     assert counter_total(metrics.rows_unreadable, where="reread") == 1
+
+
+async def test_an_order_sent_in_the_future_is_checked_now_and_warned_about(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    """A shop storing local time as UTC: before, the order was parked until its "sentAt"."""
+    fake.set_script("AHEAD", Script.done("PIN-A"))
+    with capture_logs() as logs:
+        async with running(Daemon(settings_for(db, fake))) as daemon:
+            cursor = await app.conn.execute(
+                """INSERT INTO product_orders (provider_referans, "providerId", "externalStatus",
+                       "sentAt")
+                   VALUES ('AHEAD', 'fake', 'sent', now() + interval '3 hours') RETURNING id"""
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            await eventually(lambda: _done(app, ["AHEAD"]), what="the order to be checked")
+            counted = counter_total(daemon.metrics.dispatch_time_unusable, reason="future")
+    (warning,) = _events(logs, "order.dispatch_time_in_future")
+    assert warning["order_id"] == str(row[0])
+    assert 3 * 3600 - 60 < warning["seconds_ahead"] <= 3 * 3600
+    assert counted == 1
+    assert fake.poll_count("AHEAD") == 1
+    assert (await _rows(app))["AHEAD"]["durationMs"] == 0  # never negative
