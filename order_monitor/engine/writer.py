@@ -5,6 +5,13 @@ accumulated (up to a batch) and writes it in one statement whose WHERE still
 requires the row to be in flight with the same provider reference. A result
 that lost a race (an operator finished the order, the application re-sent it
 with a new reference) is dropped, never written over the newer truth.
+
+A result the database did not take is not the row's fault and not a reason
+to ask the provider again: a row another transaction holds (skipped, the
+write function says 'locked') or a statement that failed (the link, a
+lock_timeout, the COMMIT) leaves the decision held in ``engine.unwritten``
+and written again with a backoff. Only a value the database refuses is
+narrowed down to its row and counted against the order's policy.
 """
 
 from __future__ import annotations
