@@ -6,15 +6,18 @@ SQL text with string formatting. The files in ``sql/`` are this module's
 rendering of the default layout (a test keeps them equal), so what a DBA
 reviews is exactly what ``order-monitor sql install`` runs.
 
-Object names carry the version that last changed them: the index and the
-write function are still ``_v1``; the trigger, its function and the inbox
-are ``_v2`` (the handoff: see :mod:`order_monitor.engine.handoff`). The install
-swaps the ``_v1`` triggers for the ``_v2`` ones in one transaction, so no
-application commit falls between the two sets.
+Object names carry the version that last changed them: the index is still
+``_v1``; the trigger, its function and the inbox are ``_v2`` (the handoff:
+see :mod:`order_monitor.engine.handoff`); the write function is ``_v2``
+(schema version 3: a new return shape). The install drops what older
+versions left (``_v1`` triggers and trigger function, ``write_v1``), and
+compares what exists with what it would create before it takes any lock:
+a re-run with nothing to change locks nothing (see ``guards``).
 
 ``names`` (our objects' names, the lock keys, the in-flight predicate),
-``write_function``, ``install`` (install, uninstall, role) and ``files``
-(what ``sql print`` writes and ``sql/`` holds).
+``write_function``, ``install`` (install, uninstall, role), ``guards`` and
+``role_guards`` (their DO blocks: catalog first, then the one lock needed)
+and ``files`` (what ``sql print`` writes and ``sql/`` holds).
 """
 
 from order_monitor.schema.files import describe_writes, render, statements_for
