@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from structlog.testing import capture_logs
 
-from order_monitor.config import OutcomeWrites
+from order_monitor import schema
+from order_monitor.config import Layout, OutcomeWrites
 from order_monitor.daemon import Daemon
 from order_monitor.db import ColumnLimits, ManagedConnection, Queries
 from order_monitor.engine.anchors import DispatchAnchors
@@ -30,8 +33,9 @@ from order_monitor.engine.sweep import Sweeper
 from order_monitor.metrics import Metrics, counter_total
 from order_monitor.providers.base import OrderRef, Outcome
 from order_monitor.providers.fake import Behaviour, FakeProvider, Script
-from tests.conftest import as_daemon
+from tests.conftest import DAEMON_ROLE, OWNER_ROLE, as_daemon
 from tests.daemon_fixtures import App, eventually, running, settings_for
+from tests.db.test_dispatch_times import NULLABLE, grant_nullable
 from tests.db.test_narrowing import HOSTILE, insert, make_hostile_view
 from tests.operator.helpers import environment, invoke_async, providers_file
 
@@ -293,3 +297,43 @@ async def test_an_order_sent_in_the_future_is_checked_now_and_warned_about(
     assert counted == 1
     assert fake.poll_count("AHEAD") == 1
     assert (await _rows(app))["AHEAD"]["durationMs"] == 0  # never negative
+
+
+async def test_an_order_with_no_dispatch_time_at_all_is_given_up_like_any_other(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    """Both time columns NULL (a layout whose created-at column is nullable): before, the
+    order read as dispatched now at every check, so its schedule never advanced and it was
+    polled every initial_delay for ever."""
+    install_for(db, replace(NULLABLE, role=DAEMON_ROLE))
+    grant_nullable(db)
+    fake.set_script("NONE", Script.pending())
+    policy = BackoffPolicy(initial_delay=0.0, base=0.05, cap=0.2, jitter=0.1, max_attempts=4)
+    settings = settings_for(db, fake, policy=policy)
+    settings = replace(settings, layout=replace(settings.layout, columns=NULLABLE.columns))
+    with capture_logs() as logs:
+        async with running(Daemon(settings)):
+            await app.conn.execute(
+                """INSERT INTO product_orders (provider_referans, "providerId", "externalStatus")
+                   VALUES ('NONE', 'fake', 'sent')"""
+            )
+            await eventually(
+                lambda: _status_is(app, "NONE", settings.writes.gave_up_external_status),
+                what="the order to be given up",
+            )
+    assert fake.poll_count("NONE") == policy.max_attempts
+    (warning,) = _events(logs, "order.dispatch_time_unusable")
+    assert warning["why"] == "sentAt and approvedAt are both NULL"
+
+
+def install_for(dsn: str, layout: Layout) -> None:
+    """Our install again for *layout*, as the table's owner (its write function names the
+    created-at column, for durationMs)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(OWNER_ROLE)))
+        for statement in schema.install_statements(layout):
+            conn.execute(statement.query)
+
+
+async def _status_is(app: App, reference: str, status: str) -> bool:
+    return (await _rows(app))[reference]["externalStatus"] == status
