@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import psycopg
@@ -9,6 +10,7 @@ from psycopg import sql
 
 from order_monitor import schema
 from order_monitor.config import Layout, OutcomeWrites
+from order_monitor.errors import OrderMonitorError, SchemaError
 
 
 def apply(
@@ -30,5 +32,25 @@ def apply(
                 if row is None or not row[0]:
                     yield "--  " + first_line + " (not needed)"
                     continue
-            conn.execute(statement.query)
+            try:
+                conn.execute(statement.query)
+            except psycopg.errors.RaiseException as exc:
+                # Our own checks (index, owner, grant options): their message
+                # and hint are written for the person running this.
+                hint = exc.diag.message_hint
+                message = (exc.diag.message_primary or str(exc)).removeprefix("order-monitor: ")
+                raise SchemaError(f"{message}" + (f" — {hint}" if hint else "")) from None
+            except psycopg.errors.LockNotAvailable:
+                raise TableBusy(
+                    f"{kind} stopped at the lock timeout ({schema.LOCK_TIMEOUT}): another "
+                    "transaction holds the table, and the application's statements were "
+                    "queueing behind ours. Nothing of that step was changed; run it again "
+                    "when the table is quieter"
+                ) from None
             yield "ok  " + first_line
+
+
+class TableBusy(OrderMonitorError):
+    """The install waited its lock timeout for the orders table: try again later."""
+
+    exit_code = os.EX_TEMPFAIL if hasattr(os, "EX_TEMPFAIL") else 75

@@ -22,6 +22,7 @@ and ``files`` (what ``sql print`` writes and ``sql/`` holds).
 
 from order_monitor.schema.files import describe_writes, render, statements_for
 from order_monitor.schema.install import (
+    LOCK_TIMEOUT,
     install_statements,
     notify_function_body,
     role_statements,
@@ -49,6 +50,7 @@ from order_monitor.schema.write_function import (
 
 __all__ = [
     "LOCKED",
+    "LOCK_TIMEOUT",
     "NOTIFY_QUEUE_LIMIT",
     "VERSION",
     "WRITE_KINDS",

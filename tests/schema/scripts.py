@@ -11,10 +11,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from click.testing import CliRunner, Result
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from order_monitor import schema
+from order_monitor.cli import cli
 from order_monitor.config import Layout, OutcomeWrites
 from tests.conftest import DAEMON_ROLE, OWNER_ROLE, Server
 
@@ -92,3 +94,15 @@ def scalar(conn: Conn, query: str, params: tuple[object, ...] = ()) -> object:
     row = conn.execute(query, params or None).fetchone()  # type: ignore[call-overload]
     assert row is not None
     return row[0]
+
+
+def sql_command(kind: str, dsn: str, tmp_path: Path, **settings: str) -> Result:
+    """`order-monitor sql <kind>` as an operator runs it, with only these settings."""
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    env = {
+        "ORDER_MONITOR_DSN": dsn,
+        "ORDER_MONITOR_ENV_FILE": str(env_file),
+        **{f"ORDER_MONITOR_{k}": v for k, v in settings.items()},
+    }
+    return CliRunner().invoke(cli, ["sql", kind], env=env, catch_exceptions=False)

@@ -25,7 +25,7 @@ from order_monitor.errors import SchemaError
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import DAEMON_ROLE, as_daemon
 from tests.daemon_fixtures import settings_for
-from tests.schema.scripts import current, psql, scalar
+from tests.schema.scripts import as_owner, current, psql, scalar, sql_command
 
 INDEX = schema.Names(Layout()).index.as_string(None)
 INDEX_NAME = schema.Names(Layout()).index_name
@@ -123,3 +123,14 @@ async def test_without_temporary_the_daemon_still_sees_an_invalid_index(db: str)
         invalid = await index_problem(conn, LAYOUT)
     assert invalid is not None
     assert "is INVALID" in invalid
+
+
+def test_order_monitor_sql_install_says_it_in_one_line_and_exits_78(
+    db: str, tmp_path: Path
+) -> None:
+    invalidate(db)
+    result = sql_command("install", as_owner(db), tmp_path, ROLE=DAEMON_ROLE)
+    assert result.exit_code == 78
+    assert "Traceback" not in result.output
+    assert "is INVALID" in result.stderr
+    assert f"run DROP INDEX CONCURRENTLY {INDEX}" in result.stderr

@@ -28,6 +28,7 @@ from tests.schema.scripts import (
     install_release,
     psql,
     scalar,
+    sql_command,
 )
 
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -219,3 +220,18 @@ def test_an_upgrade_behind_a_long_transaction_stops_at_the_lock_timeout_changing
         again = psql(bare_db, current("install", tmp_path, DAEMON_LAYOUT))
         assert again.returncode == 0, again.stderr
         assert triggers(admin) == ["order_monitor_insert_v2", "order_monitor_update_v2"]
+
+
+def test_order_monitor_sql_install_behind_a_long_transaction_exits_75_and_says_retry(
+    bare_db: str, tmp_path: Path
+) -> None:
+    give_table_to_owner(bare_db)
+    install_release(bare_db, 1)
+    with psycopg.connect(bare_db) as app:
+        app.execute(CHANGE_ROW)  # an UPDATE left open: ROW EXCLUSIVE, for longer than we wait
+        result = sql_command("install", as_owner(bare_db), tmp_path, ROLE=DAEMON_ROLE)
+        app.commit()
+    assert result.exit_code == 75  # EX_TEMPFAIL: try again
+    assert "Traceback" not in result.output
+    assert "lock timeout" in result.stderr
+    assert "run it again" in result.stderr
