@@ -246,16 +246,17 @@ class Queries:
         # Installed and granted (role.sql): until both, the daemon keeps
         # the trigger on NOTIFY.
         self._inbox_exists = sql.SQL(
-            "SELECT CASE WHEN to_regclass(%(t)s) IS NULL THEN false"
-            " ELSE has_table_privilege(%(t)s, 'SELECT') AND has_table_privilege(%(t)s, 'DELETE')"
+            "SELECT CASE WHEN pg_catalog.to_regclass(%(t)s) IS NULL THEN false"
+            " ELSE pg_catalog.has_table_privilege(%(t)s, 'SELECT')"
+            " AND pg_catalog.has_table_privilege(%(t)s, 'DELETE')"
             " END"
         )
         self._inbox_regclass = names.inbox.as_string(None)
         key = schema.idle_lock_key(layout)
-        self._take_idle_lock = sql.SQL("SELECT pg_advisory_lock({key})").format(
+        self._take_idle_lock = sql.SQL("SELECT pg_catalog.pg_advisory_lock({key})").format(
             key=sql.Literal(key)
         )
-        self._give_idle_lock = sql.SQL("SELECT pg_advisory_unlock({key})").format(
+        self._give_idle_lock = sql.SQL("SELECT pg_catalog.pg_advisory_unlock({key})").format(
             key=sql.Literal(key)
         )
 

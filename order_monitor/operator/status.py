@@ -140,14 +140,15 @@ async def read_status(conn: db.AsyncConn, settings: Settings) -> Status:
     d = dispatch_sql(layout)
     ident = sql.Identifier
 
-    cursor = await conn.execute("SELECT now()")
+    cursor = await conn.execute("SELECT pg_catalog.now()")
     row = await cursor.fetchone()
     assert row is not None
     at: dt.datetime = row[0]
 
     cursor = await conn.execute(
         sql.SQL(
-            "SELECT {pid}::text, count(*), max({elapsed}) FILTER (WHERE {usable})"
+            "SELECT {pid}::text, pg_catalog.count(*),"
+            " pg_catalog.max({elapsed}) FILTER (WHERE {usable})"
             " FROM {table} WHERE {in_flight} GROUP BY 1 ORDER BY 1 NULLS LAST"
         ).format(
             pid=ident(c.provider_id),
@@ -198,22 +199,23 @@ async def read_status(conn: db.AsyncConn, settings: Settings) -> Status:
            {ext}::text AS external_status, {last_sync} AS last_sync,
            {completed} AS completed, {last_message}::text AS last_message
     FROM {table}
-    WHERE {last_sync} >= now() - %(gave_up_window)s OR {completed} >= now() - %(finished_window)s
+    WHERE {last_sync} >= pg_catalog.now() - %(gave_up_window)s
+       OR {completed} >= pg_catalog.now() - %(finished_window)s
 )
 SELECT
-    (SELECT count(*) FROM recent
-      WHERE external_status = %(gave_up)s AND last_sync >= now() - %(gave_up_window)s),
-    (SELECT count(*) FROM recent
-      WHERE external_status = %(done)s AND completed >= now() - %(finished_window)s),
-    (SELECT count(*) FROM recent
-      WHERE external_status = %(failed)s AND completed >= now() - %(finished_window)s),
-    (SELECT coalesce(json_agg(g), '[]') FROM (
+    (SELECT pg_catalog.count(*) FROM recent
+      WHERE external_status = %(gave_up)s AND last_sync >= pg_catalog.now() - %(gave_up_window)s),
+    (SELECT pg_catalog.count(*) FROM recent
+      WHERE external_status = %(done)s AND completed >= pg_catalog.now() - %(finished_window)s),
+    (SELECT pg_catalog.count(*) FROM recent
+      WHERE external_status = %(failed)s AND completed >= pg_catalog.now() - %(finished_window)s),
+    (SELECT coalesce(pg_catalog.json_agg(g), '[]') FROM (
         SELECT id, provider_id, reference,
                CASE WHEN pg_catalog.isfinite(last_sync)
                     THEN pg_catalog.date_part('epoch', pg_catalog.now() - last_sync) END AS age_s,
                last_message
         FROM recent
-        WHERE external_status = %(gave_up)s AND last_sync >= now() - %(gave_up_window)s
+        WHERE external_status = %(gave_up)s AND last_sync >= pg_catalog.now() - %(gave_up_window)s
         ORDER BY last_sync DESC, id LIMIT %(listed)s) AS g)"""
         ).format(
             id=ident(c.id),
@@ -275,7 +277,7 @@ async def read_odd(conn: db.AsyncConn, settings: Settings) -> tuple[int, list[Od
     cursor = await conn.execute(
         sql.SQL(
             "SELECT {id}, {pid}::text, {ref}::text, {elapsed}, {why}, {column},"
-            " count(*) OVER ()"
+            " pg_catalog.count(*) OVER ()"
             " FROM {table} WHERE {in_flight} AND NOT coalesce({usable}, false)"
             " ORDER BY {id} LIMIT %s"
         ).format(
@@ -308,8 +310,8 @@ async def read_leader(conn: db.AsyncConn, schema_name: str, table: str) -> Leade
     and client address as NULL; the pid is always visible.
     """
     cursor = await conn.execute(
-        "SELECT l.pid, a.application_name, host(a.client_addr),"
-        " extract(epoch FROM now() - a.backend_start)::float8"
+        "SELECT l.pid, a.application_name, pg_catalog.host(a.client_addr),"
+        " extract(epoch FROM pg_catalog.now() - a.backend_start)::float8"
         " FROM pg_catalog.pg_locks l LEFT JOIN pg_catalog.pg_stat_activity a USING (pid)"
         " WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted"
         "   AND l.database = (SELECT oid FROM pg_catalog.pg_database"
