@@ -118,6 +118,15 @@ class Checker:
         provider = self._providers(provider_id)
         return provider_id if provider is not None and provider.batch_size > 1 else None
 
+    def _under_way(self) -> int:
+        """Orders that count against the in-flight budget.
+
+        Those being checked, not those whose results merely wait for the
+        database: the scheduler holds them as in flight, so no second check
+        starts, but they cost no request.
+        """
+        return self._scheduler.in_flight - self._writer.held
+
     def wake(self) -> None:
         """Something became due earlier than the dispatcher is waiting for."""
         self._wake.set()
@@ -133,7 +142,7 @@ class Checker:
     async def run(self) -> None:
         """Dispatch until :meth:`stop`; returns once nothing new will start."""
         while not self._stopping:
-            room = self._limits.max_in_flight - self._scheduler.in_flight
+            room = self._limits.max_in_flight - self._under_way()
             ids = self._scheduler.pop_due(self._clock(), min(self._limits.batch_size, room))
             if ids:
                 task = asyncio.create_task(self._check_batch(ids))
@@ -246,7 +255,7 @@ class Checker:
         spare = spare_in_request(
             len(rows),
             provider.batch_size,
-            min(room - len(rows), self._limits.max_in_flight - self._scheduler.in_flight),
+            min(room - len(rows), self._limits.max_in_flight - self._under_way()),
         )
         if group is not None and spare:
             pulled = await self._pull_forward(group, spare)

@@ -117,6 +117,16 @@ class Writer:
         self._wake.set()
 
     @property
+    def held(self) -> int:
+        """Checked orders whose results wait for the database (locked rows, failed writes).
+
+        Their checks are over: the checker does not count them against its
+        budget, or an admin's lock over many rows would stop every other check.
+        At most one per order, so this is bounded by the orders in flight.
+        """
+        return len(self._unwritten)
+
+    @property
     def backlog(self) -> int:
         """Decisions not written yet: queued, and held after a write that did not take them."""
         return len(self._queue) + len(self._unwritten)

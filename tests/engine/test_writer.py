@@ -277,3 +277,27 @@ async def test_results_written_unannounced_are_counted_and_logged_once_per_inter
     assert said[0]["results"] >= 1
     rows = await app.rows()
     assert all(rows[ref]["pinCode"] == default_pin(ref) for ref in refs)
+
+
+async def test_results_held_for_locked_rows_leave_the_checker_its_budget(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    # An admin's SELECT ... FOR UPDATE over more in-flight rows than the
+    # checker's budget (here max(4 x 5, 50 x 1) = 50): their results wait in
+    # the writer, and must not stop every other order from being checked.
+    held = [f"held-{n}" for n in range(55)]
+    for ref in [*held, "free"]:
+        fake.set_script(ref, Script.done())
+    await app.dispatch(held)
+    settings = settings_for(db, fake, batch_size=5, concurrency=1)
+    async with _transaction(db) as other:
+        await other.execute(
+            "SELECT FROM product_orders WHERE provider_referans = ANY(%s) FOR UPDATE", (held,)
+        )
+        async with running(Daemon(settings)) as daemon:
+            await eventually(
+                _deferred_at_least(daemon, "locked", len(held)), what="every held result kept"
+            )
+            await app.dispatch(["free"])
+            await eventually(_in_flight(app, len(held)), what="the free order checked and written")
+            assert {ref: fake.poll_count(ref) for ref in held} == dict.fromkeys(held, 1)
