@@ -31,7 +31,7 @@ from order_monitor.db import (
 from order_monitor.db.checks import check_index
 from order_monitor.engine.assembly import Engine, provider_lookup
 from order_monitor.engine.checker import Checker
-from order_monitor.engine.handoff import Handoff, HandoffTiming
+from order_monitor.engine.handoff import Handoff, HandoffTiming, LeaderSession
 from order_monitor.engine.inbox import Confirmer
 from order_monitor.engine.listener import Listener
 from order_monitor.engine.policy import describe
@@ -42,6 +42,7 @@ from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 from order_monitor.ops.housekeeping import housekeeping
 from order_monitor.ops.http import HttpServer, serve_http
+from order_monitor.ops.installed import InstallHealth
 from order_monitor.ops.leader import LeaderLock, lock_key
 from order_monitor.ops.sdnotify import Notifier
 from order_monitor.providers.base import Provider
@@ -97,6 +98,8 @@ class Daemon:
         self._session: aiohttp.ClientSession | None = None
         self._session_limit = asyncio.Semaphore(settings.concurrency)
         self._database_seen_at: float | None = None
+        #: Objects of the install found gone while running (uninstall): /readyz's "schema".
+        self.install_health = InstallHealth()
         #: True while the engine runs (listener, sweeper, checker, writer).
         #: The /healthz, /readyz, /metrics server while running (None when off).
         self.http_server: HttpServer | None = None
@@ -222,6 +225,7 @@ class Daemon:
                 readiness=self,
                 max_sweep_age=settings.sweep_interval * 3,
                 unwritten_age=self.unwritten_age,
+                install_check=self.install_health.readiness,
             ) as self.http_server:
                 idle = asyncio.create_task(self._keep_systemd_informed(), name="idle-watchdog")
                 try:
@@ -347,7 +351,11 @@ class Daemon:
             clock=self._clock,
             handoff_timing=self._handoff_timing,
             on_listener_connected=self._listener_connected,
+            install_health=self.install_health,
         )
+        # The inbox is read on the leader lock's own session: no read of it
+        # outlives the lock (engine.handoff explains why that matters).
+        engine.handoff.use_session(LeaderSession(self._lock))
         try:
             await engine.run(
                 stop=self._stop,

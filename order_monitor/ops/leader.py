@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -106,6 +106,7 @@ class LeaderLock:
         check_timeout: float = 5.0,
         connect_timeout: int = 10,
         on_progress: Callable[[], object] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """*on_progress* is called after each answered poll while standby.
 
@@ -120,6 +121,7 @@ class LeaderLock:
         self._check_timeout = check_timeout
         self._connect_timeout = connect_timeout
         self._on_progress = on_progress
+        self._sleep = sleep
         self._role: str = STARTING
         self._in_use = False
         #: Set when the held lock is gone; the daemon must stop working.
@@ -171,9 +173,15 @@ class LeaderLock:
         if self._in_use:
             raise RuntimeError("LeaderLock.held() is already in use")
         self._in_use = True
+        just_lost = self._role == LOST
         self.lost.clear()
         self.lost_reason = None
         try:
+            if just_lost:
+                # A leader notices a cut session within milliseconds (the
+                # handoff reads on it) and would take the lock straight back;
+                # the standbys, polling every `poll`, get the first chance.
+                await self._sleep(self._poll * 2)
             conn = await self._acquire()
             self._conn = conn
             monitor = asyncio.create_task(self._monitor(conn), name="leader-lock-monitor")

@@ -76,7 +76,9 @@ async def holder_pids(dsn: str) -> list[int]:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cursor = await conn.execute(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted"
-            " AND ((classid::bigint << 32) | objid::bigint) = %s",
+            " AND ((classid::bigint << 32) | objid::bigint) = %s"
+            # Other tests' databases on the same server use the same key.
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             (KEY,),
         )
         return [row[0] for row in await cursor.fetchall()]
@@ -235,3 +237,28 @@ async def test_the_lock_can_be_taken_again_after_release(db: str) -> None:
             assert await holder_pids(db) == [lock.backend_pid]
         assert lock.role == RELEASED
         assert await holder_pids(db) == []
+
+
+async def test_a_lost_leader_lets_the_standbys_try_first(db: str) -> None:
+    """Its handoff notices a cut session at once; without a pause it would win the lock back."""
+    waits: list[float] = []
+    attempts_when_waiting: list[int] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        attempts_when_waiting.append(lock.attempts)
+
+    lock = fast(db, poll=0.25, sleep=sleep)
+    async with lock.held():
+        pass
+    assert waits == []  # a first term, or one released, starts at once
+
+    async with lock.held():
+        await terminate(db, lock.backend_pid)
+        lock.session_failed("cut")  # what the handoff reports
+        assert lock.lost.is_set()
+        tried = lock.attempts
+    async with lock.held():
+        assert lock.role == LEADER
+    assert waits == [0.5]  # two of the standbys' polls
+    assert attempts_when_waiting == [tried]  # before any try of the lock

@@ -1,0 +1,58 @@
+"""uninstall.sql run under a working daemon: it goes unready and says what is missing.
+
+Before, /readyz stayed 200 while every write failed. The daemon runs as the
+least-privilege role; the uninstall is applied as a DBA would, beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import aiohttp
+from structlog.testing import capture_logs
+
+from order_monitor import install
+from order_monitor.config import Layout
+from order_monitor.daemon import Daemon
+from order_monitor.ops.leader import LEADER
+from order_monitor.providers.fake import FakeProvider
+from tests.conftest import DAEMON_ROLE, deploy
+from tests.daemon_fixtures import eventually, running, settings_for
+
+
+async def readyz(daemon: Daemon) -> tuple[int, dict[str, object]]:
+    assert daemon.http_server is not None
+    url = f"http://127.0.0.1:{daemon.http_server.port}/readyz"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.json()
+
+
+async def test_an_uninstall_under_a_running_daemon_makes_it_unready_until_reinstalled(
+    db: str, fake: FakeProvider
+) -> None:
+    settings = replace(settings_for(db, fake), http_listen="127.0.0.1:0")
+    with capture_logs() as logs:
+        async with running(Daemon(settings, lock_check_interval=0.5)) as daemon:
+            assert daemon.role == LEADER
+            await eventually(lambda: _status(daemon, 200), what="ready")
+
+            for line in install.apply(db, "uninstall", Layout(role=DAEMON_ROLE)):
+                assert line.startswith("ok")
+
+            await eventually(lambda: _status(daemon, 503), what="unready")
+            _, body = await readyz(daemon)
+            assert "schema" in body["failed"]  # type: ignore[operator]
+            schema_check = body["checks"]["schema"]  # type: ignore[index]
+            assert "inbox" in schema_check["missing"]
+            assert "install.sql" in schema_check["reason"]
+
+            deploy(db)
+            await eventually(lambda: _status(daemon, 200), what="ready again")
+    missing = [e for e in logs if e["event"] == "daemon.object_missing"]
+    assert missing, "the log says what is missing"
+    assert all("uninstall.sql" in e["note"] for e in missing)
+
+
+async def _status(daemon: Daemon, wanted: int) -> bool:
+    status, _ = await readyz(daemon)
+    return status == wanted
