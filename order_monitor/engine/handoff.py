@@ -340,6 +340,11 @@ class Handoff:
                 self._set_mode(Mode.BUSY, reason="connection closed")
                 await self._session.failed(conn, error)
             except BaseException:
+                if self.mode is Mode.IDLE:
+                    # The leader's session lives on while the engine drains:
+                    # orders arriving meanwhile wait in the inbox for whoever
+                    # leads next, rather than NOTIFY a listener about to stop.
+                    await self._give_back(conn)
                 self._set_mode(Mode.BUSY, reason="stopped")
                 await self._session.stopped(conn)
                 raise
@@ -349,9 +354,10 @@ class Handoff:
         if conn.closed or conn.broken:
             return
         try:
-            await self._statements.give_idle_lock(conn)
+            async with asyncio.timeout(2.0):
+                await self._statements.give_idle_lock(conn)
         except CONNECTION_ERRORS as exc:
-            log.debug("handoff.give_back_failed", error=str(exc).strip())
+            log.debug("handoff.give_back_failed", error=str(exc).strip() or type(exc).__name__)
 
     async def _serve(self, conn: AsyncConn) -> None:
         if not await self._installed(conn):

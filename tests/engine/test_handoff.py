@@ -17,16 +17,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
-from order_monitor import install, schema
+from order_monitor import schema
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
 from order_monitor.db.inbox import InboxStatements
 from order_monitor.engine.handoff import HandoffTiming, Mode
 from order_monitor.providers.fake import FakeProvider
-from tests.conftest import DAEMON_ROLE, OWNER_ROLE, as_daemon
+from tests.conftest import as_daemon
 from tests.daemon_fixtures import App, eventually, running, settings_for
 
 AConn = psycopg.AsyncConnection[Any]
@@ -204,99 +202,7 @@ async def _finished(app: App, count: int) -> bool:
     return await app.in_flight() == 0 and len(await app.rows()) == count
 
 
-# --- upgrading a version 1 install ---------------------------------------------------------
-
-
-def statements(script: str) -> list[str]:
-    """The statements of one of our SQL files (their bodies are dollar-quoted)."""
-    found, current, quoted = [], [], False
-    for line in script.splitlines():
-        current.append(line)
-        quoted ^= line.count("$om$") % 2 == 1
-        if not quoted and line.rstrip().endswith(";"):
-            found.append("\n".join(current))
-            current = []
-    return found
-
-
-def apply_version_1(dsn: str) -> None:
-    """What the last version 1 release shipped: its install as the table's owner, its grants."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("ALTER TABLE product_orders OWNER TO {}").format(sql.Identifier(OWNER_ROLE))
-        )
-        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(OWNER_ROLE)))
-        for statement in statements(V1_INSTALL.read_text()):
-            conn.execute(statement)  # type: ignore[call-overload]
-        conn.execute("RESET ROLE")
-        for statement in schema.role_statements(Layout(role=DAEMON_ROLE)):
-            if "inbox" not in statement.text():  # version 1's role.sql: no inbox
-                conn.execute(statement.query)
-
-
-async def install_waits_for_a_transaction(admin: AConn) -> bool:
-    cursor = await admin.execute(
-        "SELECT count(*) FROM pg_locks WHERE relation = 'product_orders'::regclass AND NOT granted"
-    )
-    row = await cursor.fetchone()
-    return row is not None and row[0] >= 1
-
-
-async def test_upgrading_a_running_version_1_install_leaves_no_gap(
-    db: str, app: App, fake: FakeProvider
-) -> None:
-    # The db fixture has version 2: take it off, and put version 1 in its place.
-    list(install.apply(db, "uninstall", Layout()))
-    apply_version_1(db)
-    as_owner = make_conninfo(db, options=f"-c role={OWNER_ROLE}")
-    settings = settings_for(db, fake)
-    async with running(Daemon(settings, handoff_timing=QUICK)) as daemon:
-        assert daemon.handoff is not None
-        handoff = daemon.handoff
-
-        async def holds_for_version_1() -> bool:
-            return handoff.inbox_installed is False and handoff.mode is Mode.IDLE
-
-        await eventually(holds_for_version_1, within=20, what="the daemon to hold the idle lock")
-        await app.dispatch(["under-version-1"])
-        # A transaction open across the install: dispatched under version 1's
-        # trigger, committed while the install waits for it.
-        async with (
-            await psycopg.AsyncConnection.connect(db) as open_txn,
-            await psycopg.AsyncConnection.connect(db, autocommit=True) as admin,
-        ):
-            await dispatch(open_txn, "open-across-the-install")
-            upgrade = asyncio.create_task(
-                asyncio.to_thread(lambda: list(install.apply(as_owner, "install", Layout())))
-            )
-            await eventually(
-                lambda: install_waits_for_a_transaction(admin),
-                within=10,
-                what="the install's trigger swap to wait for the open transaction",
-            )
-            await open_txn.commit()
-            await asyncio.wait_for(upgrade, 30)
-        # Installed, not yet granted: the daemon keeps its lock, the trigger NOTIFYs.
-        await app.dispatch(["before-role-sql"])
-        with psycopg.connect(db, autocommit=True) as conn:
-            for statement in schema.role_statements(Layout(role=DAEMON_ROLE)):
-                conn.execute(statement.query)
-        await app.dispatch(["under-version-2"])
-        await eventually(lambda: _finished(app, 4), within=30, what="every order to be checked")
-
-        async def upgraded() -> bool:
-            return handoff.inbox_installed is True
-
-        await eventually(upgraded, within=20, what="the daemon to see version 2")
-    assert fake.references == {
-        "under-version-1",
-        "open-across-the-install",
-        "before-role-sql",
-        "under-version-2",
-    }
-    with psycopg.connect(db) as conn:
-        triggers = conn.execute(
-            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'product_orders'::regclass"
-            " AND NOT tgisinternal ORDER BY 1"
-        ).fetchall()
-    assert triggers == [("order_monitor_insert_v2",), ("order_monitor_update_v2",)]
+# Upgrading a running version 1 install is no longer a path a current daemon
+# can be on: it refuses at start an install without the version 3 write
+# function, so installs are upgraded before daemons (the v2 -> v3 upgrade under
+# load is tested in tests/schema/).

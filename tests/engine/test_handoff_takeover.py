@@ -18,9 +18,10 @@ from typing import Any
 import psycopg
 from structlog.testing import capture_logs
 
+from order_monitor import schema
 from order_monitor.config import Layout
 from order_monitor.db import Queries
-from order_monitor.engine.handoff import Handoff, LeaderSession
+from order_monitor.engine.handoff import Handoff, HandoffTiming, LeaderSession, Mode
 from order_monitor.metrics import Metrics
 from order_monitor.ops.leader import LEADER, LOST, LeaderLock, lock_key
 from tests.conftest import as_daemon
@@ -110,3 +111,48 @@ async def _gone(admin: psycopg.AsyncConnection[Any], pid: int | None) -> bool:
     cursor = await admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
     row = await cursor.fetchone()
     return row is not None and row[0] == 0
+
+
+async def test_a_stopping_handoff_gives_the_idle_lock_back_on_the_live_session(db: str) -> None:
+    """The engine drains after the handoff stops; the lock's session lives on meanwhile."""
+    lock = LeaderLock(as_daemon(db), KEY, poll=0.05, check_interval=60.0)
+    idle_key = schema.advisory_key_parts(schema.idle_lock_key(Layout()))
+    async with (
+        lock.held(),
+        await psycopg.AsyncConnection.connect(db, autocommit=True) as admin,
+    ):
+        handoff = Handoff(
+            "",
+            Queries(Layout()),
+            on_orders=lambda ids: None,
+            room=lambda: 100,
+            listening=lambda: True,
+            metrics=Metrics(),
+            clock=asyncio.get_running_loop().time,
+            timing=HandoffTiming(calm_window=0.2, burst_window=0.1, idle_retry=0.1),
+            session=LeaderSession(lock),
+        )
+        task = asyncio.create_task(handoff.run())
+        await eventually(lambda: _mode(handoff, Mode.IDLE), what="idle")
+        assert await _idle_lock_holders(admin, idle_key) == [lock.backend_pid]
+
+        task.cancel()
+        await asyncio.wait({task})
+        assert await _idle_lock_holders(admin, idle_key) == []
+        assert lock.role == LEADER  # the session itself is untouched
+
+
+async def _mode(handoff: Handoff, mode: Mode) -> bool:
+    return handoff.mode is mode
+
+
+async def _idle_lock_holders(
+    admin: psycopg.AsyncConnection[Any], parts: tuple[int, int]
+) -> list[int]:
+    cursor = await admin.execute(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+        " AND classid::bigint = %s AND objid::bigint = %s"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        parts,
+    )
+    return [row[0] for row in await cursor.fetchall()]
