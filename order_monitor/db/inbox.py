@@ -110,3 +110,9 @@ class InboxStatements:
 
     async def give_idle_lock(self, conn: AsyncConn) -> None:
         await conn.execute(self._give_idle_lock)
+
+    async def queue_usage(self, conn: AsyncConn) -> float:
+        """How full the cluster's NOTIFY queue is, 0 to 1."""
+        cursor = await conn.execute("SELECT pg_catalog.pg_notification_queue_usage()")
+        row = await cursor.fetchone()
+        return float(row[0]) if row else 0.0

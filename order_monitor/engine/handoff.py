@@ -102,8 +102,15 @@ class HandoffTiming:
     #: after ``idle_retry``.
     lock_wait: float = 0.2
     idle_retry: float = 1.0
-    #: While idle, how often the inbox is read anyway (it should be empty).
+    #: While idle, how often the inbox is read anyway (it should be empty),
+    #: and the cluster's NOTIFY queue looked at.
     idle_check: float = 5.0
+    #: pg_notification_queue_usage() from which the daemon stays busy (one
+    #: listener anywhere in the cluster that stopped reading fills the queue,
+    #: and then every COMMIT that NOTIFYed fails: the application's dispatches
+    #: too, while the trigger NOTIFYs). Below the write function's own limit
+    #: for announcing results, so the application's NOTIFYs stop first.
+    queue_busy: float = 0.25
 
     def __post_init__(self) -> None:
         if not 0 < self.idle_rate < self.busy_rate:
@@ -115,6 +122,8 @@ class HandoffTiming:
             raise ValueError("calm_window must be >= burst_window")
         if self.poll_max < self.poll_interval:
             raise ValueError("poll_max must be >= poll_interval")
+        if not 0 < self.queue_busy <= 1:
+            raise ValueError("need 0 < queue_busy <= 1")
 
 
 class EmptyPolls:
@@ -288,6 +297,7 @@ class Handoff:
         use_notify: bool = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         health: InstallHealth | None = None,
+        queue_usage: Callable[[AsyncConn], Awaitable[float]] | None = None,
     ) -> None:
         self._statements = InboxStatements(queries.layout)
         self._session: HandoffSession = session or OwnSession(dsn, max_backoff=max_backoff)
@@ -313,6 +323,9 @@ class Handoff:
         self._wake = asyncio.Event()
         #: Told when the inbox vanishes under us (uninstall) and when it is back.
         self._health = health or InstallHealth()
+        self._queue_usage = queue_usage or self._statements.queue_usage
+        self._queue_checked_at = clock()
+        self._queue_filled = False
 
     def use_session(self, session: HandoffSession) -> None:
         """Run on *session* from the next (re)connection on (the daemon: the leader lock's)."""
@@ -415,7 +428,7 @@ class Handoff:
         # Only with the listener up: a NOTIFY nobody hears is lost (the
         # sweep would find the order, but late).
         if self.use_notify and calm and may_retry and self._listening():
-            if await self._go_idle(conn):
+            if not await self._queue_filling(conn) and await self._go_idle(conn):
                 return
             self._idle_refused_at = now
         if not more:
@@ -428,11 +441,16 @@ class Handoff:
             woken = True
         except TimeoutError:
             woken = False
-        if self.rule.wants(Mode.IDLE, self._clock(), since=self._mode_since) is Mode.BUSY:
+        now = self._clock()
+        if self.rule.wants(Mode.IDLE, now, since=self._mode_since) is Mode.BUSY:
             reason = "orders arriving fast"
         elif not self._listening():
             # Nobody would hear a NOTIFY: let orders wait in the inbox instead.
             reason = "listener down"
+        elif now - self._queue_checked_at >= self.timing.idle_check and (
+            await self._queue_filling(conn)
+        ):
+            reason = "NOTIFY queue filling"
         else:
             reason = None
         if reason is not None:
@@ -448,6 +466,24 @@ class Handoff:
                 orders=strays,
                 note="taken and checked; something other than our trigger writes to the inbox",
             )
+
+    async def _queue_filling(self, conn: AsyncConn) -> bool:
+        self._queue_checked_at = self._clock()
+        usage = await self._queue_usage(conn)
+        filling = usage >= self.timing.queue_busy
+        if filling == self._queue_filled:
+            return filling
+        self._queue_filled = filling
+        if not filling:
+            log.info("handoff.notify_queue_drained", usage=round(usage, 3))
+        else:
+            log.warning(
+                "handoff.notify_queue_filling",
+                usage=round(usage, 3),
+                note="staying on the inbox: the trigger NOTIFYs no more; a session that "
+                "LISTENs and does not read fills the queue (doctor names it)",
+            )
+        return filling
 
     async def _go_idle(self, conn: AsyncConn) -> bool:
         if not await self._statements.take_idle_lock(conn, self.timing.lock_wait):

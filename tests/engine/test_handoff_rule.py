@@ -61,6 +61,9 @@ def test_memory_stays_bounded_and_counts_never_exceed_what_was_seen(
         {"idle_rate": 0.0},
         {"poll_interval": 0.0},
         {"calm_window": 0.1},
+        {"poll_max": 0.001},
+        {"queue_busy": 0.0},
+        {"queue_busy": 1.5},
     ],
 )
 def test_nonsensical_timings_are_refused(bad: dict[str, float]) -> None:

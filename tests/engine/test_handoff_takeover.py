@@ -156,3 +156,53 @@ async def _idle_lock_holders(
         parts,
     )
     return [row[0] for row in await cursor.fetchall()]
+
+
+async def test_a_filling_notify_queue_keeps_the_handoff_on_the_inbox(db: str) -> None:
+    """A stuck listener anywhere fills the queue; then every NOTIFYing COMMIT fails."""
+    usage = [0.6]
+    asked: list[float] = []
+
+    async def queue_usage(conn: psycopg.AsyncConnection[Any]) -> float:
+        asked.append(usage[0])
+        return usage[0]
+
+    handoff = Handoff(
+        as_daemon(db),
+        Queries(Layout()),
+        on_orders=lambda ids: None,
+        room=lambda: 100,
+        listening=lambda: True,
+        metrics=Metrics(),
+        clock=asyncio.get_running_loop().time,
+        timing=HandoffTiming(calm_window=0.2, burst_window=0.1, idle_retry=0.1, idle_check=0.1),
+        queue_usage=queue_usage,
+    )
+    with capture_logs() as logs:
+        task = asyncio.create_task(handoff.run())
+        try:
+            # Calm, listener up: only the queue keeps it busy.
+            await eventually(lambda: _logged(logs, "handoff.notify_queue_filling"), what="filling")
+            await eventually(lambda: _asked(asked, 3), what="three looks at a full queue")
+            assert handoff.mode is Mode.BUSY
+
+            usage[0] = 0.01
+            await eventually(lambda: _mode(handoff, Mode.IDLE), what="idle once drained")
+
+            usage[0] = 0.3
+            await eventually(lambda: _mode(handoff, Mode.BUSY), what="busy again")
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+    modes = [(e["mode"], e["reason"]) for e in logs if e["event"] == "handoff.mode"]
+    assert modes[-2:] == [("idle", "orders arriving slowly"), ("busy", "NOTIFY queue filling")]
+    filling = [e for e in logs if e["event"] == "handoff.notify_queue_filling"]
+    assert len(filling) == 2  # once each time it fills, not once a check
+
+
+async def _logged(logs: list[dict[str, Any]], event: str) -> bool:
+    return any(e["event"] == event for e in logs)
+
+
+async def _asked(asked: list[float], times: int) -> bool:
+    return len(asked) >= times
