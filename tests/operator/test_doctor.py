@@ -340,3 +340,14 @@ def test_doctor_names_orders_whose_dispatch_time_is_unusable(db: str, env_file: 
     assert f"{ids['B']} (sentAt is infinity)" in line
     assert f"{ids['C']} (sentAt is " in line
     assert str(ids["D"]) not in line
+
+
+def test_doctor_says_to_uninstall_when_the_inbox_has_waited_a_day(db: str, env_file: Path) -> None:
+    execute(
+        db,
+        "INSERT INTO order_monitor_product_orders_inbox_v2 (order_id, queued_at)"
+        " VALUES (gen_random_uuid(), now() - interval '2 days')",
+    )
+    line = lines(invoke(["doctor"], environment(as_daemon(db), env_file)))["inbox"]
+    assert line.startswith("WARN")
+    assert "if order-monitor is retired, run uninstall.sql" in line

@@ -18,6 +18,8 @@ from order_monitor.operator.findings import INSTALL_HINT, Emit, Verdict
 
 #: An id older than this in the inbox means nobody is taking them.
 INBOX_STALE: Final = 60.0
+#: Older than this, nobody has run a daemon for a day: maybe none ever will again.
+INBOX_ABANDONED: Final = 86400.0
 
 
 async def check_handoff(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
@@ -127,7 +129,13 @@ async def _inbox(conn: db.AsyncConn, layout: Layout, emit: Emit) -> bool:
             "inbox",
             f"{waiting} order ids waiting, the oldest for {format_seconds(oldest)}: no daemon "
             "is taking them (is one running, and the leader?); the sweep still finds "
-            f"those orders{logged}",
+            f"those orders{logged}"
+            + (
+                " — if order-monitor is retired, run uninstall.sql: until then the trigger "
+                "adds a row here for every order dispatched"
+                if oldest > INBOX_ABANDONED
+                else ""
+            ),
         )
     else:
         emit(
