@@ -1,9 +1,13 @@
 """The database: connections, the SQL the engine runs, and the checks made before it starts.
 
-* ``connections`` — connecting (keepalives, our application_name), retrying
-  forever, closing in time, and :class:`ManagedConnection`;
+* ``connections`` — connecting (keepalives, our application_name, a pinned
+  search_path), retrying forever, closing in time, and :class:`ManagedConnection`;
 * ``queries`` — :class:`Queries` (the engine's statements, composed once from
   the layout) and the rows they read;
+* ``inbox`` — the handoff's statements: reading the inbox from where the last
+  read ended, the idle lock, the NOTIFY queue;
+* ``sessions`` — who is connected: instances by version, holders of our locks,
+  a replica;
 * ``checks`` — the table's columns and the installed write function, checked
   at start.
 """
