@@ -61,7 +61,15 @@ class InboxStatements:
         )
         self._regclass = names.inbox.as_string(None)
         key = sql.Literal(schema.idle_lock_key(layout))
-        self._take_idle_lock = sql.SQL("SELECT pg_catalog.pg_advisory_lock({})").format(key)
+        # One statement, its own transaction: the wait's lock_timeout ends
+        # with it, and a timeout leaves no aborted transaction behind. The
+        # session is the leader lock's, whose check may run between any two
+        # statements of ours (psycopg serialises statements, not blocks).
+        # set_config is volatile, so the subquery stays a subquery and runs first.
+        self._take_idle_lock = sql.SQL(
+            "SELECT pg_catalog.pg_advisory_lock({}) FROM"
+            " (SELECT pg_catalog.set_config('lock_timeout', %s, true)) AS wait"
+        ).format(key)
         self._give_idle_lock = sql.SQL("SELECT pg_catalog.pg_advisory_unlock({})").format(key)
         #: Where the next :meth:`take` starts reading.
         self.position = START
@@ -99,11 +107,7 @@ class InboxStatements:
         """
         ms = max(1, round(wait * 1000))
         try:
-            async with conn.transaction():
-                await conn.execute(
-                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{ms}ms"))
-                )
-                await conn.execute(self._take_idle_lock)
+            await conn.execute(self._take_idle_lock, (f"{ms}ms",))
         except psycopg.errors.LockNotAvailable:
             return False
         return True

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from order_monitor import schema
 from order_monitor.config import Layout
 from order_monitor.db import Queries
+from order_monitor.db.inbox import InboxStatements
 from order_monitor.engine.handoff import Handoff, HandoffTiming, LeaderSession, Mode
 from order_monitor.metrics import Metrics
 from order_monitor.ops.leader import LEADER, LOST, LeaderLock, lock_key
@@ -206,3 +207,40 @@ async def _logged(logs: list[dict[str, Any]], event: str) -> bool:
 
 async def _asked(asked: list[float], times: int) -> bool:
     return len(asked) >= times
+
+
+async def test_the_lock_check_sharing_the_session_never_lands_in_a_failed_idle_lock_wait(
+    db: str,
+) -> None:
+    """The leader's check and the handoff share one session; psycopg lets their statements
+    interleave. A wait for the idle lock that times out must leave no aborted transaction
+    for the check to run in (it would read that as a lost lock)."""
+    statements = InboxStatements(Layout())
+    async with (
+        await psycopg.AsyncConnection.connect(as_daemon(db), autocommit=True) as session,
+        await psycopg.AsyncConnection.connect(db) as app,  # a transaction, left open
+        await psycopg.AsyncConnection.connect(db, autocommit=True) as admin,
+    ):
+        # The application's trigger holds the idle lock shared until it commits.
+        key = schema.idle_lock_key(Layout())
+        await app.execute("SELECT pg_try_advisory_xact_lock_shared(%s)", (key,))
+        pid = session.info.backend_pid
+        going_idle = asyncio.create_task(statements.take_idle_lock(session, wait=0.5))
+        await eventually(lambda: _waiting(admin, pid), what="the idle lock request to wait")
+        check = asyncio.create_task(session.execute("SELECT pg_catalog.pg_backend_pid()"))
+        assert await going_idle is False
+        row = await (await check).fetchone()
+        assert row == (pid,)
+        assert session.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        # The wait's timeout went with its statement.
+        assert await (await session.execute("SHOW lock_timeout")).fetchone() == ("0",)
+        await app.rollback()
+
+
+async def _waiting(admin: psycopg.AsyncConnection[Any], pid: int) -> bool:
+    cursor = await admin.execute(
+        "SELECT count(*) FROM pg_locks WHERE pid = %s AND locktype = 'advisory' AND NOT granted",
+        (pid,),
+    )
+    row = await cursor.fetchone()
+    return row is not None and row[0] == 1
