@@ -8,8 +8,14 @@ dies (crash, network cut, ``pg_terminate_backend``) Postgres releases the lock
 and a standby takes over within a poll or two. The same fact binds the
 leader: once its connection is gone it no longer holds the lock and must stop
 working at once, or two instances would check and write the same orders. So
-the leader proves its session every ``check_interval`` seconds and sets
-:attr:`LeaderLock.lost` the moment it cannot.
+the leader proves its session every ``check_interval`` seconds (5 s; a
+half-open connection: plus ``check_timeout``, 5 s) and sets
+:attr:`LeaderLock.lost` the moment it cannot. The handoff reads the inbox on
+this same session (:attr:`LeaderLock.connection`) and reports a failure of it
+at once (:meth:`LeaderLock.session_failed`): a session cut cleanly is noticed
+within the handoff's next read. A leader that lost the lock waits two polls
+before trying again, so a standby takes over rather than the old leader
+taking its lock straight back.
 
 The key
 -------
