@@ -36,8 +36,8 @@ def timed(what: str, build: Callable[[], Path]) -> Path:
     started = time.monotonic()
     path = build()
     took = time.monotonic() - started
-    size = path.stat().st_size if path.is_file() else 0
-    print(f"\n[packaging] {what}: {took:.0f} s, {size / 1e6:.1f} MB: {path}")
+    size = f", {path.stat().st_size / 1e6:.1f} MB" if path.is_file() else ""
+    print(f"\n[packaging] {what}: {took:.0f} s{size}: {path}")
     return path
 
 
