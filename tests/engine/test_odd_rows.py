@@ -198,6 +198,8 @@ class _Decisions:
 
     def __init__(self) -> None:
         self.submitted: list[Decision] = []
+        #: Results waiting for the database: none here.
+        self.held = 0
 
     def submit(self, decision: Decision) -> None:
         self.submitted.append(decision)
