@@ -107,6 +107,7 @@ class Engine:
             policy=settings.policy,
             writes=settings.writes,
             columns=columns,
+            health=install_health,
         )
         checker = Checker(
             conn=reader,

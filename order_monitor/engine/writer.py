@@ -35,6 +35,7 @@ from order_monitor.engine.scheduler import Scheduler
 from order_monitor.engine.unwritten import Held, Reason, Unwritten
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
+from order_monitor.ops.installed import MISSING_ERRORS, InstallHealth
 
 log = get_logger()
 
@@ -79,8 +80,10 @@ class Writer:
         writes: OutcomeWrites,
         columns: ColumnLimits,
         unwritten: Unwritten | None = None,
+        health: InstallHealth | None = None,
     ) -> None:
         self._conn = conn
+        self._health = health or InstallHealth()
         #: Read at each refusal: a reload may change it.
         self.policy = policy
         self._writes = writes
@@ -227,6 +230,12 @@ class Writer:
                 results = await self._write(to_write) if to_write else {}
             except psycopg.OperationalError:
                 raise
+            except MISSING_ERRORS as exc:
+                # The write function (or our grant on it) is gone: no row is
+                # at fault, so nothing is refused; the results wait for a
+                # reinstall like any other write the database could not take.
+                self._health.missing("write function", database_error(exc))
+                raise psycopg.OperationalError(database_error(exc)) from exc
             except Exception:  # narrowed row by row just below
                 # The database refused a value (a constraint, a length, another
                 # application's trigger), or a value could not even be sent:
@@ -386,7 +395,9 @@ class Writer:
             )
             self._configured = conn
             log.info("writer.session_configured", lock_timeout=LOCK_TIMEOUT)
-        return await self._queries.write(conn, write_batch(decisions))
+        written = await self._queries.write(conn, write_batch(decisions))
+        self._health.present("write function")
+        return written
 
     def _settle(self, decision: Decision, result: Written | None, now: float) -> bool:
         """Log the decision and give the order back to the schedule; True if it finished."""
