@@ -9,8 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 import order_monitor
+from tests.conftest import Server
 
 ROOT = Path(__file__).parents[2]
 # Higher than the checkout's version for dpkg and for PEP 440 alike.
@@ -68,10 +70,18 @@ def upgrade_deb(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return timed("rebuild the .deb as a higher version", lambda: build_deb(out, UPGRADE_VERSION))
 
 
-def skip_unless_tcp(host: str) -> None:
+@pytest.fixture(scope="session")
+def tcp_server(pg_server: Server) -> tuple[str, int]:
+    """The test server's (host, port); skips, before anything is built, without one.
+
+    Ask for it before `deb`: the proofs need both, and a skip should not cost a build.
+    """
+    params = conninfo_to_dict(pg_server.admin_dsn)
+    host = str(params.get("host") or "")
     if not host or host.startswith("/"):
         pytest.skip(
             "the test server listens on a Unix socket only; the installed service "
             "reaches its database over TCP: set ORDER_MONITOR_TEST_DSN to a TCP server "
             "(.ci/run's second run does)"
         )
+    return host, int(params.get("port") or 5432)

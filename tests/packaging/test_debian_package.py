@@ -21,12 +21,11 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
 import order_monitor
 from tests.conftest import Server
 from tests.packaging import clean_system
-from tests.packaging.conftest import UPGRADE_VERSION, skip_unless_tcp
+from tests.packaging.conftest import UPGRADE_VERSION
 from tests.system.test_systemd_unit import Deployment, ThreadedFake, wait_for
 
 UNIT = "order-monitor.service"
@@ -88,14 +87,13 @@ class Machine(Deployment):
 
 @pytest.fixture(scope="module")
 def machine(
+    tcp_server: tuple[str, int],
     pg_server: Server,
     templates: tuple[str, str],
     deb: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Machine]:
-    params = conninfo_to_dict(pg_server.admin_dsn)
-    host = str(params.get("host") or "")
-    skip_unless_tcp(host)
+    host, port = tcp_server
     suffix = uuid.uuid4().hex[:8]
     dbname = role = f"om_deb_{suffix}"
     admin_dsn = pg_server.create_database(dbname, template=templates[1])
@@ -104,7 +102,7 @@ def machine(
         with clean_system.booted(f"om-deb-{suffix}", tmp_path_factory.mktemp("clean")) as box:
             service_dsn = (
                 f"postgresql://{role}:{urllib.parse.quote(DSN_PASSWORD, safe='')}"
-                f"@{host}:{params.get('port') or 5432}/{dbname}"
+                f"@{host}:{port}/{dbname}"
             )
             yield Machine(box, admin_dsn, fake, role, service_dsn)
     finally:

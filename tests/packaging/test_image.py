@@ -26,11 +26,10 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
 from order_monitor.cli import cli
 from tests.conftest import Server
-from tests.packaging.conftest import ROOT, skip_unless_tcp, timed
+from tests.packaging.conftest import ROOT, timed
 from tests.system.test_systemd_unit import ThreadedFake, wait_for
 
 DSN_PASSWORD = "p@ss:w/rd%20&'\"-oci"
@@ -148,14 +147,13 @@ class Running:
 
 @pytest.fixture(scope="module")
 def running(
+    tcp_server: tuple[str, int],
     pg_server: Server,
     templates: tuple[str, str],
     image: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Running]:
-    params = conninfo_to_dict(pg_server.admin_dsn)
-    host = str(params.get("host") or "")
-    skip_unless_tcp(host)
+    host, port = tcp_server
     suffix = uuid.uuid4().hex[:8]
     dbname = role = f"om_oci_{suffix}"
     name = f"om-oci-{suffix}"
@@ -174,9 +172,7 @@ def running(
                 )
             )
         quoted = urllib.parse.quote(DSN_PASSWORD, safe="")
-        (work / "dsn").write_text(
-            f"postgresql://{role}:{quoted}@{host}:{params.get('port') or 5432}/{dbname}\n"
-        )
+        (work / "dsn").write_text(f"postgresql://{role}:{quoted}@{host}:{port}/{dbname}\n")
         (work / "token").write_text(TOKEN)
         providers = work / "providers.toml"
         providers.write_text(
@@ -187,7 +183,7 @@ def running(
         providers.chmod(0o644)
         podman("secret", "create", f"{name}-dsn", str(work / "dsn"))
         podman("secret", "create", f"{name}-token", str(work / "token"))
-        port = free_port()
+        http_port = free_port()
         podman(
             "run",
             "--detach",
@@ -196,7 +192,7 @@ def running(
             f"--secret={name}-dsn,target=dsn,uid=10001,mode=0400",
             f"--secret={name}-token,target=fake-token,uid=10001,mode=0400",
             f"--volume={providers}:/etc/order-monitor/providers.toml:ro",
-            f"--env=ORDER_MONITOR_HTTP_LISTEN=127.0.0.1:{port}",
+            f"--env=ORDER_MONITOR_HTTP_LISTEN=127.0.0.1:{http_port}",
             "--env=ORDER_MONITOR_INITIAL_DELAY=0",
             "--env=ORDER_MONITOR_BACKOFF_BASE=1",
             image,
