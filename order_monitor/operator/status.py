@@ -33,6 +33,7 @@ from psycopg import sql
 
 from order_monitor import db, schema
 from order_monitor.config import Settings
+from order_monitor.db import sessions
 from order_monitor.db.dispatch import DispatchIssue, dispatch_sql, issue_of
 from order_monitor.engine.policy import format_seconds
 from order_monitor.operator import printable
@@ -113,6 +114,10 @@ class Status:
     #: In flight with an unusable dispatch time: how many, and the first by id.
     odd_count: int = 0
     odd: list[OddOrder] = field(default_factory=list)
+    #: Read from a standby: no daemon can lead here, whatever the lock says.
+    replica: bool = False
+    #: Sessions that are not order-monitor's holding the leader or the idle lock.
+    lock_holders: list[sessions.LockHolder] = field(default_factory=list)
 
     @property
     def in_flight_total(self) -> int:
@@ -266,6 +271,8 @@ SELECT
         leader=await read_leader(conn, layout.schema, layout.table),
         odd_count=odd_count,
         odd=odd,
+        replica=await sessions.in_recovery(conn),
+        lock_holders=await sessions.foreign_lock_holders(conn, layout),
     )
 
 
@@ -394,6 +401,17 @@ def to_json(status: Status) -> dict[str, Any]:
             "client_addr": status.leader.client_addr,
             "since_s": None if status.leader.since_s is None else _seconds(status.leader.since_s),
         },
+        "replica": status.replica,
+        "lock_holders": [
+            {
+                "lock": holder.lock,
+                "pid": holder.session.pid,
+                "user": holder.session.user,
+                "application_name": holder.session.application_name,
+                "client": holder.session.client,
+            }
+            for holder in status.lock_holders
+        ],
     }
 
 
@@ -465,7 +483,9 @@ def format_text(status: Status) -> str:
     )
     out.append("")
 
-    if status.leader is None:
+    if status.replica:
+        out.append(f"Daemon: {sessions.REPLICA_HINT}")
+    elif status.leader is None:
         out.append(
             "Daemon: no session holds the leader lock for this table — is order-monitor "
             "running? (systemctl status order-monitor)"
@@ -480,4 +500,12 @@ def format_text(status: Status) -> str:
             else ""
         )
         out.append(f"Daemon: leader is {name}, server pid {leader.pid}{where}{since}")
+    for holder in status.lock_holders:
+        # Any role that can connect may take either lock and stall the daemon.
+        out.append(
+            f"Lock: the {holder.lock} lock is held by {holder.session}, not an order-monitor "
+            "session: it keeps the daemon "
+            + ("standing by" if holder.lock == "leader" else "from switching to NOTIFY")
+            + " (pg_terminate_backend it if it should not)"
+        )
     return "".join(printable(line) + "\n" for line in out)

@@ -8,6 +8,7 @@ recovery" (the inbox is UNLOGGED).
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -121,3 +122,17 @@ def test_doctor_on_the_primary_passes_the_same_checks(
     found = lines(invoke(["doctor"], environment(as_daemon(primary), env_file)))
     assert found["database"].startswith("PASS")
     assert found["inbox"].startswith("PASS")
+
+
+def test_status_on_a_replica_says_it_is_one_instead_of_nobody_leads(
+    primary_and_standby: tuple[str, str], tmp_path: Path
+) -> None:
+    _, standby = primary_and_standby
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    text = invoke(["status"], environment(as_daemon(standby), env_file))
+    as_json = invoke(["status", "--json"], environment(as_daemon(standby), env_file))
+    assert text.exit_code == 0, text.output
+    assert "this is a replica (pg_is_in_recovery() is true)" in text.stdout
+    assert "no session holds the leader lock" not in text.stdout
+    assert json.loads(as_json.stdout)["replica"] is True

@@ -103,6 +103,38 @@ def test_status_names_the_session_holding_the_leader_lock(db: str, env_file: Pat
     assert json.loads(result.stdout)["in_flight"] == {"total": 0, "by_provider": [], "oldest": None}
 
 
+def test_status_names_a_lock_holder_that_is_not_an_order_monitor_session(
+    db: str, env_file: Path
+) -> None:
+    # Any role that can connect may take the leader lock (or the idle lock)
+    # and keep every instance standing by; status says who.
+    with psycopg.connect(make_conninfo(db, application_name="psql"), autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (lock_key("public", "product_orders"),))
+        pid = holder.info.backend_pid
+        text = invoke(["status"], environment(as_daemon(db), env_file))
+        as_json = invoke(["status", "--json"], environment(as_daemon(db), env_file))
+
+    assert text.exit_code == 0, text.output
+    assert f"Lock: the leader lock is held by pid {pid} (psql, user " in text.stdout
+    assert "not an order-monitor session" in text.stdout
+    report = json.loads(as_json.stdout)
+    assert report["replica"] is False
+    assert [(h["lock"], h["pid"], h["application_name"]) for h in report["lock_holders"]] == [
+        ("leader", pid, "psql")
+    ]
+
+
+def test_status_keeps_quiet_about_lock_holders_that_are_order_monitor_sessions(
+    db: str, env_file: Path
+) -> None:
+    with psycopg.connect(
+        make_conninfo(db, application_name="order-monitor 0.3.0 (leader lock)"), autocommit=True
+    ) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (lock_key("public", "product_orders"),))
+        result = invoke(["status", "--json"], environment(as_daemon(db), env_file))
+    assert json.loads(result.stdout)["lock_holders"] == []
+
+
 def test_status_names_orders_whose_dispatch_time_is_unusable(
     db: str, env_file: Path, tmp_path: Path
 ) -> None:
