@@ -88,7 +88,7 @@ class InboxStatements:
         rows: list[tuple[uuid.UUID, str]] = await cursor.fetchall()
         if len(rows) < limit:
             self.position = START
-        else:
+        elif rows:  # a read of nothing (limit 0, doctor's grant probe) moves nothing
             self.position = max((tid for _, tid in rows), key=_tid)
         return rows
 

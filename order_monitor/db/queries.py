@@ -235,31 +235,6 @@ class Queries:
             "SELECT order_id, outcome, announced FROM {function}(%b, %b, %b, %b, %b, %b, %b)"
         ).format(function=names.write_function)
 
-        # The handoff (install.sql's inbox): take up to N committed ids, by
-        # their row addresses (a TID scan: the inbox has no index and needs
-        # none). Rows of transactions not yet committed are not visible, so
-        # they stay for the next call.
-        self._drain = sql.SQL(
-            "DELETE FROM {inbox} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {inbox} LIMIT %s))"
-            " RETURNING order_id"
-        ).format(inbox=names.inbox)
-        # Installed and granted (role.sql): until both, the daemon keeps
-        # the trigger on NOTIFY.
-        self._inbox_exists = sql.SQL(
-            "SELECT CASE WHEN pg_catalog.to_regclass(%(t)s) IS NULL THEN false"
-            " ELSE pg_catalog.has_table_privilege(%(t)s, 'SELECT')"
-            " AND pg_catalog.has_table_privilege(%(t)s, 'DELETE')"
-            " END"
-        )
-        self._inbox_regclass = names.inbox.as_string(None)
-        key = schema.idle_lock_key(layout)
-        self._take_idle_lock = sql.SQL("SELECT pg_catalog.pg_advisory_lock({key})").format(
-            key=sql.Literal(key)
-        )
-        self._give_idle_lock = sql.SQL("SELECT pg_catalog.pg_advisory_unlock({key})").format(
-            key=sql.Literal(key)
-        )
-
     async def sweep_page(
         self, conn: AsyncConn, after: uuid.UUID | None, limit: int
     ) -> list[SweepRow]:
@@ -356,35 +331,3 @@ class Queries:
         ]
         cursor = await conn.execute(self._write, params)
         return {row[0]: Written(row[1], row[2]) for row in await cursor.fetchall()}
-
-    async def drain_inbox(self, conn: AsyncConn, limit: int) -> list[uuid.UUID]:
-        """Take up to *limit* order ids out of the inbox (committed ones only)."""
-        cursor = await conn.execute(self._drain, (limit,))
-        return [row[0] for row in await cursor.fetchall()]
-
-    async def inbox_installed(self, conn: AsyncConn) -> bool:
-        """True when install.sql's version 2 (the inbox) is in place, and role.sql's grants."""
-        cursor = await conn.execute(self._inbox_exists, {"t": self._inbox_regclass})
-        row = await cursor.fetchone()
-        return bool(row and row[0])
-
-    async def take_idle_lock(self, conn: AsyncConn, wait: float) -> bool:
-        """Take the idle lock (session level), waiting at most *wait* seconds (server side).
-
-        Waiting is the point: the request queues behind the transactions that
-        hold the lock shared (those that put an id in the inbox), and makes
-        every later trigger's try fail, so they NOTIFY. False on timeout.
-        """
-        ms = max(1, round(wait * 1000))
-        try:
-            async with conn.transaction():
-                await conn.execute(
-                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{ms}ms"))
-                )
-                await conn.execute(self._take_idle_lock)
-        except psycopg.errors.LockNotAvailable:
-            return False
-        return True
-
-    async def give_idle_lock(self, conn: AsyncConn) -> None:
-        await conn.execute(self._give_idle_lock)

@@ -16,6 +16,7 @@ from psycopg import sql
 from order_monitor import install, schema
 from order_monitor.config import Columns, Layout, OutcomeWrites
 from order_monitor.db import Queries
+from order_monitor.db.inbox import InboxStatements
 from tests.conftest import (
     DAEMON_PASSWORD,
     DAEMON_ROLE,
@@ -297,12 +298,11 @@ def test_role_can_do_what_the_daemon_needs(role_dsn: str, app: Conn) -> None:
         assert daemon.execute("SELECT pg_try_advisory_lock(42)").fetchone() == (True,)
         # The handoff: the inbox (the order above went there: nobody held the
         # idle lock), taking and giving the idle lock.
-        assert daemon.execute(queries._inbox_exists, {"t": queries._inbox_regclass}).fetchone() == (
-            True,
-        )
-        assert daemon.execute(queries._drain, (10,)).fetchall() == [(order,)]
-        daemon.execute(queries._take_idle_lock)
-        daemon.execute(queries._give_idle_lock)
+        inbox = InboxStatements(Layout())
+        assert daemon.execute(inbox._installed, {"t": inbox._regclass}).fetchone() == (True,)
+        assert [row[0] for row in daemon.execute(inbox._take, ("(0,0)", 10))] == [order]
+        daemon.execute(inbox._take_idle_lock, ("200ms",))
+        daemon.execute(inbox._give_idle_lock)
         announced = [n.payload for n in listen.notifies(timeout=1, stop_after=1)]
         listen.close()
     assert row_of(app, order) == ("pending", "done", "PIN-1", "ok", "ok", True, True)

@@ -10,6 +10,7 @@ from psycopg import sql
 
 from order_monitor import db, schema
 from order_monitor.config import Settings
+from order_monitor.db.inbox import InboxStatements
 from order_monitor.operator.doctor.database import Table, fetch_one
 from order_monitor.operator.findings import Emit, Verdict
 
@@ -94,6 +95,7 @@ async def _daemon_statements_refused(conn: db.AsyncConn, settings: Settings) -> 
     it proves the call is permitted and changes nothing.
     """
     queries = db.Queries(settings.layout)
+    inbox = InboxStatements(settings.layout)
     empty = db.WriteBatch([], [], [], [], [], [], [])
     refused = []
     for what, run in (
@@ -102,7 +104,7 @@ async def _daemon_statements_refused(conn: db.AsyncConn, settings: Settings) -> 
         ("the sweep's SELECT", lambda: queries.sweep_page(conn, None, 0)),
         ("the re-read's SELECT", lambda: queries.fetch_in_flight(conn, [])),
         ("EXECUTE on the write function", lambda: queries.write(conn, empty)),
-        ("SELECT and DELETE on the inbox", lambda: queries.drain_inbox(conn, 0)),
+        ("SELECT and DELETE on the inbox", lambda: inbox.take(conn, 0)),
     ):
         try:
             async with conn.transaction(force_rollback=True):
