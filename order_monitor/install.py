@@ -10,6 +10,7 @@ from psycopg import sql
 
 from order_monitor import schema
 from order_monitor.config import Layout, OutcomeWrites
+from order_monitor.db.connections import conninfo
 from order_monitor.errors import OrderMonitorError, SchemaError
 
 
@@ -24,7 +25,9 @@ def apply(
     only when its condition holds. The files check the index themselves and
     raise, so a failed check surfaces here as the server's error.
     """
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    # Named and with search_path pinned like every session of ours (the
+    # statements pin it again themselves, for psql).
+    with psycopg.connect(conninfo(dsn, f"sql {kind}"), autocommit=True) as conn:
         for statement in schema.statements_for(kind, layout, writes):
             first_line = statement.query.as_string(None).splitlines()[0]
             if statement.only_if is not None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +37,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from order_monitor import __version__
+from order_monitor import __version__, install
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
 from order_monitor.db import ManagedConnection, Queries, connect, connect_forever
@@ -225,3 +227,36 @@ async def test_every_session_of_a_running_daemon_carries_its_version(
         f"order-monitor {__version__} (reader)",
         f"order-monitor {__version__} (writer)",
     ]
+
+
+def test_sql_install_and_uninstall_name_their_session(db: str) -> None:
+    # `order-monitor sql install|uninstall` opened a bare session: no name in
+    # pg_stat_activity, and the server's default search_path. Seen from a
+    # second session while the uninstall waits behind a lock on the table.
+    with contextlib.ExitStack() as stack:
+        holder = stack.enter_context(psycopg.connect(db))
+        holder.execute("LOCK TABLE product_orders IN ACCESS SHARE MODE")
+        watcher = stack.enter_context(psycopg.connect(db, autocommit=True))
+        outcome: list[BaseException | None] = []
+
+        def uninstall() -> None:
+            try:
+                list(install.apply(db, "uninstall", Layout(role=DAEMON_ROLE)))
+            except BaseException as exc:  # the lock timeout, once the name is seen
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        thread = threading.Thread(target=uninstall)
+        thread.start()
+        deadline = time.monotonic() + 10
+        seen: list[Any] = []
+        while not seen and time.monotonic() < deadline:
+            seen = watcher.execute(
+                "SELECT application_name FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ).fetchall()
+        holder.rollback()
+        thread.join(30)
+    assert seen == [(f"order-monitor {__version__} (sql uninstall)",)]
+    assert outcome == [None]  # the lock went away within the timeout
