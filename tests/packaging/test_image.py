@@ -27,6 +27,7 @@ import pytest
 from click.testing import CliRunner
 from psycopg import sql
 
+import order_monitor
 from order_monitor.cli import cli
 from tests.conftest import Server
 from tests.packaging.conftest import ROOT, timed
@@ -206,6 +207,13 @@ def running(
         pg_server.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
+def test_the_image_runs_this_checkouts_code(image: str) -> None:
+    version = podman("run", "--rm", image, "--version").stdout.strip()
+    assert version == f"order-monitor, version {order_monitor.__version__}"
+    shipped_unit = podman("run", "--rm", image, "files", "print", "unit").stdout
+    assert shipped_unit == (ROOT / "systemd" / "order-monitor.service").read_text()
+
+
 def test_it_runs_as_a_non_root_user_and_logs_json_to_stdout(running: Running) -> None:
     wait_for(
         "the listener to connect",
@@ -226,6 +234,12 @@ def test_the_health_check_answers(running: Running) -> None:
 
 def test_an_order_is_followed_to_done(running: Running) -> None:
     running.wait_done(running.dispatch("OCI-DONE-1"))
+
+
+def test_doctor_runs_in_the_container_with_its_configuration(running: Running) -> None:
+    result = podman("exec", running.name, "order-monitor", "doctor", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "providers: /etc/order-monitor/providers.toml parsed" in result.stdout
 
 
 def test_podman_stop_drains_and_exits_0(running: Running) -> None:
