@@ -83,6 +83,21 @@ def deploy(admin_dsn: str, writes: OutcomeWrites | None = None) -> None:
         )
 
 
+def deployed_shop(admin_dsn: str) -> str:
+    """A database ``shop`` on a private server: the reference table, our install, the role.
+
+    For the tests that need a server of their own (a restart, a standby, a
+    setting the shared one lacks). Returns its DSN, as the server's superuser.
+    """
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE shop")
+    dsn = make_conninfo(admin_dsn, dbname="shop")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(REFERENCE_DDL.read_text().encode())
+    deploy(dsn)
+    return dsn
+
+
 @dataclass(frozen=True)
 class Server:
     admin_dsn: str

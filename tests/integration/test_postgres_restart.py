@@ -12,21 +12,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
-import order_monitor
 from order_monitor.daemon import Daemon
 from order_monitor.embedded import EmbeddedServer
 from order_monitor.ops.leader import LEADER
 from order_monitor.providers.fake import FakeProvider
-from tests.conftest import deploy
+from tests.conftest import deployed_shop
 from tests.daemon_fixtures import App, eventually, running, settings_for
-
-DDL = Path(order_monitor.__file__).with_name("product_orders.sql")
 
 
 @pytest.fixture
@@ -34,12 +29,7 @@ def private_server() -> Iterator[tuple[EmbeddedServer, str]]:
     server = EmbeddedServer()
     admin = server.start()
     try:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE shop")
-        dsn = make_conninfo(admin, dbname="shop")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(DDL.read_text().encode())
-        deploy(dsn)
+        dsn = deployed_shop(admin)
         yield server, dsn
     finally:
         server.stop_and_delete()

@@ -19,12 +19,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-import order_monitor
 from order_monitor.embedded import EmbeddedServer
-from tests.conftest import as_daemon, deploy
+from tests.conftest import as_daemon, deployed_shop
 from tests.operator.helpers import environment, invoke, lines
-
-DDL = Path(order_monitor.__file__).with_name("product_orders.sql")
 
 
 def _pg(server: EmbeddedServer, program: str, *args: str) -> None:
@@ -53,12 +50,7 @@ def primary_and_standby() -> Iterator[tuple[str, str]]:
     # Beside the primary's data, owned by the user the wheel runs servers as.
     standby_data = primary.directory / "standby"
     try:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE shop")
-        dsn = make_conninfo(admin, dbname="shop")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(DDL.read_text().encode())
-        deploy(dsn)
+        dsn = deployed_shop(admin)
 
         socket_dir = conninfo_to_dict(admin)["host"]
         standby_data.mkdir(mode=0o700)

@@ -14,21 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
-import order_monitor
 from order_monitor.daemon import Daemon
 from order_monitor.embedded import EmbeddedServer
 from order_monitor.engine.handoff import HandoffTiming, Mode
 from order_monitor.providers.fake import FakeProvider
-from tests.conftest import deploy
+from tests.conftest import deployed_shop
 from tests.daemon_fixtures import App, eventually, running, settings_for
 
-DDL = Path(order_monitor.__file__).with_name("product_orders.sql")
 #: Calm after half a second: an idle daemon would take the idle lock at once.
 QUICK = HandoffTiming(calm_window=0.5, burst_window=0.2, idle_check=0.2, idle_retry=0.2)
 DISPATCH = """INSERT INTO product_orders (provider_referans, "providerId", "externalStatus", "sentAt")
@@ -43,12 +39,7 @@ def two_phase_server() -> Iterator[str]:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET max_prepared_transactions = 4")
         server.restart()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE shop")
-        dsn = make_conninfo(admin, dbname="shop")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(DDL.read_text().encode())
-        deploy(dsn)
+        dsn = deployed_shop(admin)
         yield dsn
     finally:
         server.stop_and_delete()
