@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +93,25 @@ def image(deb: Path) -> str:
     return tag
 
 
+def json_events(container: str) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines on the container's stdout."""
+    events = []
+    for line in podman("logs", container).stdout.splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and "event" in event:
+                events.append(event)
+    return events
+
+
+def healthz_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,23 +119,17 @@ def free_port() -> int:
 
 
 class Running:
-    def __init__(self, name: str, admin_dsn: str, fake: ThreadedFake) -> None:
+    def __init__(self, name: str, admin_dsn: str, fake: ThreadedFake, service_dsn: str) -> None:
         self.name = name
         self.admin_dsn = admin_dsn
         self.fake = fake
+        self.service_dsn = service_dsn
 
     def inspect(self, template: str) -> str:
         return podman("inspect", self.name, "--format", template).stdout.strip()
 
     def logs(self) -> list[dict[str, Any]]:
-        out = podman("logs", self.name).stdout
-        events = []
-        for line in out.splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict) and "event" in event:
-                    events.append(event)
-        return events
+        return json_events(self.name)
 
     def dispatch(self, reference: str) -> uuid.UUID:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
@@ -136,13 +150,11 @@ class Running:
         return str(row[0])
 
     def wait_done(self, order: uuid.UUID) -> None:
+        logs = ["logs", "--tail", "30", self.name]
         wait_for(
             f"order {order} to be done",
             lambda: self.external_status(order) == "done",
-            explain=lambda: (
-                podman("logs", "--tail", "30", self.name, check=False).stderr
-                + podman("logs", "--tail", "30", self.name, check=False).stdout
-            ),
+            explain=lambda: podman(*logs, check=False).stderr + podman(*logs, check=False).stdout,
         )
 
 
@@ -166,14 +178,15 @@ def running(
             cli, ["sql", "print", "role"], env={"ORDER_MONITOR_ROLE": role}, catch_exceptions=False
         )
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(role_sql.output)  # type: ignore[call-overload]
+            conn.execute(role_sql.output)
             conn.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(
                     sql.Identifier(role), sql.Literal(DSN_PASSWORD)
                 )
             )
         quoted = urllib.parse.quote(DSN_PASSWORD, safe="")
-        (work / "dsn").write_text(f"postgresql://{role}:{quoted}@{host}:{port}/{dbname}\n")
+        service_dsn = f"postgresql://{role}:{quoted}@{host}:{port}/{dbname}"
+        (work / "dsn").write_text(service_dsn + "\n")
         (work / "token").write_text(TOKEN)
         providers = work / "providers.toml"
         providers.write_text(
@@ -198,7 +211,7 @@ def running(
             "--env=ORDER_MONITOR_BACKOFF_BASE=1",
             image,
         )
-        yield Running(name, admin_dsn, fake)
+        yield Running(name, admin_dsn, fake, service_dsn)
     finally:
         podman("rm", "--force", "--time=0", name, check=False)
         podman("secret", "rm", f"{name}-dsn", f"{name}-token", check=False)
@@ -256,3 +269,76 @@ def test_podman_stop_drains_and_exits_0(running: Running) -> None:
     assert "daemon.stopped" in events
     assert "daemon.checks_abandoned" not in events
     assert running.external_status(order) == "done"
+
+
+def test_the_compose_example_runs_as_its_comments_say(
+    tcp_server: tuple[str, int], image: str, tmp_path: Path
+) -> None:
+    """packaging/compose.yaml as it is (its bridge network, its published port).
+
+    No database on that network: the proof is that the DSN arrives from the
+    secret file (the daemon logs it, password hidden, while it retries), the
+    published /healthz answers, and a stop drains and exits 0.
+    """
+    if shutil.which("podman-compose") is None:
+        pytest.skip("podman-compose is not installed (Debian: apt-get install podman-compose)")
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 9187)) == 0:
+            pytest.skip("127.0.0.1:9187, the example's published port, is taken here")
+    suffix = uuid.uuid4().hex[:8]
+    project = tmp_path / "deploy"
+    project.mkdir()
+    shutil.copy(ROOT / "packaging" / "compose.yaml", project / "compose.yaml")
+    # As the file's comments say: readable by the image's user only.
+    dsn = project / "dsn"
+    # TEST-NET-1: nothing answers; the daemon logs its attempts.
+    dsn.write_text(
+        f"postgresql://om_{suffix}:{urllib.parse.quote(DSN_PASSWORD, safe='')}"
+        "@192.0.2.1:5432/shop?connect_timeout=2\n"
+    )
+    os.chown(dsn, 10001, -1)
+    dsn.chmod(0o400)
+    (project / "providers.toml").write_text(
+        '[providers.fake]\nkind = "barakat"\nbase_url = "http://127.0.0.1:9"\n'
+        'secrets = { token = "not-used" }\n'
+    )
+    (project / "providers.toml").chmod(0o644)
+    name = f"om-compose-{suffix}"
+    compose = ["podman-compose", "-p", name, "-f", "compose.yaml"]
+
+    def run(*args: str) -> None:
+        result = subprocess.run(
+            [*compose, *args],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)},
+        )
+        # podman-compose exits 0 when a podman command failed: it prints the code.
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "exit code: 125" not in result.stdout + result.stderr, result.stdout
+
+    container = f"{name}_order-monitor_1"
+    # The file names :latest; this test's image is what build-image tagged so.
+    assert podman(
+        "image", "inspect", "localhost/order-monitor:latest", "--format", "{{.Id}}"
+    ).stdout == (podman("image", "inspect", image, "--format", "{{.Id}}").stdout)
+    run("up", "-d")
+    try:
+        started = wait_for(
+            "the daemon to log its database",
+            lambda: [e for e in json_events(container) if "database" in e and "version" in e],
+            explain=lambda: podman("logs", container, check=False).stderr,
+        )
+        assert started[0]["database"].startswith(f"postgresql://om_{suffix}:***@192.0.2.1")
+        wait_for(
+            "/healthz on the published port",
+            lambda: healthz_answers("http://127.0.0.1:9187/healthz"),
+        )
+        run("stop")
+        assert podman("inspect", container, "--format", "{{.State.ExitCode}}").stdout.strip() == "0"
+        assert "daemon.stopped" in [e["event"] for e in json_events(container)]
+    finally:
+        run("down")
