@@ -187,15 +187,18 @@ class Writer:
     def _drop_expired(self, now: float) -> None:
         """Pending decisions past their order's next slot: the slot's check replaces them."""
         expired = self._unwritten.take_expired(now)
+        if expired:
+            # One line for all of them: a database outage can expire
+            # thousands at once, and a line each would flood the journal.
+            log.info(
+                "writer.pending_results_dropped",
+                orders=len(expired),
+                order_ids=[str(h.decision.row.id) for h in expired[:20]],
+                reasons=sorted({h.reason for h in expired}),
+                note="only lastSyncAt was unwritten; each order is checked at its slot",
+            )
         for held in expired:
             decision = held.decision
-            log.info(
-                "writer.pending_result_dropped",
-                order_id=str(decision.row.id),
-                reason=held.reason,
-                attempts=held.attempts,
-                note="only lastSyncAt was unwritten; the order is checked at its slot",
-            )
             assert held.expires_at is not None
             self._scheduler.complete(
                 decision.row.id.int,

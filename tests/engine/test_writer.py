@@ -238,7 +238,7 @@ async def test_a_failing_write_is_written_again_without_asking_the_provider_agai
         dispatched = rows[ref]["sentAt"].timestamp()
         for k, polled_at in enumerate(fake.polls(ref)):
             assert polled_at - dispatched >= earliest[k] - 0.005, (ref, k)
-    assert any(e["event"] == "writer.pending_result_dropped" for e in logs)
+    assert any(e["event"] == "writer.pending_results_dropped" for e in logs)
     failed = [e for e in logs if e["event"] == "writer.failed"]
     assert "InsufficientResources 53000" in failed[0]["error"]
     # The first session, and the one after the termination.
