@@ -73,7 +73,9 @@ def podman(
 
 
 @pytest.fixture(scope="module")
-def image(deb: Path) -> str:
+def image(tcp_server: tuple[str, int], deb: Path) -> str:
+    """The image, built once, in the run that has a TCP server (it runs the proofs)."""
+
     def build() -> Path:
         result = subprocess.run(
             [ROOT / "packaging" / "build-image", deb],
