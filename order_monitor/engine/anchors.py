@@ -21,9 +21,14 @@ Decided:
   leaves flight (the checker's re-read does not find it) or when a complete
   sweep neither found it nor left it in the schedule, so memory is bounded
   by the orders in flight whose time is unusable;
-* each such order is warned about once while it is anchored
-  (``order.dispatch_time_unusable`` / ``order.dispatch_time_in_future``) and
-  counted once in ``order_monitor_dispatch_time_unusable_total{reason}``.
+* each such order is counted once in
+  ``order_monitor_dispatch_time_unusable_total{reason}`` and warned about
+  once while it is anchored (``order.dispatch_time_unusable`` /
+  ``order.dispatch_time_in_future``), at most :data:`WARNINGS_PER_INTERVAL`
+  lines an interval: a shop whose every order is stamped hours ahead would
+  otherwise write a line per order, and past journald's rate limit the
+  daemon's own errors are the lines dropped. The rest of an interval is one
+  ``order.dispatch_time_warnings_suppressed`` line with their count.
 
 Pure apart from the log and the metric; the clock is the caller's.
 """
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from order_monitor.config import Layout
 from order_monitor.db import InFlightRow, SweepRow
@@ -44,16 +49,30 @@ log = get_logger()
 
 Row = TypeVar("Row", SweepRow, InFlightRow)
 
+#: Orders named one by one per interval; the rest are counted in one line.
+WARNINGS_PER_INTERVAL: Final = 10
+WARNING_INTERVAL: Final = 60.0
+
 
 class DispatchAnchors:
     """First-seen times of orders whose dispatch time is unusable, by order key."""
 
-    __slots__ = ("_first_seen", "_layout", "_metrics")
+    __slots__ = (
+        "_first_seen",
+        "_interval_started",
+        "_layout",
+        "_metrics",
+        "_suppressed",
+        "_warned",
+    )
 
     def __init__(self, layout: Layout, metrics: Metrics) -> None:
         self._layout = layout
         self._metrics = metrics
         self._first_seen: dict[int, float] = {}
+        self._interval_started = float("-inf")
+        self._warned = 0
+        self._suppressed = 0
 
     def settle(self, rows: Sequence[Row], now: float) -> list[Row]:
         """*rows*, those of anchored orders with their age since first seen.
@@ -72,7 +91,7 @@ class DispatchAnchors:
             if issue is None:
                 return row
             first = self._first_seen[key] = now
-            self._announce(row, issue)
+            self._announce(row, issue, now)
         anchored = now - first
         if issue is None and row.elapsed >= anchored:
             return row  # the time became usable, and is the older
@@ -80,8 +99,22 @@ class DispatchAnchors:
         # dropped, so at worst one check comes early after a re-schedule.
         return replace(row, elapsed=max(row.elapsed, anchored), last_checked=None)
 
-    def _announce(self, row: SweepRow | InFlightRow, issue: DispatchIssue) -> None:
+    def _announce(self, row: SweepRow | InFlightRow, issue: DispatchIssue, now: float) -> None:
         self._metrics.dispatch_time_unusable.labels(issue.reason).inc()
+        if now - self._interval_started >= WARNING_INTERVAL:
+            if self._suppressed:
+                log.warning(
+                    "order.dispatch_time_warnings_suppressed",
+                    orders=self._suppressed,
+                    interval_s=WARNING_INTERVAL,
+                    note="more orders with an unusable dispatch time: see "
+                    "order_monitor_dispatch_time_unusable_total and `order-monitor status`",
+                )
+            self._interval_started, self._warned, self._suppressed = now, 0, 0
+        if self._warned >= WARNINGS_PER_INTERVAL:
+            self._suppressed += 1
+            return
+        self._warned += 1
         if issue.why == "future":
             log.warning(
                 "order.dispatch_time_in_future",

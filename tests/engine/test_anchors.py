@@ -116,3 +116,19 @@ def test_anchors_are_kept_only_for_live_orders() -> None:
     # An order met again after it was dropped is anchored anew.
     (row,) = anchors.settle([unusable_row(1)], 500.0)
     assert row.elapsed == 0.0
+
+
+def test_a_table_of_unusable_times_is_warned_about_ten_orders_an_interval_not_a_line_each() -> None:
+    # A shop stamping every order hours ahead (local time stored as UTC):
+    # a line per order would flood the journal; each is still counted.
+    metrics = Metrics()
+    anchors = DispatchAnchors(Layout(), metrics)
+    with capture_logs() as logs:
+        anchors.settle([unusable_row(n) for n in range(1, 501)], 1000.0)
+        anchors.settle([unusable_row(n) for n in range(501, 601)], 1030.0)
+        anchors.settle([unusable_row(601)], 1060.0)
+    named = [e for e in logs if e["event"] == "order.dispatch_time_unusable"]
+    suppressed = [e for e in logs if e["event"] == "order.dispatch_time_warnings_suppressed"]
+    assert len(named) == 11  # ten in the first interval, the first of the next
+    assert [e["orders"] for e in suppressed] == [590]
+    assert counter_total(metrics.dispatch_time_unusable) == 601
