@@ -344,3 +344,5 @@ def test_the_compose_example_runs_as_its_comments_say(
         assert "daemon.stopped" in [e["event"] for e in json_events(container)]
     finally:
         run("down")
+        # podman-compose 1.0.3's down leaves the project's network behind.
+        podman("network", "rm", f"{name}_default", check=False)
