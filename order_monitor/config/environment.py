@@ -37,6 +37,9 @@ _LONGEST: Final = 30 * 86400.0
 #: asked for: the env file is found before there is an Env, and the test suite
 #: reads its own database (tests/conftest.py).
 ENV_FILE_VARIABLE: Final = PREFIX + "ENV_FILE"
+#: Where the unit and the package keep the configuration (env, dsn, providers.toml):
+#: an operator's ``order-monitor doctor`` on that host reads it as the service does.
+SYSTEM_CONFIG_DIR: Final = Path("/etc/order-monitor")
 TEST_DSN_VARIABLE: Final = PREFIX + "TEST_DSN"
 READ_ELSEWHERE: Final = frozenset({ENV_FILE_VARIABLE, TEST_DSN_VARIABLE})
 #: The test suite's own switches (the TEST_DSN above, TEST_SKIP_…): never
@@ -257,6 +260,12 @@ def parse_duration(text: str) -> float:
     return total
 
 
+def system_config_file(name: str) -> Path | None:
+    """``/etc/order-monitor/<name>`` if it is a file this user may read, else None."""
+    path = SYSTEM_CONFIG_DIR / name
+    return path if path.is_file() and os.access(path, os.R_OK) else None
+
+
 def load_environment(env_file: Path | None = None) -> dict[str, str]:
     """The process environment over the .env file (the environment wins)."""
     path = env_file
@@ -264,7 +273,11 @@ def load_environment(env_file: Path | None = None) -> dict[str, str]:
         configured = os.environ.get(ENV_FILE_VARIABLE)
         path = Path(configured) if configured else Path(".env")
         if not configured and not path.exists():
-            return dict(os.environ)
+            # The service's own file (EnvironmentFile= in the unit), when this
+            # user may read it: `order-monitor doctor` then checks what runs.
+            path = system_config_file("env")
+            if path is None:
+                return dict(os.environ)
     if path.is_dir():
         raise ConfigError(f"env file {str(path)!r} is a directory: name the file in it")
     if not path.is_file():

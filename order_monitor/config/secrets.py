@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psycopg.conninfo
 
+from order_monitor.config import environment
 from order_monitor.config.environment import PREFIX, Env
 from order_monitor.errors import ConfigError
 from order_monitor.redaction import Secret
@@ -39,11 +40,21 @@ def read_dsn(env: Env, values: Mapping[str, str], *, required: bool) -> Secret:
 
 
 def read_credential(name: str, values: Mapping[str, str]) -> str | None:
-    """A systemd credential (LoadCredential=) by name, if the service has one."""
+    """A systemd credential (LoadCredential=) by name, if the service has one.
+
+    Outside the service (no ``CREDENTIALS_DIRECTORY``) the credential's own
+    file, ``/etc/order-monitor/<name>`` where the README and the package put
+    it, when this user may read it: an operator's ``order-monitor doctor`` on
+    the service's host then checks what the service runs, with no arguments.
+    """
     directory = values.get("CREDENTIALS_DIRECTORY")
-    if not directory:
-        return None
-    path = Path(directory) / name
+    if directory:
+        path = Path(directory) / name
+    else:
+        found = environment.system_config_file(name)
+        if found is None:
+            return None
+        path = found
     try:
         return path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:

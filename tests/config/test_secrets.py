@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from order_monitor.config import load_settings
+from order_monitor.config import environment, load_settings
 from order_monitor.errors import ConfigError
 from order_monitor.redaction import Secret, redact_dsn, redact_url
 from tests.config.helpers import BASE, DSN, write_providers
@@ -98,3 +99,70 @@ def test_a_credential_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"credential 'dsn' .* is not UTF-8 text") as caught:
         load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert "0xff" not in str(caught.value)
+
+
+# --- the service's own files, for an operator's command on its host ----------------------
+
+
+@pytest.fixture
+def system_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """/etc/order-monitor, as the package and the unit lay it out, in a temporary folder."""
+    folder = tmp_path / "etc-order-monitor"
+    folder.mkdir()
+    monkeypatch.setattr(environment, "SYSTEM_CONFIG_DIR", folder)
+    work = tmp_path / "work"  # no ./.env here
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for name in list(os.environ):
+        if name.startswith("ORDER_MONITOR_") or name in ("CREDENTIALS_DIRECTORY", "PGHOST"):
+            monkeypatch.delenv(name)
+    return folder
+
+
+def test_an_operator_command_reads_the_services_dsn_and_env_files(system_config: Path) -> None:
+    # Before, `order-monitor doctor` on a packaged host needed
+    # CREDENTIALS_DIRECTORY=/etc/order-monitor --env-file=/etc/order-monitor/env.
+    (system_config / "dsn").write_text(DSN + "\n")
+    (system_config / "env").write_text("ORDER_MONITOR_BATCH_SIZE=123\n")
+    settings = load_settings()
+    assert settings.dsn.reveal() == DSN
+    assert settings.batch_size == 123
+
+
+def test_the_service_reads_its_credential_not_the_file_behind_it(
+    system_config: Path, tmp_path: Path
+) -> None:
+    (system_config / "dsn").write_text("host=not-this-one\n")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "dsn").write_text(DSN)
+    assert load_settings({"CREDENTIALS_DIRECTORY": str(credentials)}).dsn.reveal() == DSN
+
+
+def test_the_environment_still_wins_over_the_services_files(
+    system_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (system_config / "dsn").write_text("host=not-this-one\n")
+    (system_config / "env").write_text("ORDER_MONITOR_BATCH_SIZE=123\n")
+    monkeypatch.setenv("ORDER_MONITOR_DSN", DSN)
+    monkeypatch.setenv("ORDER_MONITOR_BATCH_SIZE", "7")
+    settings = load_settings()
+    assert (settings.dsn.reveal(), settings.batch_size) == (DSN, 7)
+
+
+def test_without_the_services_files_nothing_changes(system_config: Path) -> None:
+    with pytest.raises(ConfigError, match="no database configured"):
+        load_settings()
+
+
+def test_an_operator_command_reads_a_provider_credential_from_the_services_folder(
+    system_config: Path, tmp_path: Path
+) -> None:
+    (system_config / "znet-sifre").write_text("s3cr:t%/\n")
+    values = write_providers(
+        tmp_path,
+        '[providers.znet]\nkind = "znet"\nbase_url = "https://panel.example"\n'
+        'secrets = { kod = "k", sifre = { credential = "znet-sifre" } }\n',
+    )
+    (provider,) = load_settings(values).providers
+    assert provider.secrets["sifre"].reveal() == "s3cr:t%/"
