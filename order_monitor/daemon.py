@@ -185,6 +185,10 @@ class Daemon:
         return self._lock.role
 
     @property
+    def database_unreachable(self) -> bool:
+        return self._lock.last_error is not None
+
+    @property
     def listener_connected(self) -> bool:
         return self.listener is not None and self.listener.connected
 

@@ -51,6 +51,7 @@ from order_monitor.metrics import Metrics
 log = get_logger(component="http")
 
 LEADER: Final = "leader"
+STANDBY: Final = "standby"
 MAX_CONNECTIONS: Final = 64
 HEADER_TIMEOUT: Final = 5.0
 #: /readyz fails its ``writes`` check when a checked result has waited longer
@@ -252,10 +253,15 @@ class Readiness(Protocol):
     ``database_ok`` may run a query or return a flag the daemon keeps fresh;
     /readyz gives it ``database_timeout`` seconds. ``last_sweep_age`` is the
     seconds since the last completed sweep, None before the first one.
+    ``database_unreachable`` is True while the leader lock's session cannot
+    reach the database (an instance that never reached it is no standby).
     """
 
     @property
     def role(self) -> str: ...
+
+    @property
+    def database_unreachable(self) -> bool: ...
 
     @property
     def listener_connected(self) -> bool: ...
@@ -263,6 +269,16 @@ class Readiness(Protocol):
     def database_ok(self) -> Awaitable[bool]: ...
 
     def last_sweep_age(self) -> float | None: ...
+
+
+def _not_leader_reason(role: str, unreachable: bool) -> str:
+    """Why this instance does no work, in words that send the operator the right way."""
+    if unreachable:
+        # Not the error's text: the body is unauthenticated, the log has it.
+        return "cannot reach the database (retrying; leader.connection_failed in the log says why)"
+    if role == STANDBY:
+        return "not the leader: another instance holds the lock"
+    return f"not the leader: {role}"
 
 
 def parse_listen(listen: str) -> tuple[str | None, int]:
@@ -414,7 +430,7 @@ class HttpServer:
         if role != LEADER:
             # A standby has no listener and sweeps nothing by design; listing
             # those as failures would send the operator on a false trail.
-            checks["role"]["reason"] = "not the leader: another instance holds the lock"
+            checks["role"]["reason"] = _not_leader_reason(role, state.database_unreachable)
             return checks, ["role"]
 
         checks["listener"] = {"ok": state.listener_connected}

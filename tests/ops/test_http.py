@@ -34,6 +34,7 @@ class FakeState:
 
     role: str = "leader"
     listener_connected: bool = True
+    database_unreachable: bool = False
     database: str = "ok"  # ok | down | hang | raise
     sweep_age: float | None = 1.0
     database_calls: int = 0
@@ -117,6 +118,20 @@ async def test_a_standby_is_not_ready_and_says_so(running: Running) -> None:
     assert body["failed"] == ["role"]
     assert "another instance" in body["checks"]["role"]["reason"]
     assert running.state.database_calls == 0
+
+
+async def test_an_instance_that_cannot_reach_the_database_does_not_claim_a_leader_elsewhere(
+    running: Running,
+) -> None:
+    # Before, an instance that never reached the database answered "another
+    # instance holds the lock" although nobody held it (seen in the compose trial).
+    running.state.role = "standby"
+    running.state.database_unreachable = True
+    status, body, _ = await running.get("/readyz")
+    assert status == 503
+    reason = body["checks"]["role"]["reason"]
+    assert "cannot reach the database" in reason
+    assert "another instance" not in reason
 
 
 @pytest.mark.parametrize(

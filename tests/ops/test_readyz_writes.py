@@ -16,6 +16,7 @@ class Healthy:
 
     role: str = "leader"
     listener_connected: bool = True
+    database_unreachable: bool = False
 
     async def database_ok(self) -> bool:
         return True
