@@ -77,21 +77,32 @@ class Container:
         self.binds.append(f"--bind-ro={Path(order_monitor.__file__).parents[1]}:{SOURCE_MOUNT}")
         return f"{root}/bin/{version}"
 
+    def _tree(self) -> list[str]:
+        """The container's root: the host's tree on a tmpfs, its /usr read-only."""
+        return ["--directory=/", "--volatile=yes"]
+
+    def _kernel_arguments(self) -> list[str]:
+        # sysinit.target: none of the host's enabled services or sockets.
+        return ["systemd.unit=sysinit.target"]
+
+    def _after_boot(self) -> None:
+        # sysinit.target has no D-Bus; systemd-run and systemd-analyze need it.
+        self.run("systemctl", "start", "dbus.socket")
+
     def boot(self, timeout: float = 60.0) -> None:
         command = [
             "systemd-nspawn",
             "--quiet",
             "--register=no",
             "--keep-unit",
-            "--directory=/",
-            "--volatile=yes",
+            *self._tree(),
             f"--machine={self.name}",
             "--console=passive",
             *self.binds,
             "--boot",
             "--",
             "systemd.firstboot=off",
-            "systemd.unit=sysinit.target",
+            *self._kernel_arguments(),
         ]
         with self.log.open("wb") as out:
             self._process = subprocess.Popen(
@@ -114,8 +125,7 @@ class Container:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the container did not boot: {state.stdout} {state.stderr}")
             time.sleep(0.2)  # PID 1 has not opened its control socket yet
-        # sysinit.target has no D-Bus; systemd-run and systemd-analyze need it.
-        self.run("systemctl", "start", "dbus.socket")
+        self._after_boot()
 
     def _check_alive(self) -> None:
         assert self._process is not None
