@@ -127,12 +127,17 @@ def _sweep_row(record: Sequence[Any]) -> SweepRow:
 
 def _confirmed_row(record: Sequence[Any]) -> SweepRow:
     id_, provider_id, elapsed, last_checked, why, column, reference = record
+    if why is None and elapsed is not None:
+        return SweepRow(id_, provider_id, elapsed, last_checked, reference)
     e, lc, issue = _timing(elapsed, last_checked, why, column)
     return SweepRow(id_, provider_id, e, lc, reference, issue)
 
 
 def _in_flight_row(record: Sequence[Any]) -> InFlightRow:
     id_, ref, provider_id, external_order_id, elapsed, last_checked, why, column = record
+    if why is None and elapsed is not None:
+        # Every row but the odd one: read per checked order.
+        return InFlightRow(id_, ref, provider_id, external_order_id, elapsed, last_checked)
     e, lc, issue = _timing(elapsed, last_checked, why, column)
     return InFlightRow(id_, ref, provider_id, external_order_id, e, lc, issue)
 
