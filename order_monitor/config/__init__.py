@@ -28,6 +28,8 @@ from order_monitor.config.loading import DEFAULT_PROVIDERS_FILE, load_settings
 from order_monitor.config.providers_file import load_providers, parse_providers
 from order_monitor.config.secrets import read_credential
 from order_monitor.config.settings import (
+    DELIVERABLE_OUTCOMES,
+    ActionConfig,
     Columns,
     Layout,
     OutcomeWrites,
@@ -40,10 +42,12 @@ from order_monitor.config.settings import (
 
 __all__ = [
     "DEFAULT_PROVIDERS_FILE",
+    "DELIVERABLE_OUTCOMES",
     "ENV_FILE_VARIABLE",
     "PREFIX",
     "TEST_DSN_VARIABLE",
     "TEST_PREFIX",
+    "ActionConfig",
     "Columns",
     "Env",
     "Layout",

@@ -91,6 +91,15 @@ class OutcomeWrites:
     #: Off by default: in the application a status change moves money.
     done_status: str | None = None
     failed_status: str | None = None
+    #: The outcomes whose results the write function records in the outbox,
+    #: in the same transaction as the row, for an action to deliver to the
+    #: application: the outcomes the configured actions handle (never set
+    #: by hand; see ``config.loading``). Empty: nothing is recorded.
+    deliver: tuple[str, ...] = ()
+    #: Row columns the actions' templates use ("tenantId"): the write
+    #: function copies their values into the outbox entry, so delivering
+    #: needs no read of the orders table beyond the status.
+    deliver_columns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +139,62 @@ class ProviderConfig:
         )
 
 
+#: The outcomes an action may deliver.
+DELIVERABLE_OUTCOMES: Final = ("done", "failed", "gave_up")
+
+
+@dataclass(frozen=True, slots=True)
+class ActionConfig:
+    """One entry of the providers file's ``[actions.NAME]``: how a finished
+    order is delivered to the application (see ``order_monitor.delivery``).
+
+    Templates (``url``, ``headers``' values, ``body``'s strings) hold
+    placeholders: ``{ids}`` (a JSON string that is exactly it becomes the
+    list of order ids), ``{delivery_ids}`` (likewise), ``{request_id}``,
+    ``{outcome}``, ``{message}``, ``{column:NAME}`` (the row's value, as
+    recorded at write time) and, in headers only, ``{secret:NAME}``. Every
+    placeholder but the lists is per request: orders go in one request only
+    when all of them have the same values (so a request never mixes tenants).
+    """
+
+    name: str
+    #: "http" (batched requests to the application's API) or "webhook"
+    #: (one Standard Webhooks event per order).
+    kind: str
+    #: The outcomes it delivers (done, failed, gave_up); one action per outcome.
+    outcomes: tuple[str, ...]
+    url: str
+    limits: ProviderLimits
+    secrets: Mapping[str, Secret]
+    method: str = "POST"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: The JSON body's template (http); the event's shape is fixed for webhooks.
+    body: Any = None
+    #: Orders per request at most (http; a webhook event carries one).
+    batch_size: int = 100
+    #: JSON path (dotted) -> the value a 2xx answer must hold there.
+    success: Mapping[str, Any] = field(default_factory=dict)
+    #: JSON path of the answer's per-id error list, and the keys of an entry.
+    errors_path: str | None = None
+    error_id_key: str = "id"
+    error_key: str = "error"
+    #: When set, a delivery counts only once the row's status reads this
+    #: word (case-insensitively): the application may answer 2xx and skip an id.
+    confirm_status: str | None = None
+    #: How long a delivery is retried (transient failures) before it becomes
+    #: a dead letter, counted from when the result was written.
+    max_age: float = 3 * 86400.0
+    #: Answers that refuse this order (a per-id error, a 4xx, a 2xx the row
+    #: does not confirm) before it becomes a dead letter.
+    attempts: int = 5
+
+    def __repr__(self) -> str:
+        return (
+            f"ActionConfig(name={self.name!r}, kind={self.kind!r}, outcomes={self.outcomes!r}, "
+            f"url={self.url!r}, secrets={sorted(self.secrets)!r})"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     dsn: Secret
@@ -150,6 +215,8 @@ class Settings:
     handoff: str = "auto"
     providers_file: Path | None = None
     providers: tuple[ProviderConfig, ...] = ()
+    #: How finished orders are delivered to the application ([actions.NAME]).
+    actions: tuple[ActionConfig, ...] = ()
     log_level: str = "info"
     log_format: str = "auto"
     #: host:port for /healthz, /readyz and /metrics; None keeps it off.
@@ -161,6 +228,13 @@ class Settings:
     @property
     def safe_dsn(self) -> str:
         return redact_dsn(self.dsn.reveal())
+
+    def action_for(self, outcome: str) -> ActionConfig | None:
+        """The action that delivers *outcome*, or None."""
+        for action in self.actions:
+            if outcome in action.outcomes:
+                return action
+        return None
 
     def provider_for(self, provider_id: str) -> ProviderConfig | None:
         for provider in self.providers:
@@ -187,6 +261,7 @@ RESTART_ONLY: Final = (
     ("dsn", "ORDER_MONITOR_DSN"),
     ("layout", "table layout / channels"),
     ("writes", "ORDER_MONITOR_*_STATUS (outcome writes)"),
+    ("actions", "[actions.*] in the providers file (delivery)"),
     ("concurrency", "ORDER_MONITOR_CONCURRENCY"),
     ("batch_size", "ORDER_MONITOR_BATCH_SIZE"),
     ("listener_health_interval", "ORDER_MONITOR_LISTENER_HEALTH_INTERVAL"),

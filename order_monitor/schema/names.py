@@ -11,7 +11,7 @@ from psycopg import sql
 from order_monitor.config import Layout
 
 #: The schema version the files announce: that of the newest object.
-VERSION = 3
+VERSION = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +63,10 @@ class Names:
         self.inbox = sql.Identifier(layout.schema, self.inbox_name)
         self.write_function_name = object_name("order_monitor", layout.table, "write_v2")
         self.write_function = sql.Identifier(layout.schema, self.write_function_name)
+        #: Written results waiting to be delivered to the application (version 4).
+        self.outbox_name = object_name("order_monitor", layout.table, "outbox_v1")
+        self.outbox = sql.Identifier(layout.schema, self.outbox_name)
+        self.outbox_due_index_name = object_name("order_monitor", layout.table, "outbox_due_v1")
         self.insert_trigger_name = "order_monitor_insert_v2"
         self.update_trigger_name = "order_monitor_update_v2"
         self.role = sql.Identifier(layout.role)
