@@ -187,6 +187,9 @@ class ActionConfig:
     #: Answers that refuse this order (a per-id error, a 4xx, a 2xx the row
     #: does not confirm) before it becomes a dead letter.
     attempts: int = 5
+    #: Row columns a webhook event carries in ``data.columns`` (an http
+    #: action names its columns in its templates instead).
+    columns: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (
