@@ -29,6 +29,7 @@ from order_monitor.config.providers_file import load_providers, parse_providers
 from order_monitor.config.secrets import read_credential
 from order_monitor.config.settings import (
     DELIVERABLE_OUTCOMES,
+    WEBHOOK_SECRET,
     ActionConfig,
     Columns,
     Layout,
@@ -47,6 +48,7 @@ __all__ = [
     "PREFIX",
     "TEST_DSN_VARIABLE",
     "TEST_PREFIX",
+    "WEBHOOK_SECRET",
     "ActionConfig",
     "Columns",
     "Env",

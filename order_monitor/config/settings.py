@@ -141,6 +141,9 @@ class ProviderConfig:
 
 #: The outcomes an action may deliver.
 DELIVERABLE_OUTCOMES: Final = ("done", "failed", "gave_up")
+#: The secret of a webhook action that signs its events (Standard Webhooks'
+#: ``whsec_...`` key, shared with the receiver).
+WEBHOOK_SECRET: Final = "signing_secret"
 
 
 @dataclass(frozen=True, slots=True)
