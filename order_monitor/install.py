@@ -15,7 +15,12 @@ from order_monitor.errors import OrderMonitorError, SchemaError
 
 
 def apply(
-    dsn: str, kind: str, layout: Layout, writes: OutcomeWrites | None = None
+    dsn: str,
+    kind: str,
+    layout: Layout,
+    writes: OutcomeWrites | None = None,
+    *,
+    drop_undelivered: bool = False,
 ) -> Iterator[str]:
     """Run the statements one by one in autocommit, yielding a line per statement.
 
@@ -24,10 +29,18 @@ def apply(
     run again. A statement with a condition (psql's \\if in the file) runs
     only when its condition holds. The files check the index themselves and
     raise, so a failed check surfaces here as the server's error.
+
+    *drop_undelivered* (uninstall only) sets the session setting with which
+    uninstall.sql drops an outbox that still holds deliveries, as a DBA
+    would with SET before running the file.
     """
     # Named and with search_path pinned like every session of ours (the
     # statements pin it again themselves, for psql).
     with psycopg.connect(conninfo(dsn, f"sql {kind}"), autocommit=True) as conn:
+        if drop_undelivered:
+            conn.execute(
+                "SELECT pg_catalog.set_config(%s, 'on', false)", (schema.DROP_UNDELIVERED,)
+            )
         for statement in schema.statements_for(kind, layout, writes):
             first_line = statement.query.as_string(None).splitlines()[0]
             if statement.only_if is not None:

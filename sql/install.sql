@@ -1,4 +1,4 @@
--- order-monitor: install (schema version 3)
+-- order-monitor: install (schema version 4)
 --
 -- What it does, on the orders table "public"."product_orders":
 --   * adds the column "provider_referans" (if missing; no rewrite, data untouched);
@@ -69,7 +69,7 @@ BEGIN
             RAISE EXCEPTION 'order-monitor: run this file as the owner of % (%), or as a role that may SET ROLE to it', '"public"."product_orders"', table_owner;
         END IF;
         -- An earlier install run by a superuser left functions (or the
-        -- inbox) that are not the table owner's: give them back, or the
+        -- inbox, or the outbox) that are not the table owner's: give them back, or the
         -- owner could not replace them, and a superuser-owned SECURITY
         -- DEFINER function would keep running with every right.
         FOR item IN
@@ -81,13 +81,14 @@ BEGIN
         LOOP
             EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO %I', item.f, table_owner);
         END LOOP;
-        IF EXISTS (SELECT FROM pg_catalog.pg_class i
-                    WHERE i.oid = pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"')
-                      AND i.relowner <> (SELECT r.oid FROM pg_catalog.pg_roles r
-                                          WHERE r.rolname = table_owner)) THEN
-            EXECUTE pg_catalog.format('ALTER TABLE %s OWNER TO %I',
-                                      pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"'), table_owner);
-        END IF;
+        FOR item IN
+            SELECT i.oid::pg_catalog.regclass AS t FROM pg_catalog.pg_class i
+             WHERE i.oid IN (pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"'), pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"'))
+               AND i.relowner <> (SELECT r.oid FROM pg_catalog.pg_roles r
+                                   WHERE r.rolname = table_owner)
+        LOOP
+            EXECUTE pg_catalog.format('ALTER TABLE %s OWNER TO %I', item.t, table_owner);
+        END LOOP;
         -- For this session, until the RESET ROLE at the end of the file.
         PERFORM pg_catalog.set_config('role', table_owner, false);
     END IF;
@@ -208,6 +209,48 @@ CREATE UNLOGGED TABLE IF NOT EXISTS "public"."order_monitor_product_orders_inbox
     queued_at timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
+-- The outbox: one row per result the write function wrote and an action
+-- of the application delivers (approve; reject and refund), recorded in
+-- the very transaction that writes the result. So a written result is
+-- never left undelivered (the daemon killed between its write and its
+-- call: the next leader delivers it), and nothing is delivered for a
+-- result that was not written. LOGGED, unlike the inbox: it must survive
+-- a crash and a failover. delivery_id is the stable id the application
+-- can deduplicate on (at least once). Delivered entries are DELETEd, so
+-- it holds only what is not delivered yet and the dead letters (dead_at
+-- set), which an operator re-queues or drops (order-monitor deliveries).
+-- No foreign key to the orders table: one would lock that table here and
+-- on every write. Never a PIN. Rows arrive only through the write
+-- function: empty, and unused, until actions are configured.
+CREATE TABLE IF NOT EXISTS "public"."order_monitor_product_orders_outbox_v1" (
+    "delivery_id" uuid PRIMARY KEY DEFAULT pg_catalog.gen_random_uuid(),
+    "order_id" uuid NOT NULL,
+    "outcome" text NOT NULL,
+    "provider_message" text,
+    "last_message" text,
+    "columns" jsonb NOT NULL DEFAULT '{}',
+    "recorded_at" timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    "due_at" timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    "tries" integer NOT NULL DEFAULT 0,
+    "rejections" integer NOT NULL DEFAULT 0,
+    "last_verdict" text,
+    "last_error" text,
+    "dead_at" timestamptz,
+    "requeued_at" timestamptz
+);
+
+-- What the relay asks for: the entries due, not dead, oldest due first.
+-- Built only when missing (CREATE INDEX ... IF NOT EXISTS would lock the
+-- outbox first, queueing the daemon's writes behind this file); on a new,
+-- empty table, so not CONCURRENTLY. The orders table is not touched.
+DO $om$
+BEGIN
+    IF pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_due_v1"') IS NULL THEN
+        CREATE INDEX IF NOT EXISTS "order_monitor_product_orders_outbox_due_v1" ON "public"."order_monitor_product_orders_outbox_v1" (due_at) WHERE dead_at IS NULL;
+    END IF;
+END
+$om$;
+
 -- Announces an order: by NOTIFY on the channel named by the trigger's
 -- argument while the daemon holds its idle lock, else through the inbox.
 -- Either way the daemon sees the order only once it is committed.
@@ -246,6 +289,8 @@ REVOKE ALL ON FUNCTION "public"."order_monitor_product_orders_notify_v2"() FROM 
 -- another transaction holds locked (returned as 'locked', to try again),
 -- and announces the finished ones on the result channel in the same
 -- transaction while the cluster's NOTIFY queue is less than half full.
+-- When actions deliver results to the application, it also records each
+-- such result in the outbox, in the same transaction.
 -- SECURITY DEFINER: it runs with the rights of its owner (install as the
 -- table's owner, not as a superuser), so the daemon's role needs no UPDATE
 -- on the table and cannot touch a row that is not in flight. What each

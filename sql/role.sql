@@ -133,6 +133,38 @@ $om$;
 
 GRANT SELECT, DELETE ON TABLE "public"."order_monitor_product_orders_inbox_v2" TO "order_monitor";
 
+-- The outbox (install.sql): the daemon reads the entries due, DELETEs the
+-- delivered ones and, on a failed attempt, updates only its bookkeeping
+-- (when to try again, how often it tried, why it failed, a dead letter's
+-- mark). No INSERT: only the write function records a delivery, in the
+-- transaction that writes the result, so the daemon's role cannot ask the
+-- application to approve or refund an order whose result was not written.
+-- First, whether this role can grant that (else an ERROR, nothing changed).
+DO $om$
+BEGIN
+    IF pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"') IS NULL THEN
+        RAISE EXCEPTION 'order-monitor: the outbox % does not exist', '"public"."order_monitor_product_orders_outbox_v1"'
+            USING HINT = 'run install.sql (schema version 4) first, as the table''s owner';
+    END IF;
+    IF NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"'),
+                                          'DELETE WITH GRANT OPTION')
+       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"'),
+                                             'SELECT WITH GRANT OPTION')
+       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"'),
+                                             'UPDATE WITH GRANT OPTION') THEN
+        RAISE EXCEPTION 'order-monitor: % cannot grant SELECT, DELETE and UPDATE on %; nothing was changed', current_user, '"public"."order_monitor_product_orders_outbox_v1"'
+            USING HINT = 'run role.sql as the table''s owner, or as a superuser';
+    END IF;
+END
+$om$;
+
+-- Start from nothing on the outbox (takes back what was granted by hand).
+REVOKE ALL ON TABLE "public"."order_monitor_product_orders_outbox_v1" FROM "order_monitor";
+
+GRANT SELECT, DELETE ON TABLE "public"."order_monitor_product_orders_outbox_v1" TO "order_monitor";
+
+GRANT UPDATE ("due_at", "tries", "rejections", "last_verdict", "last_error", "dead_at", "requeued_at") ON TABLE "public"."order_monitor_product_orders_outbox_v1" TO "order_monitor";
+
 COMMIT;
 
 RESET search_path;

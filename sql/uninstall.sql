@@ -1,4 +1,4 @@
--- order-monitor: uninstall (schema version 3)
+-- order-monitor: uninstall (schema version 4)
 --
 -- Removes every object any version created on "public"."product_orders": the triggers and
 -- trigger functions, the inbox, the write functions and the index.
@@ -14,6 +14,33 @@ SET search_path = pg_catalog, pg_temp;
 
 -- See install.sql.
 SET lock_timeout = '3s';
+
+-- Results written but not yet delivered to the application (an approval,
+-- a refund) are in the outbox: this file refuses to drop them, before it
+-- changes anything, unless told to in this session with
+--     SET order_monitor.drop_undelivered = on;
+-- (order-monitor sql uninstall --drop-undelivered). Dead letters count too.
+DO $om$
+DECLARE
+    waiting bigint;
+    dead bigint;
+BEGIN
+    IF pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"') IS NULL THEN
+        RETURN;
+    END IF;
+    IF pg_catalog.lower(coalesce(pg_catalog.current_setting('order_monitor.drop_undelivered', true), '')) = 'on' THEN
+        waiting := 0;
+        dead := 0;
+    ELSE
+        SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL)
+          INTO waiting, dead FROM "public"."order_monitor_product_orders_outbox_v1";
+    END IF;
+    IF waiting + dead > 0 THEN
+        RAISE EXCEPTION 'order-monitor: the outbox % still holds % deliveries not yet made and % dead letters: results written but never delivered to the application (approvals, refunds); nothing was dropped', '"public"."order_monitor_product_orders_outbox_v1"', waiting, dead
+            USING HINT = 'let the daemon deliver them (order-monitor deliveries lists them), or drop them anyway: SET ' || 'order_monitor.drop_undelivered' || ' = on; before this file (order-monitor sql uninstall --drop-undelivered)';
+    END IF;
+END
+$om$;
 
 -- Triggers first, every version's: from here on the application's writes
 -- announce nothing.
@@ -46,6 +73,34 @@ DROP TABLE IF EXISTS "public"."order_monitor_product_orders_inbox_v2";
 DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_write_v2"(uuid[], text[], text[], text[], text[], text[], text[]);
 
 DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_write_v1"(uuid[], text[], text[], text[], text[], text[], text[]);
+
+-- The outbox, now that nothing records into it: locked, checked again (a
+-- result written since the check above is refused the same way: run this
+-- file again once it is delivered), and dropped with its index, in one
+-- transaction.
+DO $om$
+DECLARE
+    waiting bigint;
+    dead bigint;
+BEGIN
+    IF pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"') IS NULL THEN
+        RETURN;
+    END IF;
+    LOCK TABLE "public"."order_monitor_product_orders_outbox_v1" IN ACCESS EXCLUSIVE MODE;
+    IF pg_catalog.lower(coalesce(pg_catalog.current_setting('order_monitor.drop_undelivered', true), '')) = 'on' THEN
+        waiting := 0;
+        dead := 0;
+    ELSE
+        SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL)
+          INTO waiting, dead FROM "public"."order_monitor_product_orders_outbox_v1";
+    END IF;
+    IF waiting + dead > 0 THEN
+        RAISE EXCEPTION 'order-monitor: the outbox % still holds % deliveries not yet made and % dead letters: results written but never delivered to the application (approvals, refunds); nothing was dropped', '"public"."order_monitor_product_orders_outbox_v1"', waiting, dead
+            USING HINT = 'let the daemon deliver them (order-monitor deliveries lists them), or drop them anyway: SET ' || 'order_monitor.drop_undelivered' || ' = on; before this file (order-monitor sql uninstall --drop-undelivered)';
+    END IF;
+    DROP TABLE "public"."order_monitor_product_orders_outbox_v1";
+END
+$om$;
 
 -- CONCURRENTLY: dropping the index does not block the application's writes.
 DROP INDEX CONCURRENTLY IF EXISTS "public"."order_monitor_product_orders_inflight_v1";

@@ -39,6 +39,14 @@ class Entry:
     due_at: datetime | None = None
     #: Set on a dead letter.
     dead_at: datetime | None = None
+    #: When an operator last requeued it (a dead letter sent again): its
+    #: max_age counts from here, else from recorded_at.
+    requeued_at: datetime | None = None
+
+    @property
+    def retried_since(self) -> datetime:
+        """Where the action's max_age counts from."""
+        return self.requeued_at or self.recorded_at
 
     @property
     def message(self) -> str | None:

@@ -9,18 +9,23 @@ reviews is exactly what ``order-monitor sql install`` runs.
 Object names carry the version that last changed them: the index is still
 ``_v1``; the trigger, its function and the inbox are ``_v2`` (the handoff:
 see :mod:`order_monitor.engine.handoff`); the write function is ``_v2``
-(schema version 3: a new return shape). The install drops what older
+(schema version 3: a new return shape; version 4 gave it a body that also
+records deliveries, in place, same name and signature: a daemon of the
+previous release keeps calling it through the upgrade). The outbox is
+``_v1`` (version 4: see :mod:`order_monitor.schema.outbox`). The install
+drops what older
 versions left (``_v1`` triggers and trigger function, ``write_v1``), and
 compares what exists with what it would create before it takes any lock:
 a re-run with nothing to change locks nothing (see ``guards``).
 
 ``names`` (our objects' names, the lock keys, the in-flight predicate),
-``write_function``, ``install`` (install, uninstall, role), ``guards`` and
+``write_function``, ``outbox``, ``install`` (install, uninstall, role), ``guards`` and
 ``role_guards`` (their DO blocks: catalog first, then the one lock needed)
 and ``files`` (what ``sql print`` writes and ``sql/`` holds).
 """
 
 from order_monitor.schema.files import describe_writes, render, statements_for
+from order_monitor.schema.guards import DROP_UNDELIVERED
 from order_monitor.schema.install import (
     LOCK_TIMEOUT,
     install_statements,
@@ -49,6 +54,7 @@ from order_monitor.schema.write_function import (
 )
 
 __all__ = [
+    "DROP_UNDELIVERED",
     "LOCKED",
     "LOCK_TIMEOUT",
     "NOTIFY_QUEUE_LIMIT",

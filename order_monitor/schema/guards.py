@@ -109,7 +109,7 @@ BEGIN
             RAISE EXCEPTION 'order-monitor: run this file as the owner of % (%), or as a role that may SET ROLE to it', {table}, table_owner;
         END IF;
         -- An earlier install run by a superuser left functions (or the
-        -- inbox) that are not the table owner's: give them back, or the
+        -- inbox, or the outbox) that are not the table owner's: give them back, or the
         -- owner could not replace them, and a superuser-owned SECURITY
         -- DEFINER function would keep running with every right.
         FOR item IN
@@ -121,13 +121,14 @@ BEGIN
         LOOP
             EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO %I', item.f, table_owner);
         END LOOP;
-        IF EXISTS (SELECT FROM pg_catalog.pg_class i
-                    WHERE i.oid = pg_catalog.to_regclass({inbox})
-                      AND i.relowner <> (SELECT r.oid FROM pg_catalog.pg_roles r
-                                          WHERE r.rolname = table_owner)) THEN
-            EXECUTE pg_catalog.format('ALTER TABLE %s OWNER TO %I',
-                                      pg_catalog.to_regclass({inbox}), table_owner);
-        END IF;
+        FOR item IN
+            SELECT i.oid::pg_catalog.regclass AS t FROM pg_catalog.pg_class i
+             WHERE i.oid IN (pg_catalog.to_regclass({inbox}), pg_catalog.to_regclass({outbox}))
+               AND i.relowner <> (SELECT r.oid FROM pg_catalog.pg_roles r
+                                   WHERE r.rolname = table_owner)
+        LOOP
+            EXECUTE pg_catalog.format('ALTER TABLE %s OWNER TO %I', item.t, table_owner);
+        END LOOP;
         -- For this session, until the RESET ROLE at the end of the file.
         PERFORM pg_catalog.set_config('role', table_owner, false);
     END IF;
@@ -138,6 +139,53 @@ END
         schema=sql.Literal(layout.schema),
         ours=ours,
         inbox=sql.Literal(n.inbox.as_string(None)),
+        outbox=sql.Literal(n.outbox.as_string(None)),
+    )
+    return do(body)
+
+
+#: The session setting that lets uninstall drop undelivered deliveries.
+DROP_UNDELIVERED = "order_monitor.drop_undelivered"
+
+
+def refuse_undelivered(layout: Layout, *, drop: bool) -> sql.Composed:
+    """Raise when the outbox holds entries, unless this session set DROP_UNDELIVERED to on.
+
+    With *drop*, the outbox is locked first and dropped after the check, in
+    the same transaction: nothing can be recorded between the two.
+    """
+    n = Names(layout)
+    outbox = sql.Literal(n.outbox.as_string(None))
+    body = sql.SQL(
+        """
+DECLARE
+    waiting bigint;
+    dead bigint;
+BEGIN
+    IF pg_catalog.to_regclass({outbox}) IS NULL THEN
+        RETURN;
+    END IF;
+{lock}    IF pg_catalog.lower(coalesce(pg_catalog.current_setting({setting}, true), '')) = 'on' THEN
+        waiting := 0;
+        dead := 0;
+    ELSE
+        SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL)
+          INTO waiting, dead FROM {outbox_ident};
+    END IF;
+    IF waiting + dead > 0 THEN
+        RAISE EXCEPTION 'order-monitor: the outbox % still holds % deliveries not yet made and % dead letters: results written but never delivered to the application (approvals, refunds); nothing was dropped', {outbox}, waiting, dead
+            USING HINT = 'let the daemon deliver them (order-monitor deliveries lists them), or drop them anyway: SET ' || {setting} || ' = on; before this file (order-monitor sql uninstall --drop-undelivered)';
+    END IF;
+{drop}END
+"""  # noqa: E501 (plpgsql a DBA reads: long messages stay on one line)
+    ).format(
+        outbox=outbox,
+        outbox_ident=n.outbox,
+        setting=sql.Literal(DROP_UNDELIVERED),
+        lock=sql.SQL("    LOCK TABLE {} IN ACCESS EXCLUSIVE MODE;\n").format(n.outbox)
+        if drop
+        else sql.SQL(""),
+        drop=sql.SQL("    DROP TABLE {};\n").format(n.outbox) if drop else sql.SQL(""),
     )
     return do(body)
 
@@ -403,12 +451,14 @@ END
 
 
 __all__ = [
+    "DROP_UNDELIVERED",
     "PROBE",
     "add_column_if_missing",
     "as_table_owner",
     "check_index",
     "index_missing",
     "reduce_function_acls",
+    "refuse_undelivered",
     "swap_triggers",
     "trigger_definitions",
 ]

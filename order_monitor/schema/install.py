@@ -14,6 +14,7 @@ from order_monitor.schema.names import (
     idle_lock_key,
     in_flight_predicate,
 )
+from order_monitor.schema.outbox import OUTBOX_UPDATABLE, outbox_statements
 from order_monitor.schema.write_function import write_function_statement, write_signature
 
 
@@ -153,6 +154,7 @@ def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> l
             ).format(inbox=n.inbox),
             replayable=False,
         ),
+        *outbox_statements(layout, writes or OutcomeWrites()),
         Statement(
             "Announces an order: by NOTIFY on the channel named by the trigger's\n"
             "argument while the daemon holds its idle lock, else through the inbox.\n"
@@ -259,6 +261,14 @@ END
             "See install.sql.", sql.SQL("SET lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT))
         ),
         Statement(
+            "Results written but not yet delivered to the application (an approval,\n"
+            "a refund) are in the outbox: this file refuses to drop them, before it\n"
+            "changes anything, unless told to in this session with\n"
+            "    SET order_monitor.drop_undelivered = on;\n"
+            "(order-monitor sql uninstall --drop-undelivered). Dead letters count too.",
+            guards.refuse_undelivered(layout, drop=False),
+        ),
+        Statement(
             "Triggers first, every version's: from here on the application's writes\n"
             "announce nothing.",
             guards.do(drop_triggers),
@@ -279,6 +289,13 @@ END
             drop_function(n.write_function, write_signature()),
         ),
         Statement("", drop_function(n.v1_write_function, V1_WRITE_SIGNATURE)),
+        Statement(
+            "The outbox, now that nothing records into it: locked, checked again (a\n"
+            "result written since the check above is refused the same way: run this\n"
+            "file again once it is delivered), and dropped with its index, in one\n"
+            "transaction.",
+            guards.refuse_undelivered(layout, drop=True),
+        ),
         Statement(
             "CONCURRENTLY: dropping the index does not block the application's writes.",
             sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {index}").format(index=n.index),
@@ -354,6 +371,36 @@ def role_statements(layout: Layout) -> list[Statement]:
             "",
             sql.SQL("GRANT SELECT, DELETE ON TABLE {inbox} TO {role}").format(
                 inbox=n.inbox, role=n.role
+            ),
+        ),
+        Statement(
+            "The outbox (install.sql): the daemon reads the entries due, DELETEs the\n"
+            "delivered ones and, on a failed attempt, updates only its bookkeeping\n"
+            "(when to try again, how often it tried, why it failed, a dead letter's\n"
+            "mark). No INSERT: only the write function records a delivery, in the\n"
+            "transaction that writes the result, so the daemon's role cannot ask the\n"
+            "application to approve or refund an order whose result was not written.\n"
+            "First, whether this role can grant that (else an ERROR, nothing changed).",
+            role_guards.check_outbox_grant(layout),
+        ),
+        Statement(
+            "Start from nothing on the outbox (takes back what was granted by hand).",
+            sql.SQL("REVOKE ALL ON TABLE {outbox} FROM {role}").format(
+                outbox=n.outbox, role=n.role
+            ),
+        ),
+        Statement(
+            "",
+            sql.SQL("GRANT SELECT, DELETE ON TABLE {outbox} TO {role}").format(
+                outbox=n.outbox, role=n.role
+            ),
+        ),
+        Statement(
+            "",
+            sql.SQL("GRANT UPDATE ({columns}) ON TABLE {outbox} TO {role}").format(
+                columns=sql.SQL(", ").join(sql.Identifier(x) for x in OUTBOX_UPDATABLE),
+                outbox=n.outbox,
+                role=n.role,
             ),
         ),
         Statement("", sql.SQL("COMMIT"), replayable=False),

@@ -128,3 +128,28 @@ END
 """  # noqa: E501 (plpgsql a DBA reads: long messages stay on one line)
     ).format(inbox=inbox)
     return do(body)
+
+
+def check_outbox_grant(layout: Layout) -> sql.Composed:
+    """Raise when this role cannot grant what role.sql grants on the outbox (or it is missing)."""
+    outbox = sql.Literal(Names(layout).outbox.as_string(None))
+    body = sql.SQL(
+        """
+BEGIN
+    IF pg_catalog.to_regclass({outbox}) IS NULL THEN
+        RAISE EXCEPTION 'order-monitor: the outbox % does not exist', {outbox}
+            USING HINT = 'run install.sql (schema version 4) first, as the table''s owner';
+    END IF;
+    IF NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass({outbox}),
+                                          'DELETE WITH GRANT OPTION')
+       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass({outbox}),
+                                             'SELECT WITH GRANT OPTION')
+       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass({outbox}),
+                                             'UPDATE WITH GRANT OPTION') THEN
+        RAISE EXCEPTION 'order-monitor: % cannot grant SELECT, DELETE and UPDATE on %; nothing was changed', current_user, {outbox}
+            USING HINT = 'run role.sql as the table''s owner, or as a superuser';
+    END IF;
+END
+"""  # noqa: E501 (plpgsql a DBA reads: long messages stay on one line)
+    ).format(outbox=outbox)
+    return do(body)

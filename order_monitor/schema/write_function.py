@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from psycopg import sql
@@ -165,8 +166,8 @@ WITH v AS (
       AND {o_id} IN (SELECT target.id FROM target)
       AND {guard}
     RETURNING {o_id} AS id, v.kind AS kind, {o_ref} AS ref,
-        {o_external_status} AS external_status, {o_status} AS status
-), gate AS (
+        {o_external_status} AS external_status, {o_status} AS status{recorded_columns}
+){recording}, gate AS (
     -- The announcement is a hint (the application re-reads the row before
     -- acting on it), the row is the truth: above half of the cluster's
     -- NOTIFY queue, a listener somewhere is stuck and a full queue would
@@ -211,8 +212,60 @@ END
         channel=sql.Literal(layout.result_channel),
         queue_limit=sql.Literal(queue_limit),
         locked=sql.Literal(LOCKED),
+        recorded_columns=_recorded_columns(layout, writes, col),
+        recording=_recording(layout, writes),
     )
     return body.as_string(None)
+
+
+def _recorded_columns(
+    layout: Layout, writes: OutcomeWrites, col: Callable[[str], sql.Composed]
+) -> sql.Composable:
+    """What the outbox entry copies from the row as written (only when delivering)."""
+    if not writes.deliver:
+        return sql.SQL("")
+    c = layout.columns
+    if writes.deliver_columns:
+        columns: sql.Composable = sql.SQL("pg_catalog.jsonb_build_object({})").format(
+            sql.SQL(", ").join(
+                sql.SQL("{name}, {value}").format(name=sql.Literal(name), value=col(name))
+                for name in writes.deliver_columns
+            )
+        )
+    else:
+        columns = sql.SQL("'{}'::jsonb")
+    return sql.SQL(
+        ",\n        {provider_message} AS provider_message, {last_message} AS last_message,"
+        "\n        {columns} AS recorded_columns"
+    ).format(
+        provider_message=col(c.provider_message),
+        last_message=col(c.last_message),
+        columns=columns,
+    )
+
+
+def _recording(layout: Layout, writes: OutcomeWrites) -> sql.Composable:
+    """The outbox entry of each written result an action delivers, in this transaction."""
+    if not writes.deliver:
+        return sql.SQL("")
+    return sql.SQL(
+        """, recorded AS (
+    -- The delivery to the application (approve; reject and refund), recorded
+    -- in the transaction that writes the result: written and recorded
+    -- commit together or not at all, so no written result goes undelivered
+    -- and nothing is delivered for a result that was not written. Runs
+    -- though nothing reads it (a data-modifying WITH always does). Never
+    -- the PIN: only the messages and the columns the actions use.
+    INSERT INTO {outbox} (order_id, outcome, provider_message, last_message, columns)
+    SELECT written.id, written.kind, written.provider_message, written.last_message,
+        written.recorded_columns
+    FROM written
+    WHERE written.kind IN ({deliver})
+)"""
+    ).format(
+        outbox=Names(layout).outbox,
+        deliver=sql.SQL(", ").join(sql.Literal(k) for k in writes.deliver),
+    )
 
 
 def write_function_statement(
@@ -229,6 +282,8 @@ def write_function_statement(
         "another transaction holds locked (returned as 'locked', to try again),\n"
         "and announces the finished ones on the result channel in the same\n"
         "transaction while the cluster's NOTIFY queue is less than half full.\n"
+        "When actions deliver results to the application, it also records each\n"
+        "such result in the outbox, in the same transaction.\n"
         "SECURITY DEFINER: it runs with the rights of its owner (install as the\n"
         "table's owner, not as a superuser), so the daemon's role needs no UPDATE\n"
         "on the table and cannot touch a row that is not in flight. What each\n"

@@ -23,7 +23,11 @@ from tests.conftest import DAEMON_ROLE, OWNER_ROLE, Server
 ROOT = Path(__file__).parents[2]
 FIXTURES = ROOT / "tests" / "integration" / "fixtures"
 #: What each released schema version's install.sql was (the current one is rendered).
-RELEASED = {1: FIXTURES / "install_v1.sql", 2: FIXTURES / "install_v2.sql"}
+RELEASED = {
+    1: FIXTURES / "install_v1.sql",
+    2: FIXTURES / "install_v2.sql",
+    3: FIXTURES / "install_v3.sql",
+}
 Conn = psycopg.Connection[tuple[object, ...]]
 
 
@@ -68,10 +72,14 @@ def install_release(dsn: str, version: int) -> None:
         role = sql.Identifier(DAEMON_ROLE)
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role))
         names = schema.Names(Layout())
+        # Version 3 renamed the write function (a new return shape).
+        function, signature = (
+            (names.write_function, schema.write_signature())
+            if version >= 3
+            else (names.v1_write_function, schema.names.V1_WRITE_SIGNATURE)
+        )
         conn.execute(
-            sql.SQL("GRANT EXECUTE ON FUNCTION {}({}) TO {}").format(
-                names.v1_write_function, schema.names.V1_WRITE_SIGNATURE, role
-            )
+            sql.SQL("GRANT EXECUTE ON FUNCTION {}({}) TO {}").format(function, signature, role)
         )
         if version >= 2:
             conn.execute(sql.SQL("GRANT SELECT, DELETE ON {} TO {}").format(names.inbox, role))

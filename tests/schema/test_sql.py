@@ -195,7 +195,11 @@ def test_install_twice_is_harmless(db: str) -> None:
         "order_monitor_product_orders_notify_v2",
         "order_monitor_product_orders_write_v2",
     ]
-    assert indexes == [("order_monitor_product_orders_inflight_v1",)]
+    assert sorted(indexes) == [
+        ("order_monitor_product_orders_inflight_v1",),
+        ("order_monitor_product_orders_outbox_due_v1",),
+        ("order_monitor_product_orders_outbox_v1_pkey",),
+    ]
 
 
 def test_uninstall_keeps_every_row_and_column(db: str, app: Conn, daemon: DaemonSide) -> None:
