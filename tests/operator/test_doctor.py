@@ -9,6 +9,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from order_monitor import __version__
 from order_monitor.providers.fake import FakeProvider, Script
 from tests.conftest import as_daemon
 from tests.operator.helpers import (
@@ -292,7 +293,7 @@ def test_doctor_names_a_lock_holder_that_is_not_an_order_monitor_session(
 def test_doctor_leaves_our_own_lock_holders_alone(db: str, env_file: Path) -> None:
     from order_monitor.ops.leader import lock_key
 
-    ours = make_conninfo(db, application_name="order-monitor 0.3.0 (leader lock)")
+    ours = make_conninfo(db, application_name=f"order-monitor {__version__} (leader lock)")
     with psycopg.connect(ours, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (lock_key("public", "product_orders"),))
         result = invoke(["doctor"], environment(as_daemon(db), env_file))
@@ -301,7 +302,9 @@ def test_doctor_leaves_our_own_lock_holders_alone(db: str, env_file: Path) -> No
 
 def test_doctor_names_instances_older_than_itself(db: str, env_file: Path) -> None:
     old = make_conninfo(as_daemon(db), application_name="order-monitor 0.1.0 (listener)")
-    current = make_conninfo(as_daemon(db), application_name="order-monitor 0.3.0 (listener)")
+    current = make_conninfo(
+        as_daemon(db), application_name=f"order-monitor {__version__} (listener)"
+    )
     with psycopg.connect(old) as before, psycopg.connect(current):
         pid = before.info.backend_pid
         result = invoke(["doctor"], environment(as_daemon(db), env_file))
@@ -309,7 +312,7 @@ def test_doctor_names_instances_older_than_itself(db: str, env_file: Path) -> No
     assert line.startswith("WARN"), line
     assert f"pid {pid} (order-monitor 0.1.0 (listener)" in line
     assert "1 session(s)" in line
-    assert "0.3.0 (listener)" not in line
+    assert f"{__version__} (listener)" not in line
 
 
 def test_doctor_names_orders_whose_dispatch_time_is_unusable(db: str, env_file: Path) -> None:

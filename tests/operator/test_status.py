@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from order_monitor import __version__
 from order_monitor.ops.leader import lock_key
 from tests.conftest import as_daemon
 from tests.db.test_dispatch_times import grant_nullable
@@ -128,7 +129,8 @@ def test_status_keeps_quiet_about_lock_holders_that_are_order_monitor_sessions(
     db: str, env_file: Path
 ) -> None:
     with psycopg.connect(
-        make_conninfo(db, application_name="order-monitor 0.3.0 (leader lock)"), autocommit=True
+        make_conninfo(db, application_name=f"order-monitor {__version__} (leader lock)"),
+        autocommit=True,
     ) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (lock_key("public", "product_orders"),))
         result = invoke(["status", "--json"], environment(as_daemon(db), env_file))
