@@ -10,9 +10,16 @@ expected.
   the .env file;
 * ``secrets`` — the DSN, systemd credentials, the providers file's secret specs;
 * ``providers_file`` — the providers file;
+* ``actions`` — its ``[actions.NAME]`` tables: delivering results to the application;
 * ``loading`` — :func:`load_settings`, which puts them together.
 """
 
+from order_monitor.config.actions import (
+    action_columns,
+    delivered_columns,
+    delivered_outcomes,
+    parse_actions,
+)
 from order_monitor.config.environment import (
     ENV_FILE_VARIABLE,
     PREFIX,
@@ -24,7 +31,11 @@ from order_monitor.config.environment import (
     parse_duration,
     unknown_variables,
 )
-from order_monitor.config.loading import DEFAULT_PROVIDERS_FILE, load_settings
+from order_monitor.config.loading import (
+    DEFAULT_PROVIDERS_FILE,
+    load_providers_file,
+    load_settings,
+)
 from order_monitor.config.providers_file import load_providers, parse_providers
 from order_monitor.config.secrets import read_credential
 from order_monitor.config.settings import (
@@ -58,10 +69,15 @@ __all__ = [
     "ProviderLimits",
     "Settings",
     "UnknownVariable",
+    "action_columns",
+    "delivered_columns",
+    "delivered_outcomes",
     "has_control_characters",
     "load_environment",
     "load_providers",
+    "load_providers_file",
     "load_settings",
+    "parse_actions",
     "parse_duration",
     "parse_providers",
     "read_credential",

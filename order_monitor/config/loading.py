@@ -7,6 +7,12 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Final
 
+from order_monitor.config.actions import (
+    action_columns,
+    delivered_columns,
+    delivered_outcomes,
+    parse_actions,
+)
 from order_monitor.config.environment import (
     PREFIX,
     READ_ELSEWHERE,
@@ -14,9 +20,16 @@ from order_monitor.config.environment import (
     load_environment,
     unknown_variables,
 )
-from order_monitor.config.providers_file import load_providers
+from order_monitor.config.providers_file import parse_providers, read_document
 from order_monitor.config.secrets import read_dsn
-from order_monitor.config.settings import Columns, Layout, OutcomeWrites, Settings
+from order_monitor.config.settings import (
+    ActionConfig,
+    Columns,
+    Layout,
+    OutcomeWrites,
+    ProviderConfig,
+    Settings,
+)
 from order_monitor.engine.policy import MAX_ATTEMPTS_LIMIT, BackoffPolicy
 from order_monitor.errors import ConfigError
 
@@ -107,6 +120,15 @@ def load_settings(
             )
 
     providers_path = _providers_path(env)
+    providers, actions = (
+        load_providers_file(providers_path, values, resolve_secrets=need_provider_secrets)
+        if providers_path
+        else ((), ())
+    )
+    _check_actions(actions, writes, layout, source=str(providers_path))
+    writes = replace(
+        writes, deliver=delivered_outcomes(actions), deliver_columns=delivered_columns(actions)
+    )
     settings = Settings(
         dsn=read_dsn(env, values, required=need_database),
         layout=layout,
@@ -124,11 +146,8 @@ def load_settings(
         ),
         handoff=env.choice("HANDOFF", "auto", ("auto", "inbox")),
         providers_file=providers_path,
-        providers=(
-            load_providers(providers_path, values, resolve_secrets=need_provider_secrets)
-            if providers_path
-            else ()
-        ),
+        providers=providers,
+        actions=actions,
         log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=env.choice("LOG_FORMAT", "auto", ("auto", "json", "console")),
         http_listen=_http_listen(env),
@@ -137,6 +156,53 @@ def load_settings(
         settings,
         unknown_variables=unknown_variables(values, env.asked | READ_ELSEWHERE | set(also_known)),
     )
+
+
+def load_providers_file(
+    path: Path, environ: Mapping[str, str], *, resolve_secrets: bool = True
+) -> tuple[tuple[ProviderConfig, ...], tuple[ActionConfig, ...]]:
+    """The providers file's providers and actions (``resolve_secrets`` as for load_settings)."""
+    document = read_document(path)
+    source = str(path)
+    return (
+        parse_providers(document, environ, source=source, resolve_secrets=resolve_secrets),
+        parse_actions(document, environ, source=source, resolve_secrets=resolve_secrets),
+    )
+
+
+def _check_actions(
+    actions: tuple[ActionConfig, ...], writes: OutcomeWrites, layout: Layout, *, source: str
+) -> None:
+    """What the actions cannot do together with the environment's settings."""
+    by_outcome = {outcome: action for action in actions for outcome in action.outcomes}
+    for outcome, variable, status, consequence in (
+        (
+            "done",
+            "DONE_STATUS",
+            writes.done_status,
+            "an approved order's wallet record is never marked approved",
+        ),
+        ("failed", "FAILED_STATUS", writes.failed_status, "a rejected order is never refunded"),
+    ):
+        action = by_outcome.get(outcome)
+        if action is None or status is None:
+            continue
+        # The application's transition runs only from a pending order: with
+        # the status already written it would refuse (or skip) every one.
+        raise ConfigError(
+            f"{PREFIX}{variable}={status!r} sets status in SQL, which skips the "
+            f"application's own transition ({consequence}), and {source}: [actions.{action.name}] "
+            f"delivers {outcome} results through the application: keep one — unset "
+            f"{PREFIX}{variable} or take {outcome!r} out of [actions.{action.name}] outcomes"
+        )
+    pin = layout.columns.pin_code
+    for action in actions:
+        if pin in action_columns(action):
+            raise ConfigError(
+                f"{source}: [actions.{action.name}] uses the column {pin!r}, the PIN column "
+                f"({PREFIX}COLUMN_PIN_CODE): a PIN never goes into the outbox, nor to the "
+                "application by this road"
+            )
 
 
 def _providers_path(env: Env) -> Path | None:

@@ -1,4 +1,8 @@
-"""The providers file (TOML): one entry per provider, its limits and its secrets."""
+"""The providers file (TOML): one entry per provider, its limits and its secrets.
+
+The file also holds ``[actions.NAME]`` tables (``config.actions``): they use
+the limits and secrets parsers here, and :func:`read_document` to read it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from order_monitor.config.settings import ProviderConfig, ProviderLimits
 from order_monitor.errors import ConfigError
 from order_monitor.redaction import Secret
 
+#: The top-level tables of the file.
+TOP_LEVEL: Final = ("providers", "actions")
 _PROVIDER_KEYS: Final = {"kind", "base_url", "provider_ids", "limits", "secrets", "options"}
 _LIMIT_TYPES: Final[dict[str, type]] = {
     "concurrency": int,
@@ -44,8 +50,15 @@ def load_providers(
         concurrency = 4
         rate = 10
     """
+    return parse_providers(
+        read_document(path), environ, source=str(path), resolve_secrets=resolve_secrets
+    )
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """The providers file as TOML; a ConfigError that quotes none of it when it is not."""
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"providers file {str(path)!r} cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -53,7 +66,6 @@ def load_providers(
         raise ConfigError(f"providers file {str(path)!r} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"providers file {str(path)!r} is not valid TOML: {exc}") from None
-    return parse_providers(document, environ, source=str(path), resolve_secrets=resolve_secrets)
 
 
 def parse_providers(
@@ -63,12 +75,7 @@ def parse_providers(
     source: str = "providers file",
     resolve_secrets: bool = True,
 ) -> tuple[ProviderConfig, ...]:
-    unknown_top = set(document) - {"providers"}
-    if unknown_top:
-        raise ConfigError(
-            f"{source}: unknown top-level keys {sorted(unknown_top)}; "
-            "expected [providers.NAME] tables"
-        )
+    check_top_level(document, source)
     table = document.get("providers", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: 'providers' must be a table of [providers.NAME] entries")
@@ -110,9 +117,11 @@ def parse_providers(
                 kind=kind,
                 base_url=base_url.rstrip("/"),
                 provider_ids=provider_ids,
-                limits=_limits(entry.get("limits", {}), where),
+                limits=parse_limits(entry.get("limits", {}), where),
                 secrets=(
-                    _secrets(entry.get("secrets", {}), where, environ) if resolve_secrets else {}
+                    parse_secrets(entry.get("secrets", {}), where, environ)
+                    if resolve_secrets
+                    else {}
                 ),
                 options=options,
             )
@@ -120,7 +129,17 @@ def parse_providers(
     return tuple(result)
 
 
-def _limits(raw: object, where: str) -> ProviderLimits:
+def check_top_level(document: Mapping[str, Any], source: str) -> None:
+    unknown_top = set(document) - set(TOP_LEVEL)
+    if unknown_top:
+        raise ConfigError(
+            f"{source}: unknown top-level keys {sorted(unknown_top)}; "
+            "expected [providers.NAME] and [actions.NAME] tables"
+        )
+
+
+def parse_limits(raw: object, where: str) -> ProviderLimits:
+    """A ``limits`` table (a provider's or an action's): the gates of its requests."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: 'limits' must be a table")
     unknown = set(raw) - set(_LIMIT_TYPES)
@@ -147,7 +166,8 @@ def _limits(raw: object, where: str) -> ProviderLimits:
     return ProviderLimits(**values)
 
 
-def _secrets(raw: object, where: str, environ: Mapping[str, str]) -> dict[str, Secret]:
+def parse_secrets(raw: object, where: str, environ: Mapping[str, str]) -> dict[str, Secret]:
+    """A ``secrets`` table, each value resolved (see ``config.secrets.resolve_secret``)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: 'secrets' must be a table")
     return {
