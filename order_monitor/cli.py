@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import os
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, ParamSpec, TypeVar
@@ -164,17 +165,34 @@ def sql_install(ctx: Context) -> None:
 
 
 @sql_group.command("uninstall")
+@click.option(
+    "--drop-undelivered",
+    is_flag=True,
+    help="Also drop results still waiting in the outbox to be delivered to the application "
+    "(without it, uninstall refuses while the outbox holds any).",
+)
 @pass_context
 @friendly_errors
-def sql_uninstall(ctx: Context) -> None:
-    """Remove trigger, function and index. The column and all data stay."""
-    _apply(ctx.settings, "uninstall")
+def sql_uninstall(ctx: Context, drop_undelivered: bool) -> None:
+    """Remove triggers, functions, index and outbox. The columns and the orders stay.
+
+    Refuses while the outbox holds results not yet delivered to the application
+    (or dead letters): deliver them first (`order-monitor deliveries`), or pass
+    --drop-undelivered to lose them.
+    """
+    _apply(ctx.settings, "uninstall", drop_undelivered=drop_undelivered)
 
 
-def _apply(settings: Settings, kind: str) -> None:
+def _apply(settings: Settings, kind: str, *, drop_undelivered: bool = False) -> None:
     from order_monitor import install
 
-    for line in install.apply(settings.dsn.reveal(), kind, settings.layout, settings.writes):
+    for line in install.apply(
+        settings.dsn.reveal(),
+        kind,
+        settings.layout,
+        settings.writes,
+        drop_undelivered=drop_undelivered,
+    ):
         click.echo(line)
 
 
@@ -332,6 +350,112 @@ def status_command(ctx: Context, as_json: bool) -> None:
         click.echo(status.format_text(report), nl=False)
 
 
+@cli.group("deliveries", invoke_without_command=True)
+@click.option("--dead", is_flag=True, help="List only the dead letters.")
+@click.option(
+    "--limit",
+    default=50,
+    type=click.IntRange(min=1),
+    help="List at most this many entries (all are counted).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, ages in seconds.")
+@click.pass_context
+@friendly_errors
+def deliveries_group(click_ctx: click.Context, dead: bool, limit: int, as_json: bool) -> None:
+    """Results waiting to be delivered to the application, and the dead letters.
+
+    Without a subcommand: how many wait (the oldest's age, those waiting
+    because the application refused our credentials), how many are dead
+    letters, and the entries themselves, newest first. The leader retries
+    undelivered entries by itself; a dead letter waits for you:
+
+    \b
+    order-monitor deliveries --dead
+    order-monitor deliveries requeue ID...     (or --all-dead)
+    order-monitor deliveries drop ID...
+
+    An ID is a delivery id or an order id. Runs with the daemon's settings
+    and role; works while the daemon is down.
+    """
+    if click_ctx.invoked_subcommand is not None:
+        return
+    import asyncio
+
+    from order_monitor.operator import deliveries, dumps, logs_to_stderr
+
+    context = click_ctx.find_object(Context)
+    assert context is not None
+    loaded = context.settings_without_provider_secrets
+    with logs_to_stderr():
+        listing = asyncio.run(deliveries.read_listing(loaded, dead_only=dead, limit=limit))
+    if as_json:
+        click.echo(dumps(deliveries.listing_to_json(listing)))
+    else:
+        click.echo(deliveries.format_listing(listing), nl=False)
+
+
+def _delivery_ids(values: tuple[str, ...]) -> list[uuid.UUID]:
+    parsed = []
+    for value in values:
+        try:
+            parsed.append(uuid.UUID(value.strip()))
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r} is not a delivery id or an order id (a UUID such as "
+                "1b4e28ba-2fa1-11d2-883f-0016d3cca427)",
+                param_hint="ID",
+            ) from None
+    return parsed
+
+
+def _change_deliveries(
+    ctx: Context, kind: str, ids: list[uuid.UUID] | None, as_json: bool
+) -> NoReturn:
+    import asyncio
+
+    from order_monitor.operator import deliveries, dumps, logs_to_stderr
+
+    settings = ctx.settings_without_provider_secrets
+    with logs_to_stderr():
+        result = asyncio.run(deliveries.change(settings, kind, ids))
+    if as_json:
+        click.echo(dumps(deliveries.change_to_json(result)))
+    else:
+        click.echo(deliveries.format_change(result), nl=False)
+    sys.exit(result.exit_code)
+
+
+@deliveries_group.command("requeue")
+@click.argument("ids", metavar="ID...", nargs=-1)
+@click.option("--all-dead", is_flag=True, help="Requeue every dead letter.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@pass_context
+@friendly_errors
+def deliveries_requeue(ctx: Context, ids: tuple[str, ...], all_dead: bool, as_json: bool) -> None:
+    """Send dead letters again: due now, their refusals counted from zero.
+
+    Only dead letters are requeued; an entry the leader still retries is
+    left alone. Exit status 1 when an ID is not a dead letter in the outbox.
+    """
+    if bool(ids) == all_dead:
+        raise click.UsageError("name the dead letters (ID...) or pass --all-dead, not both")
+    _change_deliveries(ctx, "requeue", None if all_dead else _delivery_ids(ids), as_json)
+
+
+@deliveries_group.command("drop")
+@click.argument("ids", metavar="ID...", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@pass_context
+@friendly_errors
+def deliveries_drop(ctx: Context, ids: tuple[str, ...], as_json: bool) -> None:
+    """Forget dead letters: the application is never told (finish them there by hand).
+
+    Asks nothing and prints what it dropped. Only dead letters are dropped;
+    exit status 1 when an ID is not a dead letter in the outbox.
+    """
+    _change_deliveries(ctx, "drop", _delivery_ids(ids), as_json)
+
+
 @cli.command("check")
 @click.argument("order_id")
 @click.option(
@@ -359,7 +483,6 @@ def check_command(ctx: Context, order_id: str, dry_run: bool, as_json: bool) -> 
     "error": ...}, also on stdout.
     """
     import asyncio
-    import uuid
 
     from order_monitor.operator import check, dumps, logs_to_stderr
 

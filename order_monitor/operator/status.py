@@ -16,6 +16,12 @@ Cost on a big table:
   reads; the application's writes do not wait for it;
 * who holds the leader lock comes from ``pg_locks``: no table is read.
 
+When actions deliver results to the application (or the outbox holds
+entries anyway), a section says how many wait, the oldest's age, how many
+wait for credentials the application refused, and the dead letters: read
+from the outbox (small: it holds only what is not delivered yet), through
+the outbox store's own summary.
+
 Nothing a row holds makes it fail: ages come from db.dispatch (an infinite,
 NULL or future "sentAt" is never subtracted from), and such orders are listed
 by id, since the daemon schedules them from when it first saw them.
@@ -35,8 +41,9 @@ from order_monitor import db, schema
 from order_monitor.config import Settings
 from order_monitor.db import sessions
 from order_monitor.db.dispatch import DispatchIssue, dispatch_sql, issue_of
+from order_monitor.delivery.store import OutboxStore, OutboxSummary
 from order_monitor.engine.policy import format_seconds
-from order_monitor.operator import printable
+from order_monitor.operator import deliveries, printable
 from order_monitor.ops.leader import lock_key
 
 #: How many of the orders that gave up are listed (all are counted).
@@ -98,6 +105,17 @@ class LeaderInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Deliveries:
+    """The outbox, as status shows it."""
+
+    #: outcome -> the configured action delivering it.
+    actions: dict[str, str]
+    #: None when the outbox is missing or this role may not read it (see *problem*).
+    summary: OutboxSummary | None
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     table: str
     at: dt.datetime
@@ -118,6 +136,8 @@ class Status:
     replica: bool = False
     #: Sessions that are not order-monitor's holding the leader or the idle lock.
     lock_holders: list[sessions.LockHolder] = field(default_factory=list)
+    #: None when no action is configured and the outbox holds nothing.
+    deliveries: Deliveries | None = None
 
     @property
     def in_flight_total(self) -> int:
@@ -273,7 +293,23 @@ SELECT
         odd=odd,
         replica=await sessions.in_recovery(conn),
         lock_holders=await sessions.foreign_lock_holders(conn, layout),
+        deliveries=await read_deliveries(conn, settings),
     )
+
+
+async def read_deliveries(conn: db.AsyncConn, settings: Settings) -> Deliveries | None:
+    """The outbox's summary; None when nothing is configured to deliver and nothing waits."""
+    actions = deliveries.actions_by_outcome(settings)
+    try:
+        await deliveries.require_outbox(conn, settings.layout)
+    except deliveries.OutboxUnavailable as exc:
+        # An install from before delivery has no outbox: only a problem when
+        # actions are configured (the daemon then refuses to start).
+        return Deliveries(actions, None, str(exc)) if actions else None
+    summary = await OutboxStore(settings.layout).summary(conn)
+    if not actions and not summary.undelivered and not summary.dead:
+        return None
+    return Deliveries(actions, summary)
 
 
 async def read_odd(conn: db.AsyncConn, settings: Settings) -> tuple[int, list[OddOrder]]:
@@ -412,6 +448,25 @@ def to_json(status: Status) -> dict[str, Any]:
             }
             for holder in status.lock_holders
         ],
+        "deliveries": None if status.deliveries is None else _deliveries_json(status.deliveries),
+    }
+
+
+def _deliveries_json(info: Deliveries) -> dict[str, Any]:
+    return {
+        "actions": dict(sorted(info.actions.items())),
+        "problem": info.problem,
+        **(
+            deliveries.summary_to_json(info.summary)
+            if info.summary is not None
+            else {
+                "undelivered": None,
+                "oldest_undelivered_age_s": None,
+                "dead": None,
+                "auth_waiting": None,
+                "by_outcome": {},
+            }
+        ),
     }
 
 
@@ -483,6 +538,10 @@ def format_text(status: Status) -> str:
     )
     out.append("")
 
+    if status.deliveries is not None:
+        out += _deliveries_text(status.deliveries)
+        out.append("")
+
     if status.replica:
         out.append(f"Daemon: {sessions.REPLICA_HINT}")
     elif status.leader is None:
@@ -509,3 +568,16 @@ def format_text(status: Status) -> str:
             + " (pg_terminate_backend it if it should not)"
         )
     return "".join(printable(line) + "\n" for line in out)
+
+
+def _deliveries_text(info: Deliveries) -> list[str]:
+    if info.actions:
+        by = ", ".join(f"{name}: {outcome}" for outcome, name in sorted(info.actions.items()))
+        out = [f"Delivered to the application ({by}):"]
+    else:
+        out = ["Delivered to the application: no action is configured ([actions.NAME])"]
+    if info.summary is None:
+        out.append(f"  {info.problem}")
+        return out
+    out += [f"  {line}" for line in deliveries.summary_lines(info.summary)]
+    return out
