@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import aiohttp
 import psycopg
@@ -29,7 +30,7 @@ from order_monitor.db import (
     retry_forever,
 )
 from order_monitor.db.checks import check_index
-from order_monitor.engine.assembly import Engine, provider_lookup
+from order_monitor.engine.assembly import DeliveryParts, Engine, provider_lookup
 from order_monitor.engine.checker import Checker
 from order_monitor.engine.handoff import Handoff, HandoffTiming, LeaderSession
 from order_monitor.engine.inbox import Confirmer
@@ -47,6 +48,9 @@ from order_monitor.ops.leader import LeaderLock, lock_key
 from order_monitor.ops.sdnotify import Notifier
 from order_monitor.providers.base import Provider
 from order_monitor.providers.registry import ProviderFactory, build_providers, validate_providers
+
+if TYPE_CHECKING:
+    from order_monitor.delivery.relay import RelayTiming
 
 log = get_logger()
 
@@ -74,6 +78,7 @@ class Daemon:
         lock_poll: float = 1.5,
         lock_check_interval: float = 5.0,
         handoff_timing: HandoffTiming | None = None,
+        relay_timing: RelayTiming | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -83,6 +88,7 @@ class Daemon:
         self._clock = clock
         self._on_ready = on_ready
         self._handoff_timing = handoff_timing
+        self._relay_timing = relay_timing
         self._ready_sent = False
         self._stop = asyncio.Event()
         self._lock = LeaderLock(
@@ -296,6 +302,8 @@ class Daemon:
             dsn = settings.dsn.reveal()
             self._reader = reader = ManagedConnection(dsn, "reader")
             writer_conn = ManagedConnection(dsn, "writer")
+            # Its own session: a slow round of deliveries never holds up a write.
+            delivery_conn = ManagedConnection(dsn, "delivery") if settings.actions else None
             try:
                 columns = await self._wait_for_database(reader)
                 if columns is None:
@@ -309,13 +317,20 @@ class Daemon:
                     providers = self._provider_factory(
                         settings, session, self._session_limit, self.metrics
                     )
+                    delivery = (
+                        DeliveryParts(delivery_conn, session, self._relay_timing)
+                        if delivery_conn is not None
+                        else None
+                    )
                     await self._serve(
-                        reader, writer_conn, Queries(settings.layout), columns, providers
+                        reader, writer_conn, Queries(settings.layout), columns, providers, delivery
                     )
             finally:
                 self._session = None
                 await reader.close()
                 await writer_conn.close()
+                if delivery_conn is not None:
+                    await delivery_conn.close()
 
     async def _wait_for_database(self, reader: ManagedConnection) -> ColumnLimits | None:
         """Connect and check the table, retrying while the database is unreachable.
@@ -342,6 +357,7 @@ class Daemon:
         queries: Queries,
         columns: ColumnLimits,
         providers: Mapping[str, Provider],
+        delivery: DeliveryParts | None,
     ) -> None:
         self._engine = engine = Engine.build(
             self.settings,
@@ -356,6 +372,7 @@ class Daemon:
             handoff_timing=self._handoff_timing,
             on_listener_connected=self._listener_connected,
             install_health=self.install_health,
+            delivery=delivery,
         )
         # The inbox is read on the leader lock's own session: no read of it
         # outlives the lock (engine.handoff explains why that matters).

@@ -11,6 +11,18 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+#: order_monitor_deliveries_total's result label.
+DELIVERY_RESULTS = ("delivered", "retried", "rejected", "dead", "auth")
+#: order_monitor_delivery_errors_total's kind label.
+DELIVERY_ERROR_KINDS = (
+    "transport",
+    "server_error",
+    "rate_limited",
+    "auth",
+    "rejected",
+    "unconfirmed",
+    "bad_answer",
+)
 
 
 class Metrics:
@@ -166,6 +178,67 @@ class Metrics:
             "1 while this instance holds the lock and works, 0 while on standby.",
             registry=r,
         )
+        # --- delivery (order_monitor.delivery): finishing orders in the application ---
+        self.deliveries = Counter(
+            "order_monitor_deliveries",
+            "Outbox entries by what an attempt to deliver them ended in, per action: delivered"
+            " (the application took it), retried (sent again later), rejected (the application"
+            " refused this order; counted toward the action's attempts), dead (a dead letter"
+            " now), auth (credentials refused: waiting, not used up).",
+            ["action", "result"],
+            registry=r,
+        )
+        self.delivery_errors = Counter(
+            "order_monitor_delivery_errors",
+            "Failed delivery attempts per action, by kind: transport (no answer: refused,"
+            " reset, timed out), server_error (5xx), rate_limited (429, or a Retry-After),"
+            " auth (401/403), rejected (a 4xx, a failed success check or a per-id error),"
+            " unconfirmed (a 2xx the row's status does not confirm), bad_answer (a 2xx that"
+            " is not the expected JSON).",
+            ["action", "kind"],
+            registry=r,
+        )
+        self.undelivered = Gauge(
+            "order_monitor_deliveries_undelivered",
+            "Outbox entries not delivered yet and not dead letters (leader only; refreshed"
+            " every few seconds).",
+            registry=r,
+        )
+        self.undelivered_age = Gauge(
+            "order_monitor_undelivered_age_seconds",
+            "Age of the oldest outbox entry that is not delivered and not a dead letter, from"
+            " when its result was written; 0 when none.",
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "order_monitor_dead_letters",
+            "Outbox entries given up on (dead letters), waiting for an operator:"
+            " order-monitor deliveries.",
+            registry=r,
+        )
+        self.delivery_auth_failing = Gauge(
+            "order_monitor_delivery_auth_failing",
+            "1 while the application refuses an action's credentials (401/403), until a"
+            " request of that action is accepted again.",
+            ["action"],
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "order_monitor_delivery_latency_seconds",
+            "From when the result was written (and recorded in the outbox) to when the"
+            " application took it.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400),
+            registry=r,
+        )
+
+    def action_series(self, action: str) -> None:
+        """Every series of *action* from the start, at 0: a rate() over a series that
+        appears only at the first failure reads as "no data", not 0."""
+        for result in DELIVERY_RESULTS:
+            self.deliveries.labels(action, result)
+        for kind in DELIVERY_ERROR_KINDS:
+            self.delivery_errors.labels(action, kind)
+        self.delivery_auth_failing.labels(action).set(0)
 
     def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Compute *gauge* at scrape time from *read* (no timer to keep it fresh)."""

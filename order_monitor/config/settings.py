@@ -143,7 +143,7 @@ class ProviderConfig:
 DELIVERABLE_OUTCOMES: Final = ("done", "failed", "gave_up")
 #: The secret of a webhook action that signs its events (Standard Webhooks'
 #: ``whsec_...`` key, shared with the receiver).
-WEBHOOK_SECRET: Final = "signing_secret"
+WEBHOOK_SECRET: Final = "signing_secret"  # noqa: S105 (the secret's name, not its value)
 
 
 @dataclass(frozen=True, slots=True)

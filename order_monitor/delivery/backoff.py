@@ -15,7 +15,7 @@ from order_monitor.delivery.model import Entry
 
 #: Seconds a delivery refused for its credentials (401/403) waits: long
 #: enough not to hammer with a known-bad token, short enough that a fixed
-#: secret is noticed within a minute of the reload.
+#: secret is noticed within a minute of the restart.
 AUTH_RETRY: Final = 60.0
 #: The delay after the first failed attempt; each failure doubles it.
 FIRST_RETRY: Final = 5.0
@@ -38,8 +38,10 @@ def retry_delay(tries: int) -> float:
 
 
 def expired(entry: Entry, action: ActionConfig, now: datetime) -> bool:
-    """The entry was recorded at least the action's ``max_age`` before *now*.
+    """The entry was recorded (or last requeued) at least the action's ``max_age`` before *now*.
 
-    Then it becomes a dead letter rather than being tried again.
+    Then it becomes a dead letter rather than being tried again. From the
+    requeue when there was one: an operator who sends a week-old dead letter
+    again gets the whole max_age for it, not one try.
     """
-    return (now - entry.recorded_at).total_seconds() >= action.max_age
+    return (now - entry.retried_since).total_seconds() >= action.max_age

@@ -18,7 +18,9 @@ import asyncio
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
 
 from order_monitor.config import Settings
 from order_monitor.db import ColumnLimits, ManagedConnection, Queries
@@ -34,6 +36,9 @@ from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 from order_monitor.ops.installed import InstallHealth
 from order_monitor.providers.base import Provider
+
+if TYPE_CHECKING:
+    from order_monitor.delivery.relay import Relay, RelayTiming
 
 log = get_logger()
 
@@ -66,6 +71,39 @@ def provider_lookup(providers: Mapping[str, Provider]) -> ProviderLookup:
     return lookup
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryParts:
+    """What the relay needs from the daemon: its own connection and the shared HTTP session."""
+
+    conn: ManagedConnection
+    session: aiohttp.ClientSession
+    timing: RelayTiming | None = None
+
+
+def build_relay(
+    settings: Settings,
+    parts: DeliveryParts,
+    *,
+    metrics: Metrics,
+    install_health: InstallHealth | None,
+) -> Relay:
+    """The relay for *settings*' actions (imported here: a daemon without actions never
+    loads the delivery package)."""
+    from order_monitor.delivery.relay import Relay
+    from order_monitor.delivery.sender import build_senders
+    from order_monitor.delivery.store import OutboxStore
+
+    return Relay(
+        parts.conn,
+        OutboxStore(settings.layout),
+        settings.actions,
+        build_senders(settings.actions, parts.session),
+        metrics=metrics,
+        timing=parts.timing,
+        health=install_health,
+    )
+
+
 @dataclass(slots=True)
 class Engine:
     """Every piece of the engine, in the order an order meets them."""
@@ -76,6 +114,8 @@ class Engine:
     checker: Checker
     writer: Writer
     sweeper: Sweeper
+    #: Delivers the outbox to the application; None when no action is configured.
+    relay: Relay | None = None
 
     @classmethod
     def build(
@@ -93,6 +133,7 @@ class Engine:
         handoff_timing: HandoffTiming | None,
         on_listener_connected: Callable[[], None],
         install_health: InstallHealth | None = None,
+        delivery: DeliveryParts | None = None,
     ) -> Engine:
         """The pieces, wired: who wakes whom, who hands what to whom."""
         # One for every reader of rows, so an order keeps its anchor whichever meets it.
@@ -177,7 +218,11 @@ class Engine:
             metrics=metrics,
             health_interval=settings.listener_health_interval,
         )
-        return cls(listener, handoff, confirmer, checker, writer, sweeper)
+        relay = None
+        if settings.actions and delivery is not None:
+            relay = build_relay(settings, delivery, metrics=metrics, install_health=install_health)
+            writer.on_delivery = relay.wake
+        return cls(listener, handoff, confirmer, checker, writer, sweeper, relay)
 
     def reconfigure(self, providers: ProviderLookup, settings: Settings) -> None:
         """New providers, policy and sweep interval from the next batch on (SIGHUP)."""
@@ -197,7 +242,7 @@ class Engine:
         pending: Callable[[], int],
     ) -> None:
         """Run every piece until *stop* (drain, then write) or *lost* (abandon at once)."""
-        checker, writer = self.checker, self.writer
+        checker, writer, relay = self.checker, self.writer, self.relay
         async with asyncio.TaskGroup() as tg:
             background = [
                 tg.create_task(self.listener.run(), name="listener"),
@@ -208,6 +253,8 @@ class Engine:
             ]
             writer_task = tg.create_task(writer.run(), name="writer")
             checker_task = tg.create_task(checker.run(), name="checker")
+            # Only the leader delivers: the relay lives and dies with this term.
+            relay_task = tg.create_task(relay.run(), name="relay") if relay else None
             stop_wait = tg.create_task(stop.wait())
             lost_wait = tg.create_task(lost.wait())
             await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -220,6 +267,11 @@ class Engine:
                 # Another instance may be working already: stop at once, write nothing.
                 abandoned = await checker.drain(0)
                 writer_task.cancel()
+                if relay_task is not None:
+                    # Requests under way are abandoned: their entries are still
+                    # in the outbox, and whoever leads next sends them again with
+                    # the same delivery ids (at least once; the receiver dedups).
+                    relay_task.cancel()
                 log.warning("daemon.leadership_lost", checks_abandoned=abandoned)
             else:
                 log.info("daemon.stopping", under_way=checker.under_way, pending=pending())
@@ -237,5 +289,18 @@ class Engine:
                         orders=abandoned,
                         note="checked again after restart, where the schedule stands",
                     )
+                if relay is not None and relay_task is not None:
+                    # After the writer: its last results are in the outbox and
+                    # may go out in the round under way. A round cut off by the
+                    # timeout is safe too (at least once: the entries stay).
+                    relay.stop()
+                    try:
+                        await asyncio.wait_for(relay_task, timeout)
+                    except TimeoutError:
+                        log.warning(
+                            "daemon.deliveries_abandoned",
+                            note="requests under way were cut off; the entries stay in the "
+                            "outbox and are sent again with the same ids",
+                        )
             for task in background:
                 task.cancel()

@@ -109,6 +109,9 @@ class Writer:
         #: Called after a batch is settled: orders went back on the schedule,
         #: possibly due before whatever the dispatcher is waiting for.
         self.on_rescheduled: Callable[[], None] = lambda: None
+        #: Called after a batch wrote a result whose outcome an action delivers
+        #: (the write function recorded it in the outbox): the relay looks now.
+        self.on_delivery: Callable[[], None] = lambda: None
 
     def submit(self, decision: Decision) -> None:
         self._queue.append(_Item(decision, self._clock()))
@@ -272,6 +275,7 @@ class Writer:
         finished: Counter[str] = Counter()
         locked: list[_Item] = []
         unannounced = 0
+        recorded = False
         for item in items:
             decision = item.decision
             result = results.get(decision.row.id)
@@ -281,6 +285,8 @@ class Writer:
             elif result is not None and result.outcome == schema.LOCKED:
                 locked.append(item)
             else:
+                if result is not None and result.outcome in self._writes.deliver:
+                    recorded = True
                 if result is not None and decision.finished and not result.announced:
                     unannounced += 1
                 if self._settle(decision, result, now):
@@ -291,6 +297,8 @@ class Writer:
             self._hold(locked, "locked")
         if unannounced:
             self._announcements_skipped(unannounced, now)
+        if recorded:
+            self.on_delivery()
         self.on_rescheduled()
 
     def _hold(self, items: list[_Item], reason: Reason, *, error: str | None = None) -> None:
