@@ -37,7 +37,7 @@ def run_demo(*, orders: int = 300, rate: float = 20.0, keep: bool = False, seed:
         out.flush()
         try:
             admin_dsn = server.start(keep=keep)
-            dsn = prepare_database(admin_dsn)
+            database = prepare_database(admin_dsn)
         except Exception:
             sys.stderr.write(f"order-monitor demo: the database did not start ({server.data})\n")
             raise
@@ -45,7 +45,7 @@ def run_demo(*, orders: int = 300, rate: float = 20.0, keep: bool = False, seed:
             try:
                 result = asyncio.run(
                     play(
-                        dsn,
+                        database,
                         orders=orders,
                         rate=rate,
                         seed=seed,
@@ -57,7 +57,7 @@ def run_demo(*, orders: int = 300, rate: float = 20.0, keep: bool = False, seed:
                 # A second Ctrl-C cancelled the run: no figures, only clean-up.
                 result = RunResult(status="interrupted")
         if keep:
-            kept_dsn = dsn
+            kept_dsn = database.admin_dsn
         events = log_events(log_path)
         # A clean run's warnings are the provider's bad moments, summed up
         # below; the file itself is kept only when someone may want to read it.

@@ -11,8 +11,9 @@ from typing import Any, Final, TextIO
 import psycopg
 from psycopg import sql
 
-from order_monitor.config import OutcomeWrites
+from order_monitor.config import Layout, OutcomeWrites
 from order_monitor.daemon import Daemon
+from order_monitor.delivery.store import OutboxStore
 from order_monitor.demo.application import Application
 from order_monitor.metrics import counter_total
 from order_monitor.providers.fake import FakeProvider
@@ -37,6 +38,12 @@ class Snapshot:
     checking: int
     next_in: float | None
     lag: float
+    #: Orders the application finished (its status word), through the actions.
+    approved: int = 0
+    rejected: int = 0
+    #: Outbox entries not delivered yet, and the dead letters.
+    undelivered: int = 0
+    dead: int = 0
 
     @property
     def ended(self) -> int:
@@ -46,14 +53,29 @@ class Snapshot:
     def all_ended(self) -> bool:
         return self.dispatched == self.orders and self.ended == self.orders
 
+    @property
+    def all_delivered(self) -> bool:
+        """Every order ended and every delivery is settled (delivered, or a dead letter).
+
+        The write function records an order's delivery in the transaction
+        that ends it, so an ended order with nothing undelivered is delivered.
+        """
+        return self.all_ended and self.undelivered == 0
+
 
 class Tally:
     """Counts from the table (the truth) and from the daemon (its queue and checks)."""
 
     def __init__(
-        self, app: Application, daemon: Daemon, fake: FakeProvider, writes: OutcomeWrites
+        self,
+        app: Application,
+        daemon: Daemon,
+        fake: FakeProvider,
+        writes: OutcomeWrites,
+        layout: Layout,
     ) -> None:
         self._app = app
+        self._outbox = OutboxStore(layout)
         self._daemon = daemon
         self._fake = fake
         self._started = time.monotonic()
@@ -62,7 +84,9 @@ class Tally:
             "SELECT count(*) FILTER (WHERE provider_referans IS NOT NULL),"
             ' count(*) FILTER (WHERE "externalStatus" = {done}),'
             ' count(*) FILTER (WHERE "externalStatus" = {failed}),'
-            ' count(*) FILTER (WHERE "externalStatus" = {gave_up})'
+            ' count(*) FILTER (WHERE "externalStatus" = {gave_up}),'
+            " count(*) FILTER (WHERE status = 'approved'),"
+            " count(*) FILTER (WHERE status = 'rejected')"
             " FROM product_orders"
         ).format(
             done=sql.Literal(writes.done_external_status),
@@ -74,7 +98,8 @@ class Tally:
         cursor = await conn.execute(self._count)
         row = await cursor.fetchone()
         assert row is not None
-        in_table, done, failed, gave_up = (int(v) for v in row)
+        in_table, done, failed, gave_up, approved, rejected = (int(v) for v in row)
+        outbox = await self._outbox.summary(conn)
         now = time.monotonic()
         metrics = self._daemon.metrics
         checks = counter_total(metrics.checks)
@@ -103,6 +128,10 @@ class Tally:
             # The daemon's clock is time.monotonic (its default).
             next_in=None if next_due is None else max(0.0, next_due - now),
             lag=scheduler.lag(now),
+            approved=approved,
+            rejected=rejected,
+            undelivered=outbox.undelivered,
+            dead=outbox.dead,
         )
 
 
@@ -164,6 +193,8 @@ class LiveView:
             f"    errors {s.errors:>5.0f}",
             f"  backoff queue {s.waiting:>6} waiting, {s.checking:>4} being checked,"
             f" next in {next_in}, lag {s.lag:.2f} s",
+            f"  application: approved {s.approved:>6}    rejected {s.rejected:>5}"
+            f"    undelivered {s.undelivered:>5}    dead letters {s.dead:>4}",
             f"  [{'#' * filled}{'.' * (width - filled)}] {ended:4.0%} ended",
         ]
 
@@ -173,6 +204,7 @@ class LiveView:
             f"  done {s.done}  failed {s.failed}  gave up {s.gave_up}"
             f"  checks/s {s.checks_per_s:.1f}  backoff queue {s.waiting}"
             f" (+{s.checking} being checked)  lag {s.lag:.2f}s"
+            f"  approved {s.approved}  rejected {s.rejected}  undelivered {s.undelivered}"
         )
 
     def _redraw(self, lines: list[str]) -> None:

@@ -1,10 +1,13 @@
 """The demo's database and knobs.
 
-A fresh database with our install applied; the daemon's and the fake's settings.
+A fresh database with our install (rendered for the demo's actions) and
+role applied, the application's money tables; the daemon's and the fake's
+settings, with the two actions that finish orders in the application.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -14,7 +17,19 @@ from psycopg.conninfo import make_conninfo
 
 import order_monitor
 from order_monitor import install
-from order_monitor.config import Layout, ProviderConfig, ProviderLimits, Settings
+from order_monitor.config import (
+    ActionConfig,
+    Layout,
+    OutcomeWrites,
+    ProviderConfig,
+    ProviderLimits,
+    Settings,
+)
+from order_monitor.demo.application_api import (
+    APPROVE_PATH,
+    REJECT_PATH,
+    prepare_application_tables,
+)
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.providers.fake import Behaviour, mixture
 from order_monitor.redaction import Secret
@@ -44,20 +59,82 @@ EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130  # the shell's convention for "ended by SIGINT"
 
 
-def prepare_database(admin_dsn: str) -> str:
-    """Create the demo database with the reference table and our install; return its DSN."""
+#: The demo's layout: the reference table, the daemon's role under its usual name.
+DEMO_LAYOUT: Final = Layout()
+
+#: What the daemon writes, and what the write function records for the two
+#: actions to deliver: exactly what ``config.loading`` derives from them.
+DEMO_WRITES: Final = OutcomeWrites(deliver=("done", "failed"), deliver_columns=("tenantId",))
+
+
+@dataclass(frozen=True, slots=True)
+class DemoDatabase:
+    #: The application's connection (the server's superuser, owner of the table).
+    admin_dsn: str
+    #: The daemon's: the least-privilege role of role.sql.
+    daemon_dsn: str
+
+
+def prepare_database(admin_dsn: str) -> DemoDatabase:
+    """Create the demo database: the reference table, our install and role, the money tables.
+
+    install.sql is rendered for the demo's actions (the write function
+    records done and failed results in the outbox, with the tenant), as
+    ``order-monitor sql install`` renders it for a providers file with them;
+    role.sql makes the daemon's login role, and the daemon runs as it.
+    """
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
     dsn = make_conninfo(admin_dsn, dbname=DATABASE)
     with psycopg.connect(dsn, autocommit=True) as conn:
         # A file of several statements: sent as one simple query, as psql would.
         conn.execute(REFERENCE_DDL.read_text().encode())
-    for _ in install.apply(dsn, "install", Layout()):
-        pass
-    return dsn
+        prepare_application_tables(conn)
+    for kind in ("install", "role"):
+        for _ in install.apply(dsn, kind, DEMO_LAYOUT, DEMO_WRITES):
+            pass
+    # The embedded server trusts its Unix socket: the role needs no password.
+    return DemoDatabase(dsn, make_conninfo(dsn, user=DEMO_LAYOUT.role))
 
 
-def demo_settings(dsn: str, provider_url: str, token: str) -> Settings:
+def demo_actions(api_url: str, api_token: str) -> tuple[ActionConfig, ...]:
+    """The README's reference actions: approve done orders, reject (and refund) failed ones."""
+    limits = ProviderLimits(
+        concurrency=4,
+        connect_timeout=1.0,
+        read_timeout=5.0,
+        breaker_failures=10,
+        breaker_cooldown=2.0,
+    )
+
+    def action(name: str, outcome: str, path: str, confirm: str) -> ActionConfig:
+        return ActionConfig(
+            name=name,
+            kind="http",
+            outcomes=(outcome,),
+            url=api_url + path,
+            limits=limits,
+            secrets={"token": Secret(api_token)},
+            headers={
+                "Authorization": "Bearer {secret:token}",
+                "X-Tenant-Id": "{column:tenantId}",
+                "Idempotency-Key": "{request_id}",
+            },
+            body={"ids": "{ids}", "note": "{message}"},
+            success={"ok": True},
+            errors_path="errors",
+            confirm_status=confirm,
+        )
+
+    return (
+        action("approve", "done", APPROVE_PATH, "approved"),
+        action("reject", "failed", REJECT_PATH, "rejected"),
+    )
+
+
+def demo_settings(
+    dsn: str, provider_url: str, token: str, api_url: str, api_token: str
+) -> Settings:
     """The daemon's settings: the defaults, with seconds where production has minutes."""
     provider = ProviderConfig(
         name="fake-barakat",
@@ -78,13 +155,16 @@ def demo_settings(dsn: str, provider_url: str, token: str) -> Settings:
     )
     return Settings(
         dsn=Secret(dsn),
+        layout=DEMO_LAYOUT,
         policy=DEMO_POLICY,
+        writes=DEMO_WRITES,
         sweep_interval=5.0,
         batch_size=100,
         concurrency=16,
         drain_timeout=2.0,
         listener_health_interval=2.0,
         providers=(provider,),
+        actions=demo_actions(api_url, api_token),
         log_level="warning",
         log_format="json",
     )

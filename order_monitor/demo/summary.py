@@ -13,6 +13,7 @@ from typing import TextIO
 import structlog
 
 from order_monitor import logs
+from order_monitor.demo.live import Snapshot
 from order_monitor.demo.run import RunResult
 from order_monitor.demo.setup import ROWS_QUERY
 
@@ -31,7 +32,7 @@ def print_summary(
     w = out.write
     headline = {
         "finished": "every order ended",
-        "unfinished": "stopped at the time limit with orders still pending",
+        "unfinished": "stopped at the time limit with orders or deliveries still pending",
         "daemon_failed": "the daemon stopped with an error",
         "app_failed": "the application simulator failed",
         "interrupted": "interrupted",
@@ -65,6 +66,8 @@ def print_summary(
         w(f"  daemon warnings   {', '.join(f'{event} {n}' for event, n in top)}\n")
     if log_path is not None:
         w(f"  daemon log        {log_path}\n")
+    if s is not None:
+        _delivery(out, result, s)
     w("\nThe rows, in SQL:\n\n")
     w("".join(f"  {line}\n" for line in ROWS_QUERY.splitlines()))
     if kept_dsn is not None:
@@ -73,6 +76,40 @@ def print_summary(
     else:
         w("\n(run with --keep to leave the database running and query it)\n")
     out.flush()
+
+
+def _delivery(out: TextIO, result: RunResult, s: Snapshot) -> None:
+    """What the application did with the results: the actions' side, and whether it adds up."""
+    w = out.write
+    w("\nIn the application (its API, called by the daemon's actions):\n\n")
+    rows = [
+        ("approved", s.approved, "done orders the application approved"),
+        ("rejected", s.rejected, "failed orders it rejected"),
+        ("refunded", result.refunds, f"into the customers' balances, {result.refunded} in all"),
+        ("stray refunds", result.stray_refunds, "refunds of orders not rejected (must be 0)"),
+        ("undelivered", s.undelivered, "results not delivered yet"),
+        ("dead letters", s.dead, "deliveries given up (order-monitor deliveries --dead)"),
+    ]
+    for name, count, meaning in rows:
+        w(f"  {name:<14}{count:>6}   {meaning}\n")
+    w(f"  {'API requests':<14}{result.api_requests:>6}   batched by tenant\n")
+    adds_up = (
+        s.done == s.approved
+        and s.failed == s.rejected == result.refunds
+        and result.stray_refunds == 0
+        and s.undelivered == 0
+    )
+    if adds_up:
+        w(
+            f"  adds up: done {s.done} == approved {s.approved}, failed {s.failed} =="
+            f" rejected {s.rejected} == refunds {result.refunds}; one refund per rejection\n"
+        )
+    else:
+        why = "dead letters or undelivered results" if s.dead or s.undelivered else "a mismatch"
+        w(
+            f"  DOES NOT ADD UP ({why}): done {s.done} vs approved {s.approved},"
+            f" failed {s.failed} vs rejected {s.rejected} vs refunds {result.refunds}\n"
+        )
 
 
 def log_events(path: Path) -> dict[str, int]:

@@ -23,12 +23,24 @@ from order_monitor.cli import cli
 from order_monitor.demo import run_demo
 
 SUMMARY_ROW = re.compile(r"^\s+(dispatched|done|failed|gave up|pending)\s+(\d+)\b", re.MULTILINE)
+DELIVERY_ROW = re.compile(
+    r"^\s+(approved|rejected|refunded|stray refunds|undelivered|dead letters)\s+(\d+)\b",
+    re.MULTILINE,
+)
+REFUND_TOTAL = re.compile(
+    r"^\s+refunded\s+\d+\s+into the customers' balances, (\d+\.\d\d) in all", re.MULTILINE
+)
 CLEANED = re.compile(r"Cleaned up: database stopped and (\S+) deleted\.")
 
 
 def summary_counts(text: str) -> dict[str, int]:
     summary = text[text.index("\nSummary (") :]
     return {name: int(count) for name, count in SUMMARY_ROW.findall(summary)}
+
+
+def delivery_counts(text: str) -> dict[str, int]:
+    summary = text[text.index("\nIn the application (") :]
+    return {name: int(count) for name, count in DELIVERY_ROW.findall(summary)}
 
 
 def test_the_demo_command_exists() -> None:
@@ -53,6 +65,26 @@ def test_a_small_demo_ends_every_order_and_cleans_up(capsys: pytest.CaptureFixtu
     # The fake's mixture with seed 1 has all three endings among 40 orders;
     # if it did not, the demo would not show what it is for.
     assert min(counts["done"], counts["failed"], counts["gave up"]) > 0, counts
+    # The application finished every ended order through the daemon's actions:
+    # each done one approved, each failed one rejected and refunded exactly
+    # once (the wallet's key allows no second refund; none of another order),
+    # and nothing left undelivered or given up.
+    delivered = delivery_counts(out)
+    assert delivered == {
+        "approved": counts["done"],
+        "rejected": counts["failed"],
+        "refunded": counts["failed"],
+        "stray refunds": 0,
+        "undelivered": 0,
+        "dead letters": 0,
+    }, out
+    total = REFUND_TOTAL.search(out)
+    assert total is not None, out
+    assert float(total.group(1)) > 0, out
+    assert "adds up: done" in out
+    # The application's API answered 503 at first: the relay retried, and
+    # still nothing was lost or delivered twice (the counts above).
+    assert "delivery.failed" in out
     # Not a TTY here: the live view wrote plain progress lines.
     assert re.search(r"^\[\s*\d+\.\d+s\] dispatched \d+/40 ", out, re.MULTILINE)
     assert "\x1b[" not in out
