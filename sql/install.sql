@@ -9,7 +9,10 @@
 --     order would serialise the application's commits; see the table's comment);
 --   * replaces version 1's triggers, which NOTIFYed always, in one transaction;
 --   * creates the function through which the daemon writes results (and
---     nothing else): done sets 'done', failed 'failed', gave_up 'manual_required', status is never written;
+--     nothing else): done sets 'done', failed 'failed', gave_up 'manual_required', status is never written, no result is recorded in the outbox (no action is configured);
+--   * creates the outbox: the results an action of the providers file
+--     delivers to the application (approve; reject and refund), recorded by
+--     the write function in the transaction that writes them;
 --   * leaves EXECUTE on its functions to the table's owner (and, once
 --     role.sql has run, the write function to the daemon's role) only.
 -- An order is "in flight" when "provider_referans" is set, lower("externalStatus") is one of
@@ -23,6 +26,9 @@
 -- Running it again is harmless: every step is idempotent, and a run that
 -- finds nothing to change takes no lock on the table. If it stops on
 -- "lock timeout" (the table was busy), run it again.
+-- Upgrading from version 3: in place, with the daemons running; run this,
+-- then role.sql, then restart them (the write function keeps its name, and
+-- records deliveries from the moment this commits).
 -- Upgrading from version 1 or 2: stop every order-monitor instance (standbys
 -- included), run this, then start the new version (it refuses to start on
 -- an older schema, and an older one cannot write on this).

@@ -1,8 +1,11 @@
 -- order-monitor: uninstall (schema version 4)
 --
 -- Removes every object any version created on "public"."product_orders": the triggers and
--- trigger functions, the inbox, the write functions and the index.
--- Keeps the column "provider_referans" and every row: nothing the application wrote is lost.
+-- trigger functions, the inbox, the write functions, the outbox and the
+-- index. Keeps the column "provider_referans" and every row: nothing the application
+-- wrote is lost. Refuses, changing nothing, while the outbox holds results
+-- not yet delivered to the application, unless this session first says
+--     SET order_monitor.drop_undelivered = on;
 -- Apply with psql, not inside a transaction (DROP INDEX CONCURRENTLY):
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/uninstall.sql
 

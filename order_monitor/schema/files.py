@@ -24,6 +24,9 @@ _HEADERS = {
 --   * replaces version 1's triggers, which NOTIFYed always, in one transaction;
 --   * creates the function through which the daemon writes results (and
 --     nothing else): {writes};
+--   * creates the outbox: the results an action of the providers file
+--     delivers to the application (approve; reject and refund), recorded by
+--     the write function in the transaction that writes them;
 --   * leaves EXECUTE on its functions to the table's owner (and, once
 --     role.sql has run, the write function to the daemon's role) only.
 -- An order is "in flight" when {ref} is set, lower({external_status}) is one of
@@ -37,6 +40,9 @@ _HEADERS = {
 -- Running it again is harmless: every step is idempotent, and a run that
 -- finds nothing to change takes no lock on the table. If it stops on
 -- "lock timeout" (the table was busy), run it again.
+-- Upgrading from version 3: in place, with the daemons running; run this,
+-- then role.sql, then restart them (the write function keeps its name, and
+-- records deliveries from the moment this commits).
 -- Upgrading from version 1 or 2: stop every order-monitor instance (standbys
 -- included), run this, then start the new version (it refuses to start on
 -- an older schema, and an older one cannot write on this).
@@ -45,8 +51,11 @@ _HEADERS = {
 -- order-monitor: uninstall (schema version {version})
 --
 -- Removes every object any version created on {table}: the triggers and
--- trigger functions, the inbox, the write functions and the index.
--- Keeps the column {ref} and every row: nothing the application wrote is lost.
+-- trigger functions, the inbox, the write functions, the outbox and the
+-- index. Keeps the column {ref} and every row: nothing the application
+-- wrote is lost. Refuses, changing nothing, while the outbox holds results
+-- not yet delivered to the application, unless this session first says
+--     SET order_monitor.drop_undelivered = on;
 -- Apply with psql, not inside a transaction (DROP INDEX CONCURRENTLY):
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/uninstall.sql
 """,
@@ -102,6 +111,14 @@ def describe_writes(writes: OutcomeWrites) -> str:
         parts.append("status is never written")
     else:
         parts.append(f"status {writes.done_status!r} / {writes.failed_status!r}")
+    if writes.deliver:
+        columns = ", ".join(writes.deliver_columns) or "no column"
+        parts.append(
+            f"and it records {', '.join(writes.deliver)} results in the outbox "
+            f"(with {columns}) for the actions to deliver"
+        )
+    else:
+        parts.append("no result is recorded in the outbox (no action is configured)")
     return ", ".join(parts)
 
 
