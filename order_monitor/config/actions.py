@@ -76,6 +76,8 @@ _WEBHOOK_HEADERS: Final = frozenset(
 )
 #: RFC 9110's token: what a header name may be made of.
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: What a placeholder's text looks like when it is a mistyped one (shown in errors).
+_PLACEHOLDER_LIKE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,39}")
 #: PostgreSQL truncates longer names silently (as in ``config.environment``).
 _MAX_IDENTIFIER: Final = 63
 
@@ -127,7 +129,7 @@ def action_columns(action: ActionConfig) -> tuple[str, ...]:
 def _action(
     name: object, entry: object, environ: Mapping[str, str], source: str, resolve: bool
 ) -> ActionConfig:
-    if not isinstance(name, str) or not name or has_control_characters(name):
+    if not isinstance(name, str) or not name or _unsendable(name):
         raise ConfigError(
             f"{source}: [actions.{name!r}]: an action's name must be non-empty text "
             "without line breaks or other control characters"
@@ -307,8 +309,8 @@ def _success(raw: object, where: str) -> dict[str, Any]:
             if isinstance(value, dict) and value:
                 walk(value, path + ".")
                 continue
-            at = f"{where} success.{path}"
-            _path(path, where, f"success.{path}")
+            at = f"{where} success.{_shown(path)}"
+            _path(path, where, f"success.{_shown(path)}")
             if not _is_json_scalar(value):
                 raise ConfigError(
                     f"{at}: expected a string, a number or a boolean (the value the "
@@ -358,7 +360,25 @@ def _template(text: str, at: str) -> list[Placeholder]:
     try:
         return list(parse_template(text).placeholders)
     except TemplateError as exc:
-        raise ConfigError(f"{at}: {exc}") from None
+        raise ConfigError(f"{at}: {_shown_error(exc)}") from None
+
+
+def _shown_error(exc: TemplateError) -> str:
+    """The template's error, without an unknown placeholder that does not look like one.
+
+    Braces around a pasted token (``Bearer {abc/def+...}``) would otherwise
+    put the token in the message.
+    """
+    message = str(exc)
+    head, known = "unknown placeholder {", "}; known: "
+    if message.startswith(head) and known in message:
+        content = message[len(head) : message.index(known)]
+        if not _PLACEHOLDER_LIKE.fullmatch(content):
+            return (
+                "an unknown placeholder (not shown: it may be a pasted value); "
+                + (message[message.index(known) + 3 :])
+            )
+    return message
 
 
 def _url(raw: object, where: str) -> str:
@@ -438,7 +458,8 @@ def _headers(raw: object, where: str, kind: str, secret_names: set[str]) -> dict
                 if placeholder.name not in secret_names:
                     known = ", ".join(sorted(secret_names)) or "none"
                     raise ConfigError(
-                        f"{at}: {{secret:{placeholder.name}}} is not a secret of this action "
+                        f"{at}: {{secret:{_shown(placeholder.name or '')}}} is not a secret of "
+                        "this action "
                         f"([actions.NAME.secrets] has: {known})"
                     )
                 if kind == "webhook" and placeholder.name == WEBHOOK_SECRET:
@@ -493,7 +514,7 @@ def _json_values(value: object, at: str) -> None:
                     f"{at}: the key {key!r} looks like a template: only values are; write "
                     "{{ and }} for a literal brace"
                 )
-            _json_values(item, f"{at}.{key}")
+            _json_values(item, f"{at}.{_shown(key)}")
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _json_values(item, f"{at}[{index}]")
@@ -515,10 +536,16 @@ def _strings(value: object, path: str = "") -> list[tuple[str, str]]:
     if isinstance(value, str):
         return [(path, value)]
     if isinstance(value, Mapping):
-        return [s for key, item in value.items() for s in _strings(item, f"{path}.{key}")]
+        return [s for key, item in value.items() for s in _strings(item, f"{path}.{_shown(key)}")]
     if isinstance(value, list | tuple):
         return [s for index, item in enumerate(value) for s in _strings(item, f"{path}[{index}]")]
     return []
+
+
+def _shown(key: str) -> str:
+    """A key of the file as an error shows it: as written when plain, else quoted (escaped),
+    so a message stays one printable line."""
+    return key if key and not _unsendable(key) and not key.isspace() else repr(key)
 
 
 def _unsendable(text: str) -> bool:
@@ -537,6 +564,12 @@ def _secret_names(raw: object, where: str) -> set[str]:
     """The secrets' names, known before (and without) resolving them."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: 'secrets' must be a table")
+    for name in raw:
+        if _shown(name) != name:
+            raise ConfigError(
+                f"{where} secrets: the name {_shown(name)} is not usable: a secret's name is "
+                "non-empty text without line breaks or other control characters"
+            )
     return set(raw)
 
 
