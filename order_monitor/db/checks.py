@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+from typing import Final
+
 import psycopg
 
 import order_monitor.schema.guards
@@ -100,6 +104,14 @@ async def write_function_problem(
         )
     source, security_definer, executable = rows[0]
     if source != schema.write_function_body(layout, writes) or not security_definer:
+        installed = _installed_deliveries(source, layout, writes) if security_definer else None
+        if installed is not None:
+            return (
+                f"the write function {qualified}() records {_deliveries(installed)} for"
+                f" delivery, but {_wanted(writes)}: re-render and"
+                " apply install.sql for these actions (`order-monitor sql install` with this"
+                " providers file) as the table's owner"
+            )
         return (
             f"the write function {qualified}() was installed for other settings or by another "
             "release (ORDER_MONITOR_*_STATUS, columns or channels differ): run "
@@ -111,6 +123,53 @@ async def write_function_problem(
             "(sql/role.sql) for this role"
         )
     return None
+
+
+#: The outcomes the installed body records (``WHERE written.kind IN ('done', ...)``)...
+_RECORDED_OUTCOMES: Final = re.compile(r"WHERE written\.kind IN \(((?:'[a-z_]+'(?:, )?)+)\)")
+#: ...and the row columns it copies (``jsonb_build_object('tenantId', "o"."tenantId", ...``).
+_RECORDED_COLUMNS: Final = re.compile(r"jsonb_build_object\((.*)\) AS recorded_columns")
+_COLUMN_NAME: Final = re.compile(r"'((?:[^']|'')*)', ")
+
+
+def _installed_deliveries(
+    source: str, layout: Layout, writes: OutcomeWrites
+) -> OutcomeWrites | None:
+    """The deliveries an installed body records, when they are all it differs in, else None.
+
+    Read from the body's text, then proven by rendering the body for them:
+    a guess that does not give back the installed text byte for byte is no
+    answer, so another difference keeps the general message.
+    """
+    outcomes = _RECORDED_OUTCOMES.search(source)
+    deliver = tuple(re.findall(r"'([a-z_]+)'", outcomes.group(1))) if outcomes else ()
+    columns = _RECORDED_COLUMNS.search(source) if deliver else None
+    deliver_columns = (
+        tuple(name.replace("''", "'") for name in _COLUMN_NAME.findall(columns.group(1)))
+        if columns
+        else ()
+    )
+    candidate = replace(writes, deliver=deliver, deliver_columns=deliver_columns)
+    if candidate == writes:
+        return None
+    try:
+        rendered = schema.write_function_body(layout, candidate)
+    except ValueError:  # not a set install.sql can be rendered for: not ours
+        return None
+    return candidate if rendered == source else None
+
+
+def _wanted(writes: OutcomeWrites) -> str:
+    if not writes.deliver:
+        return "no action is configured"
+    return f"the actions deliver {_deliveries(writes)}"
+
+
+def _deliveries(writes: OutcomeWrites) -> str:
+    if not writes.deliver:
+        return "no results"
+    columns = f" with {', '.join(writes.deliver_columns)}" if writes.deliver_columns else ""
+    return f"{', '.join(writes.deliver)} results{columns}"
 
 
 async def check_write_function(conn: AsyncConn, layout: Layout, writes: OutcomeWrites) -> None:

@@ -8,7 +8,10 @@ what ``order-monitor sql install`` would create for the current settings;
 the role may read and write what the daemon reads and writes; LISTEN/NOTIFY
 round-trips on this connection (it does not through PgBouncer in transaction
 mode); the notification queue has room; every in-flight order has a
-configured provider; and each provider answers a real status request.
+configured provider; and each provider answers a real status request. With
+actions configured: the outbox and the role's rights on it, what its entries
+say (credentials refused, dead letters, results waiting long), and that each
+action's host answers (a HEAD that performs no action).
 
 How "matches what install would create" is decided: the install statements
 are run against a temporary copy of the table in this session's ``pg_temp``
@@ -21,7 +24,8 @@ and nothing outside ``pg_temp`` is created; the copy is dropped at the end.
 The checks live by what they check: ``database`` (the server, the table),
 ``objects`` (index, function, triggers), ``handoff`` (the inbox and the idle
 lock), ``privileges`` (the role, the write function, unserved orders),
-``notify`` (LISTEN/NOTIFY, the queue) and ``providers``. This module runs
+``notify`` (LISTEN/NOTIFY, the queue), ``providers`` and ``delivery`` (the
+outbox and the actions). This module runs
 them in order and formats what they find.
 """
 
@@ -38,6 +42,7 @@ from order_monitor.config import Settings
 from order_monitor.errors import OrderMonitorError
 from order_monitor.operator import database_error, printable
 from order_monitor.operator.doctor.database import check_server, check_table
+from order_monitor.operator.doctor.delivery import check_actions, check_outbox
 from order_monitor.operator.doctor.dispatch import check_dispatch_times
 from order_monitor.operator.doctor.handoff import check_handoff
 from order_monitor.operator.doctor.notify import (
@@ -95,6 +100,7 @@ async def diagnose(
 
     await _database_checks(settings, emit, notify_timeout)
     await check_providers(settings, emit)
+    await check_actions(settings, emit)
     return findings
 
 
@@ -132,6 +138,7 @@ async def _database_checks(settings: Settings, emit: Emit, notify_timeout: float
                 privileges_ok = await check_privileges(conn, settings, table, emit)
                 await check_role_powers(conn, settings, table, emit)
                 await check_schema_create(conn, settings, emit)
+                await check_outbox(conn, settings, emit)
                 if privileges_ok and table.complete:
                     await check_unserved_orders(conn, settings, emit)
                     await check_dispatch_times(conn, settings, emit)
