@@ -95,7 +95,10 @@ class _Reader:
         return f"HTTP {self.status}: {excerpt or '(no body)'}"
 
     def all(self, verdict: Verdict, error: str, *, retry_after: float | None = None) -> Answer:
-        error = self.text(error, 500)
+        # A failure text of only whitespace or controls cleans to nothing.
+        error = self.text(error, 500) or (
+            "no answer" if self.status is None else f"HTTP {self.status}"
+        )
         return Answer(
             verdicts=dict.fromkeys(self.ids, verdict),
             errors=dict.fromkeys(self.ids, error),
