@@ -141,26 +141,21 @@ def _group_of(entry: Entry, used: Sequence[Placeholder]) -> tuple[str, ...]:
 def _chunks(group: Sequence[Entry], size: int) -> list[list[Entry]]:
     """*group* in chunks of at most *size*, no order twice in a chunk, in the group's order.
 
-    First fit: each entry goes into the first chunk after the last one that
-    holds its order, that has room.
+    First fit: each entry goes into the first chunk with room after the last
+    one that holds its order (so never into one that holds it).
     """
     chunks: list[list[Entry]] = []
-    orders: list[set[uuid.UUID]] = []
     after: dict[uuid.UUID, int] = {}
     first_open = 0
     for entry in group:
         while first_open < len(chunks) and len(chunks[first_open]) >= size:
             first_open += 1
         index = max(first_open, after.get(entry.order_id, 0))
-        while index < len(chunks) and (
-            len(chunks[index]) >= size or entry.order_id in orders[index]
-        ):
+        while index < len(chunks) and len(chunks[index]) >= size:
             index += 1
         if index == len(chunks):
             chunks.append([])
-            orders.append(set())
         chunks[index].append(entry)
-        orders[index].add(entry.order_id)
         after[entry.order_id] = index + 1
     return chunks
 
