@@ -191,7 +191,9 @@ def _json_object(body: bytes | None) -> dict[str, object] | None:
     if not body:
         return None
     try:
-        document = json.loads(body.decode("utf-8"))
+        # utf-8-sig: a byte order mark (some frameworks send one) is no reason
+        # to retry an answer for days.
+        document = json.loads(body.decode("utf-8-sig"), parse_constant=_not_json)
     except (ValueError, RecursionError):
         # UnicodeDecodeError and JSONDecodeError are ValueErrors; a deeply
         # nested body exhausts the recursion limit.
@@ -199,6 +201,11 @@ def _json_object(body: bytes | None) -> dict[str, object] | None:
     if not isinstance(document, dict) or _has_lone_surrogate(document):
         return None
     return document
+
+
+def _not_json(constant: str) -> object:
+    # NaN and Infinity: Python's json reads them, JSON has no such values.
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _has_lone_surrogate(value: object) -> bool:

@@ -254,6 +254,7 @@ def test_success_paths_are_dotted_and_compare_as_json() -> None:
         b'{"ok":true,"x":"\\ud800"}',
         b"[" * 100_000 + b"]" * 100_000,
         b'{"ok":true,"n":' + b"9" * 5000 + b"}",
+        b'{"ok":true,"n":NaN}',
     ],
     ids=[
         "empty",
@@ -266,6 +267,7 @@ def test_success_paths_are_dotted_and_compare_as_json() -> None:
         "lone-surrogate",
         "deep",
         "huge-int",
+        "nan",
     ],
 )
 def test_a_2xx_that_is_not_the_expected_json_is_retried(body: bytes) -> None:
@@ -275,6 +277,13 @@ def test_a_2xx_that_is_not_the_expected_json_is_retried(body: bytes) -> None:
     assert_all(
         result, request, Verdict.RETRY, "HTTP 200 but the body is not the JSON the action expects"
     )
+
+
+def test_a_byte_order_mark_before_the_json_is_no_reason_to_retry() -> None:
+    action = make_action(**REFERENCE)
+    request = request_for(action)
+    result = answer(action, request, 200, b'\xef\xbb\xbf{"ok":true,"count":3}')
+    assert_all(result, request, Verdict.DELIVERED, None)
 
 
 def test_a_2xx_is_enough_when_the_action_checks_nothing() -> None:
