@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 import aiohttp
+from multidict import CIMultiDict
 
 from order_monitor.config import ActionConfig
 from order_monitor.logs import get_logger
@@ -206,7 +207,9 @@ class ActionSender:
                 return Sent(
                     response.status,
                     body,
-                    dict(response.headers),
+                    # Case-insensitive, as HTTP header names are: a proxy
+                    # may well send "retry-after".
+                    CIMultiDict(response.headers),
                     seconds=self._clock() - started,
                 )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
