@@ -13,7 +13,9 @@ evaluate without error. A typo in a metric name, a label name or a label
 value selects nothing and fails. Dashboard expressions must return a series
 as written. The daemon is driven through a done order, a failed request, a
 give-up and an order nobody serves first, since a labelled series exists
-only once it has been counted.
+only once it has been counted; and, with an action that rejects failed
+orders in the application (the fake of its API), through a delivery that
+fails once (a 503) and is then taken, for the delivery series.
 """
 
 from __future__ import annotations
@@ -26,17 +28,24 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 
+from order_monitor.config import OutcomeWrites
 from order_monitor.daemon import Daemon
+from order_monitor.delivery.relay import RelayTiming
+from order_monitor.demo.application_api import ApplicationApi, prepare_application_tables
+from order_monitor.demo.setup import demo_actions
 from order_monitor.engine.handoff import HandoffTiming, Mode
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.providers.fake import FakeProvider, Script
+from tests.conftest import deploy
 from tests.daemon_fixtures import App, running, settings_for
 
 MONITORING = Path(__file__).parents[2] / "monitoring"
@@ -44,6 +53,20 @@ RULES = MONITORING / "order-monitor.rules.yml"
 RULE_TESTS = MONITORING / "tests" / "order-monitor.rules.test.yml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 SELECTOR = re.compile(r"\b(order_monitor_\w+|up)\b(\{[^}]*\})?")
+DELIVERY_ROW = "Delivery to the application"
+#: Every delivery series of order_monitor.metrics, as the dashboard asks for them.
+DELIVERY_SERIES = (
+    "order_monitor_deliveries_total",
+    "order_monitor_delivery_errors_total",
+    "order_monitor_deliveries_undelivered",
+    "order_monitor_undelivered_age_seconds",
+    "order_monitor_dead_letters",
+    "order_monitor_delivery_auth_failing",
+    "order_monitor_delivery_latency_seconds_bucket",
+)
+#: The reject action delivers failed results, with the order's tenant.
+DELIVERING = OutcomeWrites(deliver=("failed",), deliver_columns=("tenantId",))
+API_TOKEN = "api-token-%'\"\\=?#+; x"
 
 pytestmark = [
     pytest.mark.system,
@@ -71,7 +94,30 @@ def alert_exprs() -> dict[str, str]:
 
 def dashboard_exprs() -> list[tuple[str, str]]:
     panels = json.loads(DASHBOARD.read_text())["panels"]
-    return [(p["title"], t["expr"]) for p in panels for t in p["targets"]]
+    return [(p["title"], t["expr"]) for p in panels for t in p.get("targets", [])]
+
+
+def test_the_dashboard_has_a_delivery_row_with_every_delivery_series() -> None:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    rows = [n for n, p in enumerate(panels) if p["type"] == "row"]
+    titles = [panels[n]["title"] for n in rows]
+    assert DELIVERY_ROW in titles, titles
+    start = rows[titles.index(DELIVERY_ROW)]
+    below = panels[start + 1 : next((n for n in rows if n > start), len(panels))]
+    exprs = " ".join(t["expr"] for p in below for t in p["targets"])
+    assert [name for name in DELIVERY_SERIES if name not in exprs] == []
+    assert "histogram_quantile(0.5," in exprs
+    assert "histogram_quantile(0.99," in exprs
+    # Grafana lays panels on a 24-wide grid, none overlapping.
+    cells: set[tuple[int, int]] = set()
+    for p in panels:
+        g = p["gridPos"]
+        cell = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
+        assert not cells & cell, p["title"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        cells |= cell
 
 
 def test_promtool_checks_the_rules() -> None:
@@ -120,19 +166,44 @@ async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[An
     return list(body["data"]["result"])
 
 
+@pytest.fixture
+async def application(db: str) -> AsyncIterator[ApplicationApi]:
+    """The application's API, on the install rendered for the reject action."""
+    deploy(db, DELIVERING)
+    with psycopg.connect(db, autocommit=True) as conn:
+        prepare_application_tables(conn)
+    api = ApplicationApi(db, token=API_TOKEN)
+    await api.start()
+    try:
+        yield api
+    finally:
+        await api.close()
+
+
 @once
 async def test_every_expression_selects_real_series(
-    db: str, app: App, fake: FakeProvider, tmp_path: Path
+    db: str, app: App, fake: FakeProvider, application: ApplicationApi, tmp_path: Path
 ) -> None:
     # Two attempts and the order gives up, so a give-up is quick to get.
     policy = BackoffPolicy(
         initial_delay=0.0, base=0.1, cap=0.2, jitter=0.0, max_attempts=2, max_age=3600
     )
-    settings = replace(settings_for(db, fake), policy=policy, http_listen="127.0.0.1:0")
+    # The first delivery fails: an error and a retry are counted, then it is taken.
+    application.fail_next(503)
+    reject = demo_actions(application.base_url, API_TOKEN)[1]
+    settings = replace(
+        settings_for(db, fake),
+        policy=policy,
+        http_listen="127.0.0.1:0",
+        writes=DELIVERING,
+        actions=(reject,),
+    )
     # Quick to go idle, so the first orders come by NOTIFY and the listener's
     # series exist (later ones may come through the inbox).
     daemon = Daemon(
-        settings, handoff_timing=HandoffTiming(calm_window=0.5, idle_check=0.2, idle_retry=0.2)
+        settings,
+        handoff_timing=HandoffTiming(calm_window=0.5, idle_check=0.2, idle_retry=0.2),
+        relay_timing=RelayTiming(poll_interval=0.2, summary_interval=0.2, retry_scale=0.02),
     )
     async with running(daemon):
         assert daemon.http_server is not None
@@ -183,6 +254,20 @@ scrape_configs:
             await app.dispatch(["M-ERR"])
             await counted("order_monitor_checks_total", {"provider": "fake", "outcome": "error"})
             fake.behaviour.error_rate = 0.0
+            fake.set_script("M-REJECT", Script.failed())
+            await app.conn.execute(
+                """INSERT INTO product_orders (provider_referans, "providerId", "externalStatus",
+                                               "sentAt", "tenantId", "userId")
+                   VALUES ('M-REJECT', 'fake', 'sent', now(), gen_random_uuid(),
+                           gen_random_uuid())"""
+            )
+            delivered = {"action": reject.name, "result": "delivered"}
+            await counted("order_monitor_deliveries_total", delivered)
+            await counted("order_monitor_deliveries_total", {**delivered, "result": "retried"})
+            await counted(
+                "order_monitor_delivery_errors_total",
+                {"action": reject.name, "kind": "server_error"},
+            )
 
             alerts = alert_exprs()
             selectors = sorted({m.group(0) for e in alerts.values() for m in SELECTOR.finditer(e)})
