@@ -328,6 +328,16 @@ async def test_a_missing_outbox_fails_with_the_fix(delivering_db: str) -> None:
     assert set(found) == {"outbox"}
 
 
+async def test_a_role_without_usage_on_the_schema_fails_naming_it(delivering_db: str) -> None:
+    execute(delivering_db, f'REVOKE USAGE ON SCHEMA public FROM PUBLIC, "{DAEMON_ROLE}"')
+
+    found = (await check(delivering_db, APPROVE)).by_check()
+
+    assert found["outbox"].verdict is Verdict.FAIL
+    assert "no USAGE on schema public" in found["outbox"].detail
+    assert set(found) == {"outbox"}
+
+
 async def test_the_outbox_health(delivering_db: str) -> None:
     add_entry(delivering_db, age="10 minutes")  # waiting, not for long: fine
 

@@ -63,7 +63,15 @@ async def check_outbox(conn: db.AsyncConn, settings: Settings, emit: Emit) -> No
         if access is not None and access.select:
             await _nothing_delivers(conn, settings, emit)
         return
-    if access is None or not access.exists:
+    if access is None:
+        emit(
+            Verdict.FAIL,
+            "outbox",
+            f"this role may not look {outbox} up (no USAGE on schema {layout.schema}) — "
+            f"{_FIX_SCHEMA}",
+        )
+        return
+    if not access.exists:
         emit(Verdict.FAIL, "outbox", f"{outbox} is missing — {_FIX_SCHEMA}")
         return
     lacking = access.lacking()
