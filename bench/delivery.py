@@ -15,8 +15,9 @@ reference application does it) in a process of its own:
 * **rate**: N results written through the write function (batches of 500, as
   the writer does; 80 % done, 20 % failed, 10 tenants), then the relay
   started: deliveries/s = N / (outbox empty - relay started).
-* **latency**: results written at a steady rate (20/s, and the rate the run
-  above measured: the most the application takes), the relay woken after each
+* **latency**: results written at a steady rate (20/s, half the rate the run
+  above measured, and all of it: the most the application takes, where a
+  queue builds up by construction), the relay woken after each
   COMMIT as the writer wakes it; latency = the application's receipt of the
   request carrying an order (``time.time()`` in its process) - the COMMIT of
   that order's result (``time.time()`` right after it returned, here).
@@ -420,13 +421,14 @@ async def write_path(dbs: Databases, orders: int, repeats: int) -> dict[str, Any
 
 async def measure(dbs: Databases, args: argparse.Namespace) -> dict[str, Any]:
     say(f"rate: {args.orders:,} written results, then the relay")
-    rates = [await rate_run(dbs, args.orders) for _ in range(args.repeats)]
-    for r in rates:
+    rates = []
+    for _ in range(args.repeats):
+        rates.append(r := await rate_run(dbs, args.orders))
         say(f"  {r['deliveries_per_s']:,.0f} deliveries/s, {r['orders_per_request']:.0f}/request")
     best = statistics.median(r["deliveries_per_s"] for r in rates)
     latencies = []
     for text in args.latency_rates.split(","):
-        rate = best if text == "max" else float(text)
+        rate = best * float(text.removesuffix("max") or 1) if text.endswith("max") else float(text)
         say(f"latency at {rate:,.0f} results/s for {args.seconds:g} s")
         result = await latency_run(dbs, rate, args.seconds)
         result["label"] = text
@@ -477,8 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--orders", type=int, default=10_000, help="results a rate run (10000)")
     parser.add_argument(
         "--latency-rates",
-        default="20,max",
-        help="results/s for the latency runs; 'max' is the measured rate (default 20,max)",
+        default="20,0.5max,max",
+        help="results/s for the latency runs; 'max' is the measured rate, '0.5max' half of it"
+        " (default 20,0.5max,max)",
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="a latency run (15)")
     parser.add_argument(

@@ -358,7 +358,7 @@ class Relay:
                     "in the providers file, then restart order-monitor; the deliveries wait and "
                     "are not used up",
                 )
-        elif sent.status is not None and action.name in self._auth_failing:
+        elif action.name in self._auth_failing and _past_credentials(sent.status):
             self._auth_failing.discard(action.name)
             gauge.set(0)
             log.info("delivery.auth_recovered", action=action.name, status=sent.status)
@@ -523,6 +523,20 @@ class Relay:
 
 def _status(sent: Sent) -> str:
     return f"HTTP {sent.status}" if sent.status is not None else sent.failure or "no answer"
+
+
+def _past_credentials(status: int | None) -> bool:
+    """The application answered past its credentials check: a 2xx, or a 4xx about the request.
+
+    Not a 5xx, a 408 or a 429 (a proxy or a gateway may answer those before
+    the application sees the token), nor a 3xx: ending the phase on one of
+    them would send every waiting request at the refused token again.
+    """
+    if status is None:
+        return False
+    return 200 <= status <= 299 or (
+        400 <= status <= 499 and status not in (401, 403, 407, 408, 429)
+    )
 
 
 def _retry_kind(sent: Sent, answer: Answer) -> str:

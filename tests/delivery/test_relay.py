@@ -538,3 +538,23 @@ async def test_a_requeued_dead_letter_gets_its_max_age_afresh(
     await make_due(admin)
     await h.relay.deliver_due()
     assert await statuses(admin, [order]) == {order: "approved"}
+
+
+async def test_a_server_error_on_the_probe_does_not_end_the_credentials_phase(
+    api: ApplicationApi, admin: Conn, daemon: Conn, make_relay: Any
+) -> None:
+    await recorded(admin, daemon, 1, tenant=TENANT_A)
+    await recorded(admin, daemon, 1, tenant=TENANT_B)
+    h = make_relay(reference_actions(api.base_url))
+    api.token = "rotated-by-the-application"
+    await h.relay.deliver_due()  # two requests, both 401
+    assert h.relay.auth_failing == {"approve"}
+
+    # A proxy's 502 says nothing about the token: still one probe at a time.
+    api.fail_next(502)
+    for _ in range(2):
+        before = len(api.requests)
+        await make_due(admin)
+        await h.relay.deliver_due()
+        assert len(api.requests) == before + 1
+        assert h.relay.auth_failing == {"approve"}
