@@ -107,8 +107,9 @@ class Context:
 
     @property
     def offline_settings(self) -> Settings:
-        """Settings for commands that never connect (a DSN is not required)."""
-        return self.load(need_database=False)
+        """Settings for commands that never connect (a DSN is not required), nor send
+        anything (no secret is read: the DBA rendering install.sql has none of them)."""
+        return self.load(need_database=False, need_provider_secrets=False)
 
 
 pass_context = click.make_pass_decorator(Context)
@@ -161,7 +162,7 @@ def sql_print(ctx: Context, kind: str) -> None:
 @friendly_errors
 def sql_install(ctx: Context) -> None:
     """Apply the install statements (idempotent; needs the table owner's rights)."""
-    _apply(ctx.settings, "install")
+    _apply(ctx.settings_without_provider_secrets, "install")
 
 
 @sql_group.command("uninstall")
@@ -180,7 +181,7 @@ def sql_uninstall(ctx: Context, drop_undelivered: bool) -> None:
     (or dead letters): deliver them first (`order-monitor deliveries`), or pass
     --drop-undelivered to lose them.
     """
-    _apply(ctx.settings, "uninstall", drop_undelivered=drop_undelivered)
+    _apply(ctx.settings_without_provider_secrets, "uninstall", drop_undelivered=drop_undelivered)
 
 
 def _apply(settings: Settings, kind: str, *, drop_undelivered: bool = False) -> None:

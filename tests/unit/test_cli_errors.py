@@ -137,8 +137,15 @@ def providers(tmp_path: Path, body: str) -> str:
 def test_a_secret_file_that_is_not_utf8_exits_78(tmp_path: Path) -> None:
     (tmp_path / "token").write_bytes(b"\xfftok")
     path = providers(tmp_path, f"secrets = {{ token = {{ file = '{tmp_path / 'token'}' }} }}\n")
-    code, stderr = invoke(["sql", "print"], PROVIDERS_FILE=path)
+    code, stderr = invoke(["run"], PROVIDERS_FILE=path, DSN="postgresql://om@127.0.0.1:9/x")
     assert_one_line_config_error(code, stderr, "secrets.token", "not UTF-8")
+
+
+def test_rendering_the_sql_reads_no_secret(tmp_path: Path) -> None:
+    """The DBA renders install.sql without the providers' or the actions' tokens."""
+    path = providers(tmp_path, "secrets = { token = { env = 'UNSET_TOKEN' } }\n")
+    code, stderr = invoke(["sql", "print", "install"], PROVIDERS_FILE=path)
+    assert code == 0, stderr
 
 
 def test_a_credential_that_is_not_utf8_exits_78(tmp_path: Path) -> None:
