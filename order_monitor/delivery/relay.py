@@ -42,7 +42,7 @@ from typing import Final
 import psycopg
 
 from order_monitor.config import ActionConfig
-from order_monitor.db import CONNECTION_ERRORS, ManagedConnection
+from order_monitor.db import CONNECTION_ERRORS, AsyncConn, ManagedConnection
 from order_monitor.delivery.answers import interpret
 from order_monitor.delivery.backoff import AUTH_RETRY, expired, retry_delay
 from order_monitor.delivery.model import Answer, Entry, Verdict
@@ -59,6 +59,8 @@ log = get_logger()
 
 #: Ids named in one log line at most.
 _LOGGED_IDS: Final = 20
+#: The relay's lock_timeout (a round that meets a lock waits at most this long).
+LOCK_TIMEOUT: Final = "2s"
 #: Longest error text kept in the outbox and the log.
 _MAX_ERROR: Final = 500
 
@@ -134,6 +136,7 @@ class Relay:
         self._orphans_logged: set[str] = set()
         self._next_summary = -math.inf
         self._database_failures = 0
+        self._configured: AsyncConn | None = None
         #: Rounds completed (tests and the operator's status read it).
         self.rounds = 0
         #: Each action's secret values, for scrubbing what the application answers.
@@ -159,6 +162,21 @@ class Relay:
     def auth_failing(self) -> frozenset[str]:
         """Names of the actions whose credentials are refused right now."""
         return frozenset(self._auth_failing)
+
+    async def _connection(self) -> AsyncConn:
+        """The relay's connection, with its lock_timeout (set again on a new one).
+
+        A lock on an outbox row (an operator's requeue under way) or on the
+        outbox itself must not hold the relay forever: past the timeout the
+        round fails like any database error, and is tried again.
+        """
+        conn = await self._conn.get()
+        if conn is not self._configured:
+            await conn.execute(
+                "SELECT pg_catalog.set_config('lock_timeout', %s, false)", (LOCK_TIMEOUT,)
+            )
+            self._configured = conn
+        return conn
 
     # --- the loop -----------------------------------------------------------------
 
@@ -218,7 +236,7 @@ class Relay:
             # Every due entry was left where it is (no action for it): wait
             # for a wake-up or the poll, not a hot loop over the same rows.
             return poll
-        due_in = await self._store.next_due_in(await self._conn.get())
+        due_in = await self._store.next_due_in(await self._connection())
         return poll if due_in is None else min(poll, max(0.0, due_in))
 
     async def _refresh_summary(self) -> None:
@@ -226,7 +244,7 @@ class Relay:
         if now < self._next_summary:
             return
         self._next_summary = now + self.timing.summary_interval
-        summary = await self._store.summary(await self._conn.get())
+        summary = await self._store.summary(await self._connection())
         self._metrics.undelivered.set(summary.undelivered)
         self._metrics.undelivered_age.set(summary.oldest_undelivered_age or 0.0)
         self._metrics.dead_letters.set(summary.dead)
@@ -235,7 +253,7 @@ class Relay:
 
     async def deliver_due(self) -> tuple[int, int]:
         """Deliver what is due now; (entries settled, entries taken from the outbox)."""
-        conn = await self._conn.get()
+        conn = await self._connection()
         entries = await self._store.due(conn, self.timing.batch)
         self.rounds += 1
         if not entries:
@@ -468,7 +486,7 @@ class Relay:
         if not out.to_confirm:
             return
         statuses = await self._store.statuses(
-            await self._conn.get(), [entry.order_id for entry, _ in out.to_confirm]
+            await self._connection(), [entry.order_id for entry, _ in out.to_confirm]
         )
         unconfirmed: Counter[str] = Counter()
         results: Counter[tuple[str, str]] = Counter()
@@ -496,7 +514,7 @@ class Relay:
             self._metrics.deliveries.labels(name, result).inc(count)
 
     async def _apply(self, out: _Settled) -> None:
-        conn = await self._conn.get()
+        conn = await self._connection()
         if out.delivered:
             await self._store.delivered(conn, [e.delivery_id for e in out.delivered])
             now = self._now()
