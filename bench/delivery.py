@@ -25,7 +25,9 @@ reference application does it) in a process of its own:
   through the write function (batches of 500 on one connection) on two
   databases, one installed for no action, one for the reference actions,
   alternated over the repeats; the ratio is the cost of recording the outbox
-  entry in the same transaction.
+  entry in the same transaction. Twice: on a fresh table, and on one
+  VACUUM ANALYZEd as autovacuum leaves a real one (the planner's statistics
+  change the write function's plan).
 
 The load average before and after is in the output: the machine may be shared.
 """
@@ -380,37 +382,55 @@ async def latency_run(dbs: Databases, rate: float, seconds: float) -> dict[str, 
     }
 
 
-async def write_run(dbs: Databases, orders: int, writes: OutcomeWrites, label: str) -> float:
+async def prepared(
+    dbs: Databases, orders: int, writes: OutcomeWrites, label: str, *, analyzed: bool
+) -> tuple[str, list[tuple[Any, ...]]]:
+    """A database installed for *writes*, *orders* in flight, checkpointed (and analyzed)."""
     dsn = dbs.fresh(label, writes)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         batch = await dispatch(conn, orders)
+        if analyzed:
+            # As autovacuum leaves a real table: the planner then has statistics.
+            await conn.execute("VACUUM ANALYZE product_orders")
+        with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
+            await conn.execute("CHECKPOINT")  # neither run pays for the other's dirty pages
+    return dsn, batch
+
+
+async def write_run(dsn: str, batch: Sequence[tuple[Any, ...]], delivering: bool) -> float:
+    """Results/s through the write function, batches of WRITE_BATCH on one connection."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         started = time.perf_counter()
         written = 0
-        for start in range(0, orders, WRITE_BATCH):
+        for start in range(0, len(batch), WRITE_BATCH):
             written += await write(conn, batch[start : start + WRITE_BATCH])
         seconds = time.perf_counter() - started
-        assert written == orders
-        expected = orders if writes.deliver else 0
-        assert await undelivered(conn) == expected
-    return orders / seconds
+        assert written == len(batch)
+        assert await undelivered(conn) == (len(batch) if delivering else 0)
+    return len(batch) / seconds
 
 
-async def write_path(dbs: Databases, orders: int, repeats: int) -> dict[str, Any]:
+async def write_path(
+    dbs: Databases, orders: int, repeats: int, *, analyzed: bool
+) -> dict[str, Any]:
     runs = []
     for i in range(repeats):
-        plain, delivering = OutcomeWrites(), WRITES
-        # Alternate which goes first, so neither always meets a warmer server.
+        # Both databases ready before either is timed, then timed back to back,
+        # alternating which goes first, so neither always meets a warmer server.
+        plain = await prepared(dbs, orders, OutcomeWrites(), f"wp{i}", analyzed=analyzed)
+        delivering = await prepared(dbs, orders, WRITES, f"wd{i}", analyzed=analyzed)
         if i % 2:
-            with_outbox = await write_run(dbs, orders, delivering, f"wd{i}")
-            without = await write_run(dbs, orders, plain, f"wp{i}")
+            with_outbox = await write_run(*delivering, delivering=True)
+            without = await write_run(*plain, delivering=False)
         else:
-            without = await write_run(dbs, orders, plain, f"wp{i}")
-            with_outbox = await write_run(dbs, orders, delivering, f"wd{i}")
+            without = await write_run(*plain, delivering=False)
+            with_outbox = await write_run(*delivering, delivering=True)
         runs.append({"without": without, "with": with_outbox, "ratio": with_outbox / without})
         say(f"  write path: {without:,.0f}/s without, {with_outbox:,.0f}/s with delivery")
     median = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
     return {
         "orders": orders,
+        "analyzed": analyzed,
         "batch": WRITE_BATCH,
         "without_per_s": median["without"],
         "with_per_s": median["with"],
@@ -434,11 +454,15 @@ async def measure(dbs: Databases, args: argparse.Namespace) -> dict[str, Any]:
         result["label"] = text
         say(f"  p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms")
         latencies.append(result)
-    say(f"write path: {args.write_orders:,} results, with and without delivery")
+    paths = []
+    for analyzed in (False, True):
+        state = "an analyzed" if analyzed else "a fresh"
+        say(f"write path: {args.write_orders:,} results on {state} table, with and without")
+        paths.append(await write_path(dbs, args.write_orders, args.repeats, analyzed=analyzed))
     return {
         "rate": {"median_deliveries_per_s": best, "runs": rates},
         "latency": latencies,
-        "write_path": await write_path(dbs, args.write_orders, args.repeats),
+        "write_path": paths,
     }
 
 
@@ -463,12 +487,13 @@ def table(results: dict[str, Any], report: dict[str, Any]) -> str:
             f" ({lat['label']}, {lat['orders']:,} orders, offered {lat['offered_per_s']:,.0f}/s):"
             f" p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms"
         )
-    w = results["write_path"]
-    lines.append(
-        f"write path (N={w['orders']:,}, batches of {w['batch']}, median of {len(w['runs'])}):"
-        f" {w['without_per_s']:,.0f} results/s without delivery, {w['with_per_s']:,.0f} with"
-        f" ({w['ratio']:.0%})"
-    )
+    for w in results["write_path"]:
+        state = "analyzed table" if w["analyzed"] else "fresh table"
+        lines.append(
+            f"write path, {state} (N={w['orders']:,}, batches of {w['batch']}, median of"
+            f" {len(w['runs'])}): {w['without_per_s']:,.0f} results/s without delivery,"
+            f" {w['with_per_s']:,.0f} with ({w['ratio']:.0%})"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -485,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="a latency run (15)")
     parser.add_argument(
-        "--write-orders", type=int, default=20_000, help="results a write-path run (20000)"
+        "--write-orders", type=int, default=50_000, help="results a write-path run (50000)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="rate and write runs (3)")
     parser.add_argument("--dsn", help="an existing server (may CREATE DATABASE); default: embedded")
