@@ -301,6 +301,11 @@ REVOKE ALL ON FUNCTION "public"."order_monitor_product_orders_notify_v2"() FROM 
 -- table's owner, not as a superuser), so the daemon's role needs no UPDATE
 -- on the table and cannot touch a row that is not in flight. What each
 -- outcome writes is fixed here, from the settings at install time.
+-- plan_cache_mode: planned for each batch, with the arrays' real lengths.
+-- A generic plan, which plpgsql switches to after five calls, guesses a
+-- few rows for the batch; once autovacuum has analyzed the table, that
+-- guess joins the batch to itself row by row: bench/delivery.py wrote
+-- 8,268 results/s that way, 23,343 with a plan per batch.
 CREATE OR REPLACE FUNCTION "public"."order_monitor_product_orders_write_v2"(
     p_ids uuid[],
     p_references text[],
@@ -313,6 +318,7 @@ CREATE OR REPLACE FUNCTION "public"."order_monitor_product_orders_write_v2"(
     LANGUAGE plpgsql
     SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
+    SET plan_cache_mode = force_custom_plan
 AS $om$
 BEGIN
 RETURN QUERY

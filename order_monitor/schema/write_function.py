@@ -287,13 +287,19 @@ def write_function_statement(
         "SECURITY DEFINER: it runs with the rights of its owner (install as the\n"
         "table's owner, not as a superuser), so the daemon's role needs no UPDATE\n"
         "on the table and cannot touch a row that is not in flight. What each\n"
-        "outcome writes is fixed here, from the settings at install time.",
+        "outcome writes is fixed here, from the settings at install time.\n"
+        "plan_cache_mode: planned for each batch, with the arrays' real lengths.\n"
+        "A generic plan, which plpgsql switches to after five calls, guesses a\n"
+        "few rows for the batch; once autovacuum has analyzed the table, that\n"
+        "guess joins the batch to itself row by row: bench/delivery.py wrote\n"
+        "8,268 results/s that way, 23,343 with a plan per batch.",
         sql.SQL(
             "CREATE OR REPLACE FUNCTION {function}(\n    {params}\n)"
             " RETURNS TABLE (order_id uuid, outcome text, announced boolean)\n"
             "    LANGUAGE plpgsql\n"
             "    SECURITY DEFINER\n"
             "    SET search_path = pg_catalog, pg_temp\n"
+            "    SET plan_cache_mode = force_custom_plan\n"
             "AS {body}"
         ).format(
             function=n.write_function,
