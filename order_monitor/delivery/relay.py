@@ -8,7 +8,9 @@ or the next entry falling due (polled at least every ``poll_interval``, for
 a takeover and the retries); take the due entries; per action build the
 requests (``delivery.requests``), send them through the action's sender
 (``delivery.sender``: its concurrency, rate, breaker, Retry-After), read
-each answer (``delivery.answers``) and settle every entry it carried:
+each answer (``delivery.answers``) and settle every entry it carried, as
+soon as that answer is in (a request held for its whole timeout holds back
+nothing but its own entries):
 
 * DELIVERED: deleted (the latency histogram observes recorded → taken);
 * TAKEN: the row's status is read back; it confirms (the action's
@@ -85,7 +87,7 @@ class RelayTiming:
 
 @dataclass(slots=True)
 class _Settled:
-    """What one round decided, applied to the outbox at its end."""
+    """What one answer (or a deferral, or the waiting behind a probe) decided for its entries."""
 
     delivered: list[Entry] = field(default_factory=list)
     #: TAKEN by the answer, waiting for the row's status to confirm it.
@@ -265,13 +267,16 @@ class Relay:
                 self._orphan(entry)
                 continue
             groups.setdefault(action.name, (action, []))[1].append(entry)
-        settled = _Settled()
-        async with asyncio.TaskGroup() as group:
-            for action, batch in groups.values():
-                group.create_task(self._deliver(action, batch, settled))
-        await self._confirm(settled)
-        await self._apply(settled)
-        return len(settled), len(entries)
+        settled: list[int] = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                for action, batch in groups.values():
+                    group.create_task(self._deliver(action, batch, settled))
+        except BaseExceptionGroup as failed:
+            # The round's caller tells a database error from a bug by its
+            # class: hand it the first one, not the group.
+            raise _first(failed) from None
+        return sum(settled), len(entries)
 
     def action_for(self, outcome: str) -> ActionConfig | None:
         for action in self._actions:
@@ -294,12 +299,15 @@ class Relay:
                 "action, or re-render and apply install.sql for these settings; the entries wait",
             )
 
-    async def _deliver(self, action: ActionConfig, entries: list[Entry], out: _Settled) -> None:
+    async def _deliver(
+        self, action: ActionConfig, entries: list[Entry], settled: list[int]
+    ) -> None:
         sender = self._senders[action.name]
         requests = build_requests(action, entries, now=self._now())
         if action.name in self._auth_failing and requests:
             # One probe at a time while the credentials are refused: the rest
             # wait (not used up) instead of hammering with a known-bad token.
+            out = _Settled()
             probe, waiting = requests[0], requests[1:]
             for request in waiting:
                 for entry in request.deliveries:
@@ -314,17 +322,36 @@ class Relay:
                         )
                     )
             requests = [probe]
+            await self._record(out, settled)
         async with asyncio.TaskGroup() as group:
             for request in requests:
-                group.create_task(self._send(action, sender, request, out))
+                group.create_task(self._send(action, sender, request, settled))
 
     async def _send(
-        self, action: ActionConfig, sender: ActionSender, request: Request, out: _Settled
+        self, action: ActionConfig, sender: ActionSender, request: Request, settled: list[int]
     ) -> None:
+        """One request, and what its answer decides, recorded as soon as it is known.
+
+        Not at the end of the round: a request the application holds for its
+        whole timeout must not hold back what the others' answers settled (a
+        kill meanwhile would send them again), nor another action's deliveries.
+        """
+        out = _Settled()
         result = await sender.send(request)
         if isinstance(result, Deferred):
             self._deferred(action, request, result, out)
-            return
+        else:
+            self._answered(action, request, result, out)
+        await self._record(out, settled)
+
+    async def _record(self, out: _Settled, settled: list[int]) -> None:
+        settled.append(len(out))
+        await self._confirm(out)
+        await self._apply(out)
+
+    def _answered(
+        self, action: ActionConfig, request: Request, result: Sent, out: _Settled
+    ) -> None:
         answer = interpret(
             action,
             request,
@@ -410,9 +437,16 @@ class Relay:
             elif verdict is Verdict.AUTH:
                 results["auth"] += 1
                 errors["auth"] += 1
+                # Not a try: the entry is not at fault, and a long credentials
+                # phase must not leave it at the longest backoff afterwards.
                 out.reschedule.append(
                     Reschedule(
-                        entry.delivery_id, self.timing.auth_retry, verdict.value, error, False
+                        entry.delivery_id,
+                        self.timing.auth_retry,
+                        verdict.value,
+                        error,
+                        False,
+                        attempted=False,
                     )
                 )
             elif verdict is Verdict.REJECTED:
@@ -537,6 +571,16 @@ class Relay:
             await self._store.reschedule(conn, out.reschedule)
         if out.bury:
             await self._store.bury(conn, out.bury)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of *group* that is not a cancellation, looking into nested groups."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
 
 
 def _status(sent: Sent) -> str:

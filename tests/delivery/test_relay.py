@@ -10,6 +10,8 @@ mocked.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -37,6 +39,7 @@ from order_monitor.demo.application_api import (
 from order_monitor.metrics import Metrics
 from order_monitor.redaction import Secret
 from tests.conftest import as_daemon, deploy
+from tests.daemon_fixtures import eventually
 from tests.delivery.test_store import (
     OUTBOX,
     TENANT_A,
@@ -226,6 +229,37 @@ async def test_one_round_finishes_every_order_per_tenant_and_empties_the_outbox(
     assert len(api.requests) == 3
 
 
+async def test_a_request_the_application_holds_holds_back_only_its_own_entries(
+    api: ApplicationApi, admin: Conn, daemon: Conn, make_relay: Any
+) -> None:
+    orders_a = await recorded(admin, daemon, 1, "done", tenant=TENANT_A)
+    orders_b = await recorded(admin, daemon, 1, "done", tenant=TENANT_B)
+    # A timeout far longer than the test waits: the held request stays held.
+    limits = ProviderLimits(concurrency=4, connect_timeout=1.0, read_timeout=600.0)
+    h = make_relay(reference_actions(api.base_url, limits=limits))
+    api.hang_next(1)  # whichever request arrives first
+
+    round_ = asyncio.create_task(h.relay.deliver_due())
+
+    async def one_finished() -> bool:
+        return len(await outbox_rows(admin)) == 1
+
+    # The other request's order is approved and its entry gone while the
+    # round still waits for the held one.
+    await eventually(one_finished, within=10, what="the answered request to be settled")
+    finished = await statuses(admin, orders_a + orders_b)
+    assert sorted(finished.values()) == ["approved", "pending"]
+    assert not round_.done()
+    # The leadership ends meanwhile: the held entry is left as it was, to be
+    # sent again by whoever leads next (at least once).
+    round_.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await round_
+    (held,) = await outbox_rows(admin)
+    assert held["order_id"] in orders_a + orders_b
+    assert (held["tries"], held["last_verdict"]) == (0, None)
+
+
 # --- retries ----------------------------------------------------------------------------
 
 
@@ -357,6 +391,9 @@ async def test_refused_credentials_wait_with_one_probe_and_are_never_used_up(
     assert not [e for e in logs if e["event"] == "delivery.dead_letter"]
     for row in await outbox_rows(admin):
         assert (row["dead_at"], row["rejections"], row["last_verdict"]) == (None, 0, "auth")
+        # Not tries either: once the secret is fixed, a transient failure
+        # starts the backoff from its first step, not from the longest.
+        assert row["tries"] == 0
         assert TOKEN not in repr(row)
 
     api.token = TOKEN  # the operator fixed the secret
