@@ -64,21 +64,19 @@ from common import (
 from psycopg import sql
 
 from order_monitor import logs, schema
-from order_monitor.config import ActionConfig, Layout, OutcomeWrites, ProviderLimits
+from order_monitor.config import Layout, OutcomeWrites
 from order_monitor.db import ManagedConnection
 from order_monitor.delivery.relay import Relay, RelayTiming
 from order_monitor.delivery.sender import build_senders
 from order_monitor.delivery.store import OutboxStore
 from order_monitor.demo.application_api import (
-    APPROVE_PATH,
-    REJECT_PATH,
     ApplicationApi,
     Recorded,
     prepare_application_tables,
+    reference_actions,
 )
 from order_monitor.embedded import throwaway_postgres
 from order_monitor.metrics import Metrics
-from order_monitor.redaction import Secret
 
 TOKEN = "bench-app-token"
 WRITES = OutcomeWrites(deliver=("done", "failed"), deliver_columns=("tenantId",))
@@ -87,39 +85,6 @@ WRITE_BATCH = 500
 TENANTS = [uuid.UUID(int=0xBE0C0000 + n) for n in range(10)]
 OUTBOX = schema.Names(Layout()).outbox
 WRITE_FUNCTION = schema.Names(Layout()).write_function
-
-
-def reference_actions(base_url: str) -> tuple[ActionConfig, ...]:
-    """The reference configuration, with the shipped default limits and batch size."""
-    common: dict[str, Any] = {
-        "kind": "http",
-        "limits": ProviderLimits(),
-        "secrets": {"token": Secret(TOKEN)},
-        "headers": {
-            "Authorization": "Bearer {secret:token}",
-            "X-Tenant-Id": "{column:tenantId}",
-            "Idempotency-Key": "{request_id}",
-        },
-        "body": {"ids": "{ids}", "note": "{message}"},
-        "success": {"ok": True},
-        "errors_path": "errors",
-    }
-    return (
-        ActionConfig(
-            name="approve",
-            outcomes=("done",),
-            url=base_url + APPROVE_PATH,
-            confirm_status="approved",
-            **common,
-        ),
-        ActionConfig(
-            name="reject",
-            outcomes=("failed",),
-            url=base_url + REJECT_PATH,
-            confirm_status="rejected",
-            **common,
-        ),
-    )
 
 
 # --- the application, in a process of its own ----------------------------------------
@@ -290,7 +255,7 @@ async def undelivered(conn: psycopg.AsyncConnection[Any]) -> int:
 async def relay_running(dsn: str, app_url: str) -> AsyncIterator[Relay]:
     """The relay as the daemon builds it (its own connection, production timing)."""
     conn = ManagedConnection(dsn, "delivery")
-    actions = reference_actions(app_url)
+    actions = reference_actions(app_url, TOKEN)
     async with aiohttp.ClientSession() as session:
         relay = Relay(
             conn,

@@ -46,10 +46,46 @@ import psycopg
 from aiohttp import web
 from psycopg import sql
 
-from order_monitor.config import Layout
+from order_monitor.config import ActionConfig, Layout, ProviderLimits
+from order_monitor.redaction import Secret
 
 APPROVE_PATH: Final = "/api/admin/orders/bulk/approve"
 REJECT_PATH: Final = "/api/admin/orders/bulk/reject"
+
+
+def reference_actions(
+    base_url: str, token: str, *, limits: ProviderLimits | None = None, **changes: Any
+) -> tuple[ActionConfig, ActionConfig]:
+    """The README's reference configuration for this API: approve done orders, reject (and
+    refund) failed ones; *changes* apply to both (a test's attempts, max_age...).
+
+    The one definition the demo, the bench and the tests share; a test keeps it
+    equal to what the README's TOML parses into.
+    """
+
+    def action(name: str, outcome: str, path: str, confirm: str) -> ActionConfig:
+        fields: dict[str, Any] = {
+            "kind": "http",
+            "limits": limits or ProviderLimits(),
+            "secrets": {"token": Secret(token)},
+            "headers": {
+                "Authorization": "Bearer {secret:token}",
+                "X-Tenant-Id": "{column:tenantId}",
+                "Idempotency-Key": "{request_id}",
+            },
+            "body": {"ids": "{ids}", "note": "{message}"},
+            "success": {"ok": True},
+            "errors_path": "errors",
+            "confirm_status": confirm,
+            **changes,
+        }
+        return ActionConfig(name=name, outcomes=(outcome,), url=base_url + path, **fields)
+
+    return (
+        action("approve", "done", APPROVE_PATH, "approved"),
+        action("reject", "failed", REJECT_PATH, "rejected"),
+    )
+
 
 #: The application's own tables for money: a balance per user, and one
 #: wallet record per refunded order (the primary key makes a second refund

@@ -25,11 +25,7 @@ from order_monitor.config import (
     ProviderLimits,
     Settings,
 )
-from order_monitor.demo.application_api import (
-    APPROVE_PATH,
-    REJECT_PATH,
-    prepare_application_tables,
-)
+from order_monitor.demo.application_api import prepare_application_tables, reference_actions
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.providers.fake import Behaviour, mixture
 from order_monitor.redaction import Secret
@@ -98,7 +94,8 @@ def prepare_database(admin_dsn: str) -> DemoDatabase:
 
 
 def demo_actions(api_url: str, api_token: str) -> tuple[ActionConfig, ...]:
-    """The README's reference actions: approve done orders, reject (and refund) failed ones."""
+    """The README's reference actions (approve done orders, reject and refund failed
+    ones), with limits for a demo that must end in seconds."""
     limits = ProviderLimits(
         concurrency=4,
         connect_timeout=1.0,
@@ -106,30 +103,7 @@ def demo_actions(api_url: str, api_token: str) -> tuple[ActionConfig, ...]:
         breaker_failures=10,
         breaker_cooldown=2.0,
     )
-
-    def action(name: str, outcome: str, path: str, confirm: str) -> ActionConfig:
-        return ActionConfig(
-            name=name,
-            kind="http",
-            outcomes=(outcome,),
-            url=api_url + path,
-            limits=limits,
-            secrets={"token": Secret(api_token)},
-            headers={
-                "Authorization": "Bearer {secret:token}",
-                "X-Tenant-Id": "{column:tenantId}",
-                "Idempotency-Key": "{request_id}",
-            },
-            body={"ids": "{ids}", "note": "{message}"},
-            success={"ok": True},
-            errors_path="errors",
-            confirm_status=confirm,
-        )
-
-    return (
-        action("approve", "done", APPROVE_PATH, "approved"),
-        action("reject", "failed", REJECT_PATH, "rejected"),
-    )
+    return reference_actions(api_url, api_token, limits=limits)
 
 
 def demo_settings(

@@ -36,15 +36,14 @@ from order_monitor.demo.application_api import (
     ApplicationApi,
     prepare_application_tables,
 )
+from order_monitor.demo.application_api import reference_actions as api_reference_actions
 from order_monitor.metrics import Metrics
-from order_monitor.redaction import Secret
-from tests.conftest import as_daemon, deploy
+from tests.conftest import as_daemon
 from tests.daemon_fixtures import eventually
-from tests.delivery.test_store import (
+from tests.delivery.test_store import (  # the fixtures too: the same databases
     OUTBOX,
     TENANT_A,
     TENANT_B,
-    WRITES,
     Conn,
     by_delivery,
     make_due,
@@ -57,48 +56,14 @@ TOKEN = "s3cr%t'\"\\=?#+;tok en"
 
 
 def reference_actions(
-    base_url: str, *, token: str = TOKEN, **overrides: Any
+    base_url: str, *, token: str = TOKEN, **changes: Any
 ) -> tuple[ActionConfig, ActionConfig]:
-    """The reference configuration: approve for done, reject (and refund) for failed."""
-    limits = ProviderLimits(
-        concurrency=4, connect_timeout=1.0, read_timeout=2.0, breaker_failures=50
+    """The reference configuration, with timeouts that keep a failing test short."""
+    limits = changes.pop(
+        "limits",
+        ProviderLimits(concurrency=4, connect_timeout=1.0, read_timeout=2.0, breaker_failures=50),
     )
-    common: dict[str, Any] = {
-        "kind": "http",
-        "limits": limits,
-        "secrets": {"token": Secret(token)},
-        "headers": {
-            "Authorization": "Bearer {secret:token}",
-            "X-Tenant-Id": "{column:tenantId}",
-            "Idempotency-Key": "{request_id}",
-        },
-        "body": {"ids": "{ids}", "note": "{message}"},
-        "success": {"ok": True},
-        "errors_path": "errors",
-    }
-    common.update(overrides)
-    approve = ActionConfig(
-        name="approve",
-        outcomes=("done",),
-        url=base_url + APPROVE_PATH,
-        confirm_status="approved",
-        **common,
-    )
-    reject = ActionConfig(
-        name="reject",
-        outcomes=("failed",),
-        url=base_url + REJECT_PATH,
-        confirm_status="rejected",
-        **common,
-    )
-    return approve, reject
-
-
-@pytest.fixture
-def outbox_db(db: str) -> str:
-    """Installed for settings that deliver done and failed, as test_store's."""
-    deploy(db, WRITES)
-    return db
+    return api_reference_actions(base_url, token, limits=limits, **changes)
 
 
 @pytest.fixture
@@ -108,18 +73,6 @@ async def api(outbox_db: str) -> AsyncIterator[ApplicationApi]:
     application = ApplicationApi(outbox_db, token=TOKEN)
     async with application.running():
         yield application
-
-
-@pytest.fixture
-async def admin(outbox_db: str) -> AsyncIterator[Conn]:
-    async with await psycopg.AsyncConnection.connect(outbox_db, autocommit=True) as conn:
-        yield conn
-
-
-@pytest.fixture
-async def daemon(outbox_db: str) -> AsyncIterator[Conn]:
-    async with await psycopg.AsyncConnection.connect(as_daemon(outbox_db), autocommit=True) as conn:
-        yield conn
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -22,41 +22,17 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from order_monitor import schema
-from order_monitor.config import Layout, OutcomeWrites
+from order_monitor.config import Layout
 from order_monitor.delivery.model import Entry, Verdict
 from order_monitor.delivery.relay import _clean_error
 from order_monitor.delivery.store import OutboxStore, Reschedule
-from tests.conftest import as_daemon, deploy
+from tests.conftest import as_daemon
+from tests.delivery.conftest import Conn
 
-#: What the reference actions need recorded: done and failed, with the tenant.
-WRITES = OutcomeWrites(deliver=("done", "failed"), deliver_columns=("tenantId",))
 TENANT_A = uuid.UUID("aaaaaaaa-0000-4000-8000-00000000000a")
 TENANT_B = uuid.UUID("bbbbbbbb-0000-4000-8000-00000000000b")
 USER = uuid.UUID("cccccccc-0000-4000-8000-00000000000c")
 OUTBOX = schema.Names(Layout()).outbox
-
-Conn = psycopg.AsyncConnection[Any]
-
-
-@pytest.fixture
-def outbox_db(db: str) -> str:
-    """A database installed (as the table's owner) for settings that deliver done and failed."""
-    deploy(db, WRITES)
-    return db
-
-
-@pytest.fixture
-async def admin(outbox_db: str) -> AsyncIterator[Conn]:
-    """The application's side (and the test's eye): the server's superuser."""
-    async with await psycopg.AsyncConnection.connect(outbox_db, autocommit=True) as conn:
-        yield conn
-
-
-@pytest.fixture
-async def daemon(outbox_db: str) -> AsyncIterator[Conn]:
-    """The daemon's role, as the relay's autocommit connection is."""
-    async with await psycopg.AsyncConnection.connect(as_daemon(outbox_db), autocommit=True) as conn:
-        yield conn
 
 
 @pytest.fixture

@@ -44,8 +44,8 @@ from order_monitor.embedded import EmbeddedServer
 from order_monitor.providers.fake import FakeProvider, Script
 from tests.conftest import as_daemon, deploy, deployed_shop
 from tests.daemon_fixtures import eventually, running, settings_for
+from tests.delivery.conftest import WRITES
 from tests.delivery.test_relay import TOKEN, reference_actions
-from tests.delivery.test_store import WRITES
 from tests.integration.test_restart import DaemonProcess
 
 OUTBOX = schema.Names(Layout()).outbox
