@@ -460,10 +460,21 @@ class Relay:
                     self._dead(action, entry, verdict, error, out)
                     results["dead"] += 1
                 else:
-                    delay = max(self._backoff(entry), answer.retry_after or 0.0)
+                    # Asked to wait (429, a Retry-After): the application's
+                    # pace, not the order's failure, so no try is used up,
+                    # as for a provider; the sender holds the action back.
+                    paused = sent.status == 429 or answer.retry_after is not None
+                    delay = answer.retry_after or self._backoff(entry)
                     retry_in.append(delay)
                     out.reschedule.append(
-                        Reschedule(entry.delivery_id, delay, verdict.value, error, False)
+                        Reschedule(
+                            entry.delivery_id,
+                            delay,
+                            verdict.value,
+                            error,
+                            False,
+                            attempted=not paused,
+                        )
                     )
                     results["retried"] += 1
         for result, count in results.items():

@@ -282,9 +282,9 @@ async def test_a_retry_after_is_obeyed_and_a_deferred_round_is_not_a_try(
 
     await h.relay.deliver_due()
     rows = await outbox_rows(admin)
-    assert {(r["tries"], r["last_verdict"]) for r in rows} == {(1, "retry")}
+    # Asked to wait: no try used up (the backoff does not grow), due when told.
+    assert {(r["tries"], r["last_verdict"]) for r in rows} == {(0, "retry")}
     now = await db_now(admin)
-    # Retry-After (30 s) wins over the first backoff (5 s).
     assert all(28 < (r["due_at"] - now).total_seconds() <= 30 for r in rows)
 
     await make_due(admin)  # the outbox says due, but the application said wait
@@ -292,7 +292,7 @@ async def test_a_retry_after_is_obeyed_and_a_deferred_round_is_not_a_try(
 
     assert len(api.requests) == 1  # nothing went out
     again = await outbox_rows(admin)
-    assert {(r["tries"], r["rejections"], r["last_verdict"]) for r in again} == {(1, 0, "retry")}
+    assert {(r["tries"], r["rejections"], r["last_verdict"]) for r in again} == {(0, 0, "retry")}
     now = await db_now(admin)
     assert all(20 < (r["due_at"] - now).total_seconds() <= 30 for r in again)
 
