@@ -121,10 +121,8 @@ BEGIN
         RAISE EXCEPTION 'order-monitor: the inbox % does not exist', '"public"."order_monitor_product_orders_inbox_v2"'
             USING HINT = 'run install.sql first, as the table''s owner';
     END IF;
-    IF NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"'),
-                                             'DELETE WITH GRANT OPTION')
-       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"'),
-                                             'SELECT WITH GRANT OPTION') THEN
+    IF NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"'), 'SELECT WITH GRANT OPTION')
+       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"'), 'DELETE WITH GRANT OPTION') THEN
         RAISE EXCEPTION 'order-monitor: % cannot grant SELECT and DELETE on %; nothing was changed', current_user, '"public"."order_monitor_product_orders_inbox_v2"'
             USING HINT = 'run role.sql as the table''s owner, or as a superuser';
     END IF;
@@ -146,12 +144,9 @@ BEGIN
         RAISE EXCEPTION 'order-monitor: the outbox % does not exist', '"public"."order_monitor_product_orders_outbox_v1"'
             USING HINT = 'run install.sql (schema version 4) first, as the table''s owner';
     END IF;
-    IF NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"'),
-                                          'DELETE WITH GRANT OPTION')
-       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"'),
-                                             'SELECT WITH GRANT OPTION')
-       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"'),
-                                             'UPDATE WITH GRANT OPTION') THEN
+    IF NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"'), 'SELECT WITH GRANT OPTION')
+       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"'), 'DELETE WITH GRANT OPTION')
+       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_outbox_v1"'), 'UPDATE WITH GRANT OPTION') THEN
         RAISE EXCEPTION 'order-monitor: % cannot grant SELECT, DELETE and UPDATE on %; nothing was changed', current_user, '"public"."order_monitor_product_orders_outbox_v1"'
             USING HINT = 'run role.sql as the table''s owner, or as a superuser';
     END IF;

@@ -109,47 +109,49 @@ END
 
 def check_inbox_grant(layout: Layout) -> sql.Composed:
     """Raise when this role cannot grant SELECT and DELETE on the inbox (or it is missing)."""
-    inbox = sql.Literal(Names(layout).inbox.as_string(None))
-    body = sql.SQL(
-        """
-BEGIN
-    IF pg_catalog.to_regclass({inbox}) IS NULL THEN
-        RAISE EXCEPTION 'order-monitor: the inbox % does not exist', {inbox}
-            USING HINT = 'run install.sql first, as the table''s owner';
-    END IF;
-    IF NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass({inbox}),
-                                             'DELETE WITH GRANT OPTION')
-       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass({inbox}),
-                                             'SELECT WITH GRANT OPTION') THEN
-        RAISE EXCEPTION 'order-monitor: % cannot grant SELECT and DELETE on %; nothing was changed', current_user, {inbox}
-            USING HINT = 'run role.sql as the table''s owner, or as a superuser';
-    END IF;
-END
-"""  # noqa: E501 (plpgsql a DBA reads: long messages stay on one line)
-    ).format(inbox=inbox)
-    return do(body)
+    return _check_table_grant("the inbox", Names(layout).inbox, ("SELECT", "DELETE"), since="")
 
 
 def check_outbox_grant(layout: Layout) -> sql.Composed:
     """Raise when this role cannot grant what role.sql grants on the outbox (or it is missing)."""
-    outbox = sql.Literal(Names(layout).outbox.as_string(None))
+    return _check_table_grant(
+        "the outbox",
+        Names(layout).outbox,
+        ("SELECT", "DELETE", "UPDATE"),
+        since=" (schema version 4)",
+    )
+
+
+def _check_table_grant(
+    what: str, table: sql.Identifier, privileges: tuple[str, ...], *, since: str
+) -> sql.Composed:
+    """Raise when *table* is missing, or this role cannot grant each of *privileges* on it."""
+    name = sql.Literal(table.as_string(None))
+    lacking = sql.SQL("\n       OR ").join(
+        sql.SQL(
+            "NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass({name}), {privilege})"
+        ).format(name=name, privilege=sql.Literal(f"{privilege} WITH GRANT OPTION"))
+        for privilege in privileges
+    )
+    listed = ", ".join(privileges[:-1]) + " and " + privileges[-1]
     body = sql.SQL(
         """
 BEGIN
-    IF pg_catalog.to_regclass({outbox}) IS NULL THEN
-        RAISE EXCEPTION 'order-monitor: the outbox % does not exist', {outbox}
-            USING HINT = 'run install.sql (schema version 4) first, as the table''s owner';
+    IF pg_catalog.to_regclass({name}) IS NULL THEN
+        RAISE EXCEPTION 'order-monitor: {what} % does not exist', {name}
+            USING HINT = 'run install.sql{since} first, as the table''s owner';
     END IF;
-    IF NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass({outbox}),
-                                          'DELETE WITH GRANT OPTION')
-       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass({outbox}),
-                                             'SELECT WITH GRANT OPTION')
-       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass({outbox}),
-                                             'UPDATE WITH GRANT OPTION') THEN
-        RAISE EXCEPTION 'order-monitor: % cannot grant SELECT, DELETE and UPDATE on %; nothing was changed', current_user, {outbox}
+    IF {lacking} THEN
+        RAISE EXCEPTION 'order-monitor: % cannot grant {listed} on %; nothing was changed', current_user, {name}
             USING HINT = 'run role.sql as the table''s owner, or as a superuser';
     END IF;
 END
 """  # noqa: E501 (plpgsql a DBA reads: long messages stay on one line)
-    ).format(outbox=outbox)
+    ).format(
+        name=name,
+        lacking=lacking,
+        what=sql.SQL(what),
+        since=sql.SQL(since),
+        listed=sql.SQL(listed),
+    )
     return do(body)
