@@ -123,6 +123,8 @@ class Relay:
         self._conn = conn
         self._store = store
         self._actions = tuple(actions)
+        # One action per outcome (the settings refuse two): looked up per entry.
+        self._by_outcome = {o: action for action in self._actions for o in action.outcomes}
         self._senders = senders
         self._metrics = metrics
         self.timing = timing or RelayTiming()
@@ -279,10 +281,7 @@ class Relay:
         return sum(settled), len(entries)
 
     def action_for(self, outcome: str) -> ActionConfig | None:
-        for action in self._actions:
-            if outcome in action.outcomes:
-                return action
-        return None
+        return self._by_outcome.get(outcome)
 
     def _orphan(self, entry: Entry) -> None:
         # The start-up check refuses an install rendered for other actions,

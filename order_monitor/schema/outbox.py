@@ -12,12 +12,9 @@ from typing import Final
 
 from psycopg import sql
 
-from order_monitor.config import Layout, OutcomeWrites
+from order_monitor.config import DELIVERABLE_OUTCOMES, Layout, OutcomeWrites
 from order_monitor.schema.guards import do, table_text
 from order_monitor.schema.names import Names, Statement
-
-#: The outcomes an action may deliver ('pending' is no result).
-DELIVERABLE: Final = ("done", "failed", "gave_up")
 
 #: (name, type and constraints) of the outbox's columns, in order.
 OUTBOX_COLUMNS: Final = (
@@ -51,9 +48,9 @@ OUTBOX_UPDATABLE: Final = (
 
 def check_deliverable(layout: Layout, writes: OutcomeWrites) -> None:
     """Refuse settings the outbox must never be rendered for (a PIN, a 'pending' result)."""
-    unknown = [o for o in writes.deliver if o not in DELIVERABLE]
+    unknown = [o for o in writes.deliver if o not in DELIVERABLE_OUTCOMES]
     if unknown:
-        raise ValueError(f"only {', '.join(DELIVERABLE)} can be delivered, not {unknown}")
+        raise ValueError(f"only {', '.join(DELIVERABLE_OUTCOMES)} can be delivered, not {unknown}")
     if layout.columns.pin_code in writes.deliver_columns:
         raise ValueError(
             f"the column {layout.columns.pin_code} (the PIN) is never copied into the outbox"

@@ -472,21 +472,9 @@ def process_env(
 class Standby(DaemonProcess):
     """A second instance: it waits for the lock instead of listening."""
 
-    async def start(self) -> None:
-        self.events = []
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "order_monitor", "run",
-            env=self.env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        self._reader = asyncio.create_task(self._read())
-        await eventually(self._standing_by, within=30, what="the second instance to stand by")
-
-    async def _standing_by(self) -> bool:
-        if self.process is not None and self.process.returncode is not None:
-            pytest.fail(f"the standby exited early: {self.events[-5:]}")
-        return any(e["event"] == "leader.standby" for e in self.events)
+    ready_event = "leader.standby"
+    ready_state = "stand by"
+    name = "the second instance"
 
 
 @pytest.mark.slow

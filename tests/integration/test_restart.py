@@ -28,6 +28,11 @@ POLICY = BackoffPolicy(
 class DaemonProcess:
     """`order-monitor run` in a child process, its JSON log lines collected."""
 
+    #: The log event that says it started, what it is while waiting for it, and its name.
+    ready_event = "listener.connected"
+    ready_state = "start listening"
+    name = "the daemon"
+
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
         self.events: list[dict[str, object]] = []
@@ -43,7 +48,7 @@ class DaemonProcess:
             stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         self._reader = asyncio.create_task(self._read())
-        await eventually(self._listening, within=30, what="the daemon to start listening")
+        await eventually(self._ready, within=30, what=f"{self.name} to {self.ready_state}")
 
     async def _read(self) -> None:
         assert self.process is not None
@@ -54,10 +59,10 @@ class DaemonProcess:
             except json.JSONDecodeError:
                 self.events.append({"event": "<not json>", "line": line.decode(errors="replace")})
 
-    async def _listening(self) -> bool:
+    async def _ready(self) -> bool:
         if self.process is not None and self.process.returncode is not None:
-            pytest.fail(f"the daemon exited early: {self.events[-5:]}")
-        return any(e["event"] == "listener.connected" for e in self.events)
+            pytest.fail(f"{self.name} exited early: {self.events[-5:]}")
+        return any(e["event"] == self.ready_event for e in self.events)
 
     def send(self, signum: int) -> None:
         assert self.process is not None

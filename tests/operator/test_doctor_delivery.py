@@ -32,6 +32,7 @@ from order_monitor.operator.findings import Finding, Verdict
 from order_monitor.redaction import Secret
 from tests.conftest import DAEMON_ROLE, as_daemon, deploy
 from tests.operator.helpers import execute
+from tests.providers.test_leaks import tls_stall
 
 WRITES = OutcomeWrites(deliver=("done", "failed"), deliver_columns=("tenantId",))
 OUTBOX = schema.Names(Layout()).outbox.as_string(None)
@@ -122,20 +123,8 @@ def closed_port() -> int:
 @pytest.fixture
 async def silent_host() -> AsyncIterator[int]:
     """Accepts connections and never answers."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port: int = server.sockets[0].getsockname()[1]
-    try:
+    async with tls_stall() as port:
         yield port
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.fixture
