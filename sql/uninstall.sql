@@ -35,7 +35,7 @@ BEGIN
         waiting := 0;
         dead := 0;
     ELSE
-        SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL)
+        SELECT pg_catalog.count(*) FILTER (WHERE dead_at IS NULL), pg_catalog.count(*) FILTER (WHERE dead_at IS NOT NULL)
           INTO waiting, dead FROM "public"."order_monitor_product_orders_outbox_v1";
     END IF;
     IF waiting + dead > 0 THEN
@@ -94,7 +94,7 @@ BEGIN
         waiting := 0;
         dead := 0;
     ELSE
-        SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL)
+        SELECT pg_catalog.count(*) FILTER (WHERE dead_at IS NULL), pg_catalog.count(*) FILTER (WHERE dead_at IS NOT NULL)
           INTO waiting, dead FROM "public"."order_monitor_product_orders_outbox_v1";
     END IF;
     IF waiting + dead > 0 THEN

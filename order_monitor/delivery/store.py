@@ -114,7 +114,7 @@ class OutboxStore:
         """Seconds until the next undelivered entry is due (<= 0: now); None when none waits."""
         cursor = await conn.execute(
             sql.SQL(
-                "SELECT extract(epoch FROM min(due_at) - pg_catalog.now())::float8"
+                "SELECT extract(epoch FROM pg_catalog.min(due_at) - pg_catalog.now())::float8"
                 " FROM {outbox} WHERE dead_at IS NULL"
             ).format(outbox=self._outbox)
         )
@@ -198,11 +198,11 @@ class OutboxStore:
         """Counts and the oldest undelivered entry's age, in one scan of the (small) outbox."""
         cursor = await conn.execute(
             sql.SQL(
-                "SELECT outcome, count(*) FILTER (WHERE dead_at IS NULL),"
-                " count(*) FILTER (WHERE dead_at IS NOT NULL),"
-                " count(*) FILTER (WHERE dead_at IS NULL AND last_verdict = {auth}),"
+                "SELECT outcome, pg_catalog.count(*) FILTER (WHERE dead_at IS NULL),"
+                " pg_catalog.count(*) FILTER (WHERE dead_at IS NOT NULL),"
+                " pg_catalog.count(*) FILTER (WHERE dead_at IS NULL AND last_verdict = {auth}),"
                 " extract(epoch FROM pg_catalog.now()"
-                " - min(recorded_at) FILTER (WHERE dead_at IS NULL))::float8"
+                " - pg_catalog.min(recorded_at) FILTER (WHERE dead_at IS NULL))::float8"
                 " FROM {outbox} GROUP BY outcome"
             ).format(outbox=self._outbox, auth=sql.Literal(Verdict.AUTH.value))
         )

@@ -143,7 +143,7 @@ def prepare_application_tables(conn: psycopg.Connection[Any]) -> None:
             " user_id uuid NOT NULL,"
             " kind text NOT NULL CHECK (kind = 'refund'),"
             " amount numeric(12,2) NOT NULL,"
-            " created_at timestamptz NOT NULL DEFAULT now())"
+            " created_at timestamptz NOT NULL DEFAULT pg_catalog.now())"
         ).format(wallet=sql.Identifier(WALLET))
     )
 
@@ -335,8 +335,9 @@ class ApplicationApi:
                 sql.SQL(
                     "UPDATE {} SET status = %(status)s,"
                     ' "externalStatus" = %(external)s,'
-                    ' "completedAt" = now(), "lastSyncAt" = now(),'
-                    ' "durationMs" = (extract(epoch FROM now() - "sentAt") * 1000)::integer,'
+                    ' "completedAt" = pg_catalog.now(), "lastSyncAt" = pg_catalog.now(),'
+                    ' "durationMs" ='
+                    ' (extract(epoch FROM pg_catalog.now() - "sentAt") * 1000)::integer,'
                     ' "manualNote" = coalesce(%(note)s, "manualNote"),'
                     ' "providerMessage" = coalesce(%(note)s, "providerMessage"),'
                     ' "lastMessage" = coalesce(%(last)s, "lastMessage")'

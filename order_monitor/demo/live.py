@@ -81,12 +81,12 @@ class Tally:
         self._started = time.monotonic()
         self._window: deque[tuple[float, float]] = deque()
         self._count = sql.SQL(
-            "SELECT count(*) FILTER (WHERE provider_referans IS NOT NULL),"
-            ' count(*) FILTER (WHERE "externalStatus" = {done}),'
-            ' count(*) FILTER (WHERE "externalStatus" = {failed}),'
-            ' count(*) FILTER (WHERE "externalStatus" = {gave_up}),'
-            " count(*) FILTER (WHERE status = 'approved'),"
-            " count(*) FILTER (WHERE status = 'rejected')"
+            "SELECT pg_catalog.count(*) FILTER (WHERE provider_referans IS NOT NULL),"
+            ' pg_catalog.count(*) FILTER (WHERE "externalStatus" = {done}),'
+            ' pg_catalog.count(*) FILTER (WHERE "externalStatus" = {failed}),'
+            ' pg_catalog.count(*) FILTER (WHERE "externalStatus" = {gave_up}),'
+            " pg_catalog.count(*) FILTER (WHERE status = 'approved'),"
+            " pg_catalog.count(*) FILTER (WHERE status = 'rejected')"
             " FROM product_orders"
         ).format(
             done=sql.Literal(writes.done_external_status),

@@ -310,8 +310,8 @@ async def _figures(
         result.durations_ms = (row[0], row[1])
     cursor = await conn.execute(
         sql.SQL(
-            "SELECT count(*), coalesce(sum(w.amount), 0),"
-            " count(*) FILTER (WHERE o.status IS DISTINCT FROM 'rejected')"
+            "SELECT pg_catalog.count(*), coalesce(pg_catalog.sum(w.amount), 0),"
+            " pg_catalog.count(*) FILTER (WHERE o.status IS DISTINCT FROM 'rejected')"
             " FROM {wallet} w LEFT JOIN product_orders o ON o.id = w.order_id"
         ).format(wallet=sql.Identifier(WALLET))
     )

@@ -169,7 +169,7 @@ BEGIN
         waiting := 0;
         dead := 0;
     ELSE
-        SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL)
+        SELECT pg_catalog.count(*) FILTER (WHERE dead_at IS NULL), pg_catalog.count(*) FILTER (WHERE dead_at IS NOT NULL)
           INTO waiting, dead FROM {outbox_ident};
     END IF;
     IF waiting + dead > 0 THEN

@@ -194,7 +194,8 @@ async def _auth_refused_by_action(conn: db.AsyncConn, settings: Settings) -> dic
     outbox = schema.Names(settings.layout).outbox
     cursor = await conn.execute(
         sql.SQL(
-            "SELECT outcome, count(*) FROM {} WHERE dead_at IS NULL AND last_verdict = %s"
+            "SELECT outcome, pg_catalog.count(*) FROM {}"
+            " WHERE dead_at IS NULL AND last_verdict = %s"
             " GROUP BY outcome ORDER BY outcome"
         ).format(outbox),
         (DeliveryVerdict.AUTH.value,),
