@@ -1,0 +1,71 @@
+"""A server that can decode its WAL (``wal_level = logical``), for the pgoutput tests.
+
+The one named by ORDER_MONITOR_TEST_LOGICAL_DSN when set (a superuser DSN:
+slots and publications are created and dropped there), else a throwaway
+embedded cluster set to ``wal_level = logical``: the suite's shared servers
+run with ``replica``, and changing that needs a restart no other test should
+see.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from order_monitor.embedded import EmbeddedServer
+from tests.conftest import REFERENCE_DDL
+
+
+@pytest.fixture(scope="session")
+def logical_dsn() -> Iterator[str]:
+    configured = os.environ.get("ORDER_MONITOR_TEST_LOGICAL_DSN")
+    if configured:
+        yield configured
+        return
+    server = EmbeddedServer(prefix="order-monitor-logical-")
+    try:
+        dsn = server.start()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET wal_level = logical")
+        server.restart()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SHOW wal_level").fetchone()
+        assert row == ("logical",)
+        yield dsn
+    finally:
+        server.stop_and_delete()
+
+
+@pytest.fixture
+def orders_db(logical_dsn: str) -> Iterator[str]:
+    """A new database on *logical_dsn* holding the orders table as it is once installed.
+
+    Dropped at the end with every slot still in it: a slot left behind keeps
+    the server's WAL forever (and DROP DATABASE refuses while one exists).
+    """
+    name = f"om_logical_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(logical_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = make_conninfo(logical_dsn, dbname=name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(REFERENCE_DDL.read_text().encode())
+            # What sql/install.sql adds to the application's table.
+            conn.execute('ALTER TABLE product_orders ADD COLUMN "provider_referans" varchar(255)')
+        yield dsn
+    finally:
+        with psycopg.connect(logical_dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_catalog.pg_drop_replication_slot(slot_name)"
+                " FROM pg_catalog.pg_replication_slots WHERE database = %s",
+                (name,),
+            )
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
