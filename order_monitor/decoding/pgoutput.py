@@ -194,12 +194,10 @@ Message: TypeAlias = (
     Begin | Commit | Origin | Relation | Type | Insert | Update | Delete | Truncate | LogicalMessage
 )
 
-_U8: Final = struct.Struct("!B")
 _U16: Final = struct.Struct("!H")
 _U32: Final = struct.Struct("!I")
 _I32: Final = struct.Struct("!i")
 _U64: Final = struct.Struct("!Q")
-_I64: Final = struct.Struct("!q")
 _BEGIN: Final = struct.Struct("!QqI")
 _COMMIT: Final = struct.Struct("!BQQq")
 
@@ -291,33 +289,54 @@ class _Reader:
             raise self.fail(f"{len(self.data) - self.pos} unexpected bytes after the message")
 
     def tuple_data(self, what: str) -> TupleData:
+        data = self.data
+        size = len(data)
         start = self.pos
-        count = self.u16(f"{what}'s column count")
+        count = self.u16("the tuple's column count")
         # Each column takes at least its kind byte: a count the rest of the
         # message cannot hold is refused before any work is done for it.
-        if count > len(self.data) - self.pos:
+        if count > size - self.pos:
             raise self.fail(
-                f"{what} declares {count} columns, only {len(self.data) - self.pos} bytes are left",
-                start,
+                f"{what} declares {count} columns, only {size - self.pos} bytes are left", start
             )
+        # The one loop that runs per column of every row: bounds are checked
+        # inline and a description is formatted only for an error.
         values: list[Value] = []
+        pos = self.pos
         for index in range(count):
-            at = self.pos
-            kind = self.u8(f"{what}'s column {index} kind")
-            if kind == 0x74:  # 't'
-                values.append(self.raw(self.length(f"{what}'s column {index} length")))
+            if pos >= size:
+                self.pos = pos
+                raise self.fail(f"{what}'s column {index}: the message ends before its kind")
+            kind = data[pos]
+            if kind == 0x74 or kind == 0x62:  # 't' text, 'b' binary
+                if size - pos < 5:
+                    self.pos = pos
+                    raise self.fail(f"{what}'s column {index}: the message ends in its length")
+                length: int = _I32.unpack_from(data, pos + 1)[0]
+                if length < 0 or length > size - pos - 5:
+                    self.pos = pos + 1
+                    if length < 0:
+                        raise self.fail(f"{what}'s column {index} length is negative ({length})")
+                    raise self.fail(
+                        f"{what}'s column {index} announces {length} bytes,"
+                        f" only {size - pos - 5} are left"
+                    )
+                pos += 5 + length
+                value = data[pos - length : pos]
+                values.append(value if kind == 0x74 else Binary(value))
             elif kind == 0x6E:  # 'n'
                 values.append(None)
+                pos += 1
             elif kind == 0x75:  # 'u'
                 values.append(UNCHANGED_TOAST)
-            elif kind == 0x62:  # 'b'
-                values.append(Binary(self.raw(self.length(f"{what}'s column {index} length"))))
+                pos += 1
             else:
+                self.pos = pos
                 raise self.fail(
                     f"{what}'s column {index} has unknown kind {bytes([kind])!r}"
-                    " (expected 'n', 'u', 't' or 'b')",
-                    at,
+                    " (expected 'n', 'u', 't' or 'b')"
                 )
+        self.pos = pos
         return tuple(values)
 
     def old_kind(self, what: str) -> OldKind:

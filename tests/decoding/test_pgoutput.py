@@ -238,7 +238,9 @@ def test_an_error_quotes_at_most_a_few_bytes_of_the_input() -> None:
 
 
 def test_a_huge_declared_length_is_refused_before_anything_is_allocated() -> None:
-    with pytest.raises(PgoutputError, match="needs 2147483647 bytes, only 0 are left"):
+    with pytest.raises(
+        PgoutputError, match="announces 2147483647 bytes, only 0 are left at offset 9"
+    ):
         parse_message(b"I\x00\x00\x00\x01N\x00\x01t\x7f\xff\xff\xff")
 
 
