@@ -12,9 +12,10 @@ local PostgreSQL at ``postgresql://postgres@127.0.0.1:5432/test``, a role that
 may CREATE DATABASE; the throwaway databases are dropped at the end). Three
 variants of the same table, side by side:
 
-* ``v2``: our objects as ``sql/install.sql`` installs them (schema version 2:
-  NOTIFY while the daemon holds its idle lock, the UNLOGGED inbox while it is
-  busy), with the daemon running in this process, as deployed between checks:
+* ``ours``: our objects as ``sql/install.sql`` installs them (schema version
+  5: NOTIFY while the daemon holds its idle lock; while it is busy the
+  trigger's WHEN is false and the daemon reads what changed), with the daemon
+  running in this process, as deployed between checks:
   its policy's first check is an hour away and its periodic sweep a day away,
   so during a run it only takes announced orders in;
 * ``off``: the same database and daemon, our two triggers disabled (``ALTER
@@ -31,12 +32,12 @@ trigger's ``UPDATE OF``/``WHEN`` keeps it out). Before every run the table is
 reset to the same state (emptied, or reloaded with N rows, vacuumed) and a
 CHECKPOINT taken, so no run inherits another's dead rows or WAL. Variants are
 alternated within each round and the order reversed every other round
-(``v2 off v1``, ``v1 off v2``, ...), so a slow drift of the machine falls on
+(``ours off v1``, ``v1 off ours``, ...), so a slow drift of the machine falls on
 each alike; ratios are taken within a round, medians over rounds.
 
 After every run the benchmark checks that nothing was missed: every row in
-flight in the table after a ``v2`` run must have been offered to the daemon's
-scheduler (by NOTIFY or from the inbox), every one after a ``v1`` run must
+flight in the table after an ``ours`` run must have been offered to the daemon's
+scheduler (by NOTIFY or by its reads), every one after a ``v1`` run must
 have been notified to the LISTEN session, and ``off`` and ``unrelated`` runs
 must have announced nothing.
 
@@ -44,8 +45,8 @@ Latency at a fixed rate: pgbench ``-R 500 -c 8 -l`` (per-transaction logs);
 average and p99, for the three variants, insert and update forms.
 
 ``--diagnose`` adds a fourth variant, ``nodaemon``: our objects on a third
-database with no daemon, so every order goes to the inbox and stays there
-(the trigger's own cost, apart from what the daemon's reads cost).
+database with no daemon, so no order is announced (the trigger's own cost,
+its WHEN, apart from what the daemon's reads cost).
 
 COMMIT to the provider's first request: ``bench/common``'s
 ``commit_to_request`` (``bench/app_writer.py`` processes insert and stamp
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--diagnose",
         action="store_true",
-        help="add a fourth variant: our objects with no daemon (every order to the inbox, "
-        "never read): the trigger's own cost, apart from the daemon's reads",
+        help="add a fourth variant: our objects with no daemon (nothing announced): "
+        "the trigger's own cost, apart from the daemon's reads",
     )
     parser.add_argument("--pgbench", default="pgbench", help="the pgbench program")
     parser.add_argument(

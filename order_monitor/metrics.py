@@ -99,19 +99,34 @@ class Metrics:
         )
         self.inbox_taken = Counter(
             "order_monitor_inbox_taken",
-            "Order ids taken from the inbox table, where the trigger leaves them while the"
-            " daemon is busy (instead of a NOTIFY each).",
+            "Order ids taken from the inbox table of a version 2 to 4 install, where its"
+            " trigger leaves them while the daemon is busy (instead of a NOTIFY each).",
+            registry=r,
+        )
+        self.busy_reads = Histogram(
+            "order_monitor_busy_read_seconds",
+            "Reads of the orders in flight changed since the last one, made while the daemon"
+            " is busy (the trigger does not NOTIFY), by how long each took.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.busy_read_orders = Counter(
+            "order_monitor_busy_read_orders",
+            "Orders those reads returned, by result: taken (new to the daemon), known (already"
+            " scheduled: a row updated since, or held back by a long transaction elsewhere),"
+            " deferred (no room in the confirmer: read again next time).",
+            ["result"],
             registry=r,
         )
         self.handoff_busy = Gauge(
             "order_monitor_handoff_busy",
-            "1 while the daemon reads the inbox (the trigger does not NOTIFY), 0 while it"
-            " holds the idle lock (the trigger NOTIFYs).",
+            "1 while the daemon reads the orders that changed (the trigger does not NOTIFY),"
+            " 0 while it holds the idle lock (the trigger NOTIFYs).",
             registry=r,
         )
         self.handoff_switches = Counter(
             "order_monitor_handoff_switches",
-            "Switches between NOTIFY (to=idle) and the inbox (to=busy).",
+            "Switches between NOTIFY (to=idle) and reading what changed (to=busy).",
             ["to"],
             registry=r,
         )

@@ -1,13 +1,16 @@
--- order-monitor: install (schema version 4)
+-- order-monitor: install (schema version 5)
 --
 -- What it does, on the orders table "public"."product_orders":
 --   * adds the column "provider_referans" (if missing; no rewrite, data untouched);
 --   * builds a small partial index of the orders in flight, CONCURRENTLY;
 --   * adds a trigger that announces an order when it enters flight or gets a
---     new provider reference: with NOTIFY order_monitor while the daemon is idle,
---     through a small UNLOGGED inbox table while it is busy (a NOTIFY per
---     order would serialise the application's commits; see the table's comment);
---   * replaces version 1's triggers, which NOTIFYed always, in one transaction;
+--     new provider reference, with NOTIFY order_monitor, while the daemon is idle;
+--     while it is busy the trigger's WHEN is false (a NOTIFY per order would
+--     serialise the application's commits) and the daemon reads the orders
+--     that changed since its last read instead: nothing of ours runs in the
+--     application's transaction but the WHEN (see the function's comment);
+--   * replaces older versions' triggers in one transaction, and drops their
+--     functions and versions 2 to 4's UNLOGGED inbox;
 --   * creates the function through which the daemon writes results (and
 --     nothing else): done sets 'done', failed 'failed', gave_up 'manual_required', status is never written, no result is recorded in the outbox (no action is configured);
 --   * creates the outbox: the results an action of the providers file
@@ -26,9 +29,12 @@
 -- Running it again is harmless: every step is idempotent, and a run that
 -- finds nothing to change takes no lock on the table. If it stops on
 -- "lock timeout" (the table was busy), run it again.
--- Upgrading from version 3: in place, with the daemons running; run this,
--- then role.sql, then restart them (the write function keeps its name, and
--- records deliveries from the moment this commits).
+-- Upgrading from version 4 (or 3): in place, with the daemons running, in
+-- this order: first upgrade and restart every daemon (standbys included; a
+-- daemon of this release works on the version 4 install as well), then run
+-- this, then role.sql. A daemon of an earlier release does not look for the
+-- orders this trigger leaves unannounced while it is busy: its sweep would
+-- find them, minutes late.
 -- Upgrading from version 1 or 2: stop every order-monitor instance (standbys
 -- included), run this, then start the new version (it refuses to start on
 -- an older schema, and an older one cannot write on this).
@@ -82,7 +88,7 @@ BEGIN
             SELECT p.oid::pg_catalog.regprocedure AS f
               FROM pg_catalog.pg_proc p
               JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
-             WHERE s.nspname = 'public' AND p.proname::text IN ('order_monitor_product_orders_notify_v2', 'order_monitor_product_orders_notify_v1', 'order_monitor_product_orders_write_v2', 'order_monitor_product_orders_write_v1')
+             WHERE s.nspname = 'public' AND p.proname::text IN ('order_monitor_product_orders_notify_v3', 'order_monitor_product_orders_notify_v2', 'order_monitor_product_orders_notify_v1', 'order_monitor_product_orders_write_v2', 'order_monitor_product_orders_write_v1')
                AND p.proowner <> (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = table_owner)
         LOOP
             EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO %I', item.f, table_owner);
@@ -200,21 +206,6 @@ $om$;
 -- (lock timeout) leaves nothing half done.
 BEGIN;
 
--- Why not a NOTIFY per order: a transaction that has NOTIFYed takes one
--- lock for the whole cluster at COMMIT and holds it through its WAL flush,
--- so notifying commits run one at a time and lose group commit (pgbench
--- on 2 cores: a quarter of the application's dispatch throughput). So the
--- trigger NOTIFYs only while the daemon is idle enough to want it; while
--- it is busy, order ids wait here and the daemon reads them every few
--- milliseconds, and the application's commits take no lock of ours.
--- UNLOGGED: no WAL for the application to write; after a crash it is
--- empty, and the daemon sweeps the whole table on every reconnect anyway.
--- No index: the daemon takes whatever is here, oldest pages first.
-CREATE UNLOGGED TABLE IF NOT EXISTS "public"."order_monitor_product_orders_inbox_v2" (
-    order_id uuid NOT NULL,
-    queued_at timestamptz NOT NULL DEFAULT pg_catalog.now()
-);
-
 -- The outbox: one row per result the write function wrote and an action
 -- of the application delivers (approve; reject and refund), recorded in
 -- the very transaction that writes the result. So a written result is
@@ -257,38 +248,36 @@ BEGIN
 END
 $om$;
 
--- Announces an order: by NOTIFY on the channel named by the trigger's
--- argument while the daemon holds its idle lock, else through the inbox.
--- Either way the daemon sees the order only once it is committed.
--- SECURITY DEFINER: the application's roles need no grant on the inbox.
--- Replacing a function takes no lock on the orders table.
-CREATE OR REPLACE FUNCTION "public"."order_monitor_product_orders_notify_v2"() RETURNS trigger
+-- Announces an order with NOTIFY on the channel named by the trigger's
+-- argument. The triggers call it only while the daemon holds its idle
+-- lock, that is while orders arrive slowly enough that a NOTIFY each
+-- costs nothing. A transaction that has NOTIFYed takes one lock for the
+-- whole cluster at COMMIT and holds it through its WAL flush, so notifying
+-- commits run one at a time (pgbench on 2 cores: a quarter of the
+-- application's dispatch throughput); while the daemon is busy the
+-- trigger's WHEN is false and nothing of ours runs for the row: the
+-- daemon reads the orders that changed since its last read instead.
+-- Not SECURITY DEFINER: it touches no table. Replacing a function takes
+-- no lock on the orders table.
+CREATE OR REPLACE FUNCTION "public"."order_monitor_product_orders_notify_v3"() RETURNS trigger
     LANGUAGE plpgsql
-    SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $om$
 BEGIN
-    -- The daemon holds this lock (exclusively, for its session) while it
-    -- wants a NOTIFY per order: the shared try then fails at once, never
-    -- waits. While it does not hold it (busy, or not running), every
-    -- order goes to the inbox instead, and this transaction keeps the
-    -- shared lock until it ends: the daemon cannot take the lock back, and
-    -- so cannot stop reading the inbox, before this row is committed.
-    IF pg_catalog.pg_try_advisory_xact_lock_shared(6769325586509180928) THEN
-        INSERT INTO "public"."order_monitor_product_orders_inbox_v2" (order_id) VALUES (NEW."id");
-    ELSE
-        -- The payload is the id alone: far below NOTIFY's 8000-byte
-        -- limit, and the daemon reads the committed row itself.
-        PERFORM pg_catalog.pg_notify(TG_ARGV[0], NEW."id"::text);
-    END IF;
+    -- Called only when the trigger's WHEN found the idle lock held by
+    -- the daemon (the shared try failed): it wants a NOTIFY per order.
+    -- While it is busy the try succeeds, this is never called, and the
+    -- daemon finds the order by reading what changed in the table.
+    -- The payload is the id alone: far below NOTIFY's 8000-byte limit,
+    -- and the daemon reads the committed row itself.
+    PERFORM pg_catalog.pg_notify(TG_ARGV[0], NEW."id"::text);
     RETURN NULL;
 END
 $om$;
 
--- Only the triggers call it: executable by PUBLIC (the default), any role
--- could attach it to a TEMP table of its own and fill the inbox with the
--- owner's rights.
-REVOKE ALL ON FUNCTION "public"."order_monitor_product_orders_notify_v2"() FROM PUBLIC;
+-- Only the triggers call it (a trigger's call needs no EXECUTE): no role
+-- needs to.
+REVOKE ALL ON FUNCTION "public"."order_monitor_product_orders_notify_v3"() FROM PUBLIC;
 
 -- The daemon's only way to write: one call applies a batch of results, each
 -- guarded (same reference and provider, row still in flight), skipping rows
@@ -421,7 +410,7 @@ BEGIN
         SELECT p.oid::pg_catalog.regprocedure AS f, p.proname::text AS name
           FROM pg_catalog.pg_proc p
           JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
-         WHERE s.nspname = 'public' AND p.proname::text IN ('order_monitor_product_orders_notify_v2', 'order_monitor_product_orders_write_v2')
+         WHERE s.nspname = 'public' AND p.proname::text IN ('order_monitor_product_orders_notify_v3', 'order_monitor_product_orders_write_v2')
     LOOP
         -- A function with no ACL yet is executable by PUBLIC: this makes the
         -- ACL explicit, which the loop below then reads.
@@ -436,7 +425,7 @@ BEGIN
          CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) AS acl
           JOIN pg_catalog.pg_roles r ON r.oid = acl.grantee
           JOIN pg_catalog.pg_namespace s ON s.oid = p.pronamespace
-         WHERE s.nspname = 'public' AND p.proname::text IN ('order_monitor_product_orders_notify_v2', 'order_monitor_product_orders_write_v2')
+         WHERE s.nspname = 'public' AND p.proname::text IN ('order_monitor_product_orders_notify_v3', 'order_monitor_product_orders_write_v2')
            AND acl.grantee <> p.proowner
            AND NOT (p.proname::text = 'order_monitor_product_orders_write_v2' AND r.rolname = 'order_monitor')
     LOOP
@@ -446,20 +435,27 @@ END
 $om$;
 
 -- The triggers: an order that enters flight, or gets a new provider
--- reference while in flight. Every other update (including the daemon's
--- own result writes, which take the row out of flight) is kept out by
--- UPDATE OF and WHEN, so it costs the application nothing. Compared
--- first with what this file would create (on a temporary copy of the
--- columns): when they match and version 1's are gone, this takes no
--- lock on the table; else it takes the one lock the change needs, once.
+-- reference while in flight, while the daemon is idle. Every other update
+-- (including the daemon's own result writes, which take the row out of
+-- flight) is kept out by UPDATE OF and WHEN, so it costs the application
+-- nothing. The last test of each WHEN tries the daemon's idle lock
+-- shared, without waiting: it fails while the daemon holds the lock (it
+-- wants a NOTIFY: the function is called); it succeeds while the daemon
+-- does not (busy, or not running: nothing is called, and the shared lock
+-- is held until this transaction ends, so the daemon cannot go back to
+-- NOTIFY before it has seen this row committed). Compared first with what
+-- this file would create (on a temporary copy of the columns): when they
+-- match and earlier versions' are gone, this takes no lock on the table;
+-- else it takes the one lock the change needs, once (ACCESS EXCLUSIVE
+-- when an earlier version's triggers are dropped).
 DO $om$
 DECLARE
-    insert_name constant text := 'order_monitor_insert_v2';
-    update_name constant text := 'order_monitor_update_v2';
+    insert_name constant text := 'order_monitor_insert_v3';
+    update_name constant text := 'order_monitor_update_v3';
     probe_columns text;
     probe_drops text;
     differs boolean;
-    drop_v1 boolean;
+    drop_old boolean;
 BEGIN
     SELECT pg_catalog.string_agg(CASE WHEN a.attisdropped
                THEN pg_catalog.format('order_monitor_dropped_%s integer', a.attnum)
@@ -480,18 +476,20 @@ BEGIN
     IF probe_drops IS NOT NULL THEN
         EXECUTE pg_catalog.format('ALTER TABLE "pg_temp"."order_monitor_probe" %s', probe_drops);
     END IF;
-    CREATE OR REPLACE TRIGGER "order_monitor_insert_v2"
+    CREATE OR REPLACE TRIGGER "order_monitor_insert_v3"
             AFTER INSERT ON "pg_temp"."order_monitor_probe"
             FOR EACH ROW
-            WHEN (NEW."provider_referans" IS NOT NULL AND pg_catalog.lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(NEW."status") NOT IN ('approved', 'rejected'))
-            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v2"('order_monitor');
-    CREATE OR REPLACE TRIGGER "order_monitor_update_v2"
+            WHEN (NEW."provider_referans" IS NOT NULL AND pg_catalog.lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(NEW."status") NOT IN ('approved', 'rejected')
+                  AND NOT pg_catalog.pg_try_advisory_xact_lock_shared(6769325586509180928))
+            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v3"('order_monitor');
+    CREATE OR REPLACE TRIGGER "order_monitor_update_v3"
             AFTER UPDATE OF "provider_referans", "externalStatus", "status" ON "pg_temp"."order_monitor_probe"
             FOR EACH ROW
             WHEN (NEW."provider_referans" IS NOT NULL AND pg_catalog.lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(NEW."status") NOT IN ('approved', 'rejected')
                   AND (OLD."provider_referans" IS DISTINCT FROM NEW."provider_referans"
-                       OR NOT coalesce(OLD."provider_referans" IS NOT NULL AND pg_catalog.lower(OLD."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(OLD."status") NOT IN ('approved', 'rejected'), false)))
-            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v2"('order_monitor');
+                       OR NOT coalesce(OLD."provider_referans" IS NOT NULL AND pg_catalog.lower(OLD."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(OLD."status") NOT IN ('approved', 'rejected'), false))
+                  AND NOT pg_catalog.pg_try_advisory_xact_lock_shared(6769325586509180928))
+            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v3"('order_monitor');
     WITH wanted AS (SELECT t.tgname::text AS name,
                    (t.tgtype, t.tgfoid, t.tgargs, t.tgattr, pg_catalog.regexp_replace(t.tgqual::text, ' :location -?[0-9]+', '', 'g'))::text AS shape
               FROM pg_catalog.pg_trigger t
@@ -508,9 +506,9 @@ BEGIN
     DROP TABLE "pg_temp"."order_monitor_probe";
     SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger t
                     WHERE t.tgrelid = pg_catalog.to_regclass('"public"."product_orders"')
-                      AND t.tgname::text IN ('order_monitor_insert_v1', 'order_monitor_update_v1'))
-      INTO drop_v1;
-    IF NOT differs AND NOT drop_v1 THEN
+                      AND t.tgname::text IN ('order_monitor_insert_v1', 'order_monitor_update_v1', 'order_monitor_insert_v2', 'order_monitor_update_v2'))
+      INTO drop_old;
+    IF NOT differs AND NOT drop_old THEN
         RETURN;  -- nothing to change: no lock on the table at all
     END IF;
     -- The strongest lock this transaction will need, taken first and once:
@@ -518,30 +516,43 @@ BEGIN
     -- ACCESS EXCLUSIVE. Asking for the weaker one and then the stronger
     -- one deadlocked with an application transaction that had done
     -- SELECT ... FOR UPDATE and then UPDATE.
-    IF drop_v1 THEN
+    IF drop_old THEN
         LOCK TABLE "public"."product_orders" IN ACCESS EXCLUSIVE MODE;
     ELSE
         LOCK TABLE "public"."product_orders" IN SHARE ROW EXCLUSIVE MODE;
     END IF;
-    CREATE OR REPLACE TRIGGER "order_monitor_insert_v2"
+    CREATE OR REPLACE TRIGGER "order_monitor_insert_v3"
             AFTER INSERT ON "public"."product_orders"
             FOR EACH ROW
-            WHEN (NEW."provider_referans" IS NOT NULL AND pg_catalog.lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(NEW."status") NOT IN ('approved', 'rejected'))
-            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v2"('order_monitor');
-    CREATE OR REPLACE TRIGGER "order_monitor_update_v2"
+            WHEN (NEW."provider_referans" IS NOT NULL AND pg_catalog.lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(NEW."status") NOT IN ('approved', 'rejected')
+                  AND NOT pg_catalog.pg_try_advisory_xact_lock_shared(6769325586509180928))
+            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v3"('order_monitor');
+    CREATE OR REPLACE TRIGGER "order_monitor_update_v3"
             AFTER UPDATE OF "provider_referans", "externalStatus", "status" ON "public"."product_orders"
             FOR EACH ROW
             WHEN (NEW."provider_referans" IS NOT NULL AND pg_catalog.lower(NEW."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(NEW."status") NOT IN ('approved', 'rejected')
                   AND (OLD."provider_referans" IS DISTINCT FROM NEW."provider_referans"
-                       OR NOT coalesce(OLD."provider_referans" IS NOT NULL AND pg_catalog.lower(OLD."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(OLD."status") NOT IN ('approved', 'rejected'), false)))
-            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v2"('order_monitor');
+                       OR NOT coalesce(OLD."provider_referans" IS NOT NULL AND pg_catalog.lower(OLD."externalStatus") IN ('sent', 'processing', 'queued', 'pending', 'unknown') AND pg_catalog.lower(OLD."status") NOT IN ('approved', 'rejected'), false))
+                  AND NOT pg_catalog.pg_try_advisory_xact_lock_shared(6769325586509180928))
+            EXECUTE FUNCTION "public"."order_monitor_product_orders_notify_v3"('order_monitor');
     DROP TRIGGER IF EXISTS "order_monitor_insert_v1" ON "public"."product_orders";
     DROP TRIGGER IF EXISTS "order_monitor_update_v1" ON "public"."product_orders";
+    DROP TRIGGER IF EXISTS "order_monitor_insert_v2" ON "public"."product_orders";
+    DROP TRIGGER IF EXISTS "order_monitor_update_v2" ON "public"."product_orders";
 END
 $om$;
 
--- Version 1's trigger function: no trigger uses it any more.
+-- Versions 1 and 2's trigger functions: no trigger uses them any more.
 DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v1"();
+
+DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v2"();
+
+-- Versions 2 to 4's UNLOGGED inbox, where their trigger put order ids
+-- while the daemon was busy: nothing writes to it any more. Ids still in it
+-- belong to orders that a daemon of this release also finds by reading
+-- what changed in the table (upgrade the daemons first), and the sweep
+-- finds any order in flight.
+DROP TABLE IF EXISTS "public"."order_monitor_product_orders_inbox_v2";
 
 -- Versions 1 and 2's write function, which returned another shape. A
 -- daemon of those versions can no longer write: stop every instance

@@ -2,8 +2,8 @@
 --
 -- The daemon reads some columns of "public"."product_orders" and writes results only through
 -- the write function install.sql creates; it has no UPDATE, INSERT or DELETE
--- on the table, and never sees prices, user data or PINs. It takes order ids
--- from the inbox install.sql creates (SELECT and DELETE there, nothing else).
+-- on the table, and never sees prices, user data or PINs. It reads and
+-- settles the outbox install.sql creates (no INSERT there).
 -- LISTEN/NOTIFY and advisory locks need no grant.
 -- Apply with psql as a role that may create roles and grant all of this
 -- (a superuser, or the table's owner with CREATEROLE), after install.sql
@@ -106,30 +106,15 @@ REVOKE ALL ON TABLE "public"."product_orders" FROM "order_monitor";
 
 -- Read: only the columns the daemon looks at. Not the PIN, the provider's
 -- message or the duration: it writes those, and never needs to see them.
-GRANT SELECT ("id", "status", "externalStatus", "provider_referans", "providerId", "externalOrderId", "lastMessage", "sentAt", "lastSyncAt", "completedAt", "createdAt") ON TABLE "public"."product_orders" TO "order_monitor";
+-- And xmin, the id of the transaction that wrote a row: while the daemon is
+-- busy the trigger announces nothing, and the daemon reads the orders in
+-- flight written since its last read by comparing it.
+GRANT SELECT ("id", "status", "externalStatus", "provider_referans", "providerId", "externalOrderId", "lastMessage", "sentAt", "lastSyncAt", "completedAt", "createdAt", xmin) ON TABLE "public"."product_orders" TO "order_monitor";
 
 -- Write: only through the write function (install.sql), which writes
 -- nothing but results into rows still in flight. No UPDATE, INSERT or
 -- DELETE on the table itself.
 GRANT EXECUTE ON FUNCTION "public"."order_monitor_product_orders_write_v2"(uuid[], text[], text[], text[], text[], text[], text[]) TO "order_monitor";
-
--- The inbox (install.sql): the daemon takes the order ids the trigger left
--- there while it was busy. DELETE needs SELECT to find the rows it takes.
-DO $om$
-BEGIN
-    IF pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"') IS NULL THEN
-        RAISE EXCEPTION 'order-monitor: the inbox % does not exist', '"public"."order_monitor_product_orders_inbox_v2"'
-            USING HINT = 'run install.sql first, as the table''s owner';
-    END IF;
-    IF NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"'), 'SELECT WITH GRANT OPTION')
-       OR NOT pg_catalog.has_table_privilege(pg_catalog.to_regclass('"public"."order_monitor_product_orders_inbox_v2"'), 'DELETE WITH GRANT OPTION') THEN
-        RAISE EXCEPTION 'order-monitor: % cannot grant SELECT and DELETE on %; nothing was changed', current_user, '"public"."order_monitor_product_orders_inbox_v2"'
-            USING HINT = 'run role.sql as the table''s owner, or as a superuser';
-    END IF;
-END
-$om$;
-
-GRANT SELECT, DELETE ON TABLE "public"."order_monitor_product_orders_inbox_v2" TO "order_monitor";
 
 -- The outbox (install.sql): the daemon reads the entries due, DELETEs the
 -- delivered ones and, on a failed attempt, updates only its bookkeeping

@@ -1,7 +1,8 @@
--- order-monitor: uninstall (schema version 4)
+-- order-monitor: uninstall (schema version 5)
 --
 -- Removes every object any version created on "public"."product_orders": the triggers and
--- trigger functions, the inbox, the write functions, the outbox and the
+-- trigger functions (versions 1 to 5), the inbox of versions 2 to 4, the
+-- write functions, the outbox and the
 -- index. Keeps the column "provider_referans" and every row: nothing the application
 -- wrote is lost. Refuses, changing nothing, while the outbox holds results
 -- not yet delivered to the application, unless this session first says
@@ -50,25 +51,29 @@ $om$;
 DO $om$
 BEGIN
     -- DROP TRIGGER IF EXISTS takes ACCESS EXCLUSIVE even when there is
-    -- nothing to drop: ask the catalog first, then lock once for all four.
+    -- nothing to drop: ask the catalog first, then lock once for all of them.
     IF EXISTS (SELECT FROM pg_catalog.pg_trigger
-                WHERE tgrelid = pg_catalog.to_regclass('"public"."product_orders"') AND tgname::text IN ('order_monitor_insert_v2', 'order_monitor_update_v2', 'order_monitor_insert_v1', 'order_monitor_update_v1')) THEN
+                WHERE tgrelid = pg_catalog.to_regclass('"public"."product_orders"') AND tgname::text IN ('order_monitor_insert_v3', 'order_monitor_update_v3', 'order_monitor_insert_v1', 'order_monitor_update_v1', 'order_monitor_insert_v2', 'order_monitor_update_v2')) THEN
         LOCK TABLE "public"."product_orders" IN ACCESS EXCLUSIVE MODE;
-        DROP TRIGGER IF EXISTS "order_monitor_insert_v2" ON "public"."product_orders";
-        DROP TRIGGER IF EXISTS "order_monitor_update_v2" ON "public"."product_orders";
+        DROP TRIGGER IF EXISTS "order_monitor_insert_v3" ON "public"."product_orders";
+        DROP TRIGGER IF EXISTS "order_monitor_update_v3" ON "public"."product_orders";
         DROP TRIGGER IF EXISTS "order_monitor_insert_v1" ON "public"."product_orders";
         DROP TRIGGER IF EXISTS "order_monitor_update_v1" ON "public"."product_orders";
+        DROP TRIGGER IF EXISTS "order_monitor_insert_v2" ON "public"."product_orders";
+        DROP TRIGGER IF EXISTS "order_monitor_update_v2" ON "public"."product_orders";
     END IF;
 END
 $om$;
 
--- The trigger functions of versions 2 and 1.
+-- The trigger functions of versions 5, 2 to 4, and 1.
+DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v3"();
+
 DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v2"();
 
 DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v1"();
 
--- Order ids still waiting in it are orders in flight: the table keeps them
--- and the partial index finds them.
+-- Versions 2 to 4's inbox. Order ids still waiting in it are orders in
+-- flight: the table keeps them and the partial index finds them.
 DROP TABLE IF EXISTS "public"."order_monitor_product_orders_inbox_v2";
 
 -- From here on the daemon cannot write results (this version's write

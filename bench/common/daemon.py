@@ -72,7 +72,7 @@ async def running(settings: Settings, scheduler: Scheduler | None = None) -> Asy
 async def until_idle(daemon: Daemon, within: float) -> bool:
     """Wait for the daemon to hold its idle lock (the trigger NOTIFYs), as it does when quiet.
 
-    It starts busy (reading the inbox) and goes idle after a calm window.
+    It starts busy (reading what changed) and goes idle after a calm window.
     """
     deadline = time.monotonic() + within
     while daemon.handoff is None or daemon.handoff.mode is not Mode.IDLE:

@@ -94,7 +94,7 @@ async def commit_to_request(
     reference's COMMIT time (``time.time()`` on both sides). The writers
     start once the daemon has gone idle (NOTIFY mode), as a quiet shop's
     daemon is when a burst begins; above the handoff's busy rate it then
-    switches to the inbox within a fraction of a second.
+    goes busy (reads what changed) within a fraction of a second.
     """
     tag = label or (f"{int(rate)}" if rate is not None else f"max{writers}")
     dsn = server.fresh(f"lat{tag}")
@@ -138,10 +138,10 @@ async def commit_to_request(
                 count = sum(len(w["commits"]) for w in written)
                 await wait_finished(daemon, count, within=60 + count / 500)
             # How the orders reached the daemon: NOTIFY while it held its idle
-            # lock, the inbox table once the rate made it let go.
+            # lock, its reads of what changed once the rate made it let go.
             handoff = {
                 "notified": counter_total(daemon.metrics.notifications, result="accepted"),
-                "from_inbox": counter_total(daemon.metrics.inbox_taken),
+                "from_reads": counter_total(daemon.metrics.busy_read_orders, result="taken"),
                 "switches_to_busy": counter_total(daemon.metrics.handoff_switches, to="busy"),
             }
     polls = await fake.polls(prefix)

@@ -37,7 +37,7 @@ def install_v1(server: Server, psql: str) -> str:
     return dsn
 
 
-def reset(dsn: str, form: str, rows: int, *, inbox: bool = False) -> None:
+def reset(dsn: str, form: str, rows: int) -> None:
     """The table in the state a run of *form* starts from, vacuumed, after a CHECKPOINT.
 
     Rows are loaded with triggers off (session_replication_role): nobody is
@@ -45,8 +45,6 @@ def reset(dsn: str, form: str, rows: int, *, inbox: bool = False) -> None:
     """
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE product_orders")
-        if inbox:
-            conn.execute(sql.SQL("TRUNCATE {}").format(NAMES.inbox))
         if form in ("update", "unrelated"):
             with conn.transaction():
                 conn.execute("SET LOCAL session_replication_role = replica")
@@ -90,10 +88,3 @@ async def in_flight_ids(dsn: str) -> set[int]:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cursor = await conn.execute(query)
         return {row[0].int for row in await cursor.fetchall()}
-
-
-async def inbox_ids(dsn: str) -> list[int]:
-    """The order ids waiting in the inbox table (duplicates kept)."""
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        cursor = await conn.execute(sql.SQL("SELECT order_id FROM {}").format(NAMES.inbox))
-        return [row[0].int for row in await cursor.fetchall()]

@@ -147,14 +147,14 @@ def table(report: dict[str, Any]) -> str:
                     )
         lines.append("")
     if "commit_to_request" in r:
-        lines.append("COMMIT -> first provider request (v2, initial_delay=0)")
+        lines.append("COMMIT -> first provider request (ours, initial_delay=0)")
         for c in r["commit_to_request"]:
             asked = f"{c['rate']:g}/s asked" if c["rate"] is not None else "flat out"
             lines.append(
                 f"  {asked:<14} {c['writers']} writer(s), {c['achieved_rate']:>7,.0f}/s reached,"
                 f" {c['orders']:>7,} orders: p50 {c['p50_ms']:6.1f} ms, p99 {c['p99_ms']:6.1f} ms,"
                 f" max {c['max_ms']:6.1f} ms; {c['notified']:,.0f} by NOTIFY,"
-                f" {c['from_inbox']:,.0f} from the inbox"
+                f" {c['from_reads']:,.0f} read by the daemon"
             )
         lines.append("")
     runs = [
@@ -163,13 +163,13 @@ def table(report: dict[str, Any]) -> str:
         for s in r.get(part, {}).values()
         for run in s["runs"]
     ]
-    heard = [run for run in runs if run["variant"] == "v2" and run["orders_in_flight"]]
+    heard = [run for run in runs if run["variant"] == "ours" and run["orders_in_flight"]]
     if heard:
         lines.append(
-            f"orders (v2 runs): {sum(x['orders_in_flight'] for x in heard):,} in flight,"
+            f"orders (ours runs): {sum(x['orders_in_flight'] for x in heard):,} in flight,"
             f" {sum(x['orders_announced'] for x in heard):,} reached the daemon"
             f" ({sum(x['notified'] for x in heard):,.0f} notifications,"
-            f" {sum(x['from_inbox'] for x in heard):,.0f} inbox rows taken),"
+            f" {sum(x['from_reads'] for x in heard):,.0f} read while busy),"
             f" slowest catch-up after a run {max(x['catch_up_s'] for x in heard):.2f} s"
         )
         lines.append("")

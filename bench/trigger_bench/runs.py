@@ -28,7 +28,6 @@ from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.metrics import counter_total
 from trigger_bench.databases import (
     in_flight_ids,
-    inbox_ids,
     install_v1,
     order_no_index,
     reset,
@@ -43,7 +42,7 @@ from trigger_bench.setup import DIAGNOSTIC, LATENCY_FORMS, SCRIPTS, Plan
 class Bench:
     pgbench: str
     variants: tuple[str, ...]
-    v2_dsn: str
+    ours_dsn: str
     v1_dsn: str
     nodaemon_dsn: str | None
     daemon: Daemon
@@ -57,14 +56,16 @@ class Bench:
         if variant == DIAGNOSTIC:
             assert self.nodaemon_dsn is not None
             return self.nodaemon_dsn
-        return self.v1_dsn if variant == "v1" else self.v2_dsn
+        return self.v1_dsn if variant == "v1" else self.ours_dsn
 
 
 def metric(daemon: Daemon, name: str) -> float:
     m = daemon.metrics
     readers: dict[str, Callable[[], float]] = {
         "notified": lambda: counter_total(m.notifications, result="accepted"),
-        "from_inbox": lambda: counter_total(m.inbox_taken),
+        "from_reads": lambda: (
+            counter_total(m.busy_read_orders, result="taken") + counter_total(m.inbox_taken)
+        ),
         "to_busy": lambda: counter_total(m.handoff_switches, to="busy"),
         "to_idle": lambda: counter_total(m.handoff_switches, to="idle"),
     }
@@ -75,13 +76,13 @@ async def one_run(
     b: Bench, variant: str, form: str, load: Load, logs_in: Path | None
 ) -> dict[str, Any]:
     dsn = b.dsn(variant)
-    await asyncio.to_thread(reset, dsn, form, b.rows, inbox=variant == DIAGNOSTIC)
-    if variant in ("v2", "off"):
-        await asyncio.to_thread(set_triggers, dsn, variant == "v2")
+    await asyncio.to_thread(reset, dsn, form, b.rows)
+    if variant in ("ours", "off"):
+        await asyncio.to_thread(set_triggers, dsn, variant == "ours")
     idle_at_start = await until_idle(b.daemon, 15.0)
     b.offers.offered.clear()
     b.v1.received.clear()
-    before = {name: metric(b.daemon, name) for name in ("notified", "from_inbox", "to_busy")}
+    before = {name: metric(b.daemon, name) for name in ("notified", "from_reads", "to_busy")}
     v1_before = b.v1.notifications
     cpu_before = cpu_seconds()
     result = await pgbench_run(b.pgbench, dsn, b.scripts[form], load, logs_in)
@@ -91,12 +92,12 @@ async def one_run(
     result.update(variant=variant, form=form, daemon_idle_at_start=idle_at_start)
     result.update(await account(b, variant, form, ended))
     result["notified"] = metric(b.daemon, "notified") - before["notified"]
-    result["from_inbox"] = metric(b.daemon, "from_inbox") - before["from_inbox"]
+    result["from_reads"] = metric(b.daemon, "from_reads") - before["from_reads"]
     result["switches_to_busy"] = metric(b.daemon, "to_busy") - before["to_busy"]
     if variant == "v1":
         result["notified"] = b.v1.notifications - v1_before
     elif variant == DIAGNOSTIC:
-        result["notified"] = result["from_inbox"] = 0.0  # nobody listens or reads there
+        result["notified"] = result["from_reads"] = 0.0  # nobody listens or reads there
     # The orders of this run are gone with the next reset: the daemon need not keep them.
     for order in b.offers.offered:
         b.daemon.scheduler.forget(order)
@@ -107,15 +108,12 @@ async def one_run(
 
 async def account(b: Bench, variant: str, form: str, ended: float) -> dict[str, Any]:
     """Did every order the trigger announced reach whoever listens? (and nothing else)."""
-    # Triggers disabled, or a write they keep out: nothing may be announced.
-    announces = variant != "off" and form != "unrelated"
+    # Triggers disabled, a write they keep out, or nobody holding the idle
+    # lock (no daemon): nothing may be announced.
+    announces = variant not in ("off", DIAGNOSTIC) and form != "unrelated"
     expected = await in_flight_ids(b.dsn(variant)) if announces else set()
-    # Filled as announcements arrive (the same set objects throughout); with
-    # no daemon, the inbox itself (its rows are committed with the orders').
-    if variant == DIAGNOSTIC:
-        got = set(await inbox_ids(b.dsn(variant)))
-    else:
-        got = b.v1.received if variant == "v1" else b.offers.offered
+    # Filled as announcements arrive (the same set objects throughout).
+    got = b.v1.received if variant == "v1" else b.offers.offered
     deadline = ended + b.catch_up_within
     while time.monotonic() < deadline:
         if expected <= got:
@@ -132,8 +130,6 @@ async def account(b: Bench, variant: str, form: str, ended: float) -> dict[str, 
         "unexpected_announcements": len(got - expected),
         "catch_up_s": caught_up if expected else 0.0,
     }
-    if variant in ("v2", "off"):
-        out["inbox_left"] = len(await inbox_ids(b.v2_dsn))
     return out
 
 
@@ -198,8 +194,8 @@ def summarise(
 
 
 async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, Any]:
-    v2_dsn = server.fresh("trig_v2")
-    await asyncio.to_thread(order_no_index, v2_dsn)
+    ours_dsn = server.fresh("trig_v2")
+    await asyncio.to_thread(order_no_index, ours_dsn)
     v1_dsn = await asyncio.to_thread(install_v1, server, plan.psql)
     nodaemon_dsn = None
     if DIAGNOSTIC in plan.variants:
@@ -209,7 +205,7 @@ async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, An
     # As deployed between checks: the first check an hour away, the sweep a
     # day away, so the daemon only takes announced orders in during a run.
     policy = BackoffPolicy(initial_delay=3600.0)
-    settings = daemon_settings(v2_dsn, fake.url, policy)
+    settings = daemon_settings(ours_dsn, fake.url, policy)
     settings = replace(settings, sweep_interval=86400.0)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="om-trig-scripts-") as tmp:
@@ -224,7 +220,7 @@ async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, An
             b = Bench(
                 pgbench=plan.pgbench,
                 variants=plan.variants,
-                v2_dsn=v2_dsn,
+                ours_dsn=ours_dsn,
                 v1_dsn=v1_dsn,
                 nodaemon_dsn=nodaemon_dsn,
                 daemon=daemon,

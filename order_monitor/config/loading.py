@@ -144,7 +144,9 @@ def load_settings(
         listener_health_interval=env.duration(
             "LISTENER_HEALTH_INTERVAL", 10.0, minimum=1.0, maximum=3600.0
         ),
-        handoff=env.choice("HANDOFF", "auto", ("auto", "inbox")),
+        # "inbox" is the name this setting had while versions 2 to 4's
+        # trigger put ids in an inbox table: the same choice, never to NOTIFY.
+        handoff=env.choice("HANDOFF", "auto", ("auto", "scan", "inbox")).replace("inbox", "scan"),
         providers_file=providers_path,
         providers=providers,
         actions=actions,

@@ -197,12 +197,14 @@ class Engine:
             queries,
             on_orders=confirmer.taken,
             room=confirmer.room,
+            known=lambda order: order.int in scheduler,
+            initial_delay=settings.policy.initial_delay,
             listening=lambda: listener.connected,
             metrics=metrics,
             clock=clock,
             timing=handoff_timing,
             batch_size=settings.batch_size,
-            use_notify=settings.handoff != "inbox",
+            use_notify=settings.handoff == "auto",
             health=install_health,
         )
 
@@ -230,6 +232,7 @@ class Engine:
         self.writer.policy = settings.policy
         self.sweeper.policy = settings.policy
         self.confirmer.policy = settings.policy
+        self.handoff.initial_delay = settings.policy.initial_delay
         self.sweeper.interval = settings.sweep_interval
 
     async def run(

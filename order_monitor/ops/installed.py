@@ -40,7 +40,7 @@ def is_missing(exc: BaseException) -> bool:
 
 
 class InstallHealth:
-    """The objects found missing while running, by what they are ("write function", "inbox")."""
+    """The objects found missing while running, by what they are ("write function", "handoff")."""
 
     def __init__(self) -> None:
         self._missing: dict[str, str] = {}

@@ -18,10 +18,13 @@ _HEADERS = {
 --   * adds the column {ref} (if missing; no rewrite, data untouched);
 --   * builds a small partial index of the orders in flight, CONCURRENTLY;
 --   * adds a trigger that announces an order when it enters flight or gets a
---     new provider reference: with NOTIFY {channel} while the daemon is idle,
---     through a small UNLOGGED inbox table while it is busy (a NOTIFY per
---     order would serialise the application's commits; see the table's comment);
---   * replaces version 1's triggers, which NOTIFYed always, in one transaction;
+--     new provider reference, with NOTIFY {channel}, while the daemon is idle;
+--     while it is busy the trigger's WHEN is false (a NOTIFY per order would
+--     serialise the application's commits) and the daemon reads the orders
+--     that changed since its last read instead: nothing of ours runs in the
+--     application's transaction but the WHEN (see the function's comment);
+--   * replaces older versions' triggers in one transaction, and drops their
+--     functions and versions 2 to 4's UNLOGGED inbox;
 --   * creates the function through which the daemon writes results (and
 --     nothing else): {writes};
 --   * creates the outbox: the results an action of the providers file
@@ -40,9 +43,12 @@ _HEADERS = {
 -- Running it again is harmless: every step is idempotent, and a run that
 -- finds nothing to change takes no lock on the table. If it stops on
 -- "lock timeout" (the table was busy), run it again.
--- Upgrading from version 3: in place, with the daemons running; run this,
--- then role.sql, then restart them (the write function keeps its name, and
--- records deliveries from the moment this commits).
+-- Upgrading from version 4 (or 3): in place, with the daemons running, in
+-- this order: first upgrade and restart every daemon (standbys included; a
+-- daemon of this release works on the version 4 install as well), then run
+-- this, then role.sql. A daemon of an earlier release does not look for the
+-- orders this trigger leaves unannounced while it is busy: its sweep would
+-- find them, minutes late.
 -- Upgrading from version 1 or 2: stop every order-monitor instance (standbys
 -- included), run this, then start the new version (it refuses to start on
 -- an older schema, and an older one cannot write on this).
@@ -51,7 +57,8 @@ _HEADERS = {
 -- order-monitor: uninstall (schema version {version})
 --
 -- Removes every object any version created on {table}: the triggers and
--- trigger functions, the inbox, the write functions, the outbox and the
+-- trigger functions (versions 1 to 5), the inbox of versions 2 to 4, the
+-- write functions, the outbox and the
 -- index. Keeps the column {ref} and every row: nothing the application
 -- wrote is lost. Refuses, changing nothing, while the outbox holds results
 -- not yet delivered to the application, unless this session first says
@@ -64,8 +71,8 @@ _HEADERS = {
 --
 -- The daemon reads some columns of {table} and writes results only through
 -- the write function install.sql creates; it has no UPDATE, INSERT or DELETE
--- on the table, and never sees prices, user data or PINs. It takes order ids
--- from the inbox install.sql creates (SELECT and DELETE there, nothing else).
+-- on the table, and never sees prices, user data or PINs. It reads and
+-- settles the outbox install.sql creates (no INSERT there).
 -- LISTEN/NOTIFY and advisory locks need no grant.
 -- Apply with psql as a role that may create roles and grant all of this
 -- (a superuser, or the table's owner with CREATEROLE), after install.sql

@@ -20,6 +20,7 @@ from order_monitor.config import Layout
 from order_monitor.schema.names import (
     Names,
     dollar_quoted,
+    idle_lock_key,
     in_flight_predicate,
 )
 
@@ -81,6 +82,7 @@ def as_table_owner(layout: Layout) -> sql.Composed:
         sql.Literal(name)
         for name in (
             n.function_name,
+            n.v2_function_name,
             n.v1_function_name,
             n.write_function_name,
             n.v1_write_function_name,
@@ -290,16 +292,24 @@ def trigger_definitions(layout: Layout, table: sql.Composable) -> list[sql.Compo
     n = Names(layout)
     c = layout.columns
     channel = sql.Literal(layout.channel)
+    # Last in each WHEN, after the in-flight rule: PostgreSQL evaluates a
+    # trigger's WHEN left to right and stops at the first false, so the try
+    # runs only for a row that is dispatched (see notify_function_body).
+    daemon_idle = sql.SQL("NOT pg_catalog.pg_try_advisory_xact_lock_shared({key})").format(
+        key=sql.Literal(idle_lock_key(layout))
+    )
     insert = sql.SQL(
         "CREATE OR REPLACE TRIGGER {trigger}\n"
         "            AFTER INSERT ON {table}\n"
         "            FOR EACH ROW\n"
-        "            WHEN ({new_in_flight})\n"
+        "            WHEN ({new_in_flight}\n"
+        "                  AND {daemon_idle})\n"
         "            EXECUTE FUNCTION {function}({channel})"
     ).format(
         trigger=sql.Identifier(n.insert_trigger_name),
         table=table,
         new_in_flight=in_flight_predicate(layout, "NEW"),
+        daemon_idle=daemon_idle,
         function=n.function,
         channel=channel,
     )
@@ -309,9 +319,11 @@ def trigger_definitions(layout: Layout, table: sql.Composable) -> list[sql.Compo
         "            FOR EACH ROW\n"
         "            WHEN ({new_in_flight}\n"
         "                  AND (OLD.{ref} IS DISTINCT FROM NEW.{ref}\n"
-        "                       OR NOT coalesce({old_in_flight}, false)))\n"
+        "                       OR NOT coalesce({old_in_flight}, false))\n"
+        "                  AND {daemon_idle})\n"
         "            EXECUTE FUNCTION {function}({channel})"
     ).format(
+        daemon_idle=daemon_idle,
         trigger=sql.Identifier(n.update_trigger_name),
         ref=sql.Identifier(c.provider_ref),
         external_status=sql.Identifier(c.external_status),
@@ -337,7 +349,7 @@ def _trigger_shapes(relation: sql.Composable) -> sql.Composed:
 
 
 def swap_triggers(layout: Layout) -> sql.Composed:
-    """Our triggers as this version makes them, version 1's gone; no lock if nothing differs."""
+    """Our triggers as this version makes them, older versions' gone; no lock if nothing differs."""
     n = Names(layout)
     probe_insert, probe_update = trigger_definitions(layout, PROBE)
     insert, update = trigger_definitions(layout, n.table)
@@ -349,7 +361,7 @@ DECLARE
     probe_columns text;
     probe_drops text;
     differs boolean;
-    drop_v1 boolean;
+    drop_old boolean;
 BEGIN
 {probe}
     {probe_insert};
@@ -362,9 +374,9 @@ BEGIN
     DROP TABLE {probe_ident};
     SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger t
                     WHERE t.tgrelid = pg_catalog.to_regclass({table})
-                      AND t.tgname::text IN ({v1_insert}, {v1_update}))
-      INTO drop_v1;
-    IF NOT differs AND NOT drop_v1 THEN
+                      AND t.tgname::text IN ({old_names}))
+      INTO drop_old;
+    IF NOT differs AND NOT drop_old THEN
         RETURN;  -- nothing to change: no lock on the table at all
     END IF;
     -- The strongest lock this transaction will need, taken first and once:
@@ -372,15 +384,14 @@ BEGIN
     -- ACCESS EXCLUSIVE. Asking for the weaker one and then the stronger
     -- one deadlocked with an application transaction that had done
     -- SELECT ... FOR UPDATE and then UPDATE.
-    IF drop_v1 THEN
+    IF drop_old THEN
         LOCK TABLE {table_ident} IN ACCESS EXCLUSIVE MODE;
     ELSE
         LOCK TABLE {table_ident} IN SHARE ROW EXCLUSIVE MODE;
     END IF;
     {insert};
     {update};
-    DROP TRIGGER IF EXISTS {v1_insert_ident} ON {table_ident};
-    DROP TRIGGER IF EXISTS {v1_update_ident} ON {table_ident};
+    {drops}
 END
 """
     ).format(
@@ -395,13 +406,16 @@ END
         present=_trigger_shapes(sql.SQL("pg_catalog.to_regclass({})").format(table_text(layout))),
         probe_ident=PROBE,
         table=table_text(layout),
-        v1_insert=sql.Literal(n.v1_insert_trigger_name),
-        v1_update=sql.Literal(n.v1_update_trigger_name),
+        old_names=sql.SQL(", ").join(sql.Literal(t) for t in n.old_trigger_names),
         table_ident=n.table,
         insert=insert,
         update=update,
-        v1_insert_ident=sql.Identifier(n.v1_insert_trigger_name),
-        v1_update_ident=sql.Identifier(n.v1_update_trigger_name),
+        drops=sql.SQL("\n    ").join(
+            sql.SQL("DROP TRIGGER IF EXISTS {trigger} ON {table};").format(
+                trigger=sql.Identifier(t), table=n.table
+            )
+            for t in n.old_trigger_names
+        ),
     )
     return do(body)
 

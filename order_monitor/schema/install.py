@@ -11,7 +11,6 @@ from order_monitor.schema.names import (
     Names,
     Statement,
     dollar_quoted,
-    idle_lock_key,
     in_flight_predicate,
 )
 from order_monitor.schema.outbox import OUTBOX_UPDATABLE, outbox_statements
@@ -19,32 +18,21 @@ from order_monitor.schema.write_function import write_function_statement, write_
 
 
 def notify_function_body(layout: Layout) -> str:
-    """The trigger function's plpgsql body: NOTIFY, or the inbox while the daemon is busy."""
-    n = Names(layout)
+    """The trigger function's plpgsql body: one NOTIFY, called only while the daemon is idle."""
     return (
         sql.SQL(
             "\nBEGIN\n"
-            "    -- The daemon holds this lock (exclusively, for its session) while it\n"
-            "    -- wants a NOTIFY per order: the shared try then fails at once, never\n"
-            "    -- waits. While it does not hold it (busy, or not running), every\n"
-            "    -- order goes to the inbox instead, and this transaction keeps the\n"
-            "    -- shared lock until it ends: the daemon cannot take the lock back, and\n"
-            "    -- so cannot stop reading the inbox, before this row is committed.\n"
-            "    IF pg_catalog.pg_try_advisory_xact_lock_shared({key}) THEN\n"
-            "        INSERT INTO {inbox} (order_id) VALUES (NEW.{id});\n"
-            "    ELSE\n"
-            "        -- The payload is the id alone: far below NOTIFY's 8000-byte\n"
-            "        -- limit, and the daemon reads the committed row itself.\n"
-            "        PERFORM pg_catalog.pg_notify(TG_ARGV[0], NEW.{id}::text);\n"
-            "    END IF;\n"
+            "    -- Called only when the trigger's WHEN found the idle lock held by\n"
+            "    -- the daemon (the shared try failed): it wants a NOTIFY per order.\n"
+            "    -- While it is busy the try succeeds, this is never called, and the\n"
+            "    -- daemon finds the order by reading what changed in the table.\n"
+            "    -- The payload is the id alone: far below NOTIFY's 8000-byte limit,\n"
+            "    -- and the daemon reads the committed row itself.\n"
+            "    PERFORM pg_catalog.pg_notify(TG_ARGV[0], NEW.{id}::text);\n"
             "    RETURN NULL;\n"
             "END\n"
         )
-        .format(
-            key=sql.Literal(idle_lock_key(layout)),
-            inbox=n.inbox,
-            id=sql.Identifier(layout.columns.id),
-        )
+        .format(id=sql.Identifier(layout.columns.id))
         .as_string(None)
     )
 
@@ -135,44 +123,28 @@ def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> l
             sql.SQL("BEGIN"),
             replayable=False,
         ),
-        Statement(
-            "Why not a NOTIFY per order: a transaction that has NOTIFYed takes one\n"
-            "lock for the whole cluster at COMMIT and holds it through its WAL flush,\n"
-            "so notifying commits run one at a time and lose group commit (pgbench\n"
-            "on 2 cores: a quarter of the application's dispatch throughput). So the\n"
-            "trigger NOTIFYs only while the daemon is idle enough to want it; while\n"
-            "it is busy, order ids wait here and the daemon reads them every few\n"
-            "milliseconds, and the application's commits take no lock of ours.\n"
-            "UNLOGGED: no WAL for the application to write; after a crash it is\n"
-            "empty, and the daemon sweeps the whole table on every reconnect anyway.\n"
-            "No index: the daemon takes whatever is here, oldest pages first.",
-            sql.SQL(
-                "CREATE UNLOGGED TABLE IF NOT EXISTS {inbox} (\n"
-                "    order_id uuid NOT NULL,\n"
-                "    queued_at timestamptz NOT NULL DEFAULT pg_catalog.now()\n"
-                ")"
-            ).format(inbox=n.inbox),
-            replayable=False,
-        ),
         *outbox_statements(layout, writes or OutcomeWrites()),
         Statement(
-            "Announces an order: by NOTIFY on the channel named by the trigger's\n"
-            "argument while the daemon holds its idle lock, else through the inbox.\n"
-            "Either way the daemon sees the order only once it is committed.\n"
-            "SECURITY DEFINER: the application's roles need no grant on the inbox.\n"
-            "Replacing a function takes no lock on the orders table.",
+            "Announces an order with NOTIFY on the channel named by the trigger's\n"
+            "argument. The triggers call it only while the daemon holds its idle\n"
+            "lock, that is while orders arrive slowly enough that a NOTIFY each\n"
+            "costs nothing. A transaction that has NOTIFYed takes one lock for the\n"
+            "whole cluster at COMMIT and holds it through its WAL flush, so notifying\n"
+            "commits run one at a time (pgbench on 2 cores: a quarter of the\n"
+            "application's dispatch throughput); while the daemon is busy the\n"
+            "trigger's WHEN is false and nothing of ours runs for the row: the\n"
+            "daemon reads the orders that changed since its last read instead.\n"
+            "Not SECURITY DEFINER: it touches no table. Replacing a function takes\n"
+            "no lock on the orders table.",
             sql.SQL(
                 "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n"
                 "    LANGUAGE plpgsql\n"
-                "    SECURITY DEFINER\n"
                 "    SET search_path = pg_catalog, pg_temp\n"
                 "AS {body}"
             ).format(function=n.function, body=dollar_quoted(notify_function_body(layout))),
         ),
         Statement(
-            "Only the triggers call it: executable by PUBLIC (the default), any role\n"
-            "could attach it to a TEMP table of its own and fill the inbox with the\n"
-            "owner's rights.",
+            "Only the triggers call it (a trigger's call needs no EXECUTE): no role\nneeds to.",
             sql.SQL("REVOKE ALL ON FUNCTION {function}() FROM PUBLIC").format(function=n.function),
         ),
         write_function_statement(layout, writes or OutcomeWrites()),
@@ -191,17 +163,36 @@ def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> l
         ),
         Statement(
             "The triggers: an order that enters flight, or gets a new provider\n"
-            "reference while in flight. Every other update (including the daemon's\n"
-            "own result writes, which take the row out of flight) is kept out by\n"
-            "UPDATE OF and WHEN, so it costs the application nothing. Compared\n"
-            "first with what this file would create (on a temporary copy of the\n"
-            "columns): when they match and version 1's are gone, this takes no\n"
-            "lock on the table; else it takes the one lock the change needs, once.",
+            "reference while in flight, while the daemon is idle. Every other update\n"
+            "(including the daemon's own result writes, which take the row out of\n"
+            "flight) is kept out by UPDATE OF and WHEN, so it costs the application\n"
+            "nothing. The last test of each WHEN tries the daemon's idle lock\n"
+            "shared, without waiting: it fails while the daemon holds the lock (it\n"
+            "wants a NOTIFY: the function is called); it succeeds while the daemon\n"
+            "does not (busy, or not running: nothing is called, and the shared lock\n"
+            "is held until this transaction ends, so the daemon cannot go back to\n"
+            "NOTIFY before it has seen this row committed). Compared first with what\n"
+            "this file would create (on a temporary copy of the columns): when they\n"
+            "match and earlier versions' are gone, this takes no lock on the table;\n"
+            "else it takes the one lock the change needs, once (ACCESS EXCLUSIVE\n"
+            "when an earlier version's triggers are dropped).",
             guards.swap_triggers(layout),
         ),
         Statement(
-            "Version 1's trigger function: no trigger uses it any more.",
+            "Versions 1 and 2's trigger functions: no trigger uses them any more.",
             sql.SQL("DROP FUNCTION IF EXISTS {function}()").format(function=n.v1_function),
+        ),
+        Statement(
+            "", sql.SQL("DROP FUNCTION IF EXISTS {function}()").format(function=n.v2_function)
+        ),
+        Statement(
+            "Versions 2 to 4's UNLOGGED inbox, where their trigger put order ids\n"
+            "while the daemon was busy: nothing writes to it any more. Ids still in it\n"
+            "belong to orders that a daemon of this release also finds by reading\n"
+            "what changed in the table (upgrade the daemons first), and the sweep\n"
+            "finds any order in flight.",
+            sql.SQL("DROP TABLE IF EXISTS {inbox}").format(inbox=n.inbox),
+            replayable=False,
         ),
         Statement(
             "Versions 1 and 2's write function, which returned another shape. A\n"
@@ -220,17 +211,12 @@ def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> l
 
 def uninstall_statements(layout: Layout) -> list[Statement]:
     n = Names(layout)
-    triggers = (
-        n.insert_trigger_name,
-        n.update_trigger_name,
-        n.v1_insert_trigger_name,
-        n.v1_update_trigger_name,
-    )
+    triggers = (n.insert_trigger_name, n.update_trigger_name, *n.old_trigger_names)
     drop_triggers = sql.SQL(
         """
 BEGIN
     -- DROP TRIGGER IF EXISTS takes ACCESS EXCLUSIVE even when there is
-    -- nothing to drop: ask the catalog first, then lock once for all four.
+    -- nothing to drop: ask the catalog first, then lock once for all of them.
     IF EXISTS (SELECT FROM pg_catalog.pg_trigger
                 WHERE tgrelid = pg_catalog.to_regclass({table}) AND tgname::text IN ({names})) THEN
         LOCK TABLE {table_ident} IN ACCESS EXCLUSIVE MODE;
@@ -274,13 +260,14 @@ END
             guards.do(drop_triggers),
         ),
         Statement(
-            "The trigger functions of versions 2 and 1.",
+            "The trigger functions of versions 5, 2 to 4, and 1.",
             drop_function(n.function, sql.SQL("")),
         ),
+        Statement("", drop_function(n.v2_function, sql.SQL(""))),
         Statement("", drop_function(n.v1_function, sql.SQL(""))),
         Statement(
-            "Order ids still waiting in it are orders in flight: the table keeps them\n"
-            "and the partial index finds them.",
+            "Versions 2 to 4's inbox. Order ids still waiting in it are orders in\n"
+            "flight: the table keeps them and the partial index finds them.",
             sql.SQL("DROP TABLE IF EXISTS {inbox}").format(inbox=n.inbox),
         ),
         Statement(
@@ -347,8 +334,11 @@ def role_statements(layout: Layout) -> list[Statement]:
         ),
         Statement(
             "Read: only the columns the daemon looks at. Not the PIN, the provider's\n"
-            "message or the duration: it writes those, and never needs to see them.",
-            sql.SQL("GRANT SELECT ({columns}) ON TABLE {table} TO {role}").format(
+            "message or the duration: it writes those, and never needs to see them.\n"
+            "And xmin, the id of the transaction that wrote a row: while the daemon is\n"
+            "busy the trigger announces nothing, and the daemon reads the orders in\n"
+            "flight written since its last read by comparing it.",
+            sql.SQL("GRANT SELECT ({columns}, xmin) ON TABLE {table} TO {role}").format(
                 columns=sql.SQL(", ").join(sql.Identifier(x) for x in c.read()),
                 table=n.table,
                 role=n.role,
@@ -360,17 +350,6 @@ def role_statements(layout: Layout) -> list[Statement]:
             "DELETE on the table itself.",
             sql.SQL("GRANT EXECUTE ON FUNCTION {function}({signature}) TO {role}").format(
                 function=n.write_function, signature=write_signature(), role=n.role
-            ),
-        ),
-        Statement(
-            "The inbox (install.sql): the daemon takes the order ids the trigger left\n"
-            "there while it was busy. DELETE needs SELECT to find the rows it takes.",
-            role_guards.check_inbox_grant(layout),
-        ),
-        Statement(
-            "",
-            sql.SQL("GRANT SELECT, DELETE ON TABLE {inbox} TO {role}").format(
-                inbox=n.inbox, role=n.role
             ),
         ),
         Statement(

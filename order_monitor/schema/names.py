@@ -11,7 +11,7 @@ from psycopg import sql
 from order_monitor.config import Layout
 
 #: The schema version the files announce: that of the newest object.
-VERSION = 4
+VERSION = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,18 +57,17 @@ class Names:
         self.table = sql.Identifier(layout.schema, layout.table)
         self.index_name = object_name("order_monitor", layout.table, "inflight_v1")
         self.index = sql.Identifier(layout.schema, self.index_name)
-        self.function_name = object_name("order_monitor", layout.table, "notify_v2")
+        #: The trigger function (version 5): NOTIFY, called only while the daemon is idle.
+        self.function_name = object_name("order_monitor", layout.table, "notify_v3")
         self.function = sql.Identifier(layout.schema, self.function_name)
-        self.inbox_name = object_name("order_monitor", layout.table, "inbox_v2")
-        self.inbox = sql.Identifier(layout.schema, self.inbox_name)
         self.write_function_name = object_name("order_monitor", layout.table, "write_v2")
         self.write_function = sql.Identifier(layout.schema, self.write_function_name)
         #: Written results waiting to be delivered to the application (version 4).
         self.outbox_name = object_name("order_monitor", layout.table, "outbox_v1")
         self.outbox = sql.Identifier(layout.schema, self.outbox_name)
         self.outbox_due_index_name = object_name("order_monitor", layout.table, "outbox_due_v1")
-        self.insert_trigger_name = "order_monitor_insert_v2"
-        self.update_trigger_name = "order_monitor_update_v2"
+        self.insert_trigger_name = "order_monitor_insert_v3"
+        self.update_trigger_name = "order_monitor_update_v3"
         self.role = sql.Identifier(layout.role)
         #: What version 1 installed and version 2 replaces (dropped by install).
         self.v1_function_name = object_name("order_monitor", layout.table, "notify_v1")
@@ -79,6 +78,25 @@ class Names:
         #: the write function before its return shape changed.
         self.v1_write_function_name = object_name("order_monitor", layout.table, "write_v1")
         self.v1_write_function = sql.Identifier(layout.schema, self.v1_write_function_name)
+        #: What versions 2 to 4 installed and version 5 replaces (dropped by
+        #: install): triggers whose function ran for every dispatched row and,
+        #: while the daemon was busy, wrote its id to the UNLOGGED inbox.
+        self.v2_function_name = object_name("order_monitor", layout.table, "notify_v2")
+        self.v2_function = sql.Identifier(layout.schema, self.v2_function_name)
+        self.inbox_name = object_name("order_monitor", layout.table, "inbox_v2")
+        self.inbox = sql.Identifier(layout.schema, self.inbox_name)
+        self.v2_insert_trigger_name = "order_monitor_insert_v2"
+        self.v2_update_trigger_name = "order_monitor_update_v2"
+
+    @property
+    def old_trigger_names(self) -> tuple[str, ...]:
+        """Every earlier version's triggers: install drops them, uninstall too."""
+        return (
+            self.v1_insert_trigger_name,
+            self.v1_update_trigger_name,
+            self.v2_insert_trigger_name,
+            self.v2_update_trigger_name,
+        )
 
 
 #: The argument types of the ``_write_v1`` function (versions 1 and 2), as DROP names them.

@@ -107,11 +107,6 @@ END
     return do(body)
 
 
-def check_inbox_grant(layout: Layout) -> sql.Composed:
-    """Raise when this role cannot grant SELECT and DELETE on the inbox (or it is missing)."""
-    return _check_table_grant("the inbox", Names(layout).inbox, ("SELECT", "DELETE"), since="")
-
-
 def check_outbox_grant(layout: Layout) -> sql.Composed:
     """Raise when this role cannot grant what role.sql grants on the outbox (or it is missing)."""
     return _check_table_grant(

@@ -1,4 +1,4 @@
-"""The handoff between NOTIFY and the inbox, on a real server, switch by switch.
+"""The handoff between NOTIFY and the busy reads, on a real server, switch by switch.
 
 Every test orders the application's transactions and the daemon's lock
 calls explicitly, on separate connections; where one of them must be
@@ -18,19 +18,20 @@ from typing import Any
 import psycopg
 import pytest
 
-from order_monitor import schema
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
+from order_monitor.db.changes import ChangeStatements
 from order_monitor.db.inbox import InboxStatements
+from order_monitor.engine.changes import Mark
 from order_monitor.engine.handoff import HandoffTiming, Mode
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import as_daemon
 from tests.daemon_fixtures import App, eventually, running, settings_for
 
 AConn = psycopg.AsyncConnection[Any]
-#: The daemon's statements on the inbox; each test's reads start afresh.
+#: The daemon's statements: the idle lock, and the busy read.
 STATEMENTS = InboxStatements(Layout())
-INBOX = schema.Names(Layout()).inbox.as_string(None)
+CHANGES = ChangeStatements(Layout())
 V1_INSTALL = Path(__file__).parents[1] / "integration" / "fixtures" / "install_v1.sql"
 
 DISPATCH = """INSERT INTO product_orders (provider_referans, "providerId", "externalStatus", "sentAt")
@@ -46,11 +47,6 @@ async def dispatch(conn: AConn, ref: str) -> uuid.UUID:
 async def notified(listener: AConn) -> list[str]:
     """The notifications delivered so far (they arrive at the writer's COMMIT)."""
     return [n.payload async for n in listener.notifies(timeout=0.3, stop_after=100)]
-
-
-async def in_inbox(admin: AConn) -> set[str]:
-    cursor = await admin.execute(f"SELECT order_id::text FROM {INBOX}")  # type: ignore[arg-type]
-    return {str(r[0]) for r in await cursor.fetchall()}
 
 
 async def count(admin: AConn, query: str, params: tuple[object, ...] = ()) -> int:
@@ -82,13 +78,43 @@ async def conns(db: str) -> AsyncIterator[dict[str, AConn]]:
             await conn.close()
 
 
-async def test_going_idle_waits_for_the_open_inbox_writer_and_sees_it(
+class BusyReads:
+    """The daemon's busy reads, as the handoff makes them: a mark, and the ids it knows."""
+
+    def __init__(self, daemon: AConn) -> None:
+        self.daemon = daemon
+        self.mark = Mark()
+        self.known: set[uuid.UUID] = set()
+
+    async def release(self) -> None:
+        """Release the idle lock, the mark taken just before, as the handoff goes busy."""
+        self.mark.released(await CHANGES.release_idle_lock(self.daemon))
+
+    async def new(self) -> list[uuid.UUID]:
+        """The ids a read returns that it had not returned before."""
+        changed = await CHANGES.read(self.daemon, self.mark.since())
+        self.mark.read(changed.snapshot_xmin, complete=True)
+        fresh = [order for order in changed.ids if order not in self.known]
+        self.known.update(fresh)
+        return fresh
+
+
+async def going_busy(daemon: AConn) -> BusyReads:
+    """Idle (the idle lock held), then busy: the switch every test starts from."""
+    assert await STATEMENTS.take_idle_lock(daemon, wait=5) is True
+    reads = BusyReads(daemon)
+    await reads.release()
+    return reads
+
+
+async def test_going_idle_waits_for_the_open_unannounced_writer_and_sees_it(
     conns: dict[str, AConn],
 ) -> None:
     daemon, listener, admin, t1, t2 = (
         conns[k] for k in ("daemon", "listener", "admin", "t1", "t2")
     )
-    # Busy (nobody holds the idle lock): T1 writes the inbox and stays open.
+    reads = await going_busy(daemon)
+    # Busy: T1's trigger calls nothing, and T1 stays open.
     first = await dispatch(t1, "open-across-the-switch")
     # The daemon asks for the idle lock; it must wait for T1.
     going_idle = asyncio.create_task(STATEMENTS.take_idle_lock(daemon, wait=30))
@@ -101,62 +127,113 @@ async def test_going_idle_waits_for_the_open_inbox_writer_and_sees_it(
     # While the daemon waits, a new dispatch cannot take the lock shared: it NOTIFYs.
     second = await dispatch(t2, "while-the-daemon-waits")
     assert await notified(listener) == [str(second)]
-    assert await in_inbox(admin) == set()  # T1's row is not committed yet
     # T1 commits: its shared lock goes, the daemon's request is granted...
     await t1.commit()
     assert await asyncio.wait_for(going_idle, 10) is True
-    # ...and the final read of the inbox, after the grant, sees T1's order.
-    assert await STATEMENTS.take(daemon, 100) == [first]
-    # Idle: the next dispatch NOTIFYs, the inbox stays empty.
+    # ...and the final read, after the grant, sees T1's order (and the
+    # notified one, which the daemon drops: it has it already).
+    assert set(await reads.new()) == {first, second}
+    # Idle: the next dispatch NOTIFYs.
     third = await dispatch(t2, "idle")
     assert await notified(listener) == [str(third)]
-    assert await in_inbox(admin) == set()
 
 
 async def test_going_busy_while_a_notifying_transaction_is_open_loses_nothing(
     conns: dict[str, AConn],
 ) -> None:
-    daemon, listener, admin, t1, t2 = (
-        conns[k] for k in ("daemon", "listener", "admin", "t1", "t2")
-    )
+    daemon, listener, t1, t2 = (conns[k] for k in ("daemon", "listener", "t1", "t2"))
     assert await STATEMENTS.take_idle_lock(daemon, wait=5) is True
-    # Idle: T1's trigger chose NOTIFY; T1 stays open.
+    # Idle: T1's trigger NOTIFYs (delivered at its commit); T1 stays open.
     first = await dispatch(t1, "notify-chosen-before-the-switch")
-    await STATEMENTS.give_idle_lock(daemon)  # busy from here on
+    reads = BusyReads(daemon)
+    await reads.release()  # busy from here on
     second = await dispatch(t2, "after-the-switch")
-    assert await in_inbox(admin) == {str(second)}
-    assert await notified(listener) == []  # T1 not committed yet
+    assert await reads.new() == [second]
+    assert await notified(listener) == []  # T1 not committed yet; T2 announced nothing
     await t1.commit()
     assert await notified(listener) == [str(first)]
-    assert await STATEMENTS.take(daemon, 100) == [second]
+    # Read as well (it committed after the mark): the daemon has it already.
+    assert await reads.new() == [first]
+
+
+async def test_a_transaction_older_than_the_switch_that_dispatches_after_it_is_read(
+    conns: dict[str, AConn],
+) -> None:
+    """Its transaction id predates the release: the mark is older still (engine.changes)."""
+    daemon, listener, t1 = (conns[k] for k in ("daemon", "listener", "t1"))
+    assert await STATEMENTS.take_idle_lock(daemon, wait=5) is True
+    # Idle: T1 writes something else first, so it has its transaction id now.
+    await t1.execute("""INSERT INTO product_orders ("externalStatus") VALUES ('not_sent')""")
+    reads = BusyReads(daemon)
+    await reads.release()
+    assert await reads.new() == []
+    # Busy: T1 dispatches (nothing announced), in a savepoint, and commits.
+    await t1.execute("SAVEPOINT s")
+    order = await dispatch(t1, "old-transaction")
+    await t1.execute("RELEASE SAVEPOINT s")
+    await t1.execute("SAVEPOINT gone")
+    await dispatch(t1, "rolled-back")
+    await t1.execute("ROLLBACK TO SAVEPOINT gone")
+    await t1.commit()
+    assert await reads.new() == [order]
+    assert await notified(listener) == []
 
 
 async def test_a_lock_wait_that_times_out_leaves_the_daemon_busy_and_reading(
     conns: dict[str, AConn],
 ) -> None:
-    daemon, listener, admin, t1, t2 = (
-        conns[k] for k in ("daemon", "listener", "admin", "t1", "t2")
-    )
+    daemon, listener, t1, t2 = (conns[k] for k in ("daemon", "listener", "t1", "t2"))
+    reads = await going_busy(daemon)
     first = await dispatch(t1, "long-transaction")
     assert await STATEMENTS.take_idle_lock(daemon, wait=0.05) is False
-    # Still busy: a new dispatch goes to the inbox, not to NOTIFY.
+    # Still busy: a new dispatch is read, not NOTIFYed.
     second = await dispatch(t2, "after-the-timeout")
-    assert await in_inbox(admin) == {str(second)}
+    assert await reads.new() == [second]
     await t1.commit()
-    assert sorted(map(str, await STATEMENTS.take(daemon, 100))) == sorted([str(first), str(second)])
+    assert await reads.new() == [first]
     assert await notified(listener) == []
+
+
+async def test_a_long_transaction_holds_the_mark_back_and_known_orders_are_dropped(
+    conns: dict[str, AConn],
+) -> None:
+    daemon, t1, t2 = (conns[k] for k in ("daemon", "t1", "t2"))
+    reads = await going_busy(daemon)
+    await t1.execute("SELECT pg_catalog.pg_current_xact_id()")  # running, with an id
+    orders = [await dispatch(t2, f"during-{n}") for n in range(3)]
+    assert await reads.new() == orders
+    # The mark cannot pass T1: each read returns those rows again...
+    again = await CHANGES.read(daemon, reads.mark.since())
+    assert set(again.ids) == set(orders)
+    # ...and the daemon, which knows them, takes nothing twice.
+    assert await reads.new() == []
+    await t1.commit()
+    later = await dispatch(t2, "after")
+    assert await reads.new() == [later]
+    assert (await CHANGES.read(daemon, reads.mark.since())).ids == []
 
 
 async def test_the_lock_goes_with_the_daemons_session(conns: dict[str, AConn]) -> None:
     daemon, listener, admin, t2 = (conns[k] for k in ("daemon", "listener", "admin", "t2"))
     assert await STATEMENTS.take_idle_lock(daemon, wait=5) is True
+    kept = Mark()
+    kept.read(int(await _snapshot_xmin(admin)), complete=True)  # from an earlier busy read
     pid = daemon.info.backend_pid
     await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     await eventually(lambda: _gone(admin, pid), within=10, what="the daemon's session to end")
-    # Nobody holds the lock: the order waits in the inbox for the next connection.
+    # Nobody holds the lock: nothing is announced...
     order = await dispatch(t2, "while-the-daemon-is-away")
-    assert await in_inbox(admin) == {str(order)}
     assert await notified(listener) == []
+    # ...and a read from the mark kept from before the loss finds it.
+    assert (await CHANGES.read(admin, kept.since())).ids == [order]
+
+
+async def _snapshot_xmin(conn: AConn) -> str:
+    row = await (
+        await conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
 
 
 async def _gone(admin: AConn, pid: int) -> bool:
@@ -183,8 +260,9 @@ async def test_the_daemon_switches_with_the_rate_and_checks_every_order_once(
         await eventually(idle, within=20, what="the daemon to go idle with nothing arriving")
         (quiet,) = await app.dispatch(["quiet"])
         await eventually(lambda: _finished(app, 1), within=20, what="the quiet order to be checked")
-        assert metrics.inbox_taken._value.get() == 0  # it came by NOTIFY
-        # A burst of single-order commits: the daemon goes busy and reads the inbox.
+        taken = metrics.busy_read_orders.labels("taken")
+        assert taken._value.get() == 0  # it came by NOTIFY
+        # A burst of single-order commits: the daemon goes busy and reads changes.
         async with await psycopg.AsyncConnection.connect(db, autocommit=True) as burst:
             for n in range(300):
                 await dispatch(burst, f"burst-{n}")
@@ -192,7 +270,7 @@ async def test_the_daemon_switches_with_the_rate_and_checks_every_order_once(
             lambda: _finished(app, 301), within=60, what="every burst order to be checked"
         )
         assert metrics.handoff_switches.labels("busy")._value.get() >= 1
-        assert metrics.inbox_taken._value.get() > 0
+        assert taken._value.get() > 0
         await eventually(idle, within=20, what="the daemon to go idle again")
     assert quiet is not None
     assert fake.references >= {"quiet", *(f"burst-{n}" for n in range(300))}

@@ -1,5 +1,8 @@
 """Reading the inbox: waits that grow while it is empty, and reads that start where the last ended.
 
+On a version 4 install (its trigger writes the inbox while the daemon is
+busy), as a daemon upgraded before install.sql meets it.
+
 The waits are the handoff's own, through an injected sleeper (no clock, no
 sleep); the cost of a read is counted in heap blocks by the server itself
 (``pg_stat_get_xact_blocks_fetched``), never in seconds.
@@ -19,15 +22,25 @@ from structlog.testing import capture_logs
 
 from order_monitor.config import Layout
 from order_monitor.db import Queries
+from order_monitor.db.changes import Install
 from order_monitor.db.inbox import START, InboxStatements
 from order_monitor.engine.handoff import EmptyPolls, Handoff, HandoffTiming, OwnSession
 from order_monitor.metrics import Metrics
 from order_monitor.ops.installed import InstallHealth
 from tests.conftest import as_daemon, deploy
 from tests.daemon_fixtures import eventually
+from tests.schema.scripts import give_table_to_owner, install_release
 
 INBOX = "order_monitor_product_orders_inbox_v2"
 TIMING = HandoffTiming(poll_interval=0.005, poll_max=0.2)
+
+
+@pytest.fixture
+def db(bare_db: str) -> str:
+    """A version 4 install, with the grants its role.sql gave."""
+    give_table_to_owner(bare_db)
+    install_release(bare_db, 4)
+    return bare_db
 
 
 def test_empty_reads_double_the_wait_up_to_the_cap_and_any_id_resets_it() -> None:
@@ -200,7 +213,7 @@ async def test_an_inbox_dropped_under_the_handoff_is_reported_missing_then_back(
             await eventually(lambda: _missing(health), what="the inbox reported missing")
             readiness = health.readiness()
             assert readiness["ok"] is False
-            assert readiness["missing"] == ["inbox"]
+            assert readiness["missing"] == ["handoff"]
             assert "install.sql" in readiness["reason"]
 
             deploy(db)  # the DBA runs install.sql and role.sql again
@@ -210,16 +223,16 @@ async def test_an_inbox_dropped_under_the_handoff_is_reported_missing_then_back(
             await asyncio.wait({task})
     missing = [e for e in logs if e["event"] == "daemon.object_missing"]
     assert len(missing) == 1  # once, not once a read
-    assert missing[0]["object"] == "inbox"
+    assert missing[0]["object"] == "handoff"
     assert any(e["event"] == "daemon.object_back" for e in logs)
 
 
 async def _installed(handoff: Handoff) -> bool:
-    return handoff.inbox_installed is True
+    return handoff.install is Install.INBOX
 
 
 async def _missing(health: InstallHealth) -> bool:
-    return "inbox" in health.problems
+    return "handoff" in health.problems
 
 
 async def _back(health: InstallHealth) -> bool:

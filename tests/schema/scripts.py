@@ -27,6 +27,7 @@ RELEASED = {
     1: FIXTURES / "install_v1.sql",
     2: FIXTURES / "install_v2.sql",
     3: FIXTURES / "install_v3.sql",
+    4: FIXTURES / "install_v4.sql",
 }
 Conn = psycopg.Connection[tuple[object, ...]]
 

@@ -66,7 +66,7 @@ def test_install_stops_on_an_index_built_for_another_in_flight_rule(
         assert scalar(
             conn,
             "SELECT pg_get_triggerdef(oid) LIKE '%unknown%' FROM pg_trigger"
-            " WHERE tgname = 'order_monitor_insert_v2'",
+            " WHERE tgname = 'order_monitor_insert_v3'",
         )
 
 

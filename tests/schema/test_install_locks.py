@@ -137,7 +137,7 @@ def test_upgrade_beside_select_for_update_then_update_does_not_deadlock(
         _, stderr = upgrade.communicate(timeout=30)
         assert upgrade.returncode == 0, stderr
         assert "deadlock" not in stderr
-        assert triggers(admin) == ["order_monitor_insert_v2", "order_monitor_update_v2"]
+        assert triggers(admin) == ["order_monitor_insert_v3", "order_monitor_update_v3"]
         assert scalar(
             admin, """SELECT "lastMessage" FROM product_orders WHERE provider_referans = 'busy'"""
         ) == ("app")
@@ -214,12 +214,12 @@ def test_an_upgrade_behind_a_long_transaction_stops_at_the_lock_timeout_changing
         assert triggers(admin) == ["order_monitor_insert_v1", "order_monitor_update_v1"]
         assert scalar(
             admin,
-            "SELECT count(*) FROM pg_proc WHERE proname = 'order_monitor_product_orders_notify_v2'",
+            "SELECT count(*) FROM pg_proc WHERE proname = 'order_monitor_product_orders_notify_v3'",
         ) == (0)
         # The documented retry: run the file again.
         again = psql(bare_db, current("install", tmp_path, DAEMON_LAYOUT))
         assert again.returncode == 0, again.stderr
-        assert triggers(admin) == ["order_monitor_insert_v2", "order_monitor_update_v2"]
+        assert triggers(admin) == ["order_monitor_insert_v3", "order_monitor_update_v3"]
 
 
 def test_order_monitor_sql_install_behind_a_long_transaction_exits_75_and_says_retry(
@@ -237,14 +237,23 @@ def test_order_monitor_sql_install_behind_a_long_transaction_exits_75_and_says_r
     assert "run it again" in result.stderr
 
 
-def test_the_upgrade_from_version_2_takes_no_lock_on_the_table(
+def test_the_upgrade_from_version_4_locks_once_and_its_rerun_not_at_all(
     bare_db: str, tmp_path: Path
 ) -> None:
-    """Its triggers and index are already what version 3 makes: only functions change."""
+    """Version 4's triggers are dropped (ACCESS EXCLUSIVE, once); then nothing differs."""
     give_table_to_owner(bare_db)
-    install_release(bare_db, 2)
+    install_release(bare_db, 4)
+    with psycopg.connect(bare_db) as reader:
+        # A plain SELECT left open: only ACCESS EXCLUSIVE waits for it.
+        reader.execute("SELECT count(*) FROM product_orders")
+        blocked = psql(bare_db, current("install", tmp_path, DAEMON_LAYOUT))
+        reader.rollback()
+    assert blocked.returncode != 0
+    assert "lock timeout" in blocked.stderr
+    done = psql(bare_db, current("install", tmp_path, DAEMON_LAYOUT))
+    assert done.returncode == 0, done.stderr
     with psycopg.connect(bare_db) as holder:
         holder.execute("LOCK TABLE product_orders IN ACCESS EXCLUSIVE MODE")
-        done = psql(bare_db, current("install", tmp_path, DAEMON_LAYOUT))
+        again = psql(bare_db, current("install", tmp_path, DAEMON_LAYOUT))
         holder.rollback()
-    assert done.returncode == 0, done.stderr
+    assert again.returncode == 0, again.stderr

@@ -13,6 +13,7 @@ from psycopg import sql
 from order_monitor import schema
 from order_monitor.config import Layout
 from order_monitor.db import Queries
+from order_monitor.db.changes import ChangeStatements
 from tests.conftest import DAEMON_ROLE, Server, as_daemon
 from tests.schema.scripts import current, login_role, psql, scalar
 
@@ -40,11 +41,7 @@ def daemon_statements_work(conn: psycopg.Connection[tuple[object, ...]]) -> None
         ),
         [[]] * 7,
     )
-    conn.execute(
-        sql.SQL("DELETE FROM {} WHERE false RETURNING order_id").format(
-            schema.Names(Layout()).inbox
-        )
-    )
+    conn.execute(ChangeStatements(Layout())._everything)
 
 
 def test_a_rerun_of_role_sql_never_shows_the_daemon_a_moment_without_its_grants(db: str) -> None:

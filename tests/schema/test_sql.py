@@ -16,7 +16,9 @@ from psycopg import sql
 from order_monitor import install, schema
 from order_monitor.config import Columns, Layout, OutcomeWrites
 from order_monitor.db import Queries
+from order_monitor.db.changes import ChangeStatements
 from order_monitor.db.inbox import InboxStatements
+from order_monitor.engine.changes import Mark
 from tests.conftest import (
     DAEMON_PASSWORD,
     DAEMON_ROLE,
@@ -37,39 +39,51 @@ def app(db: str) -> Iterator[Conn]:
         yield conn
 
 
-INBOX = schema.Names(Layout()).inbox.as_string(None)
 IDLE_LOCK = schema.idle_lock_key(Layout())
 
 
 class DaemonSide:
     """What the daemon sees of the trigger, in one of its two modes.
 
-    idle: it holds the idle lock, so the trigger must NOTIFY and leave the
-    inbox empty. busy: it does not, so the trigger must write the inbox and
-    NOTIFY nothing. Either way :meth:`announced` is every order id announced
-    since the last call, in order.
+    idle: it holds the idle lock, so the trigger must NOTIFY. busy: it does
+    not, so the trigger must announce nothing, and the daemon's busy read
+    (from a mark taken before the first order) must return the order, once:
+    the ids it already returned are known, as the daemon's schedule knows
+    them. Either way :meth:`announced` is every order id announced (idle) or
+    newly read (busy) since the last call, in order.
     """
 
     def __init__(self, conn: Conn, mode: str) -> None:
         self.conn = conn
         self.mode = mode
+        self.mark = Mark()
+        self.known: set[uuid.UUID] = set()
+        self._changes = ChangeStatements(Layout())
+        xmin = conn.execute(
+            "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text"
+        ).fetchone()
+        assert xmin is not None
+        self.mark.released(int(str(xmin[0])))
 
     def announced(self) -> list[str]:
         # Notifications already delivered (they arrive at the writer's COMMIT).
         notified = [n.payload for n in self.conn.notifies(timeout=0.2, stop_after=100)]
-        if self.conn.execute("SELECT to_regclass(%s)", (INBOX,)).fetchone() == (None,):
-            return notified  # uninstalled
-        taken = [
-            str(order_id)
-            for (order_id,) in self.conn.execute(
-                sql.SQL("DELETE FROM {} RETURNING order_id").format(sql.SQL(INBOX))
-            ).fetchall()
-        ]
         if self.mode == "idle":
-            assert taken == [], "the daemon holds the idle lock: the trigger must NOTIFY"
             return notified
         assert notified == [], "the daemon does not hold the idle lock: no NOTIFY"
-        return taken
+        return [str(order) for order in self.read()]
+
+    def read(self) -> list[uuid.UUID]:
+        """The busy read, synchronously, as the handoff makes it."""
+        since = self.mark.since()
+        statement = self._changes._everything if since is None else self._changes._since
+        row = self.conn.execute(statement, () if since is None else (str(since),)).fetchone()
+        assert row is not None
+        xmin, ids = row
+        self.mark.read(int(str(xmin)), complete=True)
+        new = [order for order in ids if order not in self.known]  # type: ignore[union-attr]
+        self.known.update(new)
+        return new
 
 
 @pytest.fixture(params=["idle", "busy"])
@@ -134,8 +148,11 @@ def test_referans_set_before_status_notifies_when_the_order_enters_flight(
 
 def test_changing_the_referans_notifies_again(app: Conn, daemon: DaemonSide) -> None:
     order = insert(app, provider_referans="R4", externalStatus="sent")
+    assert daemon.announced() == [str(order)]
     app.execute("UPDATE product_orders SET provider_referans = 'R5' WHERE id = %s", (order,))
-    assert daemon.announced() == [str(order), str(order)]
+    # Busy: the read returns the row again, and the daemon, which has it
+    # scheduled, keeps its slot (its check re-reads the row's reference).
+    assert daemon.announced() == ([str(order)] if daemon.mode == "idle" else [])
 
 
 def test_updates_that_do_not_touch_the_referans_are_silent(app: Conn, daemon: DaemonSide) -> None:
@@ -190,9 +207,9 @@ def test_install_twice_is_harmless(db: str) -> None:
         indexes = conn.execute(
             "SELECT indexname FROM pg_indexes WHERE indexname LIKE 'order_monitor%'"
         ).fetchall()
-    assert triggers == [("order_monitor_insert_v2",), ("order_monitor_update_v2",)]
+    assert triggers == [("order_monitor_insert_v3",), ("order_monitor_update_v3",)]
     assert conn_functions(db) == [
-        "order_monitor_product_orders_notify_v2",
+        "order_monitor_product_orders_notify_v3",
         "order_monitor_product_orders_write_v2",
     ]
     assert sorted(indexes) == [
@@ -227,7 +244,8 @@ def test_uninstall_keeps_every_row_and_column(db: str, app: Conn, daemon: Daemon
         "SELECT count(*) FROM pg_proc WHERE proname LIKE 'order_monitor%'"
     ).fetchone() == (0,)
     insert(app, provider_referans="after", externalStatus="sent")
-    assert daemon.announced() == []
+    # No trigger: no NOTIFY (the busy read reads the table, trigger or not).
+    assert [n.payload for n in daemon.conn.notifies(timeout=0.2, stop_after=1)] == []
 
 
 def test_install_on_a_bare_table_adds_the_column_without_losing_rows(bare_db: str) -> None:
@@ -300,13 +318,17 @@ def test_role_can_do_what_the_daemon_needs(role_dsn: str, app: Conn) -> None:
             (order, "done")
         ]
         assert daemon.execute("SELECT pg_try_advisory_lock(42)").fetchone() == (True,)
-        # The handoff: the inbox (the order above went there: nobody held the
-        # idle lock), taking and giving the idle lock.
+        # The handoff: the busy read (xmin is granted; the order above was
+        # written before the write, so only an earlier mark returns it: the
+        # written order has left flight), taking and releasing the idle lock.
+        changes = ChangeStatements(Layout())
+        (installed,) = daemon.execute(changes._install, changes._install_params).fetchall()
+        assert installed == (True, False)  # version 5: no inbox
+        (read,) = daemon.execute(changes._everything).fetchall()
+        assert read[1] == []  # written: out of flight
         inbox = InboxStatements(Layout())
-        assert daemon.execute(inbox._installed, {"t": inbox._regclass}).fetchone() == (True,)
-        assert [row[0] for row in daemon.execute(inbox._take, ("(0,0)", 10))] == [order]
         daemon.execute(inbox._take_idle_lock, ("200ms",))
-        daemon.execute(inbox._give_idle_lock)
+        daemon.execute(changes._release)
         announced = [n.payload for n in listen.notifies(timeout=1, stop_after=1)]
         listen.close()
     assert row_of(app, order) == ("pending", "done", "PIN-1", "ok", "ok", True, True)
@@ -336,9 +358,8 @@ def test_role_can_do_what_the_daemon_needs(role_dsn: str, app: Conn) -> None:
         "SELECT * FROM product_orders",
         "TRUNCATE product_orders",
         "CREATE TABLE stolen (x int)",
-        f"INSERT INTO {INBOX} (order_id) VALUES (gen_random_uuid())",
-        f"UPDATE {INBOX} SET queued_at = now()",
-        f"TRUNCATE {INBOX}",
+        "SELECT xmax FROM product_orders",
+        "SELECT ctid FROM product_orders",
     ],
 )
 def test_role_can_do_nothing_more(role_dsn: str, statement: str) -> None:
@@ -527,11 +548,10 @@ def test_a_hostile_table_name_is_only_ever_a_name(bare_db: str) -> None:
         dispatch = sql.SQL("INSERT INTO {} (provider_referans, {}) VALUES ('r', 'sent')").format(
             sql.Identifier(EVIL_TABLE), sql.Identifier("ext'$om$ status")
         )
-        conn.execute(dispatch)  # busy: to the inbox
-        names = schema.Names(layout)
-        assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(names.inbox)).fetchone() == (
-            1,
-        )
+        conn.execute(dispatch)  # busy: nothing announced, the busy read finds it
+        (read,) = conn.execute(ChangeStatements(layout)._everything).fetchall()
+        assert len(read[1]) == 1
+        assert list(conn.notifies(timeout=0.2, stop_after=1)) == []
         with psycopg.connect(bare_db, autocommit=True) as daemon:
             daemon.execute("SELECT pg_advisory_lock(%s)", (schema.idle_lock_key(layout),))
             conn.execute(dispatch)  # idle: NOTIFY

@@ -1,12 +1,10 @@
-"""Doctor's checks of the handoff (install version 2): inbox, idle lock, version 1 leftovers.
+"""Doctor's checks of the handoff: earlier versions' leftovers, the idle lock, instances.
 
-See :mod:`order_monitor.engine.handoff` for how the trigger chooses between
-NOTIFY and the inbox.
+See :mod:`order_monitor.engine.handoff` for how the trigger and the daemon
+choose between NOTIFY and the daemon's reads of what changed.
 """
 
 from __future__ import annotations
-
-from typing import Final
 
 from psycopg import sql
 
@@ -16,16 +14,11 @@ from order_monitor.db import sessions
 from order_monitor.engine.policy import format_seconds
 from order_monitor.operator.findings import INSTALL_HINT, Emit, Verdict
 
-#: An id older than this in the inbox means nobody is taking them.
-INBOX_STALE: Final = 60.0
-#: Older than this, nobody has run a daemon for a day: maybe none ever will again.
-INBOX_ABANDONED: Final = 86400.0
-
 
 async def check_handoff(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
-    await _version_1_triggers(conn, layout, emit)
-    if await _inbox(conn, layout, emit):
-        await _idle_lock(conn, layout, emit)
+    await _old_triggers(conn, layout, emit)
+    await _old_inbox(conn, layout, emit)
+    await _idle_lock(conn, layout, emit)
     await check_instances(conn, emit)
     await check_lock_holders(conn, layout, emit)
 
@@ -41,8 +34,9 @@ async def check_instances(conn: db.AsyncConn, emit: Emit) -> None:
             "instances",
             f"{len(older)} session(s) of an order-monitor older than {__version__} "
             f"(schema version {schema.VERSION}): {named}{more} — upgrade or stop every "
-            "instance, standbys included: an old daemon does not read the inbox (its orders "
-            "wait for the sweep) or misreads what this install writes",
+            "instance, standbys included: an old daemon does not read the orders this trigger "
+            "leaves unannounced while it is busy (they wait for its sweep) or misreads what "
+            "this install writes",
         )
     else:
         emit(Verdict.PASS, "instances", f"no order-monitor older than {__version__} is connected")
@@ -58,7 +52,7 @@ async def check_lock_holders(conn: db.AsyncConn, layout: Layout, emit: Emit) -> 
         effect = (
             "every order-monitor instance stands by, and no order is checked"
             if holder.lock == "leader"
-            else "the daemon cannot switch between NOTIFY and the inbox as it should"
+            else "the daemon cannot switch between NOTIFY and its reads as it should"
         )
         emit(
             Verdict.FAIL,
@@ -69,81 +63,59 @@ async def check_lock_holders(conn: db.AsyncConn, layout: Layout, emit: Emit) -> 
         )
 
 
-async def _version_1_triggers(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
+async def _old_triggers(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
     names = schema.Names(layout)
     cursor = await conn.execute(
         "SELECT t.tgname FROM pg_catalog.pg_trigger t"
         " WHERE t.tgrelid = pg_catalog.to_regclass(%s) AND t.tgname = ANY(%s)"
         " AND NOT t.tgisinternal"
         " ORDER BY 1",
-        (
-            names.table.as_string(conn),
-            [names.v1_insert_trigger_name, names.v1_update_trigger_name],
-        ),
+        (names.table.as_string(conn), list(names.old_trigger_names)),
     )
     left = [str(name) for (name,) in await cursor.fetchall()]
     if left:
         emit(
             Verdict.FAIL,
-            "version 1 triggers",
-            f"{', '.join(left)} still on the table: they NOTIFY for every order (serialising "
-            f"the application's commits) and announce each order a second time — "
-            f"{INSTALL_HINT} (it swaps them for version 2 in one transaction)",
+            "older triggers",
+            f"{', '.join(left)} still on the table: they call a function for every order "
+            f"(a fifth of the application's dispatch throughput, or all its commits in "
+            f"a row for version 1's NOTIFY) — {INSTALL_HINT} (it swaps them for this "
+            "version's in one transaction)",
         )
     else:
-        emit(Verdict.PASS, "version 1 triggers", "none left")
+        emit(Verdict.PASS, "older triggers", "none left")
 
 
-async def _inbox(conn: db.AsyncConn, layout: Layout, emit: Emit) -> bool:
+async def _old_inbox(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
+    """Versions 2 to 4's inbox: install.sql drops it; while it exists, what waits there."""
     names = schema.Names(layout)
     qualified = names.inbox.as_string(conn)
+    cursor = await conn.execute("SELECT pg_catalog.to_regclass(%s) IS NOT NULL", (qualified,))
+    row = await cursor.fetchone()
+    if row is None or not row[0]:
+        emit(Verdict.PASS, "inbox", "none (versions 2 to 4 had one; this version reads changes)")
+        return
     if await sessions.in_recovery(conn):
         # An UNLOGGED table cannot be read during recovery: say why, not the error.
-        emit(Verdict.FAIL, "inbox", sessions.REPLICA_HINT)
-        return False
-    cursor = await conn.execute(
-        "SELECT c.relpersistence FROM pg_catalog.pg_class c"
-        " WHERE c.oid = pg_catalog.to_regclass(%s)",
-        (qualified,),
-    )
-    row = await cursor.fetchone()
-    if row is None:
-        emit(
-            Verdict.FAIL,
-            "inbox",
-            f"{qualified} is missing (a version 1 install: the trigger NOTIFYs for every "
-            f"order) — {INSTALL_HINT}",
-        )
-        return False
+        emit(Verdict.WARN, "inbox", sessions.REPLICA_HINT)
+        return
     cursor = await conn.execute(
         sql.SQL(
-            "SELECT count(*), extract(epoch FROM pg_catalog.now() - min(queued_at))::float8 FROM {}"
+            "SELECT pg_catalog.count(*),"
+            " pg_catalog.date_part('epoch', pg_catalog.now() - pg_catalog.min(queued_at))"
+            " FROM {}"
         ).format(names.inbox)
     )
     counted = await cursor.fetchone()
     waiting, oldest = (0, None) if counted is None else (int(counted[0]), counted[1])
-    logged = "" if row[0] == "u" else " (a logged table: ALTER TABLE ... SET UNLOGGED saves WAL)"
-    if oldest is not None and oldest > INBOX_STALE:
-        emit(
-            Verdict.WARN,
-            "inbox",
-            f"{waiting} order ids waiting, the oldest for {format_seconds(oldest)}: no daemon "
-            "is taking them (is one running, and the leader?); the sweep still finds "
-            f"those orders{logged}"
-            + (
-                " — if order-monitor is retired, run uninstall.sql: until then the trigger "
-                "adds a row here for every order dispatched"
-                if oldest > INBOX_ABANDONED
-                else ""
-            ),
-        )
-    else:
-        emit(
-            Verdict.WARN if logged else Verdict.PASS,
-            "inbox",
-            f"{qualified} is in place, {waiting} order ids waiting{logged}",
-        )
-    return True
+    age = "" if oldest is None else f", the oldest for {format_seconds(float(oldest))}"
+    emit(
+        Verdict.WARN,
+        "inbox",
+        f"{qualified} is left by schema version 2 to 4 ({waiting} order ids waiting{age}): "
+        f"its trigger writes there while the daemon is busy — {INSTALL_HINT} (this daemon "
+        "reads the orders that changed, and install.sql drops the inbox)",
+    )
 
 
 async def _idle_lock(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
@@ -161,8 +133,8 @@ async def _idle_lock(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
         emit(
             Verdict.PASS,
             "handoff",
-            "the idle lock is free: the trigger leaves orders in the inbox (the daemon is "
-            "busy, or not running)",
+            "the idle lock is free: the trigger announces nothing and the daemon reads the "
+            "orders that changed (it is busy), or no daemon runs (its sweep finds them at start)",
         )
     else:
         emit(

@@ -205,8 +205,8 @@ async def check_objects(conn: db.AsyncConn, layout: Layout, table: Table, emit: 
     elif expected_objects is None or expected_objects.function is None:
         emit(Verdict.WARN, "trigger function", f"{qualified_function}() exists{not_compared}")
     elif function.shape != (
-        # The copy's body names the copy's inbox and lock: compare the body
-        # with this table's rendering instead.
+        # The copy's body may name the copy's objects: compare the body with
+        # this table's rendering instead.
         *expected_objects.function.shape[:2],
         schema.notify_function_body(layout),
         *expected_objects.function.shape[3:],
@@ -259,11 +259,11 @@ async def check_objects(conn: db.AsyncConn, layout: Layout, table: Table, emit: 
 async def check_function_acls(conn: db.AsyncConn, layout: Layout, emit: Emit) -> None:
     """Who may execute the functions we install: their owner, and the write function our role.
 
-    Both are SECURITY DEFINER: every other grantee may write orders (the
-    write function) or the inbox (the trigger function, attached to a TEMP
-    table of its own) with the owner's rights. "Our role" is the configured
+    The write function is SECURITY DEFINER: every other grantee may write
+    orders with the owner's rights. The trigger function needs no grant (a
+    trigger's call is not checked). "Our role" is the configured
     ORDER_MONITOR_ROLE, this session's role, or a role sql/role.sql was
-    applied to (it alone is granted DELETE on the inbox).
+    applied to (it alone is granted DELETE on the outbox).
     """
     names = schema.Names(layout)
     cursor = await conn.execute(
@@ -276,7 +276,7 @@ async def check_function_acls(conn: db.AsyncConn, layout: Layout, emit: Emit) ->
         "         AND NOT (p.proname = %(write)s AND CASE WHEN a.grantee = 0 THEN false"
         "             ELSE g.rolname IN (%(role)s, current_user)"
         "               OR coalesce(pg_catalog.has_table_privilege(a.grantee,"
-        "                      pg_catalog.to_regclass(%(inbox)s), 'DELETE'), false) END)"
+        "                      pg_catalog.to_regclass(%(outbox)s), 'DELETE'), false) END)"
         "       ORDER BY 1)"
         " FROM pg_catalog.pg_proc p"
         " JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
@@ -288,7 +288,7 @@ async def check_function_acls(conn: db.AsyncConn, layout: Layout, emit: Emit) ->
             "function": names.function_name,
             "write": names.write_function_name,
             "role": layout.role,
-            "inbox": names.inbox.as_string(None),
+            "outbox": names.outbox.as_string(None),
         },
     )
     rows = await cursor.fetchall()

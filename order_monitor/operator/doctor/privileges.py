@@ -10,7 +10,7 @@ from psycopg import sql
 
 from order_monitor import db, schema
 from order_monitor.config import Settings
-from order_monitor.db.inbox import InboxStatements
+from order_monitor.db.changes import ChangeStatements
 from order_monitor.operator.doctor.database import Table, fetch_one
 from order_monitor.operator.findings import Emit, Verdict
 
@@ -54,7 +54,8 @@ async def check_privileges(
     """What the role may do, proven on the daemon's own statements, not on a list beside them."""
     layout = settings.layout
     c = layout.columns
-    readable = [name for name in c.read() if name in table.columns]
+    # xmin: the busy read compares it (engine.changes); role.sql grants it.
+    readable = [name for name in c.read() if name in table.columns] + ["xmin"]
     row = await fetch_one(
         conn,
         "SELECT current_user, pg_catalog.has_schema_privilege(%s, 'USAGE'),"
@@ -82,7 +83,7 @@ async def check_privileges(
         Verdict.PASS,
         "privileges",
         f"role {user} may run the daemon's statements: the sweep, the re-read, the write "
-        "and taking from the inbox "
+        "and the busy read "
         f"(reading {len(readable)} columns, writing only through the write function)",
     )
     return True
@@ -95,7 +96,7 @@ async def _daemon_statements_refused(conn: db.AsyncConn, settings: Settings) -> 
     it proves the call is permitted and changes nothing.
     """
     queries = db.Queries(settings.layout)
-    inbox = InboxStatements(settings.layout)
+    changes = ChangeStatements(settings.layout)
     empty = db.WriteBatch([], [], [], [], [], [], [])
     refused = []
     for what, run in (
@@ -104,7 +105,7 @@ async def _daemon_statements_refused(conn: db.AsyncConn, settings: Settings) -> 
         ("the sweep's SELECT", lambda: queries.sweep_page(conn, None, 0)),
         ("the re-read's SELECT", lambda: queries.fetch_in_flight(conn, [])),
         ("EXECUTE on the write function", lambda: queries.write(conn, empty)),
-        ("SELECT and DELETE on the inbox", lambda: inbox.take(conn, 0)),
+        ("the busy read's SELECT of xmin", lambda: _busy_read_probe(conn, changes)),
     ):
         try:
             async with conn.transaction(force_rollback=True):
@@ -268,3 +269,12 @@ async def check_schema_create(conn: db.AsyncConn, settings: Settings, emit: Emit
         "them from a session that does not pin search_path (the daemon pins it; the "
         "application and psql may not) — REVOKE CREATE ON SCHEMA ... FROM those roles",
     )
+
+
+async def _busy_read_probe(conn: db.AsyncConn, changes: ChangeStatements) -> None:
+    """The busy read from the oldest transaction running: a few rows at most, often none."""
+    row = await fetch_one(
+        conn,
+        "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::pg_catalog.text",
+    )
+    await changes.read(conn, int(row[0]) % 2**32)

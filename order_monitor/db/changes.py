@@ -1,0 +1,111 @@
+"""The busy read's statements: orders in flight changed since a mark, and what is installed.
+
+See :mod:`order_monitor.engine.changes` for why a transaction-id mark
+returns every order the trigger left unannounced. Every function and type
+is schema-qualified: the session may be the leader lock's.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from order_monitor import schema
+from order_monitor.config import Layout
+from order_monitor.db.connections import AsyncConn
+
+
+class Install(enum.Enum):
+    """Which trigger the table has, as far as the busy read is concerned."""
+
+    #: Version 5: while busy, the trigger calls nothing; the daemon reads changes.
+    GATED = "gated"
+    #: Versions 2 to 4: while busy, the trigger writes ids to the inbox.
+    INBOX = "inbox"
+    #: Version 1 (or nothing usable): the trigger always NOTIFYs.
+    NOTIFY_ONLY = "notify_only"
+
+
+@dataclass(frozen=True, slots=True)
+class Changed:
+    """What one busy read returned."""
+
+    ids: list[uuid.UUID]
+    #: The read's snapshot: the oldest transaction still running, as xid8.
+    snapshot_xmin: int
+
+
+class ChangeStatements:
+    def __init__(self, layout: Layout) -> None:
+        names = schema.Names(layout)
+        in_flight = schema.in_flight_predicate(layout)
+        id_ = sql.Identifier(layout.columns.id)
+        # One statement, so one snapshot: the ids and the next mark come from
+        # the same one. The partial index of orders in flight is used (the
+        # predicate is the index's, literally); xmin is read from each heap
+        # row it points to, and only the ids of the rows that pass cross the
+        # wire. age() of two 32-bit ids is compared within one statement,
+        # against the same current id. BETWEEN 0: a raw xmin more than 2^31
+        # transactions old (a frozen row) would otherwise read as new.
+        select = (
+            "SELECT pg_catalog.pg_snapshot_xmin(s)::pg_catalog.text,"
+            " ARRAY(SELECT {id} FROM {table} WHERE {in_flight}{since})"
+            " FROM pg_catalog.pg_current_snapshot() AS s"
+        )
+        self._since = sql.SQL(select).format(
+            id=id_,
+            table=names.table,
+            in_flight=in_flight,
+            since=sql.SQL(
+                " AND pg_catalog.age(xmin) BETWEEN 0"
+                " AND pg_catalog.age(%s::pg_catalog.text::pg_catalog.xid)"
+            ),
+        )
+        self._everything = sql.SQL(select).format(
+            id=id_, table=names.table, in_flight=in_flight, since=sql.SQL("")
+        )
+        key = sql.Literal(schema.idle_lock_key(layout))
+        # The snapshot is taken when the statement starts, before the unlock.
+        self._release = sql.SQL(
+            "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())"
+            "::pg_catalog.text, pg_catalog.pg_advisory_unlock({})"
+        ).format(key)
+        self._install = sql.SQL(
+            "SELECT pg_catalog.to_regprocedure(%(gated)s) IS NOT NULL,"
+            " CASE WHEN pg_catalog.to_regclass(%(inbox)s) IS NULL THEN false"
+            " ELSE pg_catalog.has_table_privilege(%(inbox)s, 'SELECT')"
+            " AND pg_catalog.has_table_privilege(%(inbox)s, 'DELETE') END"
+        )
+        self._install_params = {
+            "gated": sql.SQL("{}()").format(names.function).as_string(None),
+            "inbox": names.inbox.as_string(None),
+        }
+
+    async def read(self, conn: AsyncConn, since: int | None) -> Changed:
+        """The ids of orders in flight written by transaction *since* (32-bit) or later."""
+        if since is None:
+            cursor = await conn.execute(self._everything, binary=True)
+        else:
+            cursor = await conn.execute(self._since, (str(since),), binary=True)
+        row = await cursor.fetchone()
+        assert row is not None  # one row, always
+        xmin, ids = row
+        return Changed(list(ids), int(xmin))
+
+    async def release_idle_lock(self, conn: AsyncConn) -> int:
+        """Release the idle lock; the xmin (xid8) of a snapshot taken just before."""
+        cursor = await conn.execute(self._release)
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def install(self, conn: AsyncConn) -> Install:
+        cursor = await conn.execute(self._install, self._install_params)
+        row = await cursor.fetchone()
+        gated, inbox = row if row is not None else (False, False)
+        if gated:
+            return Install.GATED
+        return Install.INBOX if inbox else Install.NOTIFY_ONLY
