@@ -23,6 +23,9 @@ class Install(enum.Enum):
 
     #: Version 5: while busy, the trigger calls nothing; the daemon reads changes.
     GATED = "gated"
+    #: Version 5 before role.sql granted SELECT on xmin: the daemon cannot read
+    #: changes yet, so it holds the idle lock and the trigger NOTIFYs always.
+    GATED_UNREADABLE = "gated_unreadable"
     #: Versions 2 to 4: while busy, the trigger writes ids to the inbox.
     INBOX = "inbox"
     #: Version 1 (or nothing usable): the trigger always NOTIFYs.
@@ -75,6 +78,8 @@ class ChangeStatements:
         ).format(key)
         self._install = sql.SQL(
             "SELECT pg_catalog.to_regprocedure(%(gated)s) IS NOT NULL,"
+            " coalesce(pg_catalog.has_column_privilege(pg_catalog.to_regclass(%(table)s),"
+            " 'xmin', 'SELECT'), false),"
             " CASE WHEN pg_catalog.to_regclass(%(inbox)s) IS NULL THEN false"
             " ELSE pg_catalog.has_table_privilege(%(inbox)s, 'SELECT')"
             " AND pg_catalog.has_table_privilege(%(inbox)s, 'DELETE') END"
@@ -82,6 +87,7 @@ class ChangeStatements:
         self._install_params = {
             "gated": sql.SQL("{}()").format(names.function).as_string(None),
             "inbox": names.inbox.as_string(None),
+            "table": names.table.as_string(None),
         }
 
     async def read(self, conn: AsyncConn, since: int | None) -> Changed:
@@ -105,7 +111,7 @@ class ChangeStatements:
     async def install(self, conn: AsyncConn) -> Install:
         cursor = await conn.execute(self._install, self._install_params)
         row = await cursor.fetchone()
-        gated, inbox = row if row is not None else (False, False)
+        gated, readable, inbox = row if row is not None else (False, False, False)
         if gated:
-            return Install.GATED
+            return Install.GATED if readable else Install.GATED_UNREADABLE
         return Install.INBOX if inbox else Install.NOTIFY_ONLY

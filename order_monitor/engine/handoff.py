@@ -72,7 +72,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 import psycopg
 
@@ -210,6 +210,10 @@ class ModeRule:
         horizon = now - self.timing.calm_window - self._width
         while self._buckets and self._buckets[0][0] < horizon:
             self._buckets.popleft()
+
+
+#: Installs on which the daemon cannot read changes: it holds the idle lock.
+_NOTIFY_ALWAYS: Final = (Install.NOTIFY_ONLY, Install.GATED_UNREADABLE)
 
 
 class HandoffSession(Protocol):
@@ -406,10 +410,11 @@ class Handoff:
         self._next_read = self._clock()
 
     async def _serve(self, conn: AsyncConn) -> None:
-        if await self._installed(conn) is Install.NOTIFY_ONLY:
-            await self._hold_until_installed(conn)
+        await self._installed(conn)
         while True:
-            if self.mode is Mode.BUSY:
+            if self.install in _NOTIFY_ALWAYS:
+                await self._hold_until_installed(conn)
+            elif self.mode is Mode.BUSY:
                 await self._serve_busy(conn)
             else:
                 await self._serve_idle(conn)
@@ -427,6 +432,13 @@ class Handoff:
                 "application's commits; run install.sql (version 5), then role.sql, to let it "
                 "stay quiet while the daemon is busy",
             )
+        elif install is Install.GATED_UNREADABLE and self.install is not install:
+            log.warning(
+                "handoff.xmin_not_granted",
+                note="install.sql (version 5) is in, role.sql not yet: this role may not read "
+                "xmin, so the daemon cannot find orders itself while busy; until role.sql is "
+                "run it holds the idle lock and the trigger NOTIFYs every order",
+            )
         elif install is Install.INBOX and self.install is not Install.INBOX:
             log.warning(
                 "handoff.version_4_install",
@@ -438,18 +450,19 @@ class Handoff:
         return install
 
     async def _hold_until_installed(self, conn: AsyncConn) -> None:
-        """On a version 1 install: hold the idle lock until a later version appears.
+        """Hold the idle lock until the daemon can read changes (version 1; no xmin grant).
 
-        Held so that the moment the new trigger is installed it NOTIFYs: no
-        order waits for a read that has no mark yet. Not held without NOTIFY
-        (``use_notify`` False): orders are then read, as that setting asks.
+        Held so that the trigger NOTIFYs every order meanwhile: none waits
+        for a read the daemon cannot make. Not held without NOTIFY
+        (``use_notify`` False): orders then wait for the sweep, as that
+        setting asks.
         """
-        if self.use_notify:
+        if self.use_notify and self.mode is Mode.BUSY:
             while not await self._statements.take_idle_lock(conn, self.timing.lock_wait):
                 pass
-            self._set_mode(Mode.IDLE, reason="version 1 install")
-        installed = Install.NOTIFY_ONLY
-        while installed is Install.NOTIFY_ONLY:
+            self._set_mode(Mode.IDLE, reason="cannot read changes yet")
+        installed = self.install or Install.NOTIFY_ONLY
+        while installed in _NOTIFY_ALWAYS:
             await self._sleep(self.timing.idle_check)
             installed = await self._installed(conn)
         log.info("handoff.trigger_installed", install=installed.value)
@@ -581,7 +594,7 @@ class Handoff:
         except psycopg.errors.UndefinedTable:
             # install.sql (version 5) dropped the inbox: its trigger writes
             # there no more, and the reads find every order it would have held.
-            if await self._installed(conn) is not Install.GATED:
+            if await self._installed(conn) not in (Install.GATED, Install.GATED_UNREADABLE):
                 raise
             # Orders the new trigger left unannounced may have committed
             # before this moment: the first read takes every order in flight.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,12 +25,12 @@ from order_monitor.config import Layout
 from order_monitor.db import Queries
 from order_monitor.db.changes import Install
 from order_monitor.db.inbox import START, InboxStatements
-from order_monitor.engine.handoff import EmptyPolls, Handoff, HandoffTiming, OwnSession
+from order_monitor.engine.handoff import EmptyPolls, Handoff, HandoffTiming, Mode, OwnSession
 from order_monitor.metrics import Metrics
 from order_monitor.ops.installed import InstallHealth
-from tests.conftest import as_daemon, deploy
+from tests.conftest import DAEMON_ROLE, as_daemon, deploy
 from tests.daemon_fixtures import eventually
-from tests.schema.scripts import give_table_to_owner, install_release
+from tests.schema.scripts import current, give_table_to_owner, install_release, psql
 
 INBOX = "order_monitor_product_orders_inbox_v2"
 TIMING = HandoffTiming(poll_interval=0.005, poll_max=0.2)
@@ -237,3 +238,79 @@ async def _missing(health: InstallHealth) -> bool:
 
 async def _back(health: InstallHealth) -> bool:
     return not health.problems
+
+
+async def test_the_upgrade_to_version_5_under_a_busy_handoff_leaves_no_order_unannounced(
+    db: str, tmp_path: Path
+) -> None:
+    """Daemons first, then install.sql, then role.sql: every order reaches the handoff.
+
+    Between install.sql and role.sql the daemon may not read xmin: it holds
+    the idle lock, so the new trigger NOTIFYs every order; once role.sql is
+    in, it reads every order in flight once, then what changed.
+    """
+    taken: list[uuid.UUID] = []
+    layout = Layout(role=DAEMON_ROLE)
+    handoff = Handoff(
+        "",
+        Queries(Layout()),
+        on_orders=taken.extend,
+        room=lambda: 1000,
+        listening=lambda: False,  # stays busy unless it cannot read
+        metrics=Metrics(),
+        clock=asyncio.get_running_loop().time,
+        timing=HandoffTiming(idle_check=0.05),
+        session=OwnSession(as_daemon(db), max_backoff=0.2),
+    )
+    async with (
+        await psycopg.AsyncConnection.connect(as_daemon(db), autocommit=True) as listener,
+        await psycopg.AsyncConnection.connect(db, autocommit=True) as app,
+    ):
+        await listener.execute("LISTEN order_monitor")
+        task = asyncio.create_task(handoff.run())
+        try:
+            await eventually(lambda: _installed(handoff), what="the handoff on version 4")
+            before = await _dispatch(app, "v4-busy")
+            await eventually(lambda: _has(taken, before), what="the inbox read")
+
+            done = await asyncio.to_thread(psql, db, current("install", tmp_path, layout))
+            assert done.returncode == 0, done.stderr
+            await eventually(lambda: _is(handoff, Install.GATED_UNREADABLE), what="v5 seen")
+            await eventually(lambda: _mode(handoff, Mode.IDLE), what="the idle lock held")
+            between = await _dispatch(app, "between-install-and-role")
+            notes = [n.payload async for n in listener.notifies(timeout=2, stop_after=1)]
+            assert notes == [str(between)]
+
+            done = await asyncio.to_thread(psql, db, current("role", tmp_path, layout))
+            assert done.returncode == 0, done.stderr
+            await eventually(lambda: _is(handoff, Install.GATED), what="xmin granted")
+            await eventually(lambda: _mode(handoff, Mode.BUSY), what="busy again")
+            after = await _dispatch(app, "v5-busy")
+            await eventually(lambda: _has(taken, after), what="the busy read")
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+
+
+async def _dispatch(app: psycopg.AsyncConnection[Any], ref: str) -> uuid.UUID:
+    row = await (
+        await app.execute(
+            """INSERT INTO product_orders (provider_referans, "externalStatus") VALUES (%s, 'sent')
+               RETURNING id""",
+            (ref,),
+        )
+    ).fetchone()
+    assert row is not None
+    return uuid.UUID(str(row[0]))
+
+
+async def _has(taken: list[uuid.UUID], order: uuid.UUID) -> bool:
+    return order in taken
+
+
+async def _is(handoff: Handoff, install: Install) -> bool:
+    return handoff.install is install
+
+
+async def _mode(handoff: Handoff, mode: Mode) -> bool:
+    return handoff.mode is mode
