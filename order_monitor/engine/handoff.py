@@ -348,8 +348,9 @@ class Handoff:
         metrics.handoff_busy.set(1)
         self._mode_since = clock()
         self._idle_refused_at: float | None = None
-        #: None until the first connection tells.
+        #: None until the first connection tells; checked again every idle_check.
         self.install: Install | None = None
+        self._install_checked_at = clock()
         self._wake = asyncio.Event()
         #: Told when the inbox vanishes under us (uninstall) and when it is back.
         self._health = health or InstallHealth()
@@ -412,6 +413,10 @@ class Handoff:
     async def _serve(self, conn: AsyncConn) -> None:
         await self._installed(conn)
         while True:
+            if self._clock() - self._install_checked_at >= self.timing.idle_check:
+                # An uninstall (or role.sql's grants) under a running daemon:
+                # said in /readyz, and the idle lock held while it cannot read.
+                await self._installed(conn)
             if self.install in _NOTIFY_ALWAYS:
                 await self._hold_until_installed(conn)
             elif self.mode is Mode.BUSY:
@@ -421,6 +426,7 @@ class Handoff:
 
     async def _installed(self, conn: AsyncConn) -> Install:
         install = await self._changes.install(conn)
+        self._install_checked_at = self._clock()
         if install is not Install.NOTIFY_ONLY:
             self._health.present("handoff")
         elif self.install not in (None, Install.NOTIFY_ONLY):

@@ -45,7 +45,7 @@ async def test_an_uninstall_under_a_running_daemon_makes_it_unready_until_reinst
             _, body = await readyz(daemon)
             assert "schema" in body["failed"]  # type: ignore[operator]
             schema_check = body["checks"]["schema"]  # type: ignore[index]
-            assert "inbox" in schema_check["missing"]
+            assert "handoff" in schema_check["missing"]
             assert "install.sql" in schema_check["reason"]
 
             deploy(db)

@@ -42,8 +42,8 @@ async def test_doctor_passes_everything_on_an_installed_database(
         "provider reference column",
         "index",
         "trigger function",
-        "trigger order_monitor_insert_v2",
-        "trigger order_monitor_update_v2",
+        "trigger order_monitor_insert_v3",
+        "trigger order_monitor_update_v3",
         "write function",
         "privileges",
         "orders in flight",
@@ -71,8 +71,8 @@ def test_doctor_fails_on_a_database_without_the_install(bare_db: str, env_file: 
         "provider reference column",
         "index",
         "trigger function",
-        "trigger order_monitor_insert_v2",
-        "trigger order_monitor_update_v2",
+        "trigger order_monitor_insert_v3",
+        "trigger order_monitor_update_v3",
     ):
         assert found[check] == "FAIL", check
         assert "order-monitor sql install" in lines(result)[check]
@@ -140,8 +140,8 @@ def test_doctor_sees_that_the_install_is_for_another_in_flight_rule(
     assert found["index"] == "FAIL"
     assert "another in-flight rule" in lines(result)["index"]
     assert "DROP INDEX CONCURRENTLY" in lines(result)["index"]
-    assert found["trigger order_monitor_insert_v2"] == "FAIL"
-    assert found["trigger order_monitor_update_v2"] == "FAIL"
+    assert found["trigger order_monitor_insert_v3"] == "FAIL"
+    assert found["trigger order_monitor_update_v3"] == "FAIL"
     assert found["trigger function"] == "PASS"  # its body does not depend on the rule
 
 
@@ -159,7 +159,7 @@ def test_doctor_reports_an_invalid_index_and_a_disabled_trigger(db: str, env_fil
             "CREATE UNIQUE INDEX CONCURRENTLY order_monitor_product_orders_inflight_v1"
             ' ON product_orders ("providerId")',
         )
-    execute(db, "ALTER TABLE product_orders DISABLE TRIGGER order_monitor_update_v2")
+    execute(db, "ALTER TABLE product_orders DISABLE TRIGGER order_monitor_update_v3")
 
     result = invoke(["doctor"], environment(db, env_file))
 
@@ -167,10 +167,10 @@ def test_doctor_reports_an_invalid_index_and_a_disabled_trigger(db: str, env_fil
     index = lines(result)["index"]
     assert index.startswith("FAIL  index: order_monitor_product_orders_inflight_v1 is INVALID")
     assert "DROP INDEX CONCURRENTLY" in index
-    update = lines(result)["trigger order_monitor_update_v2"]
-    assert update.startswith("FAIL  trigger order_monitor_update_v2: is disabled")
+    update = lines(result)["trigger order_monitor_update_v3"]
+    assert update.startswith("FAIL  trigger order_monitor_update_v3: is disabled")
     assert "ENABLE TRIGGER" in update
-    assert verdicts(result)["trigger order_monitor_insert_v2"] == "PASS"
+    assert verdicts(result)["trigger order_monitor_insert_v3"] == "PASS"
 
 
 def test_doctor_names_the_missing_privileges(role_dsn: str, db: str, env_file: Path) -> None:
@@ -345,12 +345,19 @@ def test_doctor_names_orders_whose_dispatch_time_is_unusable(db: str, env_file: 
     assert str(ids["D"]) not in line
 
 
-def test_doctor_says_to_uninstall_when_the_inbox_has_waited_a_day(db: str, env_file: Path) -> None:
+def test_doctor_warns_about_an_inbox_an_older_version_left(db: str, env_file: Path) -> None:
+    """Version 4's inbox, with an id waiting: install.sql drops it, doctor says so."""
+    execute(
+        db,
+        "CREATE UNLOGGED TABLE order_monitor_product_orders_inbox_v2"
+        " (order_id uuid NOT NULL, queued_at timestamptz NOT NULL DEFAULT now())",
+    )
     execute(
         db,
         "INSERT INTO order_monitor_product_orders_inbox_v2 (order_id, queued_at)"
         " VALUES (gen_random_uuid(), now() - interval '2 days')",
     )
-    line = lines(invoke(["doctor"], environment(as_daemon(db), env_file)))["inbox"]
+    line = lines(invoke(["doctor"], environment(db, env_file)))["inbox"]
     assert line.startswith("WARN")
-    assert "if order-monitor is retired, run uninstall.sql" in line
+    assert "left by schema version 2 to 4 (1 order ids waiting, the oldest for 48h)" in line
+    assert "order-monitor sql install" in line

@@ -137,7 +137,8 @@ async def _reference_objects(conn: db.AsyncConn, layout: Layout, table: Table) -
                 " WHERE c.relnamespace = pg_catalog.pg_my_temp_schema() AND c.relname = %s",
                 (layout.table,),
             )
-            return await _objects(conn, replace(layout, schema=row[0]), int(row[1]))
+            copy = await _objects(conn, replace(layout, schema=row[0]), int(row[1]))
+            return _with_idle_key(copy, schema.idle_lock_key(temp), schema.idle_lock_key(layout))
         finally:
             await conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(names.table))
             await conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(names.function))
@@ -318,3 +319,18 @@ async def check_function_acls(conn: db.AsyncConn, layout: Layout, emit: Emit) ->
         emit(
             Verdict.PASS, "function ACLs", "only their owner and the daemon's role may execute them"
         )
+
+
+def _with_idle_key(objects: _Objects, copy_key: int, key: int) -> _Objects:
+    """The copy's triggers as they would be on the table: the WHEN names the table's idle lock.
+
+    The key is derived from the table's name, and the copy's is another
+    (pg_temp): the deparsed WHEN shows it as a quoted decimal constant.
+    """
+    triggers = {}
+    for name, trigger in objects.triggers.items():
+        tgtype, attrs, args, when = trigger.shape
+        if when is not None:
+            when = when.replace(f"'{copy_key}'::bigint", f"'{key}'::bigint")
+        triggers[name] = replace(trigger, shape=(tgtype, attrs, args, when))
+    return replace(objects, triggers=triggers)
