@@ -141,7 +141,7 @@ def sql_group() -> None:
     """Render or apply the SQL for the configured table layout."""
 
 
-_KINDS = click.Choice(["install", "uninstall", "role"])
+_KINDS = click.Choice(["install", "uninstall", "role", "decoding"])
 
 
 @sql_group.command("print")
@@ -149,7 +149,7 @@ _KINDS = click.Choice(["install", "uninstall", "role"])
 @pass_context
 @friendly_errors
 def sql_print(ctx: Context, kind: str) -> None:
-    """Print install.sql, uninstall.sql or role.sql for the configured layout.
+    """Print install.sql, uninstall.sql, role.sql or decoding.sql for the configured layout.
 
     Needs no database: only the table/column settings are read.
     """

@@ -29,7 +29,8 @@ from order_monitor.db import (
     connect,
     retry_forever,
 )
-from order_monitor.db.checks import check_index
+from order_monitor.db.checks import check_decoding, check_index
+from order_monitor.decoding.capture import Capture
 from order_monitor.engine.assembly import DeliveryParts, Engine, provider_lookup
 from order_monitor.engine.checker import Checker
 from order_monitor.engine.handoff import Handoff, HandoffTiming, LeaderSession
@@ -169,6 +170,10 @@ class Daemon:
         return self._engine.handoff if self._engine else None
 
     @property
+    def capture(self) -> Capture | None:
+        return self._engine.capture if self._engine else None
+
+    @property
     def confirmer(self) -> Confirmer | None:
         return self._engine.confirmer if self._engine else None
 
@@ -271,6 +276,8 @@ class Daemon:
         limits = await column_limits(conn, settings.layout, settings.writes)
         await check_write_function(conn, settings.layout, settings.writes)
         await check_index(conn, settings.layout)
+        if settings.capture == "decoding":
+            await check_decoding(conn, settings.layout)
         return limits
 
     async def _lead_until_stopped(self) -> None:
@@ -374,9 +381,9 @@ class Daemon:
             install_health=self.install_health,
             delivery=delivery,
         )
-        # The inbox is read on the leader lock's own session: no read of it
-        # outlives the lock (engine.handoff explains why that matters).
-        engine.handoff.use_session(LeaderSession(self._lock))
+        # The busy reads (or the slot's) are made on the leader lock's own
+        # session: none outlives the lock (engine.handoff explains why).
+        engine.announcer.use_session(LeaderSession(self._lock))
         try:
             await engine.run(
                 stop=self._stop,

@@ -118,6 +118,40 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.decoding_reads = Histogram(
+            "order_monitor_decoding_read_seconds",
+            "Reads of the logical replication slot (ORDER_MONITOR_CAPTURE=decoding), by how"
+            " long each took (decoding in the server, parsing here).",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.decoding_orders = Counter(
+            "order_monitor_decoding_orders",
+            "Orders read from the slot, by result: taken (new to the daemon), known (already"
+            " scheduled), deferred (no room in the confirmer: read again next time).",
+            ["result"],
+            registry=r,
+        )
+        self.decoding_slot_lag = Gauge(
+            "order_monitor_decoding_slot_lag_bytes",
+            "WAL the slot holds back on the server: the current WAL position minus what the"
+            " daemon confirmed. A slot nobody reads grows this until max_slot_wal_keep_size"
+            " invalidates it (or, without that setting, until the disk is full).",
+            registry=r,
+        )
+        self.decoding_slot_recreated = Counter(
+            "order_monitor_decoding_slot_recreated",
+            "Slots recreated after they were invalidated or dropped (each followed by a sweep).",
+            registry=r,
+        )
+        self.decoding_errors = Counter(
+            "order_monitor_decoding_errors",
+            "Slot reads that failed, by kind: unreadable (a message the parser refused: its"
+            " transaction is skipped and a sweep finds its orders), slot (the slot lost or"
+            " missing: recreated).",
+            ["kind"],
+            registry=r,
+        )
         self.handoff_busy = Gauge(
             "order_monitor_handoff_busy",
             "1 while the daemon reads the orders that changed (the trigger does not NOTIFY),"

@@ -46,6 +46,32 @@ BEGIN
 END
 $om$;
 
+-- The logical decoding capture (decoding.sql), first: the slot (a slot left
+-- behind keeps WAL forever), the publication and the slot's functions.
+-- Needs a superuser when they exist. The decoder role stays (roles are per
+-- cluster): DROP ROLE it yourself.
+DO $om$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = 'order_monitor_product_orders_pub_v1')
+       AND NOT EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = 'order_monitor_' || pg_catalog.left(pg_catalog.md5(pg_catalog.current_database() || ':' || '"public"."product_orders"'), 16))
+       AND pg_catalog.to_regprocedure('"public"."order_monitor_product_orders_changes_v1"(integer)') IS NULL THEN
+        RETURN;  -- decoding.sql never ran here
+    END IF;
+    IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+        RAISE EXCEPTION 'order-monitor: decoding.sql ran here: its slot, publication and functions need a superuser to drop; nothing was changed'
+            USING HINT = 'run this file as a superuser';
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = 'order_monitor_' || pg_catalog.left(pg_catalog.md5(pg_catalog.current_database() || ':' || '"public"."product_orders"'), 16)) THEN
+        PERFORM pg_catalog.pg_drop_replication_slot('order_monitor_' || pg_catalog.left(pg_catalog.md5(pg_catalog.current_database() || ':' || '"public"."product_orders"'), 16));
+    END IF;
+    DROP PUBLICATION IF EXISTS "order_monitor_product_orders_pub_v1";
+    DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_changes_v1"(integer);
+    DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_advance_v1"(pg_catalog.pg_lsn);
+    DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_slot_v1"();
+    DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_recreate_v1"();
+END
+$om$;
+
 -- Triggers first, every version's: from here on the application's writes
 -- announce nothing.
 DO $om$

@@ -147,6 +147,7 @@ def load_settings(
         # "inbox" is the name this setting had while versions 2 to 4's
         # trigger put ids in an inbox table: the same choice, never to NOTIFY.
         handoff=env.choice("HANDOFF", "auto", ("auto", "scan", "inbox")).replace("inbox", "scan"),
+        capture=env.choice("CAPTURE", "trigger", ("trigger", "decoding")),
         providers_file=providers_path,
         providers=providers,
         actions=actions,

@@ -215,10 +215,13 @@ class Settings:
     drain_timeout: float = 10.0
     #: How often the LISTEN connection is proven alive.
     listener_health_interval: float = 10.0
-    #: ORDER_MONITOR_HANDOFF: 'auto' (NOTIFY while quiet, the inbox while busy)
-    #: or 'inbox' (never NOTIFY: for applications that dispatch inside a
-    #: PREPARE TRANSACTION, which PostgreSQL refuses after a NOTIFY).
+    #: ORDER_MONITOR_HANDOFF: 'auto' (NOTIFY while quiet, reads of what changed
+    #: while busy) or 'scan' (never NOTIFY: for applications that dispatch
+    #: inside a PREPARE TRANSACTION, which PostgreSQL refuses after a NOTIFY).
     handoff: str = "auto"
+    #: ORDER_MONITOR_CAPTURE: 'trigger' (install.sql's trigger, NOTIFY and the
+    #: busy reads) or 'decoding' (a logical replication slot: sql/decoding.sql).
+    capture: str = "trigger"
     providers_file: Path | None = None
     providers: tuple[ProviderConfig, ...] = ()
     #: How finished orders are delivered to the application ([actions.NAME]).
@@ -272,6 +275,7 @@ RESTART_ONLY: Final = (
     ("batch_size", "ORDER_MONITOR_BATCH_SIZE"),
     ("listener_health_interval", "ORDER_MONITOR_LISTENER_HEALTH_INTERVAL"),
     ("handoff", "ORDER_MONITOR_HANDOFF"),
+    ("capture", "ORDER_MONITOR_CAPTURE"),
     ("http_listen", "ORDER_MONITOR_HTTP_LISTEN"),
 )
 

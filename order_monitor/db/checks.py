@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Final
 
 import psycopg
+from psycopg import sql
 
 import order_monitor.schema.guards
 from order_monitor import schema
@@ -177,6 +178,31 @@ async def check_write_function(conn: AsyncConn, layout: Layout, writes: OutcomeW
     problem = await write_function_problem(conn, layout, writes)
     if problem is not None:
         raise SchemaError(problem)
+
+
+async def check_decoding(conn: AsyncConn, layout: Layout) -> None:
+    """With ORDER_MONITOR_CAPTURE=decoding: raise SchemaError unless decoding.sql's functions
+    are there and this role may execute them."""
+    names = schema.Names(layout)
+    cursor = await conn.execute(
+        "SELECT f, pg_catalog.to_regprocedure(f) IS NOT NULL"
+        " AND pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(f), 'EXECUTE')"
+        " FROM pg_catalog.unnest(%s::text[]) AS f",
+        (
+            [
+                sql.SQL("{}({})").format(function, sql.SQL(arguments)).as_string(None)
+                for function, arguments in names.decoding_functions
+            ],
+        ),
+    )
+    missing = [str(f) for f, usable in await cursor.fetchall() if not usable]
+    if missing:
+        raise SchemaError(
+            f"ORDER_MONITOR_CAPTURE=decoding, but {', '.join(missing)} is missing or not "
+            "executable by this role: run sql/decoding.sql as a superuser (after install.sql "
+            "and role.sql; `order-monitor sql print decoding`), or set "
+            "ORDER_MONITOR_CAPTURE=trigger"
+        )
 
 
 async def index_problem(conn: AsyncConn, layout: Layout) -> str | None:

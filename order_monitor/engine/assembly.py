@@ -24,9 +24,10 @@ import aiohttp
 
 from order_monitor.config import Settings
 from order_monitor.db import ColumnLimits, ManagedConnection, Queries
+from order_monitor.decoding.capture import Capture
 from order_monitor.engine.anchors import DispatchAnchors
 from order_monitor.engine.checker import Checker, CheckerLimits
-from order_monitor.engine.handoff import Handoff, HandoffTiming
+from order_monitor.engine.handoff import Handoff, HandoffTiming, OwnSession
 from order_monitor.engine.inbox import Confirmer, Inbox
 from order_monitor.engine.listener import Listener
 from order_monitor.engine.scheduler import Scheduler
@@ -109,13 +110,25 @@ class Engine:
     """Every piece of the engine, in the order an order meets them."""
 
     listener: Listener
-    handoff: Handoff
+    #: Announces orders while busy (reads of what changed) and switches to
+    #: NOTIFY while quiet; None with ORDER_MONITOR_CAPTURE=decoding.
+    handoff: Handoff | None
     confirmer: Confirmer
     checker: Checker
     writer: Writer
     sweeper: Sweeper
     #: Delivers the outbox to the application; None when no action is configured.
     relay: Relay | None = None
+    #: Reads the logical replication slot instead (ORDER_MONITOR_CAPTURE=decoding).
+    capture: Capture | None = None
+
+    @property
+    def announcer(self) -> Handoff | Capture:
+        """Whichever finds the orders no NOTIFY announced: the handoff or the slot's reads."""
+        if self.capture is not None:
+            return self.capture
+        assert self.handoff is not None
+        return self.handoff
 
     @classmethod
     def build(
@@ -192,25 +205,44 @@ class Engine:
             group_for=checker.group_for,
             anchors=anchors,
         )
-        handoff = Handoff(
-            settings.dsn.reveal(),
-            queries,
-            on_orders=confirmer.taken,
-            room=confirmer.room,
-            known=lambda order: order.int in scheduler,
-            initial_delay=settings.policy.initial_delay,
-            listening=lambda: listener.connected,
-            metrics=metrics,
-            clock=clock,
-            timing=handoff_timing,
-            batch_size=settings.batch_size,
-            use_notify=settings.handoff == "auto",
-            health=install_health,
-        )
+        capture = None
+        handoff = None
+        if settings.capture == "decoding":
+            capture = Capture(
+                settings.layout,
+                # Replaced by the leader lock's session (Daemon._lead).
+                session=OwnSession(settings.dsn.reveal()),
+                on_orders=confirmer.taken,
+                room=confirmer.room,
+                known=lambda order: order.int in scheduler,
+                pending=confirmer.pending,
+                on_lost=sweeper.request,
+                metrics=metrics,
+                clock=clock,
+                initial_delay=settings.policy.initial_delay,
+                health=install_health,
+            )
+        else:
+            handoff = Handoff(
+                settings.dsn.reveal(),
+                queries,
+                on_orders=confirmer.taken,
+                room=confirmer.room,
+                known=lambda order: order.int in scheduler,
+                initial_delay=settings.policy.initial_delay,
+                listening=lambda: listener.connected,
+                metrics=metrics,
+                clock=clock,
+                timing=handoff_timing,
+                batch_size=settings.batch_size,
+                use_notify=settings.handoff == "auto",
+                health=install_health,
+            )
 
         def notified(order: uuid.UUID) -> None:
             confirmer.notified(order)
-            handoff.notified()
+            if handoff is not None:
+                handoff.notified()
 
         listener = Listener(
             settings.dsn.reveal(),
@@ -224,7 +256,7 @@ class Engine:
         if settings.actions and delivery is not None:
             relay = build_relay(settings, delivery, metrics=metrics, install_health=install_health)
             writer.on_delivery = relay.wake
-        return cls(listener, handoff, confirmer, checker, writer, sweeper, relay)
+        return cls(listener, handoff, confirmer, checker, writer, sweeper, relay, capture)
 
     def reconfigure(self, providers: ProviderLookup, settings: Settings) -> None:
         """New providers, policy and sweep interval from the next batch on (SIGHUP)."""
@@ -232,7 +264,7 @@ class Engine:
         self.writer.policy = settings.policy
         self.sweeper.policy = settings.policy
         self.confirmer.policy = settings.policy
-        self.handoff.initial_delay = settings.policy.initial_delay
+        self.announcer.initial_delay = settings.policy.initial_delay
         self.sweeper.interval = settings.sweep_interval
 
     async def run(
@@ -250,7 +282,7 @@ class Engine:
             background = [
                 tg.create_task(self.listener.run(), name="listener"),
                 tg.create_task(self.confirmer.run(), name="confirmer"),
-                tg.create_task(self.handoff.run(), name="handoff"),
+                tg.create_task(self.announcer.run(), name="announcer"),
                 tg.create_task(self.sweeper.run(), name="sweeper"),
                 tg.create_task(housekeeping(), name="housekeeping"),
             ]

@@ -116,6 +116,7 @@ class Confirmer:
         #: a sweep finds whichever of them are real.
         self._on_lost = on_lost
         self._wake = asyncio.Event()
+        self._confirming = 0
 
     def notified(self, order: uuid.UUID) -> None:
         self.inbox.add(order.int)
@@ -132,6 +133,10 @@ class Confirmer:
 
     def room(self) -> int:
         return max(0, self.inbox.capacity - len(self.inbox))
+
+    def pending(self) -> int:
+        """Ids handed in and not yet confirmed and scheduled (or dropped)."""
+        return len(self.inbox) + self._confirming
 
     async def run(self) -> None:
         while True:
@@ -164,6 +169,13 @@ class Confirmer:
                 self._on_lost()
 
     async def _confirm(self, ids: list[int]) -> None:
+        self._confirming = len(ids)
+        try:
+            await self._confirm_batch(ids)
+        finally:
+            self._confirming = 0
+
+    async def _confirm_batch(self, ids: list[int]) -> None:
         try:
             rows = await self._queries.confirm(
                 await self._conn.get(),

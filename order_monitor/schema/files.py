@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from psycopg import sql
 
 from order_monitor.config import Layout, OutcomeWrites
+from order_monitor.schema.decoding import decoding_statements
 from order_monitor.schema.install import install_statements, role_statements, uninstall_statements
 from order_monitor.schema.names import VERSION, Statement
 
@@ -85,6 +86,32 @@ _HEADERS = {
 --     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/role.sql
 -- then give the role a password in psql with: \\password {role}
 """,
+    "decoding": """\
+-- order-monitor: capture dispatched orders from the WAL (opt-in, schema version {version})
+--
+-- For a server with wal_level = logical. Instead of a trigger, the daemon
+-- (ORDER_MONITOR_CAPTURE=decoding) reads the orders of {table} from a
+-- logical replication slot: the application's commits do no work of ours.
+-- What it does:
+--   * creates the slot (pgoutput), named after the database and the table;
+--   * a NOLOGIN role {role}_decoder with REPLICATION, which owns the four
+--     functions the daemon calls to read the slot, confirm what it read, see
+--     the slot's state, and recreate it once invalidated (only then): the
+--     daemon's role {role} keeps no REPLICATION, and so cannot decode any
+--     other table;
+--   * a publication of {table}'s inserts and updates, with the columns
+--     the in-flight rule reads and the id only;
+--   * drops our triggers (ACCESS EXCLUSIVE on the table, once, at most 3 s).
+-- A slot nobody reads keeps WAL until the disk is full: set
+-- max_slot_wal_keep_size (doctor requires it); the daemon recreates a slot
+-- invalidated for falling behind, then sweeps.
+-- Apply with psql as a superuser, after install.sql and role.sql, NOT inside
+-- a transaction (the slot is created in a transaction of its own):
+--     psql "$DSN" -v ON_ERROR_STOP=1 -f sql/decoding.sql
+-- Running it again is harmless. Back to the trigger: run install.sql (it puts
+-- the triggers back), then uninstall's decoding part by hand, or all of
+-- uninstall.sql as a superuser to retire order-monitor.
+""",
 }
 
 
@@ -145,5 +172,7 @@ def statements_for(
         yield from uninstall_statements(layout)
     elif kind == "role":
         yield from role_statements(layout)
+    elif kind == "decoding":
+        yield from decoding_statements(layout)
     else:
         raise ValueError(kind)

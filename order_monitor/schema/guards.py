@@ -420,6 +420,36 @@ END
     return do(body)
 
 
+def drop_our_triggers(layout: Layout) -> sql.Composed:
+    """Every version's triggers dropped under one ACCESS EXCLUSIVE lock; none if none is there."""
+    n = Names(layout)
+    triggers = (n.insert_trigger_name, n.update_trigger_name, *n.old_trigger_names)
+    body = sql.SQL(
+        """
+BEGIN
+    -- DROP TRIGGER IF EXISTS takes ACCESS EXCLUSIVE even when there is
+    -- nothing to drop: ask the catalog first, then lock once for all of them.
+    IF EXISTS (SELECT FROM pg_catalog.pg_trigger
+                WHERE tgrelid = pg_catalog.to_regclass({table}) AND tgname::text IN ({names})) THEN
+        LOCK TABLE {table_ident} IN ACCESS EXCLUSIVE MODE;
+        {drops}
+    END IF;
+END
+"""
+    ).format(
+        table=table_text(layout),
+        names=sql.SQL(", ").join(sql.Literal(t) for t in triggers),
+        table_ident=n.table,
+        drops=sql.SQL("\n        ").join(
+            sql.SQL("DROP TRIGGER IF EXISTS {trigger} ON {table};").format(
+                trigger=sql.Identifier(t), table=n.table
+            )
+            for t in triggers
+        ),
+    )
+    return do(body)
+
+
 def reduce_function_acls(layout: Layout) -> sql.Composed:
     """EXECUTE on our functions for their owner, and on the write function for our role only."""
     n = Names(layout)
@@ -470,6 +500,7 @@ __all__ = [
     "add_column_if_missing",
     "as_table_owner",
     "check_index",
+    "drop_our_triggers",
     "index_missing",
     "reduce_function_acls",
     "refuse_undelivered",

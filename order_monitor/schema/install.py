@@ -6,6 +6,7 @@ from psycopg import sql
 
 from order_monitor.config import Layout, OutcomeWrites
 from order_monitor.schema import guards, role_guards
+from order_monitor.schema.decoding import decoding_uninstall_statements
 from order_monitor.schema.names import (
     V1_WRITE_SIGNATURE,
     Names,
@@ -211,30 +212,6 @@ def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> l
 
 def uninstall_statements(layout: Layout) -> list[Statement]:
     n = Names(layout)
-    triggers = (n.insert_trigger_name, n.update_trigger_name, *n.old_trigger_names)
-    drop_triggers = sql.SQL(
-        """
-BEGIN
-    -- DROP TRIGGER IF EXISTS takes ACCESS EXCLUSIVE even when there is
-    -- nothing to drop: ask the catalog first, then lock once for all of them.
-    IF EXISTS (SELECT FROM pg_catalog.pg_trigger
-                WHERE tgrelid = pg_catalog.to_regclass({table}) AND tgname::text IN ({names})) THEN
-        LOCK TABLE {table_ident} IN ACCESS EXCLUSIVE MODE;
-        {drops}
-    END IF;
-END
-"""
-    ).format(
-        table=guards.table_text(layout),
-        names=sql.SQL(", ").join(sql.Literal(t) for t in triggers),
-        table_ident=n.table,
-        drops=sql.SQL("\n        ").join(
-            sql.SQL("DROP TRIGGER IF EXISTS {trigger} ON {table};").format(
-                trigger=sql.Identifier(t), table=n.table
-            )
-            for t in triggers
-        ),
-    )
 
     def drop_function(function: sql.Identifier, signature: sql.Composable) -> sql.Composed:
         return sql.SQL("DROP FUNCTION IF EXISTS {function}({signature})").format(
@@ -254,10 +231,11 @@ END
             "(order-monitor sql uninstall --drop-undelivered). Dead letters count too.",
             guards.refuse_undelivered(layout, drop=False),
         ),
+        *decoding_uninstall_statements(layout),
         Statement(
             "Triggers first, every version's: from here on the application's writes\n"
             "announce nothing.",
-            guards.do(drop_triggers),
+            guards.drop_our_triggers(layout),
         ),
         Statement(
             "The trigger functions of versions 5, 2 to 4, and 1.",

@@ -88,6 +88,32 @@ class Names:
         self.v2_insert_trigger_name = "order_monitor_insert_v2"
         self.v2_update_trigger_name = "order_monitor_update_v2"
 
+        #: Logical decoding capture (``sql/decoding.sql``, opt-in): the
+        #: publication, the NOLOGIN role with REPLICATION that owns the slot's
+        #: functions, and those functions.
+        self.publication_name = object_name("order_monitor", layout.table, "pub_v1")
+        self.publication = sql.Identifier(self.publication_name)
+        self.decoder_role_name = f"{layout.role}_decoder"[:63]
+        self.decoder_role = sql.Identifier(self.decoder_role_name)
+        self.changes_function_name = object_name("order_monitor", layout.table, "changes_v1")
+        self.changes_function = sql.Identifier(layout.schema, self.changes_function_name)
+        self.advance_function_name = object_name("order_monitor", layout.table, "advance_v1")
+        self.advance_function = sql.Identifier(layout.schema, self.advance_function_name)
+        self.slot_function_name = object_name("order_monitor", layout.table, "slot_v1")
+        self.slot_function = sql.Identifier(layout.schema, self.slot_function_name)
+        self.recreate_function_name = object_name("order_monitor", layout.table, "recreate_v1")
+        self.recreate_function = sql.Identifier(layout.schema, self.recreate_function_name)
+
+    @property
+    def decoding_functions(self) -> tuple[tuple[sql.Identifier, str], ...]:
+        """(function, argument types) of every function decoding.sql creates."""
+        return (
+            (self.changes_function, "integer"),
+            (self.advance_function, "pg_catalog.pg_lsn"),
+            (self.slot_function, ""),
+            (self.recreate_function, ""),
+        )
+
     @property
     def old_trigger_names(self) -> tuple[str, ...]:
         """Every earlier version's triggers: install drops them, uninstall too."""

@@ -23,10 +23,11 @@ from tests.conftest import REFERENCE_DDL
 
 
 @pytest.fixture(scope="session")
-def logical_dsn() -> Iterator[str]:
+def logical_server() -> Iterator[tuple[str, EmbeddedServer | None]]:
+    """(superuser DSN, the embedded server to restart, or None when configured)."""
     configured = os.environ.get("ORDER_MONITOR_TEST_LOGICAL_DSN")
     if configured:
-        yield configured
+        yield configured, None
         return
     server = EmbeddedServer(prefix="order-monitor-logical-")
     try:
@@ -37,9 +38,14 @@ def logical_dsn() -> Iterator[str]:
         with psycopg.connect(dsn, autocommit=True) as conn:
             row = conn.execute("SHOW wal_level").fetchone()
         assert row == ("logical",)
-        yield dsn
+        yield dsn, server
     finally:
         server.stop_and_delete()
+
+
+@pytest.fixture(scope="session")
+def logical_dsn(logical_server: tuple[str, EmbeddedServer | None]) -> str:
+    return logical_server[0]
 
 
 @pytest.fixture

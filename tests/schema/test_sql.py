@@ -110,7 +110,7 @@ def insert(app: Conn, **values: object) -> uuid.UUID:
 
 
 def test_committed_files_are_the_default_rendering() -> None:
-    for kind in ("install", "uninstall", "role"):
+    for kind in ("install", "uninstall", "role", "decoding"):
         committed = (SQL_DIR / f"{kind}.sql").read_text()
         assert committed == schema.render(kind, Layout(), OutcomeWrites()), (
             f"sql/{kind}.sql drifted: regenerate with `order-monitor sql print {kind}`"

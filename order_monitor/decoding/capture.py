@@ -1,0 +1,221 @@
+"""The leader's reads of the logical replication slot (``ORDER_MONITOR_CAPTURE=decoding``).
+
+In place of the handoff: no trigger, no NOTIFY, no idle lock. Every
+:func:`~order_monitor.engine.changes.read_interval` (a tenth of the first
+check's delay, at most 1 s, at least ten times the last read) the daemon
+peeks at the slot's changes (whole transactions, through decoding.sql's
+functions: its role has no REPLICATION), parses them (:mod:`.pgoutput`),
+and hands the ids that may be in flight to the confirmer, which reads each
+row and schedules those in flight.
+
+Decided:
+
+* the slot is advanced only once the confirmer has scheduled (or dropped)
+  everything handed to it (:meth:`Confirmer.pending` is 0), and only past
+  changes whose ids all fitted: a daemon killed before that reads them
+  again from the slot, and its successor's start-up sweep finds them too;
+* the reads run on the leader lock's own session, as the handoff's do: a
+  leader whose session is gone cannot advance the slot past orders its
+  dying engine took;
+* a slot invalidated for falling behind (``wal_status`` lost) or dropped is
+  recreated (decoding.sql's function refuses while the slot is healthy),
+  then a sweep finds whatever was dispatched meanwhile; said in the log and
+  ``order_monitor_decoding_slot_recreated_total``;
+* a message the parser refuses cannot be read past by reading again: its
+  batch's orders are left to a sweep (requested at once), the slot is
+  advanced past it, and the log says so with an escaped excerpt;
+* the slot's lag is read every ``status_interval`` into
+  ``order_monitor_decoding_slot_lag_bytes`` (alerted on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+
+import psycopg
+
+from order_monitor.config import Layout
+from order_monitor.db import CONNECTION_ERRORS, AsyncConn
+from order_monitor.decoding.orders import order_ids
+from order_monitor.decoding.pgoutput import PgoutputError, changed_rows, parse_message
+from order_monitor.decoding.statements import DecodingStatements
+from order_monitor.engine.changes import read_interval
+from order_monitor.engine.handoff import HandoffSession
+from order_monitor.logs import get_logger
+from order_monitor.metrics import Metrics
+from order_monitor.ops.installed import InstallHealth, is_missing
+from order_monitor.schema.decoding import READ_CHANGES
+
+log = get_logger()
+
+#: What a read of a slot raises when the slot is gone (dropped) or invalidated.
+SLOT_GONE = (psycopg.errors.UndefinedObject, psycopg.errors.ObjectNotInPrerequisiteState)
+
+
+class Capture:
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        session: HandoffSession,
+        on_orders: Callable[[list[uuid.UUID]], None],
+        room: Callable[[], int],
+        known: Callable[[uuid.UUID], bool],
+        pending: Callable[[], int],
+        on_lost: Callable[[], None],
+        metrics: Metrics,
+        clock: Callable[[], float],
+        initial_delay: float = 60.0,
+        batch: int = READ_CHANGES,
+        status_interval: float = 5.0,
+        retry: float = 1.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        health: InstallHealth | None = None,
+    ) -> None:
+        self._layout = layout
+        self._statements = DecodingStatements(layout)
+        self._session = session
+        self._on_orders = on_orders
+        self._room = room
+        self._known = known
+        self._pending = pending
+        self._on_lost = on_lost
+        self._metrics = metrics
+        self._clock = clock
+        #: Sets the reads' interval (SIGHUP changes it).
+        self.initial_delay = initial_delay
+        self._batch = batch
+        self._status_interval = status_interval
+        self._retry = retry
+        self._sleep = sleep
+        self._health = health or InstallHealth()
+        #: Where the slot may be advanced to once the confirmer is done.
+        self._advance_to: str | None = None
+        self._status_at: float | None = None
+        #: Reads made, and the last slot state seen (status, tests).
+        self.reads = 0
+        self.lag_bytes: int | None = None
+
+    def use_session(self, session: HandoffSession) -> None:
+        self._session = session
+
+    async def run(self) -> None:
+        """Forever; returns only by cancellation."""
+        while True:
+            conn = await self._session.open()
+            try:
+                await self._serve(conn)
+            except SLOT_GONE as exc:
+                await self._slot_gone(conn, exc)
+            except CONNECTION_ERRORS as exc:
+                error = str(exc).strip() or type(exc).__name__
+                log.warning("capture.read_failed", error=error)
+                if is_missing(exc):
+                    self._health.missing("capture", error)
+                await self._session.failed(conn, error)
+            except BaseException:
+                await self._session.stopped(conn)
+                raise
+
+    async def _serve(self, conn: AsyncConn) -> None:
+        while True:
+            started = self._clock()
+            more = await self._read(conn)
+            seconds = self._clock() - started
+            self._health.present("capture")
+            if self._advance_to is not None and self._pending() == 0:
+                await self._statements.advance(conn, self._advance_to)
+                self._advance_to = None
+            now = self._clock()
+            if self._status_at is None or now - self._status_at >= self._status_interval:
+                await self._read_status(conn)
+            if not more:
+                await self._sleep(read_interval(self.initial_delay, seconds))
+
+    async def _read(self, conn: AsyncConn) -> bool:
+        """One read of the slot; True when more is waiting (a full batch, or no room)."""
+        started = self._clock()
+        changes = await self._statements.changes(conn, self._batch)
+        self.reads += 1
+        if not changes:
+            self._metrics.decoding_reads.observe(self._clock() - started)
+            return False
+        last = changes[-1][0]
+        try:
+            rows = changed_rows(
+                (parse_message(data) for _, data in changes),
+                self._layout.schema,
+                self._layout.table,
+            )
+        except PgoutputError as exc:
+            self._metrics.decoding_errors.labels("unreadable").inc()
+            log.error(
+                "capture.unreadable_changes",
+                error=str(exc),
+                upto=last,
+                note="these changes are skipped (the slot is advanced past them); a sweep "
+                "now finds their orders",
+            )
+            self._on_lost()
+            self._advance_to = last
+            return False
+        ids, junk = order_ids(rows, self._layout)
+        if junk:
+            log.warning("capture.unreadable_ids", count=junk, note="not an order id: skipped")
+        self._metrics.decoding_reads.observe(self._clock() - started)
+        new = [order for order in ids if not self._known(order)]
+        taken = new[: max(0, self._room())]
+        counts = self._metrics.decoding_orders
+        counts.labels("known").inc(len(ids) - len(new))
+        counts.labels("deferred").inc(len(new) - len(taken))
+        if taken:
+            counts.labels("taken").inc(len(taken))
+            self._on_orders(taken)
+        if len(taken) < len(new):
+            # Not past what did not fit: it is read again once there is room.
+            return True
+        self._advance_to = last
+        # A full batch ends at a transaction's end before the slot's: read on.
+        return len(changes) >= self._batch
+
+    async def _read_status(self, conn: AsyncConn) -> None:
+        self._status_at = self._clock()
+        state = await self._statements.slot(conn)
+        if state is None or state.lag_bytes is None:
+            return
+        self.lag_bytes = state.lag_bytes
+        self._metrics.decoding_slot_lag.set(state.lag_bytes)
+
+    async def _slot_gone(self, conn: AsyncConn, exc: psycopg.Error) -> None:
+        error = str(exc).strip()
+        if isinstance(exc, psycopg.errors.UndefinedObject) and "replication slot" not in error:
+            # A function missing (decoding.sql not run, or uninstalled).
+            self._health.missing("capture", error)
+            log.error(
+                "capture.not_installed",
+                error=error,
+                note="run sql/decoding.sql as a superuser (after install.sql and role.sql), "
+                "or set ORDER_MONITOR_CAPTURE=trigger",
+            )
+            await self._session.failed(conn, error)
+            return
+        self._metrics.decoding_errors.labels("slot").inc()
+        try:
+            lsn = await self._statements.recreate(conn)
+        except CONNECTION_ERRORS as again:
+            log.error("capture.slot_not_recreated", error=error, refused=str(again).strip())
+            await self._session.failed(conn, error)
+            return
+        self._advance_to = None
+        self._metrics.decoding_slot_recreated.inc()
+        log.error(
+            "capture.slot_recreated",
+            error=error,
+            lsn=lsn,
+            note="the slot was invalidated (it fell behind by more than "
+            "max_slot_wal_keep_size) or dropped: a new one reads from now on, and a sweep "
+            "finds the orders dispatched meanwhile",
+        )
+        self._on_lost()

@@ -1,0 +1,236 @@
+"""ORDER_MONITOR_CAPTURE=decoding on a server with wal_level = logical, as deployed.
+
+install.sql and role.sql as the table's owner and for the daemon's role,
+then decoding.sql as a superuser; the daemon runs as the least-privilege
+role (no REPLICATION: it reads the slot through decoding.sql's functions).
+Its sweep is an hour away in these tests, so only the slot (and the
+start-up sweep, for orders from before a start) can bring orders in.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from structlog.testing import capture_logs
+
+from order_monitor import schema
+from order_monitor.config import Layout
+from order_monitor.daemon import Daemon
+from order_monitor.embedded import EmbeddedServer
+from order_monitor.errors import SchemaError
+from order_monitor.metrics import counter_total
+from order_monitor.providers.fake import FakeProvider
+from tests.conftest import DAEMON_ROLE, REFERENCE_DDL, as_daemon, deploy
+from tests.daemon_fixtures import App, eventually, running, settings_for
+
+LAYOUT = Layout(role=DAEMON_ROLE)
+NAMES = schema.Names(LAYOUT)
+
+
+def apply_decoding(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in schema.statements_for("decoding", LAYOUT):
+            conn.execute(statement.query)
+
+
+@pytest.fixture
+def db(logical_dsn: str) -> Iterator[str]:
+    """A database on the logical server: the table, install.sql, role.sql, decoding.sql."""
+    name = f"om_capture_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(logical_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = make_conninfo(logical_dsn, dbname=name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(REFERENCE_DDL.read_text().encode())
+        deploy(dsn)
+        apply_decoding(dsn)
+        yield dsn
+    finally:
+        with psycopg.connect(logical_dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_catalog.pg_drop_replication_slot(slot_name)"
+                " FROM pg_catalog.pg_replication_slots WHERE database = %s",
+                (name,),
+            )
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def decoding_settings(db: str, fake: FakeProvider, **overrides: Any) -> Any:
+    return settings_for(db, fake, capture="decoding", sweep_interval=3600.0, **overrides)
+
+
+def slot_state(db: str) -> tuple[object, ...] | None:
+    with psycopg.connect(db) as conn:
+        return conn.execute(sql.SQL("SELECT * FROM {}()").format(NAMES.slot_function)).fetchone()
+
+
+async def finished(app: App, count: int) -> bool:
+    return await app.in_flight() == 0 and len(await app.rows()) == count
+
+
+def test_no_trigger_is_left_and_the_daemon_role_cannot_decode_by_itself(db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as admin:
+        triggers = admin.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'product_orders'::regclass"
+            " AND NOT tgisinternal"
+        ).fetchone()
+        assert triggers == (0,)
+        roles = dict(
+            admin.execute(
+                "SELECT rolname, ARRAY[rolreplication, rolcanlogin] FROM pg_roles"
+                " WHERE rolname IN (%s, %s)",
+                (DAEMON_ROLE, NAMES.decoder_role_name),
+            ).fetchall()
+        )
+        assert roles == {DAEMON_ROLE: [False, True], NAMES.decoder_role_name: [True, False]}
+    state = slot_state(db)
+    assert state is not None
+    assert state[1] == "reserved"
+    with psycopg.connect(as_daemon(db), autocommit=True) as daemon:
+        slot = str(state[0])
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            daemon.execute(
+                "SELECT * FROM pg_logical_slot_peek_binary_changes(%s, NULL, 1,"
+                " 'proto_version', '1', 'publication_names', %s)",
+                (slot, NAMES.publication_name),
+            )
+        # Through the function: only what the publication carries.
+        assert daemon.execute(
+            sql.SQL("SELECT count(*) FROM {}(10)").format(NAMES.changes_function)
+        ).fetchone() == (0,)
+        # A healthy slot is never recreated (that would skip its changes).
+        with pytest.raises(psycopg.errors.RaiseException, match="not lost"):
+            daemon.execute(sql.SQL("SELECT {}()").format(NAMES.recreate_function))
+
+
+def test_decoding_sql_twice_is_harmless(db: str) -> None:
+    apply_decoding(db)
+    with psycopg.connect(db) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        ).fetchone() == (1,)
+
+
+async def test_the_daemon_checks_every_order_the_slot_brings_once(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    async with running(Daemon(decoding_settings(db, fake))) as daemon:
+        assert daemon.handoff is None
+        assert daemon.capture is not None
+        refs = [f"one-{n}" for n in range(20)]
+        for ref in refs:  # single commits
+            await app.dispatch([ref])
+        burst = [f"burst-{n}" for n in range(300)]
+        await app.dispatch(burst)  # one commit
+        await eventually(lambda: finished(app, 320), within=60, what="every order checked")
+        taken = counter_total(daemon.metrics.decoding_orders, result="taken")
+        assert taken >= 320
+        # Confirmed: the slot holds back little once everything is scheduled.
+        await eventually(
+            lambda: _lag_below(db, 1 << 20), within=20, what="the slot advanced past them"
+        )
+    assert {ref: fake.poll_count(ref) for ref in refs + burst} == dict.fromkeys(refs + burst, 1)
+
+
+async def _lag_below(db: str, limit: int) -> bool:
+    state = slot_state(db)
+    return state is not None and state[2] is not None and int(str(state[2])) < limit
+
+
+async def test_orders_dispatched_while_no_daemon_runs_are_found_after_a_restart(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    async with running(Daemon(decoding_settings(db, fake))):
+        await app.dispatch(["before"])
+        await eventually(lambda: finished(app, 1), what="the first order")
+    await app.dispatch([f"while-down-{n}" for n in range(50)])
+    async with running(Daemon(decoding_settings(db, fake))):
+        await eventually(lambda: finished(app, 51), what="the orders from while it was down")
+
+
+async def test_an_invalidated_slot_is_recreated_and_its_orders_swept(
+    db: str, app: App, fake: FakeProvider, logical_dsn: str
+) -> None:
+    """max_slot_wal_keep_size at 1 MB and 2 WAL segments written: the slot is lost."""
+    with psycopg.connect(logical_dsn, autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        admin.execute("SELECT pg_reload_conf()")
+    try:
+        await app.dispatch([f"lost-{n}" for n in range(10)])  # in the WAL the slot loses
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("CREATE TABLE ballast (x text)")
+            for _ in range(3):
+                conn.execute(
+                    "INSERT INTO ballast SELECT repeat('x', 1000) FROM generate_series(1, 20000)"
+                )
+                conn.execute("SELECT pg_switch_wal()")
+            conn.execute("CHECKPOINT")
+        state = slot_state(db)
+        assert state is not None
+        assert state[1] == "lost"
+        with capture_logs() as logs:
+            settings = decoding_settings(db, fake)
+            async with running(Daemon(settings)) as daemon:
+                await eventually(lambda: finished(app, 10), what="the orders the slot lost")
+                after = await app.dispatch(["after-the-new-slot"])
+                await eventually(lambda: finished(app, 11), what="an order read from the new slot")
+                assert counter_total(daemon.metrics.decoding_slot_recreated) == 1
+        assert after
+        recreated = [e for e in logs if e["event"] == "capture.slot_recreated"]
+        assert len(recreated) == 1
+        assert "max_slot_wal_keep_size" in recreated[0]["note"]
+        state = slot_state(db)
+        assert state is not None
+        assert state[1] != "lost"
+    finally:
+        with psycopg.connect(logical_dsn, autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            admin.execute("SELECT pg_reload_conf()")
+
+
+async def test_the_daemon_refuses_to_start_without_decoding_sql(
+    logical_dsn: str, fake: FakeProvider
+) -> None:
+    name = f"om_capture_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(logical_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = make_conninfo(logical_dsn, dbname=name)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(REFERENCE_DDL.read_text().encode())
+        deploy(dsn)
+        with pytest.raises(SchemaError, match=r"run sql/decoding\.sql as a superuser"):
+            await Daemon(decoding_settings(dsn, fake)).run()
+    finally:
+        with psycopg.connect(logical_dsn, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+async def test_a_server_restart_loses_nothing(
+    db: str, app: App, fake: FakeProvider, logical_server: tuple[str, EmbeddedServer | None]
+) -> None:
+    _, server = logical_server
+    if server is None:
+        pytest.skip("ORDER_MONITOR_TEST_LOGICAL_DSN names a server this test may not restart")
+    settings = replace(decoding_settings(db, fake))
+    async with running(Daemon(settings, lock_check_interval=0.5)):
+        await app.dispatch(["before-the-restart"])
+        await eventually(lambda: finished(app, 1), what="the first order")
+        server.restart()
+        # The application reconnects too.
+        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
+            again = App(conn)
+            await again.dispatch([f"after-{n}" for n in range(20)])
+            await eventually(lambda: finished(again, 21), within=60, what="orders after it")
