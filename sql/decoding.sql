@@ -91,20 +91,28 @@ END
 $om$;
 
 -- The slot's changes, as the publication carries them: a peek (nothing is
--- consumed), whole transactions, at most upto changes.
+-- consumed), whole transactions, at most upto changes, then the position
+-- read up to.
 CREATE OR REPLACE FUNCTION "public"."order_monitor_product_orders_changes_v1"(upto integer) RETURNS TABLE (lsn pg_catalog.pg_lsn, data pg_catalog.bytea)
     LANGUAGE plpgsql
     SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $om$
+DECLARE
+    flushed pg_catalog.pg_lsn := pg_catalog.pg_current_wal_flush_lsn();
 BEGIN
     -- Peek, never get: the daemon advances the slot itself, once the orders
-    -- are scheduled. Whole transactions only, at most upto changes.
+    -- are scheduled. Whole transactions only, at most upto changes, up to
+    -- the WAL flushed now; then one row (that position, no data): when fewer
+    -- than upto rows came, everything up to it was read, and the daemon may
+    -- confirm it even when no order changed. Else a slot on a quiet table
+    -- would hold back every other table's WAL.
     RETURN QUERY
         SELECT c.lsn, c.data
           FROM pg_catalog.pg_logical_slot_peek_binary_changes(
-                   'order_monitor_' || pg_catalog.left(pg_catalog.md5(pg_catalog.current_database() || ':' || '"public"."product_orders"'), 16), NULL, upto,
+                   'order_monitor_' || pg_catalog.left(pg_catalog.md5(pg_catalog.current_database() || ':' || '"public"."product_orders"'), 16), flushed, upto,
                    'proto_version', '1', 'publication_names', 'order_monitor_product_orders_pub_v1') AS c;
+    RETURN QUERY SELECT flushed, NULL::pg_catalog.bytea;
 END
 $om$;
 

@@ -93,6 +93,7 @@ class Capture:
         self._health = health or InstallHealth()
         #: Where the slot may be advanced to once the confirmer is done.
         self._advance_to: str | None = None
+        self._advanced: str | None = None
         self._status_at: float | None = None
         #: Reads made, and the last slot state seen (status, tests).
         self.reads = 0
@@ -125,9 +126,10 @@ class Capture:
             more = await self._read(conn)
             seconds = self._clock() - started
             self._health.present("capture")
-            if self._advance_to is not None and self._pending() == 0:
+            if self._advance_to not in (None, self._advanced) and self._pending() == 0:
+                assert self._advance_to is not None
                 await self._statements.advance(conn, self._advance_to)
-                self._advance_to = None
+                self._advanced, self._advance_to = self._advance_to, None
             now = self._clock()
             if self._status_at is None or now - self._status_at >= self._status_interval:
                 await self._read_status(conn)
@@ -137,12 +139,18 @@ class Capture:
     async def _read(self, conn: AsyncConn) -> bool:
         """One read of the slot; True when more is waiting (a full batch, or no room)."""
         started = self._clock()
-        changes = await self._statements.changes(conn, self._batch)
+        read = await self._statements.changes(conn, self._batch)
+        changes = read.messages
         self.reads += 1
+        # Fewer than asked: everything up to the flushed position was read.
+        full = len(changes) >= self._batch
+        last = changes[-1][0] if full else read.flushed
         if not changes:
             self._metrics.decoding_reads.observe(self._clock() - started)
+            # Nothing of ours: confirm that much, or the slot holds back the
+            # WAL of every other table while no order is dispatched.
+            self._advance_to = last
             return False
-        last = changes[-1][0]
         try:
             rows = changed_rows(
                 (parse_message(data) for _, data in changes),
@@ -178,7 +186,7 @@ class Capture:
             return True
         self._advance_to = last
         # A full batch ends at a transaction's end before the slot's: read on.
-        return len(changes) >= self._batch
+        return full
 
     async def _read_status(self, conn: AsyncConn) -> None:
         self._status_at = self._clock()

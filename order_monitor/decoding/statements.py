@@ -22,6 +22,15 @@ class SlotState:
     safe_wal_size: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class Changes:
+    #: (lsn, pgoutput message), in order.
+    messages: list[tuple[str, bytes]]
+    #: The WAL flushed when the read began: everything before it was read
+    #: when fewer messages came than asked for.
+    flushed: str
+
+
 class DecodingStatements:
     def __init__(self, layout: Layout) -> None:
         n = schema.Names(layout)
@@ -34,10 +43,13 @@ class DecodingStatements:
         self._slot = sql.SQL("SELECT * FROM {}()").format(n.slot_function)
         self._recreate = sql.SQL("SELECT {}()::pg_catalog.text").format(n.recreate_function)
 
-    async def changes(self, conn: AsyncConn, upto: int) -> list[tuple[str, bytes]]:
-        """(lsn, pgoutput message) of whole transactions, up to *upto* changes; nothing consumed."""
+    async def changes(self, conn: AsyncConn, upto: int) -> Changes:
+        """Whole transactions' messages, up to *upto* changes; nothing consumed."""
         cursor = await conn.execute(self._changes, (upto,), binary=True)
-        return [(str(lsn), bytes(data)) for lsn, data in await cursor.fetchall()]
+        rows = await cursor.fetchall()
+        # The last row is the position read up to (no data): see decoding.sql.
+        *messages, (flushed, _) = rows
+        return Changes([(str(lsn), bytes(data)) for lsn, data in messages], str(flushed))
 
     async def advance(self, conn: AsyncConn, lsn: str) -> None:
         await conn.execute(self._advance, (lsn,))

@@ -71,14 +71,21 @@ def _bodies(layout: Layout) -> dict[str, str]:
     publication = sql.Literal(Names(layout).publication_name).as_string(None)
     return {
         "changes": f"""
+DECLARE
+    flushed pg_catalog.pg_lsn := pg_catalog.pg_current_wal_flush_lsn();
 BEGIN
     -- Peek, never get: the daemon advances the slot itself, once the orders
-    -- are scheduled. Whole transactions only, at most upto changes.
+    -- are scheduled. Whole transactions only, at most upto changes, up to
+    -- the WAL flushed now; then one row (that position, no data): when fewer
+    -- than upto rows came, everything up to it was read, and the daemon may
+    -- confirm it even when no order changed. Else a slot on a quiet table
+    -- would hold back every other table's WAL.
     RETURN QUERY
         SELECT c.lsn, c.data
           FROM pg_catalog.pg_logical_slot_peek_binary_changes(
-                   {slot}, NULL, upto,
+                   {slot}, flushed, upto,
                    'proto_version', '1', 'publication_names', {publication}) AS c;
+    RETURN QUERY SELECT flushed, NULL::pg_catalog.bytea;
 END
 """,
         "advance": f"""
@@ -233,7 +240,8 @@ END
         ),
         Statement(
             "The slot's changes, as the publication carries them: a peek (nothing is\n"
-            "consumed), whole transactions, at most upto changes.",
+            "consumed), whole transactions, at most upto changes, then the position\n"
+            "read up to.",
             _function(
                 layout,
                 n.changes_function,

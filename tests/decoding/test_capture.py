@@ -9,6 +9,7 @@ start-up sweep, for orders from before a start) can bring orders in.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -23,9 +24,11 @@ from structlog.testing import capture_logs
 from order_monitor import schema
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
+from order_monitor.decoding.capture import Capture
 from order_monitor.embedded import EmbeddedServer
+from order_monitor.engine.handoff import OwnSession
 from order_monitor.errors import SchemaError
-from order_monitor.metrics import counter_total
+from order_monitor.metrics import Metrics, counter_total
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import DAEMON_ROLE, REFERENCE_DDL, as_daemon, deploy
 from tests.daemon_fixtures import App, eventually, running, settings_for
@@ -106,8 +109,8 @@ def test_no_trigger_is_left_and_the_daemon_role_cannot_decode_by_itself(db: str)
             )
         # Through the function: only what the publication carries.
         assert daemon.execute(
-            sql.SQL("SELECT count(*) FROM {}(10)").format(NAMES.changes_function)
-        ).fetchone() == (0,)
+            sql.SQL("SELECT count(data), count(*) FROM {}(10)").format(NAMES.changes_function)
+        ).fetchone() == (0, 1)  # no change yet; the position read up to
         # A healthy slot is never recreated (that would skip its changes).
         with pytest.raises(psycopg.errors.RaiseException, match="not lost"):
             daemon.execute(sql.SQL("SELECT {}()").format(NAMES.recreate_function))
@@ -234,3 +237,72 @@ async def test_a_server_restart_loses_nothing(
             again = App(conn)
             await again.dispatch([f"after-{n}" for n in range(20)])
             await eventually(lambda: finished(again, 21), within=60, what="orders after it")
+
+
+def confirmed_flush(db: str) -> str:
+    with psycopg.connect(db) as conn:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots"
+            " WHERE database = current_database()"
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def test_the_slot_is_advanced_only_once_the_confirmer_has_scheduled_what_it_read(
+    db: str, app: App
+) -> None:
+    taken: list[uuid.UUID] = []
+    pending = [1]  # the confirmer holds what was read, until the test says otherwise
+    capture = Capture(
+        LAYOUT,
+        session=OwnSession(as_daemon(db), max_backoff=0.2),
+        on_orders=taken.extend,
+        room=lambda: 1000,
+        known=lambda order: False,
+        pending=lambda: pending[0],
+        on_lost=lambda: None,
+        metrics=Metrics(),
+        clock=asyncio.get_running_loop().time,
+        initial_delay=0.5,  # a read every 50 ms
+    )
+    before = confirmed_flush(db)
+    task = asyncio.create_task(capture.run())
+    try:
+        (order,) = await app.dispatch(["held"])
+        await eventually(lambda: _has(taken, order), what="the order read from the slot")
+        reads = capture.reads
+        await eventually(lambda: _more_reads(capture, reads + 3), what="three more reads")
+        # Still with the confirmer: the slot must not have moved past it.
+        assert confirmed_flush(db) == before
+        pending[0] = 0
+        await eventually(lambda: _moved(db, before), what="the slot advanced")
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+    # Read again each time until then, and handed on each time (the confirmer dedups).
+    assert set(taken) == {order}
+
+
+async def _has(taken: list[uuid.UUID], order: uuid.UUID) -> bool:
+    return order in taken
+
+
+async def _more_reads(capture: Capture, reads: int) -> bool:
+    return capture.reads >= reads
+
+
+async def _moved(db: str, before: str) -> bool:
+    return confirmed_flush(db) != before
+
+
+async def test_a_quiet_orders_table_does_not_hold_back_the_wal_of_others(
+    db: str, fake: FakeProvider
+) -> None:
+    """No order dispatched, another table busy: the slot still confirms what it read."""
+    async with running(Daemon(decoding_settings(db, fake))):
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("CREATE TABLE other (x text)")
+            before = confirmed_flush(db)
+            conn.execute("INSERT INTO other SELECT repeat('x', 100) FROM generate_series(1, 5000)")
+        await eventually(lambda: _moved(db, before), what="the slot advanced past it")
