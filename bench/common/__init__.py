@@ -23,8 +23,10 @@ from common.measuring import (
     commit_to_request,
     cpu_meter,
     cpu_seconds,
+    histogram_totals,
     insert_dispatched,
     last_completed,
+    start_app_writers,
 )
 from common.report import BENCH, RESULTS, machine, percentile, run_header, say, write_report
 from common.services import REFERENCE_DDL, TOKEN, Fake, Server
@@ -45,6 +47,7 @@ __all__ = [
     "cpu_seconds",
     "daemon_settings",
     "finished",
+    "histogram_totals",
     "insert_dispatched",
     "last_completed",
     "machine",
@@ -52,6 +55,7 @@ __all__ = [
     "run_header",
     "running",
     "say",
+    "start_app_writers",
     "until_idle",
     "wait_finished",
     "write_report",

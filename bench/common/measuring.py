@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from prometheus_client import Histogram
 
 from common.daemon import PROVIDER_ID, daemon_settings, running, until_idle, wait_finished
 from common.report import BENCH, percentile
@@ -166,3 +167,62 @@ async def commit_to_request(
         **handoff,
         **cpu,
     }
+
+
+async def start_app_writers(
+    dsn: str,
+    prefix: str,
+    rate: float | None,
+    seconds: float,
+    outs: list[Path],
+    *,
+    lead: float = 1.0,
+) -> tuple[float, list[asyncio.subprocess.Process]]:
+    """Start ``len(outs)`` processes of ``bench/app_writer.py``, one connection each.
+
+    As :func:`commit_to_request` runs them: at a *rate* they share one
+    timetable (writer k takes every k-th slot) for *seconds*; with
+    ``rate=None`` each commits as fast as it can for *seconds*. They start
+    together, *lead* seconds (plus 0.2 s a writer) from now, once connected.
+    Writer k's references are ``<prefix>.w<k>.<n>`` (``<prefix>.<n>`` for one
+    writer); each writes its COMMIT times to its *outs* file on exit.
+    Returns the ``time.time()`` at which they start, and the processes.
+    """
+    writers = len(outs)
+    start_at = time.time() + lead + 0.2 * writers
+    apps = []
+    for k, out in enumerate(outs):
+        if rate is not None:
+            share = round(rate * seconds / writers)
+            pace = ["--rate", str(rate / writers), "--count", str(share)]
+        else:
+            pace = ["--rate", "0", "--seconds", str(seconds)]
+        offset = k / rate if rate is not None else 0.0
+        apps.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(BENCH / "app_writer.py"),
+                "--dsn",
+                dsn,
+                *pace,
+                "--start-at",
+                str(start_at + offset),
+                "--prefix",
+                f"{prefix}.w{k}" if writers > 1 else prefix,
+                "--out",
+                str(out),
+            )
+        )
+    return start_at, apps
+
+
+def histogram_totals(histogram: Histogram) -> tuple[float, float]:
+    """An unlabelled Histogram's (sum of observations, number of observations) so far."""
+    total = count = 0.0
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_count"):
+                count = sample.value
+    return total, count
