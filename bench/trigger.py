@@ -1,10 +1,14 @@
-"""Issue #10: our trigger must not throttle the application's commits.
+"""Issues #10 and #21: our trigger must not throttle the application's commits.
 
-    python bench/trigger.py              # the issue's figures: ~15 min on 2 cores
+    python bench/trigger.py              # the issue's figures: ~20 min on 2 cores
     python bench/trigger.py --quick      # 3 s runs, two rounds: a smoke test, not figures
+    python bench/trigger.py --parts first-check,busy-cpu              # issue #21's two measures
+    python bench/trigger.py --parts first-check --initial-delay 60    # the shipped INITIAL_DELAY
     python bench/trigger.py --dsn postgresql://postgres@db.example/postgres
 
-Prints a table and writes ``bench/results/trigger-<timestamp>.json``.
+Prints a table and writes ``bench/results/trigger-<timestamp>.json`` and the
+table beside it (``.txt``). ``--parts`` picks among throughput, latency,
+commit, first-check and busy-cpu (default: all).
 
 The application is pgbench (its own processes, 16 connections, full speed,
 ``-M prepared``) against ``product_orders`` on a real server (default: the
@@ -56,6 +60,23 @@ handoff's busy rate: by NOTIFY), 200/s (one writer), 1,000/s (four writers
 sharing one timetable) and the maximum: ``--max-writers`` writers (default 4), one
 connection each, committing one order per transaction as fast as they can;
 the rate they reach is reported.
+
+``first-check`` (``trigger_bench/first_check.py``, whose docstring has the
+method): every order's first provider request against its slot ("sentAt" +
+its first gap, INITIAL_DELAY with the order's jitter), at 20/s (by NOTIFY),
+200/s (found by the busy reads) and ``--max-writers`` flat out, with the
+daemon's ``initial_delay`` at ``--initial-delay`` (default 5 s: the busy reads
+then come every 0.5 s, against 1 s at the shipped 60 s, and a run lasts its
+dispatch plus about 6 s instead of plus a minute; ``--initial-delay 60``
+measures the shipped value). Lateness p50/p99/max (negative = early), checks
+before the slot's pull window, orders never checked, and how the orders
+reached the daemon (NOTIFY or its reads).
+
+``busy-cpu`` (``trigger_bench/busy_cpu.py``): N orders in flight (default
+1k, 10k, 100k), the daemon kept busy by ``--busy-rate`` orders/s (default
+100; 0: scan mode, nothing dispatched); over ``--busy-seconds`` its CPU
+seconds per second, the database server's (every process of it, split by
+session), and its busy reads' rate and mean duration.
 """
 
 from __future__ import annotations
@@ -79,6 +100,8 @@ from common import (
     say,
     write_report,
 )
+from trigger_bench.busy_cpu import busy_cpu_series
+from trigger_bench.first_check import first_check_series
 from trigger_bench.hearing import MissedOrders
 from trigger_bench.report import table, verdicts
 from trigger_bench.runs import commit_series, trigger_series
@@ -97,6 +120,8 @@ def plan_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan
     forms = tuple(args.forms or FORMS)
     if set(parts) - set(PARTS) or set(forms) - set(FORMS):
         parser.error(f"--parts is a subset of {PARTS}, --forms of {list(FORMS)}")
+    if args.initial_delay < 0 or args.busy_rate < 0 or any(n <= 0 for n in args.busy_sizes or []):
+        parser.error("--initial-delay and --busy-rate are >= 0, --busy-sizes > 0")
     return Plan(
         parts=parts,
         variants=(*VARIANTS, DIAGNOSTIC) if args.diagnose else VARIANTS,
@@ -116,6 +141,15 @@ def plan_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan
         max_writers=args.max_writers,
         pgbench=pgbench,
         psql=psql,
+        # 20/s: below the handoff's busy rate, by NOTIFY; 200/s: busy, found
+        # by the daemon's reads; then max_writers flat out.
+        first_check_rates=[(20.0, 1), (200.0, 1)],
+        first_check_seconds=args.first_check_seconds or (3.0 if quick else 30.0),
+        initial_delay=args.initial_delay,
+        busy_sizes=args.busy_sizes or [1_000, 10_000, 100_000],
+        busy_seconds=args.busy_seconds or (3.0 if quick else 20.0),
+        busy_warmup=args.busy_warmup or (2.0 if quick else 5.0),
+        busy_rate=args.busy_rate,
     )
 
 
@@ -125,6 +159,10 @@ async def run(plan: Plan, server: Server, fake: Fake) -> dict[str, Any]:
         results.update(await trigger_series(plan, server, fake))
     if "commit" in plan.parts:
         results["commit_to_request"] = await commit_series(plan, server, fake)
+    if "first-check" in plan.parts:
+        results["first_check"] = await first_check_series(plan, server, fake)
+    if "busy-cpu" in plan.parts:
+        results["busy_cpu"] = await busy_cpu_series(plan, server, fake)
     return results
 
 
@@ -161,6 +199,35 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=4,
         help="application connections committing flat out for the maximum rate (default 4)",
+    )
+    parser.add_argument(
+        "--initial-delay",
+        type=float,
+        default=5.0,
+        help="first-check: the daemon's INITIAL_DELAY in seconds (default 5; shipped: 60)",
+    )
+    parser.add_argument(
+        "--first-check-seconds",
+        type=float,
+        help="first-check: seconds of dispatch at each rate (default 30)",
+    )
+    parser.add_argument(
+        "--busy-sizes",
+        type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+        help="busy-cpu: orders in flight, comma-separated (default 1000,10000,100000)",
+    )
+    parser.add_argument(
+        "--busy-seconds", type=float, help="busy-cpu: seconds measured at each size (default 20)"
+    )
+    parser.add_argument(
+        "--busy-warmup", type=float, help="busy-cpu: seconds before the window (default 5)"
+    )
+    parser.add_argument(
+        "--busy-rate",
+        type=float,
+        default=100.0,
+        help="busy-cpu: orders/s dispatched to keep the daemon busy (default 100);"
+        " 0: none, the daemon in scan mode (ORDER_MONITOR_HANDOFF=scan)",
     )
     parser.add_argument(
         "--diagnose",
@@ -224,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         "targets": verdicts(results),
     }
     out = write_report(report, started, prefix="trigger-", out=args.out)
-    print(table(report))
-    print(f"\nwritten: {out}")
+    text = table(report)
+    out.with_suffix(".txt").write_text(text + "\n")
+    print(text)
+    print(f"\nwritten: {out} (and .txt)")
     return 0
 
 

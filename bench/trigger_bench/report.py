@@ -13,6 +13,8 @@ GOALS = {
     "latency_ratio_max": 1.05,
     "commit_to_request_p50_ms_low_rates": 5.0,
     "commit_to_request_p99_ms": 50.0,
+    # Issue #21: every order's first check at its slot, late by at most 1 s p99.
+    "first_check_late_p99_s": 1.0,
 }
 
 
@@ -52,6 +54,25 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
                 f"{r['p99_ms']:.1f} ms at {r['achieved_rate']:,.0f}/s" for r in commit
             ),
             "met": worst < GOALS["commit_to_request_p99_ms"],
+        }
+    first = results.get("first_check", [])
+    if first:
+        worst = max(r["p99_s"] for r in first)
+        out["first_check_late_p99"] = {
+            "target": f"first check late by at most {GOALS['first_check_late_p99_s']:g} s p99"
+            " at every rate",
+            "measured": ", ".join(
+                f"{r['p99_s']:.3f} s at {r['achieved_rate']:,.0f}/s" for r in first
+            ),
+            "met": worst <= GOALS["first_check_late_p99_s"],
+        }
+        wrong = sum(r["missed"] + r["before_pull_window"] for r in first)
+        out["first_check_every_order"] = {
+            "target": "every order checked, none before its slot's pull window",
+            "measured": f"{sum(r['missed'] for r in first)} missed, "
+            f"{sum(r['before_pull_window'] for r in first)} too early, over "
+            f"{sum(r['orders'] for r in first):,} orders",
+            "met": wrong == 0,
         }
     runs = [
         run
@@ -158,6 +179,10 @@ def table(report: dict[str, Any]) -> str:
                 f" {c['from_reads']:,.0f} read by the daemon"
             )
         lines.append("")
+    if "first_check" in r:
+        lines += first_check_lines(r["first_check"])
+    if "busy_cpu" in r:
+        lines += busy_cpu_lines(r["busy_cpu"])
     runs = [
         run
         for part in ("throughput", "latency")
@@ -178,3 +203,73 @@ def table(report: dict[str, Any]) -> str:
         mark = {True: "met", False: "MISSED", None: "n/a"}[verdict["met"]]
         lines.append(f"target {name}: {verdict['target']}; measured {verdict['measured']}: {mark}")
     return "\n".join(lines)
+
+
+def first_check_lines(first: list[dict[str, Any]]) -> list[str]:
+    delay = first[0]["initial_delay_s"]
+    lines = [
+        f"first check against its slot (ours, initial_delay {delay:g} s, busy reads every"
+        f' {first[0]["busy_read_interval_s"]:g} s): lateness = first request - ("sentAt"'
+        " + the order's first slot), negative = early",
+    ]
+    for c in first:
+        asked = f"{c['rate']:g}/s asked" if c["rate"] is not None else "flat out"
+        busy = c["busy_share_while_dispatching"]
+        lines.append(
+            f"  {asked:<14} {c['writers']} writer(s), {c['achieved_rate']:>7,.0f}/s reached,"
+            f" {c['orders']:>7,} orders: late p50 {c['p50_s']:6.3f} s, p99 {c['p99_s']:6.3f} s,"
+            f" max {c['max_s']:6.3f} s, min {c['min_s']:6.3f} s"
+        )
+        lines.append(
+            f"{'':<17}{c['early']:,} early ({c['before_pull_window']:,} before the pull window),"
+            f" {c['late_over_1s']:,} over 1 s late, {c['missed']:,} never checked,"
+            f" {c['checked_twice_or_more']:,} checked twice; {c['notified']:,.0f} by NOTIFY,"
+            f" {c['from_reads']:,.0f} taken by busy reads ({c['read_known']:,.0f} known);"
+            f" {c['switches_to_busy']:,.0f} switch(es) to busy, busy"
+            f" {(busy or 0):.0%} of the dispatch"
+        )
+        nominal = c["vs_nominal"]
+        lines.append(
+            f'{"":<17}vs "sentAt" + {delay:g} s (no jitter): p50 {nominal["p50_s"]:.3f} s,'
+            f" p99 {nominal['p99_s']:.3f} s, min {nominal['min_s']:.3f} s,"
+            f" max {nominal['max_s']:.3f} s"
+        )
+    lines.append("")
+    return lines
+
+
+def busy_cpu_lines(busy: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        f"CPU while busy (ours, {busy[0]['mode']}, busy reads every"
+        f" {busy[0]['busy_read_interval_s']:g} s), CPU seconds per second",
+        f"  {'in flight':>19} {'daemon':>8} {'database':>9} {'(daemon':>8} {'app':>6}"
+        f" {'other)':>7} {'reads/s':>8} {'ms/read':>8} {'taken/s':>8} {'busy':>5}",
+    ]
+    for b in busy:
+        flight = f"{b['orders_in_flight_window_start']:,}-{b['orders_in_flight_window_end']:,}"
+        if b["db_cpu_per_s"] is None:
+            db = f"{'n/a':>9} {'':>8} {'':>6} {'':>7}"
+        else:
+            g = b["db_cpu_per_s_by_group"]
+            db = (
+                f"{b['db_cpu_per_s']:>9.3f} {g['daemon']:>8.3f} {g['application']:>6.3f}"
+                f" {g['other']:>7.3f}"
+            )
+        lines.append(
+            f"  {flight:>19} {b['daemon_cpu_per_s']:>8.3f} {db}"
+            f" {b['busy_reads_per_s']:>8.2f} {b['busy_read_mean_ms']:>8.2f}"
+            f" {b['busy_read_orders_taken'] / b['window_s']:>8.1f} {(b['busy_share'] or 0):>5.0%}"
+        )
+        if b["provider_requests"]:
+            lines.append(
+                f"  note: {b['provider_requests']:,} provider requests in the window:"
+                " checks were made, the CPU is not the busy mode's alone"
+            )
+        if not b["busy_at_window_start"] or (b["busy_share"] or 0) < 1:
+            lines.append("  note: the daemon was not busy for the whole window")
+    lines.append(
+        "  (database = every process of the server; daemon/app/other: the daemon's sessions,"
+        " the application's, the rest: background processes, other databases)"
+    )
+    lines.append("")
+    return lines

@@ -101,6 +101,16 @@ class Plan:
     max_writers: int
     pgbench: str
     psql: str
+    #: first-check: fixed rates (orders/s, writers), then max_writers flat out.
+    first_check_rates: list[tuple[float, int]]
+    first_check_seconds: float
+    initial_delay: float
+    #: busy-cpu: orders in flight, the window and its warm-up, the dispatch
+    #: rate that keeps the daemon busy (0: scan mode, nothing dispatched).
+    busy_sizes: list[int]
+    busy_seconds: float
+    busy_warmup: float
+    busy_rate: float
 
 
-PARTS = ["throughput", "latency", "commit"]
+PARTS = ["throughput", "latency", "commit", "first-check", "busy-cpu"]
