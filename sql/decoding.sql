@@ -111,7 +111,7 @@ BEGIN
         SELECT c.lsn, c.data
           FROM pg_catalog.pg_logical_slot_peek_binary_changes(
                    'order_monitor_' || pg_catalog.left(pg_catalog.md5(pg_catalog.current_database() || ':' || '"public"."product_orders"'), 16), flushed, upto,
-                   'proto_version', '1', 'publication_names', 'order_monitor_product_orders_pub_v1') AS c;
+                   'proto_version', '1', 'publication_names', pg_catalog.quote_ident('order_monitor_product_orders_pub_v1')) AS c;
     RETURN QUERY SELECT flushed, NULL::pg_catalog.bytea;
 END
 $om$;

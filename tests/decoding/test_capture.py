@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from structlog.testing import capture_logs
 
-from order_monitor import schema
+from order_monitor import install, schema
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
 from order_monitor.decoding.capture import Capture
@@ -32,6 +32,7 @@ from order_monitor.metrics import Metrics, counter_total
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import DAEMON_ROLE, REFERENCE_DDL, as_daemon, deploy
 from tests.daemon_fixtures import App, eventually, running, settings_for
+from tests.schema.scripts import as_owner
 
 LAYOUT = Layout(role=DAEMON_ROLE)
 NAMES = schema.Names(LAYOUT)
@@ -306,3 +307,66 @@ async def test_a_quiet_orders_table_does_not_hold_back_the_wal_of_others(
             before = confirmed_flush(db)
             conn.execute("INSERT INTO other SELECT repeat('x', 100) FROM generate_series(1, 5000)")
         await eventually(lambda: _moved(db, before), what="the slot advanced past it")
+
+
+def test_uninstall_drops_the_slot_the_publication_and_the_functions(db: str) -> None:
+    # As the table's owner: refused before anything changes (the slot needs a superuser).
+    with pytest.raises(SchemaError, match="need a superuser"):
+        list(install.apply(as_owner(db), "uninstall", LAYOUT))
+    assert slot_state(db) is not None
+    list(install.apply(db, "uninstall", LAYOUT))
+    with psycopg.connect(db) as conn:
+        left = conn.execute(
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()),"
+            " (SELECT count(*) FROM pg_publication),"
+            " (SELECT count(*) FROM pg_proc WHERE proname LIKE 'order_monitor%')"
+        ).fetchone()
+    assert left == (0, 0, 0)
+
+
+EVIL_TABLE = 'orders"; DROP TABLE victims; --'
+
+
+def test_a_hostile_table_name_is_only_ever_a_name(logical_dsn: str) -> None:
+    name = f"om_capture_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(logical_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = make_conninfo(logical_dsn, dbname=name)
+    layout = Layout(table=EVIL_TABLE, role=DAEMON_ROLE)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(REFERENCE_DDL.read_text().encode())
+            conn.execute('ALTER TABLE product_orders ADD COLUMN "provider_referans" varchar(255)')
+            conn.execute(
+                sql.SQL("ALTER TABLE product_orders RENAME TO {}").format(
+                    sql.Identifier(EVIL_TABLE)
+                )
+            )
+            conn.execute("CREATE TABLE victims (x int)")
+            for kind in ("install", "role", "decoding"):
+                for statement in schema.statements_for(kind, layout):
+                    conn.execute(statement.query)
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (provider_referans, \"externalStatus\") VALUES ('r', 'sent')"
+                ).format(sql.Identifier(EVIL_TABLE))
+            )
+            names = schema.Names(layout)
+            changes = conn.execute(
+                sql.SQL("SELECT count(data) FROM {}(100)").format(names.changes_function)
+            ).fetchone()
+            assert changes is not None
+            assert int(str(changes[0])) >= 3  # begin, relation, insert, commit
+            assert conn.execute("SELECT to_regclass('victims')").fetchone() == ("victims",)
+            for statement in schema.statements_for("uninstall", layout):
+                conn.execute(statement.query)
+    finally:
+        with psycopg.connect(logical_dsn, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_catalog.pg_drop_replication_slot(slot_name)"
+                " FROM pg_catalog.pg_replication_slots WHERE database = %s",
+                (name,),
+            )
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
