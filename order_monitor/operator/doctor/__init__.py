@@ -42,6 +42,7 @@ from order_monitor.config import Settings
 from order_monitor.errors import OrderMonitorError
 from order_monitor.operator import database_error, printable
 from order_monitor.operator.doctor.database import check_server, check_table
+from order_monitor.operator.doctor.decoding import check_decoding
 from order_monitor.operator.doctor.delivery import check_actions, check_outbox
 from order_monitor.operator.doctor.dispatch import check_dispatch_times
 from order_monitor.operator.doctor.handoff import check_handoff
@@ -134,6 +135,7 @@ async def _database_checks(settings: Settings, emit: Emit, notify_timeout: float
                 await check_objects(conn, settings.layout, table, emit)
                 await check_function_acls(conn, settings.layout, emit)
                 await check_handoff(conn, settings.layout, emit)
+                await check_decoding(conn, settings, emit)
                 await check_write_function(conn, settings, emit)
                 privileges_ok = await check_privileges(conn, settings, table, emit)
                 await check_role_powers(conn, settings, table, emit)
