@@ -154,7 +154,9 @@ def sql_print(ctx: Context, kind: str) -> None:
     Needs no database: only the table/column settings are read.
     """
     settings = ctx.offline_settings
-    click.echo(schema.render(kind, settings.layout, settings.writes), nl=False)
+    click.echo(
+        schema.render(kind, settings.layout, settings.writes, capture=settings.capture), nl=False
+    )
 
 
 @sql_group.command("install")
@@ -193,6 +195,7 @@ def _apply(settings: Settings, kind: str, *, drop_undelivered: bool = False) -> 
         settings.layout,
         settings.writes,
         drop_undelivered=drop_undelivered,
+        capture=settings.capture,
     ):
         click.echo(line)
 

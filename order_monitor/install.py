@@ -21,6 +21,7 @@ def apply(
     writes: OutcomeWrites | None = None,
     *,
     drop_undelivered: bool = False,
+    capture: str = "trigger",
 ) -> Iterator[str]:
     """Run the statements one by one in autocommit, yielding a line per statement.
 
@@ -41,7 +42,7 @@ def apply(
             conn.execute(
                 "SELECT pg_catalog.set_config(%s, 'on', false)", (schema.DROP_UNDELIVERED,)
             )
-        for statement in schema.statements_for(kind, layout, writes):
+        for statement in schema.statements_for(kind, layout, writes, capture=capture):
             first_line = statement.query.as_string(None).splitlines()[0]
             if statement.only_if is not None:
                 row = conn.execute(sql.SQL("SELECT {}").format(statement.only_if)).fetchone()

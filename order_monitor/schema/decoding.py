@@ -70,9 +70,11 @@ def _bodies(layout: Layout) -> dict[str, str]:
     slot = slot_name_sql(layout).as_string(None)
     # pgoutput reads publication_names as a list of identifiers: quoted, so a
     # name with a comma or a quote (a table's) stays one name.
-    publication = sql.SQL("pg_catalog.quote_ident({})").format(
-        sql.Literal(Names(layout).publication_name)
-    ).as_string(None)
+    publication = (
+        sql.SQL("pg_catalog.quote_ident({})")
+        .format(sql.Literal(Names(layout).publication_name))
+        .as_string(None)
+    )
     return {
         "changes": f"""
 DECLARE

@@ -115,9 +115,11 @@ _HEADERS = {
 }
 
 
-def render(kind: str, layout: Layout, writes: OutcomeWrites | None = None) -> str:
+def render(
+    kind: str, layout: Layout, writes: OutcomeWrites | None = None, *, capture: str = "trigger"
+) -> str:
     """The text of sql/<kind>.sql for this layout."""
-    statements = list(statements_for(kind, layout, writes))
+    statements = list(statements_for(kind, layout, writes, capture=capture))
     c = layout.columns
     header = _HEADERS[kind].format(
         version=VERSION,
@@ -164,10 +166,11 @@ def _render_statement(statement: Statement) -> str:
 
 
 def statements_for(
-    kind: str, layout: Layout, writes: OutcomeWrites | None = None
+    kind: str, layout: Layout, writes: OutcomeWrites | None = None, *, capture: str = "trigger"
 ) -> Iterator[Statement]:
+    """*capture*: ORDER_MONITOR_CAPTURE; with "decoding", install creates no trigger."""
     if kind == "install":
-        yield from install_statements(layout, writes)
+        yield from install_statements(layout, writes, capture=capture)
     elif kind == "uninstall":
         yield from uninstall_statements(layout)
     elif kind == "role":

@@ -71,7 +71,35 @@ def _set_lock_timeout() -> Statement:
     )
 
 
-def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> list[Statement]:
+def _triggers(layout: Layout, capture: str) -> Statement:
+    if capture == "decoding":
+        return Statement(
+            "Rendered for ORDER_MONITOR_CAPTURE=decoding: no trigger of ours; any\n"
+            "left is dropped (the daemon reads the WAL: sql/decoding.sql).",
+            guards.drop_our_triggers(layout),
+        )
+    return Statement(
+        "The triggers: an order that enters flight, or gets a new provider\n"
+        "reference while in flight, while the daemon is idle. Every other update\n"
+        "(including the daemon's own result writes, which take the row out of\n"
+        "flight) is kept out by UPDATE OF and WHEN, so it costs the application\n"
+        "nothing. The last test of each WHEN tries the daemon's idle lock\n"
+        "shared, without waiting: it fails while the daemon holds the lock (it\n"
+        "wants a NOTIFY: the function is called); it succeeds while the daemon\n"
+        "does not (busy, or not running: nothing is called, and the shared lock\n"
+        "is held until this transaction ends, so the daemon cannot go back to\n"
+        "NOTIFY before it has seen this row committed). Compared first with what\n"
+        "this file would create (on a temporary copy of the columns): when they\n"
+        "match and earlier versions' are gone, this takes no lock on the table;\n"
+        "else it takes the one lock the change needs, once (ACCESS EXCLUSIVE\n"
+        "when an earlier version's triggers are dropped).",
+        guards.swap_triggers(layout),
+    )
+
+
+def install_statements(
+    layout: Layout, writes: OutcomeWrites | None = None, *, capture: str = "trigger"
+) -> list[Statement]:
     n = Names(layout)
     return [
         _pin_search_path(),
@@ -162,23 +190,7 @@ def install_statements(layout: Layout, writes: OutcomeWrites | None = None) -> l
             guards.reduce_function_acls(layout),
             replayable=False,
         ),
-        Statement(
-            "The triggers: an order that enters flight, or gets a new provider\n"
-            "reference while in flight, while the daemon is idle. Every other update\n"
-            "(including the daemon's own result writes, which take the row out of\n"
-            "flight) is kept out by UPDATE OF and WHEN, so it costs the application\n"
-            "nothing. The last test of each WHEN tries the daemon's idle lock\n"
-            "shared, without waiting: it fails while the daemon holds the lock (it\n"
-            "wants a NOTIFY: the function is called); it succeeds while the daemon\n"
-            "does not (busy, or not running: nothing is called, and the shared lock\n"
-            "is held until this transaction ends, so the daemon cannot go back to\n"
-            "NOTIFY before it has seen this row committed). Compared first with what\n"
-            "this file would create (on a temporary copy of the columns): when they\n"
-            "match and earlier versions' are gone, this takes no lock on the table;\n"
-            "else it takes the one lock the change needs, once (ACCESS EXCLUSIVE\n"
-            "when an earlier version's triggers are dropped).",
-            guards.swap_triggers(layout),
-        ),
+        _triggers(layout, capture),
         Statement(
             "Versions 1 and 2's trigger functions: no trigger uses them any more.",
             sql.SQL("DROP FUNCTION IF EXISTS {function}()").format(function=n.v1_function),

@@ -323,7 +323,7 @@ def test_role_can_do_what_the_daemon_needs(role_dsn: str, app: Conn) -> None:
         # written order has left flight), taking and releasing the idle lock.
         changes = ChangeStatements(Layout())
         (installed,) = daemon.execute(changes._install, changes._install_params).fetchall()
-        assert installed == (True, False)  # version 5: no inbox
+        assert installed == (True, True, False)  # version 5, xmin granted, no inbox
         (read,) = daemon.execute(changes._everything).fetchall()
         assert read[1] == []  # written: out of flight
         inbox = InboxStatements(Layout())
