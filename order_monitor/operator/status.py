@@ -16,6 +16,11 @@ Cost on a big table:
   reads; the application's writes do not wait for it;
 * who holds the leader lock comes from ``pg_locks``: no table is read.
 
+With ``ORDER_MONITOR_CAPTURE=decoding`` it shows the logical replication
+slot (its WAL status and how much WAL it holds back), through decoding.sql's
+``_slot_v1()``, which reads ``pg_replication_slots`` (on the primary only: a
+standby has no current WAL position to measure from).
+
 When actions deliver results to the application (or the outbox holds
 entries anyway), a section says how many wait, the oldest's age, how many
 wait for credentials the application refused, and the dead letters: read
@@ -41,6 +46,7 @@ from order_monitor import db, schema
 from order_monitor.config import Settings
 from order_monitor.db import sessions
 from order_monitor.db.dispatch import DispatchIssue, dispatch_sql, issue_of
+from order_monitor.decoding.statements import DecodingStatements, SlotState
 from order_monitor.delivery.store import OutboxStore, OutboxSummary
 from order_monitor.engine.policy import format_seconds
 from order_monitor.operator import deliveries, printable
@@ -116,6 +122,17 @@ class Deliveries:
 
 
 @dataclass(frozen=True, slots=True)
+class CaptureInfo:
+    """How the daemon learns of dispatched orders, and the slot when it reads one."""
+
+    #: ORDER_MONITOR_CAPTURE: trigger or decoding.
+    mode: str
+    slot: SlotState | None = None
+    #: Why the slot is not shown (decoding mode only).
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     table: str
     at: dt.datetime
@@ -138,6 +155,7 @@ class Status:
     lock_holders: list[sessions.LockHolder] = field(default_factory=list)
     #: None when no action is configured and the outbox holds nothing.
     deliveries: Deliveries | None = None
+    capture: CaptureInfo = field(default_factory=lambda: CaptureInfo("trigger"))
 
     @property
     def in_flight_total(self) -> int:
@@ -275,6 +293,7 @@ SELECT
         for item in listed
     ]
     odd_count, odd = await read_odd(conn, settings)
+    replica = await sessions.in_recovery(conn)
 
     return Status(
         table=f"{layout.schema}.{layout.table}",
@@ -291,10 +310,43 @@ SELECT
         leader=await read_leader(conn, layout.schema, layout.table),
         odd_count=odd_count,
         odd=odd,
-        replica=await sessions.in_recovery(conn),
+        replica=replica,
         lock_holders=await sessions.foreign_lock_holders(conn, layout),
         deliveries=await read_deliveries(conn, settings),
+        capture=await read_capture(conn, settings, replica=replica),
     )
+
+
+async def read_capture(conn: db.AsyncConn, settings: Settings, *, replica: bool) -> CaptureInfo:
+    """The capture mode, and in decoding mode the slot (or why it cannot be shown)."""
+    if settings.capture != "decoding":
+        return CaptureInfo(settings.capture)
+    if replica:
+        return CaptureInfo(
+            settings.capture, problem="read from a standby: the slot is the primary's"
+        )
+    names = schema.Names(settings.layout)
+    function = sql.SQL("{}()").format(names.slot_function).as_string(conn)
+    cursor = await conn.execute(
+        "SELECT coalesce(pg_catalog.has_function_privilege("
+        "pg_catalog.to_regprocedure(%(f)s), 'EXECUTE'), false)",
+        {"f": function},
+    )
+    row = await cursor.fetchone()
+    if row is None or not row[0]:
+        return CaptureInfo(
+            settings.capture,
+            problem=f"{function} is missing or this role may not execute it: run "
+            "sql/decoding.sql as a superuser (`order-monitor doctor` says more)",
+        )
+    slot = await DecodingStatements(settings.layout).slot(conn)
+    if slot is None:
+        return CaptureInfo(
+            settings.capture,
+            problem="the slot is missing: the daemon recreates it at its next read, then "
+            "sweeps (`order-monitor doctor`)",
+        )
+    return CaptureInfo(settings.capture, slot)
 
 
 async def read_deliveries(conn: db.AsyncConn, settings: Settings) -> Deliveries | None:
@@ -369,6 +421,18 @@ async def read_leader(conn: db.AsyncConn, schema_name: str, table: str) -> Leade
 
 
 # --- formatting (pure) -------------------------------------------------------------------
+
+
+def format_bytes(size: int) -> str:
+    """*size* in the largest binary unit that keeps it at least 1 (as pg_size_pretty, 1024s)."""
+    if abs(size) < 1024:
+        return f"{size} bytes"
+    value = float(size)
+    for unit in ("kB", "MB", "GB"):
+        value /= 1024
+        if abs(value) < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} TB"
 
 
 def _seconds(value: float) -> float:
@@ -449,7 +513,53 @@ def to_json(status: Status) -> dict[str, Any]:
             for holder in status.lock_holders
         ],
         "deliveries": None if status.deliveries is None else _deliveries_json(status.deliveries),
+        "capture": _capture_json(status.capture),
     }
+
+
+def _capture_json(capture: CaptureInfo) -> dict[str, Any]:
+    slot = capture.slot
+    return {
+        "mode": capture.mode,
+        "slot": None
+        if slot is None
+        else {
+            "name": slot.name,
+            "wal_status": slot.wal_status,
+            "lag_bytes": slot.lag_bytes,
+            "safe_wal_size_bytes": slot.safe_wal_size,
+        },
+        "problem": capture.problem,
+    }
+
+
+def _capture_text(capture: CaptureInfo) -> str:
+    if capture.mode != "decoding":
+        return f"Capture: {capture.mode} (ORDER_MONITOR_CAPTURE)"
+    slot = capture.slot
+    if slot is None:
+        return f"Capture: logical decoding — {capture.problem}"
+    lag = "" if slot.lag_bytes is None else f", {format_bytes(slot.lag_bytes)} behind"
+    if slot.wal_status == "lost":
+        return (
+            f"Capture: logical decoding, slot {slot.name} is LOST (invalidated for falling "
+            "behind): the daemon recreates it and sweeps; orders dispatched meanwhile are "
+            "checked late (`order-monitor doctor`)"
+        )
+    room = (
+        ""
+        if slot.safe_wal_size is None
+        else f" ({format_bytes(slot.safe_wal_size)} more before it is invalidated)"
+    )
+    warn = (
+        ": it holds back more WAL than max_wal_size — is the daemon reading it?"
+        if slot.wal_status in ("unreserved", "extended")
+        else ""
+    )
+    return (
+        f"Capture: logical decoding, slot {slot.name} {slot.wal_status or 'in use'}{lag}"
+        f"{room}{warn}"
+    )
 
 
 def _deliveries_json(info: Deliveries) -> dict[str, Any]:
@@ -542,6 +652,7 @@ def format_text(status: Status) -> str:
         out += _deliveries_text(status.deliveries)
         out.append("")
 
+    out.append(_capture_text(status.capture))
     if status.replica:
         out.append(f"Daemon: {sessions.REPLICA_HINT}")
     elif status.leader is None:

@@ -17,7 +17,7 @@ import pytest
 from click.testing import Result
 from psycopg import sql
 
-from order_monitor.operator.doctor.decoding import format_bytes
+from order_monitor.operator.status import format_bytes
 from order_monitor.providers.fake import FakeProvider
 from order_monitor.schema.decoding import decoding_uninstall_statements
 from tests.conftest import DAEMON_ROLE, Server, _fresh, as_daemon, deploy

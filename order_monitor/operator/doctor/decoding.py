@@ -29,6 +29,7 @@ from order_monitor.config import Layout, Settings
 from order_monitor.decoding.statements import DecodingStatements, SlotState
 from order_monitor.operator.doctor.database import fetch_one
 from order_monitor.operator.findings import Emit, Verdict
+from order_monitor.operator.status import format_bytes
 from order_monitor.schema.decoding import published_columns, slot_name_sql
 
 DECODING_HINT: Final = (
@@ -48,18 +49,6 @@ KEEP_SIZE_FIX: Final = (
 )
 #: The operations decoding.sql publishes.
 PUBLISHED_OPERATIONS: Final = ("insert", "update")
-
-
-def format_bytes(size: int) -> str:
-    """*size* in the largest binary unit that keeps it at least 1 (as pg_size_pretty, 1024s)."""
-    if abs(size) < 1024:
-        return f"{size} bytes"
-    value = float(size)
-    for unit in ("kB", "MB", "GB"):
-        value /= 1024
-        if abs(value) < 1024:
-            return f"{value:.1f} {unit}"
-    return f"{value / 1024:.1f} TB"
 
 
 async def check_decoding(conn: db.AsyncConn, settings: Settings, emit: Emit) -> None:
