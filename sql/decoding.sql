@@ -193,6 +193,26 @@ REVOKE ALL ON FUNCTION "public"."order_monitor_product_orders_recreate_v1"() FRO
 
 GRANT EXECUTE ON FUNCTION "public"."order_monitor_product_orders_recreate_v1"() TO "order_monitor";
 
+-- And by no other role, whatever ALTER DEFAULT PRIVILEGES gave: each
+-- grantee of a SECURITY DEFINER function here could read or confirm the
+-- slot with REPLICATION's rights.
+DO $om$
+DECLARE
+    item record;
+BEGIN
+    FOR item IN
+        SELECT DISTINCT p.oid::pg_catalog.regprocedure AS f, r.rolname
+          FROM pg_catalog.pg_proc p
+         CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) AS acl
+          JOIN pg_catalog.pg_roles r ON r.oid = acl.grantee
+         WHERE p.oid IN (pg_catalog.to_regprocedure('"public"."order_monitor_product_orders_changes_v1"(integer)'), pg_catalog.to_regprocedure('"public"."order_monitor_product_orders_advance_v1"(pg_catalog.pg_lsn)'), pg_catalog.to_regprocedure('"public"."order_monitor_product_orders_slot_v1"()'), pg_catalog.to_regprocedure('"public"."order_monitor_product_orders_recreate_v1"()'))
+           AND acl.grantee <> p.proowner AND r.rolname <> 'order_monitor'
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM %I CASCADE', item.f, item.rolname);
+    END LOOP;
+END
+$om$;
+
 -- Our triggers go: from here on the application's commits do no work of
 -- ours. (install.sql run again puts them back; doctor says so.)
 DO $om$

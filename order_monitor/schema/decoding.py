@@ -325,6 +325,40 @@ END
             )
         ],
         Statement(
+            "And by no other role, whatever ALTER DEFAULT PRIVILEGES gave: each\n"
+            "grantee of a SECURITY DEFINER function here could read or confirm the\n"
+            "slot with REPLICATION's rights.",
+            guards.do(
+                sql.SQL(
+                    """
+DECLARE
+    item record;
+BEGIN
+    FOR item IN
+        SELECT DISTINCT p.oid::pg_catalog.regprocedure AS f, r.rolname
+          FROM pg_catalog.pg_proc p
+         CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) AS acl
+          JOIN pg_catalog.pg_roles r ON r.oid = acl.grantee
+         WHERE p.oid IN ({functions})
+           AND acl.grantee <> p.proowner AND r.rolname <> {daemon}
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM %I CASCADE', item.f, item.rolname);
+    END LOOP;
+END
+"""  # noqa: E501 (plpgsql a DBA reads: long statements stay on one line)
+                ).format(
+                    functions=sql.SQL(", ").join(
+                        sql.SQL("pg_catalog.to_regprocedure({})").format(
+                            sql.Literal(_signature(function, sql.SQL(arguments)))
+                        )
+                        for function, arguments in n.decoding_functions
+                    ),
+                    daemon=sql.Literal(layout.role),
+                )
+            ),
+            replayable=False,
+        ),
+        Statement(
             "Our triggers go: from here on the application's commits do no work of\n"
             "ours. (install.sql run again puts them back; doctor says so.)",
             guards.drop_our_triggers(layout),

@@ -370,3 +370,34 @@ def test_a_hostile_table_name_is_only_ever_a_name(logical_dsn: str) -> None:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+def test_default_privileges_do_not_reach_the_slots_functions(logical_dsn: str, db: str) -> None:
+    """A role the superuser's default privileges would give EXECUTE gets none."""
+    stranger = f"om_reporting_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(stranger)))
+        try:
+            conn.execute(
+                sql.SQL("ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO {}").format(
+                    sql.Identifier(stranger)
+                )
+            )
+            for function, arguments in NAMES.decoding_functions:
+                conn.execute(sql.SQL("DROP FUNCTION {}({})").format(function, sql.SQL(arguments)))
+            apply_decoding(db)  # creates them again: the default privileges apply
+            granted = conn.execute(
+                "SELECT count(*) FROM pg_proc p CROSS JOIN LATERAL aclexplode(p.proacl) a"
+                " JOIN pg_roles r ON r.oid = a.grantee"
+                " WHERE p.proname LIKE 'order_monitor%%' AND r.rolname = %s",
+                (stranger,),
+            ).fetchone()
+            assert granted == (0,)
+        finally:
+            conn.execute(
+                sql.SQL("ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM {}").format(
+                    sql.Identifier(stranger)
+                )
+            )
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(stranger)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(stranger)))
