@@ -15,12 +15,17 @@ as written. The daemon is driven through a done order, a failed request, a
 give-up and an order nobody serves first, since a labelled series exists
 only once it has been counted; and, with an action that rejects failed
 orders in the application (the fake of its API), through a delivery that
-fails once (a 503) and is then taken, for the delivery series.
+fails once (a 503) and is then taken, for the delivery series. The
+logical decoding row is asked of a second daemon, with
+ORDER_MONITOR_CAPTURE=decoding on a wal_level = logical server, driven
+through an order read from the slot and the slot dropped under it (a read
+error, a recreation): a daemon on the trigger counts none of those.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -28,7 +33,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,7 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from order_monitor.config import OutcomeWrites
 from order_monitor.daemon import Daemon
@@ -47,6 +53,9 @@ from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.providers.fake import FakeProvider, Script
 from tests.conftest import deploy
 from tests.daemon_fixtures import App, running, settings_for
+from tests.decoding.conftest import logical_dsn, logical_server
+from tests.decoding.test_capture import db as decoding_db
+from tests.decoding.test_capture import slot_state
 
 MONITORING = Path(__file__).parents[2] / "monitoring"
 RULES = MONITORING / "order-monitor.rules.yml"
@@ -54,6 +63,15 @@ RULE_TESTS = MONITORING / "tests" / "order-monitor.rules.test.yml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 SELECTOR = re.compile(r"\b(order_monitor_\w+|up)\b(\{[^}]*\})?")
 DELIVERY_ROW = "Delivery to the application"
+DECODING_ROW = "Logical decoding (ORDER_MONITOR_CAPTURE=decoding)"
+#: Every decoding series of order_monitor.metrics, as the dashboard asks for them.
+DECODING_SERIES = (
+    "order_monitor_decoding_slot_lag_bytes",
+    "order_monitor_decoding_orders_total",
+    "order_monitor_decoding_slot_recreated_total",
+    "order_monitor_decoding_errors_total",
+    "order_monitor_decoding_read_seconds_bucket",
+)
 #: Every delivery series of order_monitor.metrics, as the dashboard asks for them.
 DELIVERY_SERIES = (
     "order_monitor_deliveries_total",
@@ -97,17 +115,26 @@ def dashboard_exprs() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in panels for t in p.get("targets", [])]
 
 
-def test_the_dashboard_has_a_delivery_row_with_every_delivery_series() -> None:
-    panels = json.loads(DASHBOARD.read_text())["panels"]
+def row_panels(title: str) -> list[dict[str, Any]]:
+    """The panels below the row *title*, up to the next row."""
+    panels: list[dict[str, Any]] = json.loads(DASHBOARD.read_text())["panels"]
     rows = [n for n, p in enumerate(panels) if p["type"] == "row"]
     titles = [panels[n]["title"] for n in rows]
-    assert DELIVERY_ROW in titles, titles
-    start = rows[titles.index(DELIVERY_ROW)]
-    below = panels[start + 1 : next((n for n in rows if n > start), len(panels))]
-    exprs = " ".join(t["expr"] for p in below for t in p["targets"])
+    assert title in titles, titles
+    start = rows[titles.index(title)]
+    return panels[start + 1 : next((n for n in rows if n > start), len(panels))]
+
+
+def row_exprs(title: str) -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in row_panels(title) for t in p["targets"]]
+
+
+def test_the_dashboard_has_a_delivery_row_with_every_delivery_series() -> None:
+    exprs = " ".join(expr for _, expr in row_exprs(DELIVERY_ROW))
     assert [name for name in DELIVERY_SERIES if name not in exprs] == []
     assert "histogram_quantile(0.5," in exprs
     assert "histogram_quantile(0.99," in exprs
+    panels = json.loads(DASHBOARD.read_text())["panels"]
     # Grafana lays panels on a 24-wide grid, none overlapping.
     cells: set[tuple[int, int]] = set()
     for p in panels:
@@ -118,6 +145,13 @@ def test_the_dashboard_has_a_delivery_row_with_every_delivery_series() -> None:
         assert not cells & cell, p["title"]
         assert g["x"] + g["w"] <= 24, p["title"]
         cells |= cell
+
+
+def test_the_dashboard_has_a_decoding_row_with_every_decoding_series() -> None:
+    exprs = " ".join(expr for _, expr in row_exprs(DECODING_ROW))
+    assert [name for name in DECODING_SERIES if name not in exprs] == []
+    lag = [p for p in row_panels(DECODING_ROW) if "slot_lag_bytes" in json.dumps(p["targets"])]
+    assert [p["fieldConfig"]["defaults"]["unit"] for p in lag] == ["bytes"]
 
 
 def test_promtool_checks_the_rules() -> None:
@@ -166,6 +200,72 @@ async def query(session: aiohttp.ClientSession, base: str, expr: str) -> list[An
     return list(body["data"]["result"])
 
 
+async def counted_in(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> None:
+    deadline = time.monotonic() + 30
+    while not registry.get_sample_value(name, labels):
+        assert time.monotonic() < deadline, f"{name}{labels} never counted"
+        await asyncio.sleep(0.05)
+
+
+@contextlib.contextmanager
+def prometheus(tmp_path: Path, target_port: int) -> Iterator[tuple[str, Path]]:
+    """A Prometheus scraping *target_port* every second, with the rules: (its URL, its log)."""
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        f"""
+global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+rule_files: ["{RULES}"]
+scrape_configs:
+  - job_name: order-monitor
+    static_configs: [{{targets: ["127.0.0.1:{target_port}"]}}]
+"""
+    )
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as log_file:
+        server = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    try:
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def tail(log: Path) -> str:
+    return log.read_text()[-2000:]
+
+
+async def until_every_series(
+    base: str, log: Path, evaluated: list[str], selecting: list[tuple[str, str]]
+) -> None:
+    """Until every expression of *selecting* returns a series; each of *evaluated* evaluates."""
+    async with aiohttp.ClientSession() as session:
+        missing: list[str] = ["(not asked yet)"]
+        deadline = time.monotonic() + 60
+        while missing:
+            assert time.monotonic() < deadline, f"no series for: {missing}\n" + tail(log)
+            await asyncio.sleep(0.5)
+            try:
+                for expr in evaluated:
+                    await query(session, base, expr)  # evaluates, series or not
+            except aiohttp.ClientConnectionError:
+                continue  # not listening yet
+            missing = [
+                f"{title}: {expr}"
+                for title, expr in selecting
+                if not await query(session, base, expr)
+            ]
+
+
 @pytest.fixture
 async def application(db: str) -> AsyncIterator[ApplicationApi]:
     """The application's API, on the install rendered for the reject action."""
@@ -207,38 +307,11 @@ async def test_every_expression_selects_real_series(
     )
     async with running(daemon):
         assert daemon.http_server is not None
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            f"""
-global: {{scrape_interval: 1s, evaluation_interval: 1s}}
-rule_files: ["{RULES}"]
-scrape_configs:
-  - job_name: order-monitor
-    static_configs: [{{targets: ["127.0.0.1:{daemon.http_server.port}"]}}]
-"""
-        )
-        log = tmp_path / "prometheus.log"
-        with log.open("wb") as log_file:
-            server = subprocess.Popen(  # noqa: ASYNC220 - returns at once; it runs beside the loop
-                [
-                    "prometheus",
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-            )
-        try:
+        with prometheus(tmp_path, daemon.http_server.port) as (base, log):
             registry = daemon.metrics.registry
 
             async def counted(name: str, labels: dict[str, str]) -> None:
-                deadline = time.monotonic() + 30
-                while not registry.get_sample_value(name, labels):
-                    assert time.monotonic() < deadline, f"{name}{labels} never counted"
-                    await asyncio.sleep(0.05)
+                await counted_in(registry, name, labels)
 
             deadline = time.monotonic() + 30
             while daemon.handoff is None or daemon.handoff.mode is not Mode.IDLE:
@@ -271,32 +344,63 @@ scrape_configs:
 
             alerts = alert_exprs()
             selectors = sorted({m.group(0) for e in alerts.values() for m in SELECTOR.finditer(e)})
-            panels = dashboard_exprs()
+            # The decoding row's labelled series exist only in decoding mode
+            # (test_the_decoding_row_selects_real_series); here they evaluate.
+            decoding = set(row_exprs(DECODING_ROW))
+            panels = [panel for panel in dashboard_exprs() if panel not in decoding]
+            await until_every_series(
+                base,
+                log,
+                [*alerts.values(), *(expr for _, expr in decoding)],
+                [(s, s) for s in selectors] + panels,
+            )
             async with aiohttp.ClientSession() as session:
-                missing: list[str] = ["(not asked yet)"]
-                deadline = time.monotonic() + 60
-                while missing:
-                    assert time.monotonic() < deadline, (
-                        f"no series for: {missing}\n" + log.read_text()[-2000:]
-                    )
-                    await asyncio.sleep(0.5)
-                    try:
-                        for _name, expr in alerts.items():
-                            await query(session, base, expr)  # evaluates, series or not
-                    except aiohttp.ClientConnectionError:
-                        continue  # not listening yet
-                    missing = [s for s in selectors if not await query(session, base, s)]
-                    missing += [
-                        f"{title}: {expr}"
-                        for title, expr in panels
-                        if not await query(session, base, expr)
-                    ]
                 # The server loaded the very rules file, and none fails to evaluate.
                 async with session.get(f"{base}/api/v1/rules") as response:
                     groups = (await response.json())["data"]["groups"]
                 loaded = {r["name"]: r for g in groups for r in g["rules"]}
                 assert set(loaded) == set(alerts)
                 assert all(r["health"] != "err" for r in loaded.values()), loaded
-        finally:
-            server.terminate()
-            server.wait(30)
+
+
+@once
+async def test_the_decoding_row_selects_real_series(
+    decoding_db: str, fake: FakeProvider, tmp_path: Path
+) -> None:
+    settings = replace(
+        settings_for(decoding_db, fake, capture="decoding", sweep_interval=3600.0),
+        http_listen="127.0.0.1:0",
+    )
+    async with running(Daemon(settings)) as daemon:
+        assert daemon.http_server is not None
+        registry = daemon.metrics.registry
+        with prometheus(tmp_path, daemon.http_server.port) as (base, log):
+            async with await psycopg.AsyncConnection.connect(decoding_db, autocommit=True) as conn:
+                await App(conn).dispatch(["D-SLOT"])
+            await counted_in(registry, "order_monitor_decoding_orders_total", {"result": "taken"})
+            # The slot dropped under the daemon: a read fails, the slot is recreated.
+            state = slot_state(decoding_db)
+            assert state is not None
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with psycopg.connect(decoding_db, autocommit=True) as admin:
+                        admin.execute("SELECT pg_drop_replication_slot(%s)", (state[0],))
+                    break
+                except psycopg.errors.ObjectInUse:  # read at this very moment
+                    assert time.monotonic() < deadline, "the slot was never free to drop"
+                    await asyncio.sleep(0.05)
+            await counted_in(registry, "order_monitor_decoding_errors_total", {"kind": "slot"})
+            await counted_in(registry, "order_monitor_decoding_slot_recreated_total", {})
+
+            decoding_alerts = [e for n, e in alert_exprs().items() if "Decoding" in n]
+            selectors = sorted({m.group(0) for e in decoding_alerts for m in SELECTOR.finditer(e)})
+            await until_every_series(
+                base,
+                log,
+                decoding_alerts,
+                [(s, s) for s in selectors] + row_exprs(DECODING_ROW),
+            )
+
+
+__all__ = ["decoding_db", "logical_dsn", "logical_server"]
