@@ -132,7 +132,7 @@ async def _database_checks(settings: Settings, emit: Emit, notify_timeout: float
                 return
             table = await check_table(conn, settings.layout, emit)
             if table is not None:
-                await check_objects(conn, settings.layout, table, emit)
+                await check_objects(conn, settings.layout, table, emit, capture=settings.capture)
                 await check_function_acls(conn, settings.layout, emit)
                 await check_handoff(conn, settings.layout, emit)
                 await check_decoding(conn, settings, emit)
