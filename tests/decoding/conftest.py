@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -48,9 +49,9 @@ def logical_dsn(logical_server: tuple[str, EmbeddedServer | None]) -> str:
     return logical_server[0]
 
 
-@pytest.fixture
-def orders_db(logical_dsn: str) -> Iterator[str]:
-    """A new database on *logical_dsn* holding the orders table as it is once installed.
+@contextmanager
+def database_with_table(logical_dsn: str) -> Iterator[str]:
+    """A new database on *logical_dsn* holding the application's orders table; its DSN.
 
     Dropped at the end with every slot still in it: a slot left behind keeps
     the server's WAL forever (and DROP DATABASE refuses while one exists).
@@ -62,8 +63,6 @@ def orders_db(logical_dsn: str) -> Iterator[str]:
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(REFERENCE_DDL.read_text().encode())
-            # What sql/install.sql adds to the application's table.
-            conn.execute('ALTER TABLE product_orders ADD COLUMN "provider_referans" varchar(255)')
         yield dsn
     finally:
         with psycopg.connect(logical_dsn, autocommit=True) as conn:
@@ -75,3 +74,26 @@ def orders_db(logical_dsn: str) -> Iterator[str]:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+def write_past_the_slot(dsn: str) -> None:
+    """Three WAL segments and a checkpoint: a slot behind them by more than
+    max_slot_wal_keep_size (1 MB in the tests) is invalidated."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE ballast (x text)")
+        for _ in range(3):
+            conn.execute(
+                "INSERT INTO ballast SELECT repeat('x', 1000) FROM generate_series(1, 20000)"
+            )
+            conn.execute("SELECT pg_switch_wal()")
+        conn.execute("CHECKPOINT")
+
+
+@pytest.fixture
+def orders_db(logical_dsn: str) -> Iterator[str]:
+    """A new database on *logical_dsn* holding the orders table as it is once installed."""
+    with database_with_table(logical_dsn) as dsn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            # What sql/install.sql adds to the application's table.
+            conn.execute('ALTER TABLE product_orders ADD COLUMN "provider_referans" varchar(255)')
+        yield dsn

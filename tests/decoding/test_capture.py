@@ -18,7 +18,6 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 from structlog.testing import capture_logs
 
 from order_monitor import install, schema
@@ -30,8 +29,9 @@ from order_monitor.engine.handoff import OwnSession
 from order_monitor.errors import SchemaError
 from order_monitor.metrics import Metrics, counter_total
 from order_monitor.providers.fake import FakeProvider
-from tests.conftest import DAEMON_ROLE, REFERENCE_DDL, as_daemon, deploy
+from tests.conftest import DAEMON_ROLE, as_daemon, deploy
 from tests.daemon_fixtures import App, eventually, running, settings_for
+from tests.decoding.conftest import database_with_table, write_past_the_slot
 from tests.schema.scripts import as_owner
 
 LAYOUT = Layout(role=DAEMON_ROLE)
@@ -47,26 +47,10 @@ def apply_decoding(dsn: str) -> None:
 @pytest.fixture
 def db(logical_dsn: str) -> Iterator[str]:
     """A database on the logical server: the table, install.sql, role.sql, decoding.sql."""
-    name = f"om_capture_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(logical_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = make_conninfo(logical_dsn, dbname=name)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(REFERENCE_DDL.read_text().encode())
+    with database_with_table(logical_dsn) as dsn:
         deploy(dsn)
         apply_decoding(dsn)
         yield dsn
-    finally:
-        with psycopg.connect(logical_dsn, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_catalog.pg_drop_replication_slot(slot_name)"
-                " FROM pg_catalog.pg_replication_slots WHERE database = %s",
-                (name,),
-            )
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def decoding_settings(db: str, fake: FakeProvider, **overrides: Any) -> Any:
@@ -171,14 +155,7 @@ async def test_an_invalidated_slot_is_recreated_and_its_orders_swept(
         admin.execute("SELECT pg_reload_conf()")
     try:
         await app.dispatch([f"lost-{n}" for n in range(10)])  # in the WAL the slot loses
-        with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute("CREATE TABLE ballast (x text)")
-            for _ in range(3):
-                conn.execute(
-                    "INSERT INTO ballast SELECT repeat('x', 1000) FROM generate_series(1, 20000)"
-                )
-                conn.execute("SELECT pg_switch_wal()")
-            conn.execute("CHECKPOINT")
+        write_past_the_slot(db)
         state = slot_state(db)
         assert state is not None
         assert state[1] == "lost"
@@ -205,21 +182,10 @@ async def test_an_invalidated_slot_is_recreated_and_its_orders_swept(
 async def test_the_daemon_refuses_to_start_without_decoding_sql(
     logical_dsn: str, fake: FakeProvider
 ) -> None:
-    name = f"om_capture_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(logical_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = make_conninfo(logical_dsn, dbname=name)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(REFERENCE_DDL.read_text().encode())
+    with database_with_table(logical_dsn) as dsn:
         deploy(dsn)
         with pytest.raises(SchemaError, match=r"run sql/decoding\.sql as a superuser"):
             await Daemon(decoding_settings(dsn, fake)).run()
-    finally:
-        with psycopg.connect(logical_dsn, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 async def test_a_server_restart_loses_nothing(
@@ -328,48 +294,30 @@ EVIL_TABLE = 'orders"; DROP TABLE victims; --'
 
 
 def test_a_hostile_table_name_is_only_ever_a_name(logical_dsn: str) -> None:
-    name = f"om_capture_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(logical_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = make_conninfo(logical_dsn, dbname=name)
     layout = Layout(table=EVIL_TABLE, role=DAEMON_ROLE)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(REFERENCE_DDL.read_text().encode())
-            conn.execute('ALTER TABLE product_orders ADD COLUMN "provider_referans" varchar(255)')
-            conn.execute(
-                sql.SQL("ALTER TABLE product_orders RENAME TO {}").format(
-                    sql.Identifier(EVIL_TABLE)
-                )
-            )
-            conn.execute("CREATE TABLE victims (x int)")
-            for kind in ("install", "role", "decoding"):
-                for statement in schema.statements_for(kind, layout):
-                    conn.execute(statement.query)
-            conn.execute(
-                sql.SQL(
-                    "INSERT INTO {} (provider_referans, \"externalStatus\") VALUES ('r', 'sent')"
-                ).format(sql.Identifier(EVIL_TABLE))
-            )
-            names = schema.Names(layout)
-            changes = conn.execute(
-                sql.SQL("SELECT count(data) FROM {}(100)").format(names.changes_function)
-            ).fetchone()
-            assert changes is not None
-            assert int(str(changes[0])) >= 3  # begin, relation, insert, commit
-            assert conn.execute("SELECT to_regclass('victims')").fetchone() == ("victims",)
-            for statement in schema.statements_for("uninstall", layout):
+    with database_with_table(logical_dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute('ALTER TABLE product_orders ADD COLUMN "provider_referans" varchar(255)')
+        conn.execute(
+            sql.SQL("ALTER TABLE product_orders RENAME TO {}").format(sql.Identifier(EVIL_TABLE))
+        )
+        conn.execute("CREATE TABLE victims (x int)")
+        for kind in ("install", "role", "decoding"):
+            for statement in schema.statements_for(kind, layout):
                 conn.execute(statement.query)
-    finally:
-        with psycopg.connect(logical_dsn, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_catalog.pg_drop_replication_slot(slot_name)"
-                " FROM pg_catalog.pg_replication_slots WHERE database = %s",
-                (name,),
-            )
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (provider_referans, \"externalStatus\") VALUES ('r', 'sent')"
+            ).format(sql.Identifier(EVIL_TABLE))
+        )
+        names = schema.Names(layout)
+        changes = conn.execute(
+            sql.SQL("SELECT count(data) FROM {}(100)").format(names.changes_function)
+        ).fetchone()
+        assert changes is not None
+        assert int(str(changes[0])) >= 3  # begin, relation, insert, commit
+        assert conn.execute("SELECT to_regclass('victims')").fetchone() == ("victims",)
+        for statement in schema.statements_for("uninstall", layout):
+            conn.execute(statement.query)
 
 
 def test_default_privileges_do_not_reach_the_slots_functions(logical_dsn: str, db: str) -> None:

@@ -21,7 +21,7 @@ from order_monitor.operator.status import format_bytes
 from order_monitor.providers.fake import FakeProvider
 from order_monitor.schema.decoding import decoding_uninstall_statements
 from tests.conftest import DAEMON_ROLE, Server, _fresh, as_daemon, deploy
-from tests.decoding.conftest import logical_dsn, logical_server
+from tests.decoding.conftest import logical_dsn, logical_server, write_past_the_slot
 from tests.decoding.test_capture import LAYOUT, NAMES, db, slot_state
 from tests.operator.helpers import (
     environment,
@@ -154,14 +154,7 @@ def test_a_lost_slot_fails_and_says_the_daemon_recreates_it(
     """As test_capture invalidates it: 1 MB of keep size, three WAL segments written."""
     reload_with(logical_dsn, "1MB")
     try:
-        with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute("CREATE TABLE ballast (x text)")
-            for _ in range(3):
-                conn.execute(
-                    "INSERT INTO ballast SELECT repeat('x', 1000) FROM generate_series(1, 20000)"
-                )
-                conn.execute("SELECT pg_switch_wal()")
-            conn.execute("CHECKPOINT")
+        write_past_the_slot(db)
         state = slot_state(db)
         assert state is not None
         assert state[1] == "lost"
