@@ -27,7 +27,7 @@ from psycopg import sql
 
 from order_monitor.config import Layout
 from order_monitor.schema import guards
-from order_monitor.schema.names import Names, Statement, dollar_quoted
+from order_monitor.schema.names import Names, Statement, dollar_quoted, pin_search_path_again
 from order_monitor.schema.write_function import write_signature
 
 #: How many changes one read of the slot decodes at most (whole transactions).
@@ -139,11 +139,7 @@ def decoding_statements(layout: Layout) -> list[Statement]:
     role = sql.Identifier(layout.role)
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in published_columns(layout))
     return [
-        Statement(
-            "Names resolve in pg_catalog first (see install.sql).",
-            sql.SQL("SET search_path = pg_catalog, pg_temp"),
-            replayable=False,
-        ),
+        pin_search_path_again(),
         Statement(
             "See install.sql: a step that waits longer for a lock stops, changing nothing.",
             sql.SQL("SET lock_timeout = '3s'"),

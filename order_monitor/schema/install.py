@@ -13,6 +13,7 @@ from order_monitor.schema.names import (
     Statement,
     dollar_quoted,
     in_flight_predicate,
+    pin_search_path_again,
 )
 from order_monitor.schema.outbox import OUTBOX_UPDATABLE, outbox_statements
 from order_monitor.schema.write_function import write_function_statement, write_signature
@@ -290,11 +291,7 @@ def role_statements(layout: Layout) -> list[Statement]:
     n = Names(layout)
     c = layout.columns
     return [
-        Statement(
-            "Names resolve in pg_catalog first (see install.sql).",
-            sql.SQL("SET search_path = pg_catalog, pg_temp"),
-            replayable=False,
-        ),
+        pin_search_path_again(),
         Statement(
             "One transaction: a daemon working while this runs sees the grants as\n"
             "they were or as they are after, never the moment between the REVOKE\n"

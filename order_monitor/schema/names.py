@@ -201,3 +201,12 @@ def dollar_quoted(body: str) -> sql.SQL:
         n += 1
         tag = f"$om{n}$"
     return sql.SQL(tag + body + tag)  # the tag is ours, the body was composed
+
+
+def pin_search_path_again() -> Statement:
+    """The first statement of role.sql and decoding.sql (install.sql says why at length)."""
+    return Statement(
+        "Names resolve in pg_catalog first (see install.sql).",
+        sql.SQL("SET search_path = pg_catalog, pg_temp"),
+        replayable=False,
+    )
