@@ -33,6 +33,9 @@ class Server:
         self.admin_dsn = admin_dsn
         self.template = f"om_bench_tpl_{os.getpid()}"
         self._made: list[str] = []
+        #: Cluster-wide roles a benchmark created (role.sql, decoding.sql's
+        #: decoder), dropped after the databases; roles that existed are kept.
+        self._roles: list[str] = []
 
     def admin(self, query: sql.Composed) -> None:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
@@ -67,13 +70,37 @@ class Server:
         self._made.append(name)
         return self.dsn(name)
 
+    def made_role(self, name: str) -> None:
+        """*name* was created by this run: :meth:`drop_all` drops it after the databases."""
+        if name not in self._roles:
+            self._roles.append(name)
+
+    def setting(self, name: str) -> str:
+        """A server setting as SHOW gives it (``wal_level``...)."""
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            row = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
+        return str(row[0]) if row else "?"
+
     def drop_all(self) -> None:
         for name in reversed(self._made):
             with contextlib.suppress(psycopg.Error):
+                # A database with a replication slot cannot be dropped, even
+                # WITH (FORCE), and the slot would keep the server's WAL for
+                # ever: drop its slots first (logical decoding's databases).
+                with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+                    conn.execute(
+                        "SELECT pg_catalog.pg_drop_replication_slot(slot_name)"
+                        " FROM pg_catalog.pg_replication_slots WHERE database = %s",
+                        (name,),
+                    )
                 self.admin(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
                 )
         self._made.clear()
+        for role in reversed(self._roles):
+            with contextlib.suppress(psycopg.Error):
+                self.admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        self._roles.clear()
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {}
