@@ -2,6 +2,7 @@
 
     python bench/trigger.py              # the issue's figures: ~20 min on 2 cores
     python bench/trigger.py --quick      # 3 s runs, two rounds: a smoke test, not figures
+    python bench/trigger.py --no-decoding   # without the decoding variant on a logical server
     python bench/trigger.py --parts first-check,busy-cpu              # issue #21's two measures
     python bench/trigger.py --parts first-check --initial-delay 60    # the shipped INITIAL_DELAY
     python bench/trigger.py --dsn postgresql://postgres@db.example/postgres
@@ -26,7 +27,24 @@ variants of the same table, side by side:
   TABLE ... DISABLE TRIGGER``): the application's own cost;
 * ``v1``: ``tests/integration/fixtures/install_v1.sql`` (the last version 1
   release: a NOTIFY per order) on a database of its own, with a bare LISTEN
-  session taking the notifications.
+  session taking the notifications;
+* ``decoding``: ``ORDER_MONITOR_CAPTURE=decoding`` (issue #21's opt-in, no
+  trigger at all), only on a server with ``wal_level = logical``: a database of
+  its own (the template's table and install, then ``role.sql`` and
+  ``decoding.sql`` applied as the ``--dsn`` superuser, which drop our
+  triggers), a second daemon in this process with ``capture="decoding"`` on
+  it (the same policy as ``ours``: first check an hour away, sweep a day
+  away) and its own scheduler recording offers. It is in by default when the
+  server reports ``wal_level = logical`` (``--no-decoding`` leaves it out);
+  otherwise it is left out and the output says so. With ``wal_level =
+  logical`` every variant writes a little more WAL (what logical decoding
+  needs) than under ``replica``; all variants run on the same server, so the
+  ratios to ``off`` stay fair, but they are not comparable with figures taken
+  under ``replica``. The decoding daemon reads its slot every second whatever
+  runs, and the server decodes the whole cluster's WAL for it (another
+  database's too, to skip it): each run's JSON has those reads' time
+  (``decoding_reads_s``), so what they cost during the other variants' runs
+  is seen.
 
 Forms of the application's write: ``insert`` (a new dispatched order per
 transaction), ``update`` (one of N undispatched rows is dispatched: reference,
@@ -37,18 +55,35 @@ reset to the same state (emptied, or reloaded with N rows, vacuumed) and a
 CHECKPOINT taken, so no run inherits another's dead rows or WAL. Variants are
 alternated within each round and the order reversed every other round
 (``ours off v1``, ``v1 off ours``, ...), so a slow drift of the machine falls on
-each alike; ratios are taken within a round, medians over rounds.
+each alike; ratios are taken within a round, medians over rounds. The reset
+of the ``decoding`` table is decoded too (the unrelated form's rows in flight
+are taken in then, as a running daemon knows its orders in flight): its run
+starts once the slot has confirmed past the WAL flushed at the end of the reset
+(``pg_replication_slots.confirmed_flush_lsn`` against
+``pg_current_wal_flush_lsn()``), so the run does not compete with that
+decoding; the wait is in the JSON. It waits for the slot after a decoding run
+too, before the run's orders are forgotten and truncated: the daemon does not
+advance its slot while orders keep coming (``trigger_bench/databases.py``,
+``slot_caught_up``), and orders it forgot, gone from the table, would be read
+again at every read of a slot left short of them.
 
 After every run the benchmark checks that nothing was missed: every row in
 flight in the table after an ``ours`` run must have been offered to the daemon's
 scheduler (by NOTIFY or by its reads), every one after a ``v1`` run must
-have been notified to the LISTEN session, and ``off`` and ``unrelated`` runs
-must have announced nothing.
+have been notified to the LISTEN session, every one after a ``decoding`` run
+must have been offered to its daemon's scheduler (read from the slot during
+the run, or from the reset's load before it), and ``off`` and ``unrelated``
+runs must have announced nothing (``decoding``: offered nothing new).
 
 Latency at a fixed rate: pgbench ``-R 500 -c 8 -l`` (per-transaction logs);
-average and p99, for the three variants, insert and update forms.
+average and p99, for every variant, insert and update forms.
 
-``--diagnose`` adds a fourth variant, ``nodaemon``: our objects on a third
+Goals (issue #21), judged at the end: ``ours`` dispatch throughput (INSERT and
+UPDATE forms) >= 85 % of ``off``, latency at 500 tps (average and p99) <= +10 %;
+``decoding`` >= 97 % and <= +3 %; both: first check late by at most 1 s p99 at
+every rate, and no order missed.
+
+``--diagnose`` adds a variant, ``nodaemon``: our objects on a third
 database with no daemon, so no order is announced (the trigger's own cost,
 its WHEN, apart from what the daemon's reads cost).
 
@@ -70,13 +105,16 @@ then come every 0.5 s, against 1 s at the shipped 60 s, and a run lasts its
 dispatch plus about 6 s instead of plus a minute; ``--initial-delay 60``
 measures the shipped value). Lateness p50/p99/max (negative = early), checks
 before the slot's pull window, orders never checked, and how the orders
-reached the daemon (NOTIFY or its reads).
+reached the daemon (NOTIFY or its reads). With the ``decoding`` variant, the
+same rates again on a decoding database (orders read from the slot).
 
 ``busy-cpu`` (``trigger_bench/busy_cpu.py``): N orders in flight (default
 1k, 10k, 100k), the daemon kept busy by ``--busy-rate`` orders/s (default
 100; 0: scan mode, nothing dispatched); over ``--busy-seconds`` its CPU
 seconds per second, the database server's (every process of it, split by
-session), and its busy reads' rate and mean duration.
+session), and its busy reads' rate and mean duration. With the ``decoding``
+variant, the same sizes again on a decoding database, the read cost being
+its reads of the slot (``order_monitor_decoding_read_seconds``).
 """
 
 from __future__ import annotations
@@ -105,7 +143,17 @@ from trigger_bench.first_check import first_check_series
 from trigger_bench.hearing import MissedOrders
 from trigger_bench.report import table, verdicts
 from trigger_bench.runs import commit_series, trigger_series
-from trigger_bench.setup import DEFAULT_DSN, DIAGNOSTIC, FORMS, PARTS, ROOT, VARIANTS, Plan
+from trigger_bench.setup import (
+    DECODING,
+    DEFAULT_DSN,
+    DIAGNOSTIC,
+    FORMS,
+    PARTS,
+    ROOT,
+    VARIANTS,
+    Plan,
+    with_decoding,
+)
 
 import order_monitor
 from order_monitor import logs, schema
@@ -161,14 +209,18 @@ async def run(plan: Plan, server: Server, fake: Fake) -> dict[str, Any]:
         results["commit_to_request"] = await commit_series(plan, server, fake)
     if "first-check" in plan.parts:
         results["first_check"] = await first_check_series(plan, server, fake)
+        if plan.decoding:
+            results["first_check_decoding"] = await first_check_series(plan, server, fake, DECODING)
     if "busy-cpu" in plan.parts:
         results["busy_cpu"] = await busy_cpu_series(plan, server, fake)
+        if plan.decoding:
+            results["busy_cpu_decoding"] = await busy_cpu_series(plan, server, fake, DECODING)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="order-monitor: the trigger's cost to the application (issue #10)",
+        description="order-monitor: the trigger's cost to the application (issues #10, #21)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
@@ -235,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         help="add a fourth variant: our objects with no daemon (nothing announced): "
         "the trigger's own cost, apart from the daemon's reads",
     )
+    parser.add_argument(
+        "--no-decoding",
+        action="store_true",
+        help="leave the decoding variant out (default: in when the server has wal_level = logical)",
+    )
     parser.add_argument("--pgbench", default="pgbench", help="the pgbench program")
     parser.add_argument(
         "--log-level",
@@ -260,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(args.dsn)
     try:
         server.setup()
+        plan = with_decoding(plan, server.setting("wal_level"), not args.no_decoding)
+        if plan.decoding_note:
+            say(plan.decoding_note)
         fake.start()
         results = asyncio.run(run(plan, server, fake))
         postgres = server.describe()

@@ -34,6 +34,17 @@ with the orders in flight. This part measures that, at each of
   window in busy mode (sampled every 50 ms), and the provider requests made
   (0 expected).
 
+With the ``decoding`` variant (the server has wal_level = logical), the same
+sizes on a database deployed for ``ORDER_MONITOR_CAPTURE=decoding``
+(``databases.install_decoding``: no trigger) with the daemon reading the slot
+every second (the same policy): the reset's load is decoded too, so the
+dispatch starts once the slot has confirmed past it (the start-up sweep has
+scheduled those orders, so the slot's copy of them is "known"). Its read cost
+is ``order_monitor_decoding_read_seconds`` (the server's decoding and the
+parse here), the orders ``order_monitor_decoding_orders_total`` by result;
+there is no busy mode (busy share: n/a), and ``--busy-rate 0`` dispatches
+nothing (reads of a slot with nothing new: the idle cost).
+
 The orders in flight grow by the dispatch rate over the run (the JSON has the
 count at the window's start and end). The database's figure is only taken for
 a server on this machine (its backend's pid must be visible in ``/proc``).
@@ -71,9 +82,9 @@ from order_monitor.engine.changes import read_interval
 from order_monitor.engine.handoff import Mode
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.metrics import Metrics, counter_total
-from trigger_bench.databases import reset
+from trigger_bench.databases import install_decoding, reset, slot_caught_up
 from trigger_bench.first_check import ModeSampler
-from trigger_bench.setup import LAYOUT, NAMES, Plan
+from trigger_bench.setup import DECODING, LAYOUT, NAMES, Plan
 
 #: The daemon's first check an hour after dispatch: busy reads every second
 #: (read_interval caps at 1 s from INITIAL_DELAY = 10 s on), no check in a run.
@@ -182,22 +193,35 @@ async def in_flight(conn: psycopg.AsyncConnection[Any]) -> int:
     return int(row[0])
 
 
-def read_counts(metrics: Metrics) -> dict[str, float]:
-    total, count = histogram_totals(metrics.busy_reads)
+def read_counts(metrics: Metrics, decoding: bool = False) -> dict[str, float]:
+    """The busy reads so far; with *decoding*, the reads of the slot."""
+    reads, orders = (
+        (metrics.decoding_reads, metrics.decoding_orders)
+        if decoding
+        else (metrics.busy_reads, metrics.busy_read_orders)
+    )
+    total, count = histogram_totals(reads)
     return {
         "reads": count,
         "read_seconds": total,
-        "taken": counter_total(metrics.busy_read_orders, result="taken"),
-        "known": counter_total(metrics.busy_read_orders, result="known"),
-        "deferred": counter_total(metrics.busy_read_orders, result="deferred"),
+        "taken": counter_total(orders, result="taken"),
+        "known": counter_total(orders, result="known"),
+        "deferred": counter_total(orders, result="deferred"),
         "notified": counter_total(metrics.notifications, result="accepted"),
     }
 
 
 async def busy_cpu(
-    server: Server, fake: Fake, dsn: str, size: int, plan: Plan, label: str
+    server: Server,
+    fake: Fake,
+    dsn: str,
+    size: int,
+    plan: Plan,
+    label: str,
+    variant: str = "ours",
 ) -> dict[str, Any]:
     """One size: N orders in flight, the daemon busy, CPU per second over the window."""
+    decoding = variant == DECODING
     await asyncio.to_thread(reset, dsn, "unrelated", size)
     await fake.reset()
     settings = replace(
@@ -205,7 +229,9 @@ async def busy_cpu(
         sweep_interval=86400.0,
     )
     scan = plan.busy_rate <= 0
-    if scan:
+    if decoding:
+        settings = replace(settings, capture="decoding")
+    elif scan:
         settings = replace(settings, handoff="scan")
     database = str(conninfo_to_dict(dsn)["dbname"])
     prefix = f"d0.busy{label}"
@@ -219,6 +245,10 @@ async def busy_cpu(
         assert row is not None
         own_pid = int(row[0])
         meter = ServerCpu.of(own_pid)
+        slot_wait = None
+        if decoding:
+            # The reset's load is in the slot: the window must not measure its decoding.
+            slot_wait = await slot_caught_up(dsn, 600.0)
         with tempfile.TemporaryDirectory(prefix="om-bench-busy-") as tmp:
             apps: list[asyncio.subprocess.Process] = []
             if not scan:
@@ -228,7 +258,8 @@ async def busy_cpu(
                     dsn, prefix, plan.busy_rate, span, [Path(tmp) / "commits.json"], lead=0.2
                 )
             await asyncio.sleep(plan.busy_warmup + (0.4 if apps else 0.0))
-            busy_at_start = daemon.handoff is not None and daemon.handoff.mode is Mode.BUSY
+            handoff = daemon.handoff
+            busy_at_start = None if decoding else handoff is not None and handoff.mode is Mode.BUSY
             flight_start = await in_flight(conn)
             known = await sessions(conn)
             sampler = ModeSampler(daemon)
@@ -237,7 +268,7 @@ async def busy_cpu(
             sampler.start()
             t0, own0, fake0 = time.monotonic(), cpu_seconds(), fake.cpu_seconds()
             db0 = meter.snapshot() if meter else {}
-            reads0 = read_counts(daemon.metrics)
+            reads0 = read_counts(daemon.metrics, decoding)
             watching = asyncio.create_task(meter.watch()) if meter else None
             await asyncio.sleep(window)
             if watching is not None:
@@ -246,7 +277,7 @@ async def busy_cpu(
                     await watching
             db1 = meter.snapshot() if meter else {}
             t1, own1, fake1 = time.monotonic(), cpu_seconds(), fake.cpu_seconds()
-            reads1 = read_counts(daemon.metrics)
+            reads1 = read_counts(daemon.metrics, decoding)
             await sampler.stop()
             requests = await fake.requests() - requests_before
             known.update(await sessions(conn))
@@ -254,16 +285,27 @@ async def busy_cpu(
             for app in apps:
                 if await app.wait() != 0:
                     raise RuntimeError("the application process failed")
+            if decoding:
+                # The next size truncates these orders: the slot must be past
+                # them first (databases.slot_caught_up says why).
+                await slot_caught_up(dsn, 600.0)
     seconds = t1 - t0
     delta = {k: reads1[k] - reads0[k] for k in reads0}
     result: dict[str, Any] = {
+        "variant": variant,
         "orders_in_flight_loaded": size,
         "orders_in_flight_window_start": flight_start,
         "orders_in_flight_window_end": flight_end,
-        "mode": "scan (no dispatch)" if scan else f"dispatch at {plan.busy_rate:g}/s",
+        "mode": (
+            ("no dispatch" if decoding else "scan (no dispatch)")
+            if scan
+            else f"dispatch at {plan.busy_rate:g}/s"
+        ),
+        "slot_caught_up_before_s": slot_wait,
         "window_s": seconds,
         "busy_at_window_start": busy_at_start,
-        "busy_share": sampler.busy_share(),
+        "busy_share": None if decoding else sampler.busy_share(),
+        # decoding: the slot's reads, at the same interval.
         "busy_read_interval_s": read_interval(INITIAL_DELAY_S, 0.0),
         # Less what looking at the server's processes cost this process.
         "daemon_cpu_per_s": (own1 - own0 - (meter.cost if meter else 0.0)) / seconds,
@@ -313,22 +355,32 @@ async def busy_cpu(
     return result
 
 
-async def busy_cpu_series(plan: Plan, server: Server, fake: Fake) -> list[dict[str, Any]]:
-    dsn = server.fresh("busy")
+async def busy_cpu_series(
+    plan: Plan, server: Server, fake: Fake, variant: str = "ours"
+) -> list[dict[str, Any]]:
+    decoding = variant == DECODING
+    if decoding:
+        dsn = await asyncio.to_thread(install_decoding, server, "busyd")
+    else:
+        dsn = server.fresh("busy")
     out: list[dict[str, Any]] = []
     for size in plan.busy_sizes:
         say(
-            f"busy CPU: {size:,} orders in flight,"
-            + (f" {plan.busy_rate:g} orders/s dispatched," if plan.busy_rate > 0 else " scan mode,")
+            f"busy CPU ({variant}): {size:,} orders in flight,"
+            + (
+                f" {plan.busy_rate:g} orders/s dispatched,"
+                if plan.busy_rate > 0
+                else (" no dispatch," if decoding else " scan mode,")
+            )
             + f" {plan.busy_warmup:g} s warm-up, {plan.busy_seconds:g} s measured"
         )
-        r = await busy_cpu(server, fake, dsn, size, plan, str(size))
+        r = await busy_cpu(server, fake, dsn, size, plan, str(size) + variant[0], variant)
         db = r["db_cpu_per_s"]
         say(
             f"  daemon {r['daemon_cpu_per_s']:.3f} CPU s/s, database "
             + (f"{db:.3f} CPU s/s" if db is not None else "not measured")
-            + f"; {r['busy_reads_per_s']:.2f} reads/s, {r['busy_read_mean_ms']:.2f} ms each;"
-            f" busy {r['busy_share'] or 0:.0%} of the window"
+            + f"; {r['busy_reads_per_s']:.2f} reads/s, {r['busy_read_mean_ms']:.2f} ms each"
+            + ("" if decoding else f"; busy {r['busy_share'] or 0:.0%} of the window")
         )
         out.append(r)
     return out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import time
 
 import psycopg
 
@@ -35,6 +37,80 @@ def install_v1(server: Server, psql: str) -> str:
     )
     order_no_index(dsn)
     return dsn
+
+
+def install_decoding(server: Server, label: str) -> str:
+    """A database for ORDER_MONITOR_CAPTURE=decoding, deployed as ``tests/decoding`` does.
+
+    Cloned from the template (the table, install.sql), then role.sql and
+    decoding.sql applied as the server's superuser (the ``--dsn`` role): the
+    slot, the publication, the decoder role and its functions; decoding.sql
+    drops our triggers, so nothing of ours runs in the application's
+    transaction. Needs wal_level = logical. Roles this creates (cluster-wide)
+    are dropped with the databases; a slot is dropped before its database.
+    """
+    dsn = server.fresh(label)
+    order_no_index(dsn)
+    roles = [LAYOUT.role, NAMES.decoder_role_name]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cursor = conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (roles,))
+        existed = {row[0] for row in cursor.fetchall()}
+        for statement in schema.role_statements(LAYOUT):
+            conn.execute(statement.query)
+        for statement in schema.statements_for("decoding", LAYOUT):
+            conn.execute(statement.query)
+        left = conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal",
+            (NAMES.table.as_string(conn),),
+        ).fetchone()
+    for role in roles:
+        if role not in existed:
+            server.made_role(role)
+    if left != (0,):
+        raise RuntimeError(f"decoding.sql left {left} trigger(s) on the table")
+    return dsn
+
+
+async def slot_caught_up(dsn: str, within: float) -> float:
+    """Wait until the database's slot has confirmed the WAL flushed now; the seconds waited.
+
+    The decoding daemon reads everything written to the table, the resets'
+    bulk loads included: a run must not start while it is still decoding
+    one. It confirms what it read once the orders are scheduled (and, with
+    nothing of ours in it, the WAL flushed when the read began), so the slot's
+    ``confirmed_flush_lsn`` past ``pg_current_wal_flush_lsn()`` taken here
+    means everything written before now has been read and scheduled.
+
+    The daemon (``order_monitor/decoding/capture.py``) advances its slot only
+    after a read that handed the confirmer nothing new, so while orders keep
+    coming it does not advance at all, and an order it handed over that is
+    then neither in flight nor known to its scheduler (deleted, truncated,
+    forgotten) is handed over again at every read, which then never
+    advances. The benchmark therefore also waits for the slot after a
+    decoding run (and a busy-cpu window) before its orders are forgotten and
+    truncated.
+    """
+    started = time.monotonic()
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cursor = await conn.execute("SELECT pg_catalog.pg_current_wal_flush_lsn()")
+        row = await cursor.fetchone()
+        assert row is not None
+        target = row[0]
+        while True:
+            cursor = await conn.execute(
+                "SELECT bool_and(confirmed_flush_lsn >= %s::pg_lsn)"
+                " FROM pg_catalog.pg_replication_slots"
+                " WHERE database = current_database() AND slot_type = 'logical'",
+                (target,),
+            )
+            row = await cursor.fetchone()
+            if row is not None and row[0]:
+                return time.monotonic() - started
+            if time.monotonic() - started > within:
+                raise RuntimeError(
+                    f"the decoding daemon's slot did not confirm {target} within {within:g} s"
+                )
+            await asyncio.sleep(0.05)
 
 
 def reset(dsn: str, form: str, rows: int) -> None:

@@ -34,6 +34,13 @@ How the orders reached the daemon: ``order_monitor_notifications_total
 busy), its switches to busy, and the share of the dispatch time it spent busy
 (its mode sampled every 50 ms).
 
+With the ``decoding`` variant (the server has wal_level = logical): the same
+rates on a database deployed for ``ORDER_MONITOR_CAPTURE=decoding``
+(``databases.install_decoding``: no trigger), the daemon reading the slot at
+the same interval; it has no idle lock, so the writers start once its slot
+has confirmed everything written before (the deploy), and the orders come by
+``order_monitor_decoding_orders_total{result="taken"}`` (``from_reads``).
+
 Why 5 s by default, when the shipped INITIAL_DELAY is 60 s: what could make an
 order late is how long it waits to be found, and that is the read interval,
 ``min(INITIAL_DELAY / 10, 1 s)``: 0.5 s at 5 s, 1 s at 60 s, either way well
@@ -50,6 +57,7 @@ import contextlib
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +83,8 @@ from order_monitor.engine.changes import read_interval
 from order_monitor.engine.handoff import Mode
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.metrics import counter_total
-from trigger_bench.setup import LAYOUT, NAMES, Plan
+from trigger_bench.databases import install_decoding, slot_caught_up
+from trigger_bench.setup import DECODING, LAYOUT, NAMES, Plan
 
 #: After the last order's latest possible slot, how long the daemon is given
 #: to check what is left before those orders count as missed.
@@ -121,6 +130,15 @@ class ModeSampler:
 
 def handoff_counts(daemon: Daemon) -> dict[str, float]:
     m = daemon.metrics
+    if daemon.settings.capture == "decoding":
+        return {
+            "notified": 0.0,
+            "from_reads": counter_total(m.decoding_orders, result="taken"),
+            "read_known": counter_total(m.decoding_orders, result="known"),
+            "read_deferred": counter_total(m.decoding_orders, result="deferred"),
+            "switches_to_busy": 0.0,
+            "switches_to_idle": 0.0,
+        }
     return {
         "notified": counter_total(m.notifications, result="accepted"),
         "from_reads": counter_total(m.busy_read_orders, result="taken"),
@@ -200,18 +218,31 @@ async def first_check(
     initial_delay: float,
     *,
     writers: int = 1,
+    variant: str = "ours",
 ) -> dict[str, Any]:
     """One rate (None: *writers* flat out): every order's first check against its slot."""
-    tag = f"{int(rate)}" if rate is not None else f"max{writers}"
-    dsn = server.fresh(f"fc{tag}")
+    decoding = variant == DECODING
+    tag = (f"{int(rate)}" if rate is not None else f"max{writers}") + ("d" if decoding else "")
     prefix = f"d0.fc{tag}"
+    if decoding:
+        dsn = await asyncio.to_thread(install_decoding, server, f"fc{tag}")
+    else:
+        dsn = server.fresh(f"fc{tag}")
     await fake.reset()
     policy = BackoffPolicy(initial_delay=initial_delay)
+    settings = daemon_settings(dsn, fake.url, policy)
+    if decoding:
+        settings = replace(settings, capture="decoding")
     sampler_start = sampler_end = 0.0
     with tempfile.TemporaryDirectory(prefix="om-bench-fc-") as tmp:
         outs = [Path(tmp) / f"commits-{k}.json" for k in range(writers)]
-        async with running(daemon_settings(dsn, fake.url, policy)) as daemon:
-            idle_at_start = await until_idle(daemon, 15.0)
+        async with running(settings) as daemon:
+            if decoding:
+                # No idle lock: ready once the slot has read past the deploy.
+                await slot_caught_up(dsn, 120.0)
+                idle_at_start = True
+            else:
+                idle_at_start = await until_idle(daemon, 15.0)
             before = handoff_counts(daemon)
             sampler = ModeSampler(daemon)
             sampler.start()
@@ -240,6 +271,7 @@ async def first_check(
     polls = await fake.polls(prefix)
     elapsed = max(w["elapsed_s"] for w in written)
     result: dict[str, Any] = {
+        "variant": variant,
         "rate": rate,
         "writers": writers,
         "initial_delay_s": initial_delay,
@@ -249,7 +281,10 @@ async def first_check(
         "achieved_rate": count / elapsed,
         "late_starts": sum(w["late_starts"] for w in written),
         "daemon_idle_at_start": idle_at_start,
-        "busy_share_while_dispatching": sampler.busy_share(sampler_start, sampler_end),
+        # decoding: no handoff, no busy mode (it reads the slot throughout).
+        "busy_share_while_dispatching": (
+            None if decoding else sampler.busy_share(sampler_start, sampler_end)
+        ),
         "waited_after_last_commit_s": waited,
         **lateness(rows, polls, policy),
         **{name: after[name] - before[name] for name in after},
@@ -258,23 +293,32 @@ async def first_check(
     return result
 
 
-async def first_check_series(plan: Plan, server: Server, fake: Fake) -> list[dict[str, Any]]:
+async def first_check_series(
+    plan: Plan, server: Server, fake: Fake, variant: str = "ours"
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for rate, writers in [*plan.first_check_rates, (None, plan.max_writers)]:
         what = f"{rate:g}/s, {writers} writer(s)" if rate else f"max, {writers} writers flat out"
         say(
-            f"first check at its slot: {what}, {plan.first_check_seconds:g} s,"
+            f"first check at its slot ({variant}): {what}, {plan.first_check_seconds:g} s,"
             f" initial_delay {plan.initial_delay:g} s"
         )
         r = await first_check(
-            server, fake, rate, plan.first_check_seconds, plan.initial_delay, writers=writers
+            server,
+            fake,
+            rate,
+            plan.first_check_seconds,
+            plan.initial_delay,
+            writers=writers,
+            variant=variant,
         )
         say(
             f"  {r['achieved_rate']:,.0f} orders/s reached, {r['orders']:,} orders;"
             f" late p50 {r['p50_s']:.3f} s, p99 {r['p99_s']:.3f} s, max {r['max_s']:.3f} s;"
             f" {r['early']:,} early ({r['before_pull_window']} before the pull window),"
             f" {r['missed']:,} missed; {r['notified']:,.0f} by NOTIFY,"
-            f" {r['from_reads']:,.0f} read while busy"
+            f" {r['from_reads']:,.0f} "
+            + ("read from the slot" if variant == DECODING else "read while busy")
         )
         out.append(r)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
@@ -18,6 +19,7 @@ from common import (
     commit_to_request,
     cpu_seconds,
     daemon_settings,
+    histogram_totals,
     running,
     say,
     until_idle,
@@ -26,16 +28,19 @@ from common import (
 from order_monitor.daemon import Daemon
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.metrics import counter_total
+from order_monitor.redaction import Secret
 from trigger_bench.databases import (
     in_flight_ids,
+    install_decoding,
     install_v1,
     order_no_index,
     reset,
     set_triggers,
+    slot_caught_up,
 )
 from trigger_bench.hearing import BareListener, MissedOrders, OfferLog
 from trigger_bench.pgbench import Load, pgbench_run
-from trigger_bench.setup import DIAGNOSTIC, LATENCY_FORMS, SCRIPTS, Plan
+from trigger_bench.setup import DECODING, DIAGNOSTIC, LATENCY_FORMS, SCRIPTS, Plan
 
 
 @dataclass
@@ -51,12 +56,34 @@ class Bench:
     rows: int
     scripts: dict[str, Path]
     catch_up_within: float
+    #: The decoding variant: its database, its daemon (capture="decoding") and
+    #: that daemon's scheduler; None when the variant is left out.
+    decoding_dsn: str | None = None
+    decoding_daemon: Daemon | None = None
+    decoding_offers: OfferLog | None = None
+    #: How long a reset's bulk load may take to be decoded before a run.
+    slot_within: float = 600.0
 
     def dsn(self, variant: str) -> str:
         if variant == DIAGNOSTIC:
             assert self.nodaemon_dsn is not None
             return self.nodaemon_dsn
+        if variant == DECODING:
+            assert self.decoding_dsn is not None
+            return self.decoding_dsn
         return self.v1_dsn if variant == "v1" else self.ours_dsn
+
+    def daemon_for(self, variant: str) -> Daemon:
+        if variant == DECODING:
+            assert self.decoding_daemon is not None
+            return self.decoding_daemon
+        return self.daemon
+
+    def offers_for(self, variant: str) -> OfferLog:
+        if variant == DECODING:
+            assert self.decoding_offers is not None
+            return self.decoding_offers
+        return self.offers
 
 
 def metric(daemon: Daemon, name: str) -> float:
@@ -64,7 +91,9 @@ def metric(daemon: Daemon, name: str) -> float:
     readers: dict[str, Callable[[], float]] = {
         "notified": lambda: counter_total(m.notifications, result="accepted"),
         "from_reads": lambda: (
-            counter_total(m.busy_read_orders, result="taken") + counter_total(m.inbox_taken)
+            counter_total(m.busy_read_orders, result="taken")
+            + counter_total(m.inbox_taken)
+            + counter_total(m.decoding_orders, result="taken")
         ),
         "to_busy": lambda: counter_total(m.handoff_switches, to="busy"),
         "to_idle": lambda: counter_total(m.handoff_switches, to="idle"),
@@ -72,42 +101,109 @@ def metric(daemon: Daemon, name: str) -> float:
     return readers[name]()
 
 
+def decoding_reads(b: Bench) -> tuple[float, float]:
+    """The decoding daemon's slot reads so far: (seconds spent, reads); zeros without it."""
+    if b.decoding_daemon is None:
+        return 0.0, 0.0
+    return histogram_totals(b.decoding_daemon.metrics.decoding_reads)
+
+
 async def one_run(
     b: Bench, variant: str, form: str, load: Load, logs_in: Path | None
 ) -> dict[str, Any]:
     dsn = b.dsn(variant)
+    daemon, offers = b.daemon_for(variant), b.offers_for(variant)
     await asyncio.to_thread(reset, dsn, form, b.rows)
     if variant in ("ours", "off"):
         await asyncio.to_thread(set_triggers, dsn, variant == "ours")
+    slot_wait = None
+    if variant == DECODING:
+        # The reset's bulk load is decoded too: the run starts once the slot
+        # has confirmed past it, so it does not compete with that decoding.
+        slot_wait = await slot_caught_up(dsn, b.slot_within)
     idle_at_start = await until_idle(b.daemon, 15.0)
-    b.offers.offered.clear()
+    # Orders the decoding daemon took in from the reset (the unrelated form's
+    # rows in flight): known to it during the run, as a running daemon knows
+    # the orders in flight; forgotten after it.
+    preloaded = set(offers.offered) if variant == DECODING else set()
+    for log in (b.offers, b.decoding_offers):
+        if log is not None:
+            log.offered.clear()
     b.v1.received.clear()
-    before = {name: metric(b.daemon, name) for name in ("notified", "from_reads", "to_busy")}
+    before = {name: metric(daemon, name) for name in ("notified", "from_reads", "to_busy")}
     v1_before = b.v1.notifications
     cpu_before = cpu_seconds()
+    reads_before = decoding_reads(b)
     result = await pgbench_run(b.pgbench, dsn, b.scripts[form], load, logs_in)
     ended = time.monotonic()
-    # This process: the daemon (it serves the v2 database only) and the v1 listener.
+    reads_after = decoding_reads(b)
+    # This process: the daemons (ours and, with it, decoding's) and the v1 listener.
     result["bench_process_cpu_s"] = cpu_seconds() - cpu_before
+    # The decoding daemon reads its slot every second whichever variant runs
+    # (the server decodes the whole cluster's WAL for it): what that cost
+    # during this run, every variant's.
+    result["decoding_reads_s"] = reads_after[0] - reads_before[0]
+    result["decoding_reads"] = reads_after[1] - reads_before[1]
     result.update(variant=variant, form=form, daemon_idle_at_start=idle_at_start)
-    result.update(await account(b, variant, form, ended))
-    result["notified"] = metric(b.daemon, "notified") - before["notified"]
-    result["from_reads"] = metric(b.daemon, "from_reads") - before["from_reads"]
-    result["switches_to_busy"] = metric(b.daemon, "to_busy") - before["to_busy"]
+    if slot_wait is not None:
+        result["slot_caught_up_before_run_s"] = slot_wait
+        result["orders_known_before_run"] = len(preloaded)
+    result.update(await account(b, variant, form, ended, preloaded))
+    result["notified"] = metric(daemon, "notified") - before["notified"]
+    result["from_reads"] = metric(daemon, "from_reads") - before["from_reads"]
+    result["switches_to_busy"] = metric(daemon, "to_busy") - before["to_busy"]
     if variant == "v1":
         result["notified"] = b.v1.notifications - v1_before
     elif variant == DIAGNOSTIC:
         result["notified"] = result["from_reads"] = 0.0  # nobody listens or reads there
+    if variant == DECODING:
+        # Before the run's orders are forgotten: while it dispatches, the
+        # daemon does not advance its slot (see slot_caught_up), and a slot
+        # left short of them would hand the forgotten (then truncated) orders
+        # to it again at every read, and never be advanced.
+        result["slot_caught_up_after_run_s"] = await slot_caught_up(dsn, b.slot_within)
     # The orders of this run are gone with the next reset: the daemon need not keep them.
-    for order in b.offers.offered:
-        b.daemon.scheduler.forget(order)
-    b.offers.offered.clear()
+    for order in offers.offered | preloaded:
+        daemon.scheduler.forget(order)
+    for log in (b.offers, b.decoding_offers):
+        if log is not None:
+            log.offered.clear()
     b.v1.received.clear()
     return result
 
 
-async def account(b: Bench, variant: str, form: str, ended: float) -> dict[str, Any]:
-    """Did every order the trigger announced reach whoever listens? (and nothing else)."""
+async def account(
+    b: Bench, variant: str, form: str, ended: float, preloaded: set[int] | None = None
+) -> dict[str, Any]:
+    """Did every order the trigger announced reach whoever listens? (and nothing else).
+
+    For ``decoding``: every order in flight after the run must have been
+    offered to its daemon, during the run or, for the rows the reset loaded in
+    flight (*preloaded*), while it decoded the reset; the unrelated form's
+    updates of those rows must offer nothing new.
+    """
+    if variant == DECODING:
+        expected = await in_flight_ids(b.dsn(variant))
+        known = preloaded or set()
+        # Filled as the daemon's reads of the slot bring orders in.
+        offered = b.offers_for(variant).offered
+        deadline = ended + b.catch_up_within
+        while time.monotonic() < deadline:
+            if expected <= offered | known:
+                break
+            await asyncio.sleep(0.02)
+        caught_up = time.monotonic() - ended
+        if form == "unrelated":
+            await asyncio.sleep(1.5)  # a read of the slot or two: nothing new may come
+        got = offered | known
+        return {
+            "orders_in_flight": len(expected),
+            "orders_announced": len(got & expected),
+            "orders_missed": len(expected - got),
+            # Unrelated updates of orders it knows: nothing is new.
+            "unexpected_announcements": len(offered if form == "unrelated" else offered - expected),
+            "catch_up_s": caught_up if expected else 0.0,
+        }
     # Triggers disabled, a write they keep out, or nobody holding the idle
     # lock (no daemon): nothing may be announced.
     announces = variant not in ("off", DIAGNOSTIC) and form != "unrelated"
@@ -201,6 +297,9 @@ async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, An
     if DIAGNOSTIC in plan.variants:
         nodaemon_dsn = server.fresh("trig_nod")
         await asyncio.to_thread(order_no_index, nodaemon_dsn)
+    decoding_dsn = None
+    if DECODING in plan.variants:
+        decoding_dsn = await asyncio.to_thread(install_decoding, server, "trig_dec")
     offers = OfferLog()
     # As deployed between checks: the first check an hour away, the sweep a
     # day away, so the daemon only takes announced orders in during a run.
@@ -213,10 +312,17 @@ async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, An
         for form, text in SCRIPTS.items():
             scripts[form] = Path(tmp) / f"{form}.sql"
             scripts[form].write_text(text.format(rows=plan.rows))
-        async with (
-            running(settings, offers) as daemon,
-            BareListener(v1_dsn).running() as v1,
-        ):
+        async with contextlib.AsyncExitStack() as stack:
+            daemon = await stack.enter_async_context(running(settings, offers))
+            v1 = await stack.enter_async_context(BareListener(v1_dsn).running())
+            decoding_daemon = decoding_offers = None
+            if decoding_dsn is not None:
+                # The same policy, on its own database, reading the slot.
+                decoding_offers = OfferLog()
+                decoding_settings = replace(settings, dsn=Secret(decoding_dsn), capture="decoding")
+                decoding_daemon = await stack.enter_async_context(
+                    running(decoding_settings, decoding_offers)
+                )
             b = Bench(
                 pgbench=plan.pgbench,
                 variants=plan.variants,
@@ -229,6 +335,9 @@ async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, An
                 rows=plan.rows,
                 scripts=scripts,
                 catch_up_within=60.0,
+                decoding_dsn=decoding_dsn,
+                decoding_daemon=decoding_daemon,
+                decoding_offers=decoding_offers,
             )
             if "throughput" in plan.parts:
                 load = Load(plan.clients, plan.threads, plan.seconds)

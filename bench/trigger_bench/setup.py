@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # bench/common: bench/ is on sys.path, bench/trigger.py being run as a script.
 from common import (
@@ -33,6 +33,12 @@ V2_TRIGGERS = (NAMES.insert_trigger_name, NAMES.update_trigger_name)
 VARIANTS = ("ours", "off", "v1")
 
 
+#: Added to the variants when the server has wal_level = logical (and not
+#: --no-decoding): ORDER_MONITOR_CAPTURE=decoding on a database of its own,
+#: decoding.sql applied, so no trigger of ours is on its table.
+DECODING = "decoding"
+
+
 #: --diagnose adds it: our objects with no daemon, so nobody holds the idle
 #: lock and no order is announced; the trigger's own cost (its WHEN), without
 #: the daemon's reads.
@@ -43,6 +49,7 @@ VARIANT_TITLES = {
     "ours": "ours (v5)",
     "off": "no trigger",
     "v1": "v1 (NOTIFY/row)",
+    DECODING: "decoding",
     DIAGNOSTIC: "ours, no daemon",
 }
 
@@ -111,6 +118,36 @@ class Plan:
     busy_seconds: float
     busy_warmup: float
     busy_rate: float
+    #: The decoding variant is in (the server has wal_level = logical); when it
+    #: is not, *decoding_note* says why (printed and in the table).
+    decoding: bool = False
+    decoding_note: str = ""
 
 
 PARTS = ["throughput", "latency", "commit", "first-check", "busy-cpu"]
+
+
+def with_decoding(plan: Plan, wal_level: str, wanted: bool) -> Plan:
+    """The plan with the decoding variant when the server decodes its WAL and it is wanted.
+
+    Otherwise the plan without it, and ``decoding_note`` saying why (printed,
+    and in the table).
+    """
+    if not wanted:
+        note = "decoding: left out (--no-decoding)"
+    elif wal_level != "logical":
+        note = (
+            f"decoding: left out: the server's wal_level is {wal_level}, not logical"
+            " (ALTER SYSTEM SET wal_level = logical and a restart, or --dsn a server that has it)"
+        )
+    else:
+        # After ours/off/v1, before --diagnose's variant.
+        base = tuple(v for v in plan.variants if v != DECODING)
+        variants = (*base[: len(VARIANTS)], DECODING, *base[len(VARIANTS) :])
+        return replace(plan, variants=variants, decoding=True, decoding_note="")
+    return replace(
+        plan,
+        variants=tuple(v for v in plan.variants if v != DECODING),
+        decoding=False,
+        decoding_note=note,
+    )
