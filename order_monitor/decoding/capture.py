@@ -10,10 +10,13 @@ row and schedules those in flight.
 
 Decided:
 
-* the slot is advanced only once the confirmer has scheduled (or dropped)
-  everything handed to it (:meth:`Confirmer.pending` is 0), and only past
+* the slot is advanced to the end of a read only once the confirmer has
+  scheduled (or dropped as not in flight) every id handed to it up to that
+  read (:meth:`Confirmer.settled` of the read's ticket), and only past
   changes whose ids all fitted: a daemon killed before that reads them
-  again from the slot, and its successor's start-up sweep finds them too;
+  again from the slot, and its successor's start-up sweep finds them too.
+  Reads keep coming meanwhile, each with its own position and ticket, so a
+  steady stream of orders never holds the slot back more than a read or two;
 * the reads run on the leader lock's own session, as the handoff's do: a
   leader whose session is gone cannot advance the slot past orders its
   dying engine took;
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import psycopg
@@ -60,10 +64,10 @@ class Capture:
         layout: Layout,
         *,
         session: HandoffSession,
-        on_orders: Callable[[list[uuid.UUID]], None],
+        on_orders: Callable[[list[uuid.UUID]], int],
         room: Callable[[], int],
         known: Callable[[uuid.UUID], bool],
-        pending: Callable[[], int],
+        settled: Callable[[int], bool],
         on_lost: Callable[[], None],
         metrics: Metrics,
         clock: Callable[[], float],
@@ -80,7 +84,7 @@ class Capture:
         self._on_orders = on_orders
         self._room = room
         self._known = known
-        self._pending = pending
+        self._settled = settled
         self._on_lost = on_lost
         self._metrics = metrics
         self._clock = clock
@@ -91,8 +95,10 @@ class Capture:
         self._retry = retry
         self._sleep = sleep
         self._health = health or InstallHealth()
-        #: Where the slot may be advanced to once the confirmer is done.
-        self._advance_to: str | None = None
+        #: Read ends not confirmed yet, oldest first, with the confirmer's
+        #: ticket for the ids handed on up to each.
+        self._unconfirmed: deque[tuple[str, int]] = deque()
+        self._ticket = 0
         self._advanced: str | None = None
         self._status_at: float | None = None
         #: Reads made, and the last slot state seen (status, tests).
@@ -126,18 +132,36 @@ class Capture:
             more = await self._read(conn)
             seconds = self._clock() - started
             self._health.present("capture")
-            if self._advance_to not in (None, self._advanced) and self._pending() == 0:
-                assert self._advance_to is not None
-                await self._statements.advance(conn, self._advance_to)
-                self._advanced, self._advance_to = self._advance_to, None
+            await self._confirm_settled(conn)
             now = self._clock()
             if self._status_at is None or now - self._status_at >= self._status_interval:
                 await self._read_status(conn)
-            if not more:
+            if more is None:
+                # No room in the confirmer: let it work before reading again.
+                await self._sleep(min(read_interval(self.initial_delay, seconds), 0.1))
+            elif not more:
                 await self._sleep(read_interval(self.initial_delay, seconds))
 
-    async def _read(self, conn: AsyncConn) -> bool:
-        """One read of the slot; True when more is waiting (a full batch, or no room)."""
+    def _read_to(self, lsn: str) -> None:
+        """Everything up to *lsn* was read and handed on (under the current ticket)."""
+        if self._unconfirmed and self._unconfirmed[-1][1] == self._ticket:
+            # The same ids to wait for: only the later position matters.
+            self._unconfirmed[-1] = (lsn, self._ticket)
+        else:
+            self._unconfirmed.append((lsn, self._ticket))
+
+    async def _confirm_settled(self, conn: AsyncConn) -> None:
+        """Advance the slot to the last read end whose ids the confirmer is through with."""
+        upto = None
+        while self._unconfirmed and self._settled(self._unconfirmed[0][1]):
+            upto = self._unconfirmed.popleft()[0]
+        if upto is not None and upto != self._advanced:
+            await self._statements.advance(conn, upto)
+            self._advanced = upto
+
+    async def _read(self, conn: AsyncConn) -> bool | None:
+        """One read of the slot: True when more waits (a full batch), None when there was no
+        room for all it found, False when it read everything."""
         started = self._clock()
         read = await self._statements.changes(conn, self._batch)
         changes = read.messages
@@ -149,7 +173,7 @@ class Capture:
             self._metrics.decoding_reads.observe(self._clock() - started)
             # Nothing of ours: confirm that much, or the slot holds back the
             # WAL of every other table while no order is dispatched.
-            self._advance_to = last
+            self._read_to(last)
             return False
         try:
             rows = changed_rows(
@@ -167,7 +191,7 @@ class Capture:
                 "now finds their orders",
             )
             self._on_lost()
-            self._advance_to = last
+            self._read_to(last)
             return False
         ids, junk = order_ids(rows, self._layout)
         if junk:
@@ -180,11 +204,11 @@ class Capture:
         counts.labels("deferred").inc(len(new) - len(taken))
         if taken:
             counts.labels("taken").inc(len(taken))
-            self._on_orders(taken)
+            self._ticket = self._on_orders(taken)
         if len(taken) < len(new):
             # Not past what did not fit: it is read again once there is room.
-            return True
-        self._advance_to = last
+            return None
+        self._read_to(last)
         # A full batch ends at a transaction's end before the slot's: read on.
         return full
 
@@ -216,7 +240,7 @@ class Capture:
             log.error("capture.slot_not_recreated", error=error, refused=str(again).strip())
             await self._session.failed(conn, error)
             return
-        self._advance_to = None
+        self._unconfirmed.clear()
         self._metrics.decoding_slot_recreated.inc()
         log.error(
             "capture.slot_recreated",

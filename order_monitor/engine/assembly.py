@@ -215,7 +215,7 @@ class Engine:
                 on_orders=confirmer.taken,
                 room=confirmer.room,
                 known=lambda order: order.int in scheduler,
-                pending=confirmer.pending,
+                settled=confirmer.settled,
                 on_lost=sweeper.request,
                 metrics=metrics,
                 clock=clock,

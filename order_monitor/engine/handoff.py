@@ -306,7 +306,7 @@ class Handoff:
         dsn: str,
         queries: Queries,
         *,
-        on_orders: Callable[[list[uuid.UUID]], None],
+        on_orders: Callable[[list[uuid.UUID]], object],
         room: Callable[[], int],
         known: Callable[[uuid.UUID], bool] = lambda order: False,
         initial_delay: float = 60.0,

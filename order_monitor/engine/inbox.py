@@ -34,7 +34,7 @@ log = get_logger()
 class Inbox:
     """A bounded, ordered set of notified order ids (pure: no I/O, no clock)."""
 
-    __slots__ = ("_ids", "capacity", "dropped", "high_water")
+    __slots__ = ("_ids", "added", "capacity", "dropped", "high_water")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -43,6 +43,9 @@ class Inbox:
         self.dropped = 0
         #: The most ids ever held at once.
         self.high_water = 0
+        #: Ids ever added (not counting one already held): the inbox is FIFO,
+        #: so the first *n* added are out of it once *n* have been taken.
+        self.added = 0
 
     def add(self, order: int) -> bool:
         """Keep *order* for confirmation; False when the inbox is full and it was dropped."""
@@ -52,6 +55,7 @@ class Inbox:
             self.dropped += 1
             return False
         self._ids[order] = None
+        self.added += 1
         self.high_water = max(self.high_water, len(self._ids))
         return True
 
@@ -116,27 +120,32 @@ class Confirmer:
         #: a sweep finds whichever of them are real.
         self._on_lost = on_lost
         self._wake = asyncio.Event()
-        self._confirming = 0
+        #: Ids taken out of the inbox and through the confirm (see settled).
+        self._settled = 0
 
     def notified(self, order: uuid.UUID) -> None:
         self.inbox.add(order.int)
         self._wake.set()
 
-    def taken(self, orders: list[uuid.UUID]) -> None:
+    def taken(self, orders: list[uuid.UUID]) -> int:
         """Ids the handoff took from the inbox table: confirmed like notified ones.
 
         The handoff asks for no more than :meth:`room`, so none is dropped.
+        Returns a ticket: :meth:`settled` says when every one of them (and
+        every id handed in before) has been confirmed and scheduled, or
+        dropped as not in flight, or left to a sweep.
         """
         for order in orders:
             self.inbox.add(order.int)
         self._wake.set()
+        return self.inbox.added
 
     def room(self) -> int:
         return max(0, self.inbox.capacity - len(self.inbox))
 
-    def pending(self) -> int:
-        """Ids handed in and not yet confirmed and scheduled (or dropped)."""
-        return len(self.inbox) + self._confirming
+    def settled(self, ticket: int) -> bool:
+        """Whether the ids of :meth:`taken`'s *ticket* are all through (see there)."""
+        return self._settled >= ticket
 
     async def run(self) -> None:
         while True:
@@ -169,11 +178,11 @@ class Confirmer:
                 self._on_lost()
 
     async def _confirm(self, ids: list[int]) -> None:
-        self._confirming = len(ids)
         try:
             await self._confirm_batch(ids)
         finally:
-            self._confirming = 0
+            # Taken oldest first: the first _settled ids ever added are through.
+            self._settled += len(ids)
 
     async def _confirm_batch(self, ids: list[int]) -> None:
         try:

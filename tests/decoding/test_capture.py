@@ -30,7 +30,7 @@ from order_monitor.errors import SchemaError
 from order_monitor.metrics import Metrics, counter_total
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import DAEMON_ROLE, as_daemon, deploy
-from tests.daemon_fixtures import App, eventually, running, settings_for
+from tests.daemon_fixtures import FAST_POLICY, App, eventually, running, settings_for
 from tests.decoding.conftest import database_with_table, write_past_the_slot
 from tests.schema.scripts import as_owner
 
@@ -220,35 +220,80 @@ async def test_the_slot_is_advanced_only_once_the_confirmer_has_scheduled_what_i
     db: str, app: App
 ) -> None:
     taken: list[uuid.UUID] = []
-    pending = [1]  # the confirmer holds what was read, until the test says otherwise
+    through = [False]  # the confirmer holds what was read, until the test says otherwise
+
+    def hand_on(ids: list[uuid.UUID]) -> int:
+        taken.extend(ids)
+        return len(taken)
+
     capture = Capture(
         LAYOUT,
         session=OwnSession(as_daemon(db), max_backoff=0.2),
-        on_orders=taken.extend,
+        on_orders=hand_on,
         room=lambda: 1000,
         known=lambda order: False,
-        pending=lambda: pending[0],
+        settled=lambda ticket: through[0] or ticket == 0,
         on_lost=lambda: None,
         metrics=Metrics(),
         clock=asyncio.get_running_loop().time,
         initial_delay=0.5,  # a read every 50 ms
     )
-    before = confirmed_flush(db)
     task = asyncio.create_task(capture.run())
     try:
+        await eventually(lambda: _more_reads(capture, 2), what="the first reads")
+        before = confirmed_flush(db)
         (order,) = await app.dispatch(["held"])
         await eventually(lambda: _has(taken, order), what="the order read from the slot")
         reads = capture.reads
         await eventually(lambda: _more_reads(capture, reads + 3), what="three more reads")
         # Still with the confirmer: the slot must not have moved past it.
         assert confirmed_flush(db) == before
-        pending[0] = 0
+        through[0] = True
         await eventually(lambda: _moved(db, before), what="the slot advanced")
     finally:
         task.cancel()
         await asyncio.wait({task})
     # Read again each time until then, and handed on each time (the confirmer dedups).
     assert set(taken) == {order}
+
+
+async def test_a_steady_stream_of_orders_does_not_hold_the_slot_back(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    """Each read hands on new orders: the slot still advances as the confirmer catches up."""
+    # Reads every 0.2 s, an order every 50 ms: no read finds nothing new.
+    policy = replace(FAST_POLICY, initial_delay=2.0)
+    async with running(Daemon(decoding_settings(db, fake, policy=policy))):
+        positions = {confirmed_flush(db)}
+        for n in range(40):
+            await app.dispatch([f"stream-{n}"])
+            await asyncio.sleep(0.05)
+            positions.add(confirmed_flush(db))
+        # Before: it moved only once a read found nothing new, i.e. after the stream.
+        assert len(positions) >= 5, positions
+        await eventually(lambda: finished(app, 40), what="every order of the stream")
+
+
+async def test_an_order_gone_before_it_is_confirmed_does_not_stall_the_slot(
+    db: str, app: App, fake: FakeProvider
+) -> None:
+    """Its insert is read, its delete is not published: the confirmer drops it, once."""
+    async with running(Daemon(decoding_settings(db, fake))) as daemon:
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(
+                """WITH gone AS (
+                       INSERT INTO product_orders (provider_referans, "externalStatus")
+                       VALUES ('gone', 'sent') RETURNING id)
+                   SELECT id FROM gone"""
+            )
+            conn.execute("DELETE FROM product_orders WHERE provider_referans = 'gone'")
+            before = confirmed_flush(db)
+        await eventually(lambda: _moved(db, before), what="the slot advanced past it")
+        assert daemon.capture is not None
+        reads = daemon.capture.reads
+        await eventually(lambda: _more_reads(daemon.capture, reads + 5), what="more reads")
+        # Handed on once or twice (before the advance), not at every read.
+        assert counter_total(daemon.metrics.decoding_orders, result="taken") <= 2
 
 
 async def _has(taken: list[uuid.UUID], order: uuid.UUID) -> bool:
