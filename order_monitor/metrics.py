@@ -113,8 +113,7 @@ class Metrics:
         self.busy_read_orders = Counter(
             "order_monitor_busy_read_orders",
             "Orders those reads returned, by result: taken (new to the daemon), known (already"
-            " scheduled: a row updated since, or held back by a long transaction elsewhere),"
-            " deferred (no room in the confirmer: read again next time).",
+            " scheduled: a row updated since, or held back by a long transaction elsewhere).",
             ["result"],
             registry=r,
         )
@@ -128,7 +127,7 @@ class Metrics:
         self.decoding_orders = Counter(
             "order_monitor_decoding_orders",
             "Orders read from the slot, by result: taken (new to the daemon), known (already"
-            " scheduled), deferred (no room in the confirmer: read again next time).",
+            " scheduled).",
             ["result"],
             registry=r,
         )

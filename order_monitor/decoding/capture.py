@@ -65,7 +65,6 @@ class Capture:
         *,
         session: HandoffSession,
         on_orders: Callable[[list[uuid.UUID]], int],
-        room: Callable[[], int],
         known: Callable[[uuid.UUID], bool],
         settled: Callable[[int], bool],
         on_lost: Callable[[], None],
@@ -82,7 +81,6 @@ class Capture:
         self._statements = DecodingStatements(layout)
         self._session = session
         self._on_orders = on_orders
-        self._room = room
         self._known = known
         self._settled = settled
         self._on_lost = on_lost
@@ -136,10 +134,7 @@ class Capture:
             now = self._clock()
             if self._status_at is None or now - self._status_at >= self._status_interval:
                 await self._read_status(conn)
-            if more is None:
-                # No room in the confirmer: let it work before reading again.
-                await self._sleep(min(read_interval(self.initial_delay, seconds), 0.1))
-            elif not more:
+            if not more:
                 await self._sleep(read_interval(self.initial_delay, seconds))
 
     def _read_to(self, lsn: str) -> None:
@@ -159,9 +154,8 @@ class Capture:
             await self._statements.advance(conn, upto)
             self._advanced = upto
 
-    async def _read(self, conn: AsyncConn) -> bool | None:
-        """One read of the slot: True when more waits (a full batch), None when there was no
-        room for all it found, False when it read everything."""
+    async def _read(self, conn: AsyncConn) -> bool:
+        """One read of the slot; True when more waits (a full batch)."""
         started = self._clock()
         read = await self._statements.changes(conn, self._batch)
         changes = read.messages
@@ -197,17 +191,15 @@ class Capture:
         if junk:
             log.warning("capture.unreadable_ids", count=junk, note="not an order id: skipped")
         self._metrics.decoding_reads.observe(self._clock() - started)
-        new = [order for order in ids if not self._known(order)]
-        taken = new[: max(0, self._room())]
+        # All of them, whatever the confirmer holds (Inbox.add): leaving some
+        # would keep the slot where it is, and every read after would decode
+        # more again.
+        taken = [order for order in ids if not self._known(order)]
         counts = self._metrics.decoding_orders
-        counts.labels("known").inc(len(ids) - len(new))
-        counts.labels("deferred").inc(len(new) - len(taken))
+        counts.labels("known").inc(len(ids) - len(taken))
         if taken:
             counts.labels("taken").inc(len(taken))
             self._ticket = self._on_orders(taken)
-        if len(taken) < len(new):
-            # Not past what did not fit: it is read again once there is room.
-            return None
         self._read_to(last)
         # A full batch ends at a transaction's end before the slot's: read on.
         return full

@@ -213,7 +213,6 @@ class Engine:
                 # Replaced by the leader lock's session (Daemon._lead).
                 session=OwnSession(settings.dsn.reveal()),
                 on_orders=confirmer.taken,
-                room=confirmer.room,
                 known=lambda order: order.int in scheduler,
                 settled=confirmer.settled,
                 on_lost=sweeper.request,

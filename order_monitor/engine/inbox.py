@@ -47,11 +47,16 @@ class Inbox:
         #: so the first *n* added are out of it once *n* have been taken.
         self.added = 0
 
-    def add(self, order: int) -> bool:
-        """Keep *order* for confirmation; False when the inbox is full and it was dropped."""
+    def add(self, order: int, *, bounded: bool = True) -> bool:
+        """Keep *order* for confirmation; False when the inbox is full and it was dropped.
+
+        Not *bounded*: ids read from the table (the busy reads, the slot), which
+        are orders in flight, as many as the schedule will hold anyway. The
+        capacity is for notifications, which anyone may send.
+        """
         if order in self._ids:
             return True
-        if len(self._ids) >= self.capacity:
+        if bounded and len(self._ids) >= self.capacity:
             self.dropped += 1
             return False
         self._ids[order] = None
@@ -130,13 +135,13 @@ class Confirmer:
     def taken(self, orders: list[uuid.UUID]) -> int:
         """Ids the handoff took from the inbox table: confirmed like notified ones.
 
-        The handoff asks for no more than :meth:`room`, so none is dropped.
-        Returns a ticket: :meth:`settled` says when every one of them (and
+        None is dropped: they were read from the table, not notified (see
+        :meth:`Inbox.add`). Returns a ticket: :meth:`settled` says when every one of them (and
         every id handed in before) has been confirmed and scheduled, or
         dropped as not in flight, or left to a sweep.
         """
         for order in orders:
-            self.inbox.add(order.int)
+            self.inbox.add(order.int, bounded=False)
         self._wake.set()
         return self.inbox.added
 

@@ -230,7 +230,6 @@ async def test_the_slot_is_advanced_only_once_the_confirmer_has_scheduled_what_i
         LAYOUT,
         session=OwnSession(as_daemon(db), max_backoff=0.2),
         on_orders=hand_on,
-        room=lambda: 1000,
         known=lambda order: False,
         settled=lambda ticket: through[0] or ticket == 0,
         on_lost=lambda: None,

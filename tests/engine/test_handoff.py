@@ -20,10 +20,12 @@ import pytest
 
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
+from order_monitor.db import Queries
 from order_monitor.db.changes import ChangeStatements
 from order_monitor.db.inbox import InboxStatements
 from order_monitor.engine.changes import Mark
-from order_monitor.engine.handoff import HandoffTiming, Mode
+from order_monitor.engine.handoff import Handoff, HandoffTiming, Mode, OwnSession
+from order_monitor.metrics import Metrics
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import as_daemon
 from tests.daemon_fixtures import App, eventually, running, settings_for
@@ -284,3 +286,38 @@ async def _finished(app: App, count: int) -> bool:
 # can be on: it refuses at start an install without the version 3 write
 # function, so installs are upgraded before daemons (the v2 -> v3 upgrade under
 # load is tested in tests/schema/).
+
+
+async def test_a_busy_read_hands_on_every_new_order_however_full_the_confirmer_is(db: str) -> None:
+    """Leaving some for later kept the mark back, and every read after returned more."""
+    taken: list[list[uuid.UUID]] = []
+    handoff = Handoff(
+        "",
+        Queries(Layout()),
+        on_orders=taken.append,
+        room=lambda: 0,  # the confirmer is full
+        listening=lambda: False,  # stays busy
+        metrics=Metrics(),
+        clock=asyncio.get_running_loop().time,
+        initial_delay=1.0,  # a read every 0.1 s
+        session=OwnSession(as_daemon(db), max_backoff=0.2),
+    )
+    task = asyncio.create_task(handoff.run())
+    try:
+        await eventually(lambda: _read_once(handoff), what="the first read")
+        async with await psycopg.AsyncConnection.connect(db, autocommit=True) as app:
+            orders = [await dispatch(app, f"full-{n}") for n in range(50)]
+        await eventually(lambda: _all_taken(taken, orders), what="all 50 handed on")
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+    handed = [order for batch in taken for order in batch]
+    assert sorted(handed) == sorted(orders)  # each once: the mark moved on
+
+
+async def _read_once(handoff: Handoff) -> bool:
+    return handoff.mark.value is not None
+
+
+async def _all_taken(taken: list[list[uuid.UUID]], orders: list[uuid.UUID]) -> bool:
+    return set(orders) <= {order for batch in taken for order in batch}
