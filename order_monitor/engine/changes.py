@@ -19,12 +19,14 @@ Decided:
   64-bit ``xid8`` here; one older than :data:`MAX_MARK_AGE` (a daemon busy
   and unable to read for a billion transactions) is dropped, and the next
   read returns every order in flight;
-* a read whose orders did not all fit (the confirmer was full) keeps the
-  old mark: what was left is returned again next time;
+* a read whose orders were not all taken in keeps the old mark: what was
+  left is returned again next time. The handoff takes them all (they are
+  orders in flight, not notifications): leaving some made every later read
+  return more;
 * a long transaction holds the snapshot's xmin back, so every read returns
   what changed since it began (bounded by the orders in flight): the
   daemon drops the known ones without another query, and
-  ``order_monitor_busy_read_known`` counts them;
+  ``order_monitor_busy_read_orders_total{result="known"}`` counts them;
 * going busy, the mark is taken in the same statement that releases the
   idle lock, before the release: every transaction the trigger then leaves
   unannounced is still running at that snapshot, or starts after it.
