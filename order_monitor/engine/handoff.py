@@ -296,9 +296,11 @@ class LeaderSession:
 class Handoff:
     """Holds or releases the idle lock, and reads what changed while busy.
 
-    Ids read go where notified ids go (*on_orders*: the confirmer), never
-    more than it has room for (*room*), so a backlog waits in the table, not
-    in memory; ids it already has scheduled (*known*) are dropped at once.
+    Ids read go where notified ids go (*on_orders*: the confirmer): every
+    new one a busy read returns (they are orders in flight, which the
+    schedule holds anyway), while version 4's inbox is emptied no faster
+    than the confirmer has room (*room*), so that backlog waits in the
+    table; ids already scheduled (*known*) are dropped at once.
     """
 
     def __init__(
