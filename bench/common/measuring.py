@@ -108,30 +108,7 @@ async def commit_to_request(
             idle_at_start = await until_idle(daemon, 15.0)
             with cpu_meter(fake) as cpu:
                 # Far enough ahead for every writer to start, connect and warm up.
-                start_at = time.time() + 1.0 + 0.2 * writers
-                apps = []
-                for k, out in enumerate(outs):
-                    if rate is not None:
-                        share = round(rate * seconds / writers)
-                        pace = ["--rate", str(rate / writers), "--count", str(share)]
-                    else:
-                        pace = ["--rate", "0", "--seconds", str(seconds)]
-                    offset = k / rate if rate is not None else 0.0
-                    apps.append(
-                        await asyncio.create_subprocess_exec(
-                            sys.executable,
-                            str(BENCH / "app_writer.py"),
-                            "--dsn",
-                            dsn,
-                            *pace,
-                            "--start-at",
-                            str(start_at + offset),
-                            "--prefix",
-                            f"{prefix}.w{k}" if writers > 1 else prefix,
-                            "--out",
-                            str(out),
-                        )
-                    )
+                _, apps = await start_app_writers(dsn, prefix, rate, seconds, outs, lead=1.0)
                 for app in apps:
                     if await app.wait() != 0:
                         raise RuntimeError("an application process failed")
