@@ -180,14 +180,14 @@ async def check_write_function(conn: AsyncConn, layout: Layout, writes: OutcomeW
         raise SchemaError(problem)
 
 
-async def check_decoding(conn: AsyncConn, layout: Layout) -> None:
-    """With ORDER_MONITOR_CAPTURE=decoding: raise SchemaError unless decoding.sql's functions
-    are there and this role may execute them."""
+async def decoding_functions(conn: AsyncConn, layout: Layout) -> tuple[list[str], list[str]]:
+    """decoding.sql's functions (signatures) that are missing, and that this role may not run."""
     names = schema.Names(layout)
     cursor = await conn.execute(
-        "SELECT f, pg_catalog.to_regprocedure(f) IS NOT NULL"
-        " AND pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(f), 'EXECUTE')"
-        " FROM pg_catalog.unnest(%s::text[]) AS f",
+        "SELECT f, pg_catalog.to_regprocedure(f) IS NOT NULL,"
+        " coalesce(pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(f), 'EXECUTE'),"
+        "          false)"
+        " FROM pg_catalog.unnest(%s::text[]) WITH ORDINALITY AS s(f, n) ORDER BY n",
         (
             [
                 sql.SQL("{}({})").format(function, sql.SQL(arguments)).as_string(None)
@@ -195,11 +195,20 @@ async def check_decoding(conn: AsyncConn, layout: Layout) -> None:
             ],
         ),
     )
-    missing = [str(f) for f, usable in await cursor.fetchall() if not usable]
-    if missing:
+    rows = await cursor.fetchall()
+    missing = [str(f) for f, present, _ in rows if not present]
+    refused = [str(f) for f, present, allowed in rows if present and not allowed]
+    return missing, refused
+
+
+async def check_decoding(conn: AsyncConn, layout: Layout) -> None:
+    """With ORDER_MONITOR_CAPTURE=decoding: raise SchemaError unless decoding.sql's functions
+    are there and this role may execute them."""
+    missing, refused = await decoding_functions(conn, layout)
+    if missing or refused:
         raise SchemaError(
-            f"ORDER_MONITOR_CAPTURE=decoding, but {', '.join(missing)} is missing or not "
-            "executable by this role: run sql/decoding.sql as a superuser (after install.sql "
+            f"ORDER_MONITOR_CAPTURE=decoding, but {', '.join(missing + refused)} is missing or "
+            "not executable by this role: run sql/decoding.sql as a superuser (after install.sql "
             "and role.sql; `order-monitor sql print decoding`), or set "
             "ORDER_MONITOR_CAPTURE=trigger"
         )

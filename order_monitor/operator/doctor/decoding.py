@@ -26,6 +26,7 @@ from psycopg import sql
 
 from order_monitor import db, schema
 from order_monitor.config import Layout, Settings
+from order_monitor.db.checks import decoding_functions
 from order_monitor.decoding.statements import DecodingStatements, SlotState
 from order_monitor.operator.doctor.database import fetch_one
 from order_monitor.operator.findings import Emit, Verdict
@@ -85,21 +86,7 @@ async def _wal_level(conn: db.AsyncConn, emit: Emit) -> None:
 
 async def _functions(conn: db.AsyncConn, layout: Layout, emit: Emit) -> bool:
     """decoding.sql's functions exist and this role may execute them; True when all may be."""
-    names = schema.Names(layout)
-    signatures = [
-        sql.SQL("{}({})").format(function, sql.SQL(arguments)).as_string(conn)
-        for function, arguments in names.decoding_functions
-    ]
-    cursor = await conn.execute(
-        "SELECT f, pg_catalog.to_regprocedure(f) IS NOT NULL,"
-        " coalesce(pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(f), 'EXECUTE'),"
-        "          false)"
-        " FROM pg_catalog.unnest(%s::text[]) WITH ORDINALITY AS s(f, n) ORDER BY n",
-        (signatures,),
-    )
-    rows = await cursor.fetchall()
-    missing = [str(f) for f, present, _ in rows if not present]
-    refused = [str(f) for f, present, allowed in rows if present and not allowed]
+    missing, refused = await decoding_functions(conn, layout)
     if missing or refused:
         said = []
         if missing:
@@ -116,7 +103,8 @@ async def _functions(conn: db.AsyncConn, layout: Layout, emit: Emit) -> bool:
     emit(
         Verdict.PASS,
         "decoding functions",
-        f"{len(rows)} present, and this role may execute them (it needs no REPLICATION)",
+        f"{len(schema.Names(layout).decoding_functions)} present, and this role may execute "
+        "them (it needs no REPLICATION)",
     )
     return True
 
