@@ -482,8 +482,7 @@ class Handoff:
         taken, more = await self._drain(conn) if self.install is Install.INBOX else (0, False)
         now = self._clock()
         if self.install is Install.GATED and now >= self._next_read:
-            complete = await self._read_changes(conn)
-            more = more or not complete
+            await self._read_changes(conn)
             now = self._clock()
         calm = self.rule.wants(Mode.BUSY, now, since=self._mode_since) is Mode.IDLE
         may_retry = (
@@ -564,14 +563,12 @@ class Handoff:
         if self.install is Install.INBOX:
             while (await self._drain(conn))[1]:
                 pass
-        while self.install is Install.GATED and not await self._read_changes(conn):
-            # The confirmer is full: what did not fit is read again, and
-            # orders NOTIFYed meanwhile reach it too.
-            await self._sleep(self.timing.poll_interval)
+        if self.install is Install.GATED:
+            await self._read_changes(conn)
         return True
 
-    async def _read_changes(self, conn: AsyncConn) -> bool:
-        """Read the orders changed since the mark, and hand on the new ones; False if some wait."""
+    async def _read_changes(self, conn: AsyncConn) -> None:
+        """Read the orders changed since the mark, and hand on the new ones."""
         started = self._clock()
         changed = await self._changes.read(conn, self.mark.since())
         seconds = self._clock() - started
@@ -589,7 +586,6 @@ class Handoff:
             counts.labels("taken").inc(len(taken))
             self.rule.observe(self._clock(), len(taken))
             self._on_orders(taken)
-        return True
 
     async def _drain(self, conn: AsyncConn) -> tuple[int, bool]:
         """Take what the inbox holds, as far as there is room: (taken, more may wait)."""
