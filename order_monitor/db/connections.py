@@ -69,7 +69,16 @@ def retry_forever(
 #: before PostgreSQL 15) can add ``public.lower(varchar)``: an exact match
 #: for a varchar column beats ``pg_catalog.lower(text)``, and it would run
 #: with the daemon's rights, or a superuser's when an operator runs status.
-PINNED_OPTIONS: Final = "-c search_path=pg_catalog,pg_temp"
+#:
+#: And every statement is planned for the table as it is when it runs. psycopg
+#: prepares a statement run five times, and the server then keeps a generic
+#: plan when it costs no more than the custom ones: planned while the table
+#: was small (a fresh install, a quiet hour), that is a sequential scan, kept
+#: until an ANALYZE happens to invalidate it. The confirm of a batch of ids
+#: then read the whole table once per batch as it grew: under an application
+#: dispatching flat out its session took a core (bench/trigger.py). A plan
+#: costs well under a millisecond, once per batch.
+PINNED_OPTIONS: Final = "-c search_path=pg_catalog,pg_temp -c plan_cache_mode=force_custom_plan"
 
 
 #: What losing or failing to open a dedicated connection raises.
@@ -122,9 +131,10 @@ def application_name(purpose: str) -> str:
 
 
 def conninfo(dsn: str, purpose: str, *, connect_timeout: int = 10) -> str:
-    """*dsn* with our defaults added; the operator's own settings in it win, but for search_path.
+    """*dsn* with our defaults added; the operator's own settings in it win, but for
+    search_path and plan_cache_mode.
 
-    search_path is pinned (:data:`PINNED_OPTIONS`) after the operator's own
+    Both are pinned (:data:`PINNED_OPTIONS`) after the operator's own
     ``options`` (the DSN's, else ``PGOPTIONS``, which libpq would otherwise
     ignore once we pass ``options``): theirs are kept, and ours come last, so
     a ``-c search_path=...`` of theirs cannot put a schema that others may
