@@ -17,6 +17,11 @@ Decided:
   again from the slot, and its successor's start-up sweep finds them too.
   Reads keep coming meanwhile, each with its own position and ticket, so a
   steady stream of orders never holds the slot back more than a read or two;
+* the slot is advanced right before each read, not after: a peek decodes
+  from the slot's position, so a peek before the advance decoded the last
+  read's WAL a second time (and the advance a third). A read that filled
+  its batch (a backlog) waits for the confirmer, at most one read interval,
+  before the next;
 * the reads run on the leader lock's own session, as the handoff's do: a
   leader whose session is gone cannot advance the slot past orders its
   dying engine took;
@@ -53,6 +58,9 @@ from order_monitor.ops.installed import InstallHealth, is_missing
 from order_monitor.schema.decoding import READ_CHANGES
 
 log = get_logger()
+
+#: How often a read that filled its batch looks whether its ids are through.
+SETTLE_POLL = 0.005
 
 #: What a read of a slot raises when the slot is gone (dropped) or invalidated.
 SLOT_GONE = (psycopg.errors.UndefinedObject, psycopg.errors.ObjectNotInPrerequisiteState)
@@ -126,16 +134,30 @@ class Capture:
 
     async def _serve(self, conn: AsyncConn) -> None:
         while True:
+            # Advance before reading: a peek decodes from the slot's position,
+            # so one made before the advance decodes the last read's changes
+            # again (and the advance decodes them once more).
+            await self._confirm_settled(conn)
             started = self._clock()
             more = await self._read(conn)
             seconds = self._clock() - started
             self._health.present("capture")
-            await self._confirm_settled(conn)
             now = self._clock()
             if self._status_at is None or now - self._status_at >= self._status_interval:
                 await self._read_status(conn)
-            if not more:
-                await self._sleep(read_interval(self.initial_delay, seconds))
+            pause = read_interval(self.initial_delay, seconds)
+            if more:
+                # A backlog: read on as soon as the confirmer is through with
+                # this batch, so that the next peek starts past it.
+                await self._until_settled(pause)
+            else:
+                await self._sleep(pause)
+
+    async def _until_settled(self, within: float) -> None:
+        """Wait, at most *within* s, for the confirmer to be through with every id handed on."""
+        deadline = self._clock() + within
+        while not self._settled(self._ticket) and self._clock() < deadline:
+            await self._sleep(SETTLE_POLL)
 
     def _read_to(self, lsn: str) -> None:
         """Everything up to *lsn* was read and handed on (under the current ticket)."""

@@ -256,6 +256,84 @@ async def test_the_slot_is_advanced_only_once_the_confirmer_has_scheduled_what_i
     assert set(taken) == {order}
 
 
+def _confirmer_on_the_loop() -> tuple[list[uuid.UUID], Any, Any]:
+    """What was handed on, and a hand-on/settled pair that is through with each
+    hand-over once the event loop has run (as the confirmer task is), not at once."""
+    taken: list[uuid.UUID] = []
+    through = [0]
+
+    def hand_on(ids: list[uuid.UUID]) -> int:
+        taken.extend(ids)
+        ticket = len(taken)
+        asyncio.get_running_loop().call_soon(through.__setitem__, 0, ticket)
+        return ticket
+
+    return taken, hand_on, lambda ticket: ticket <= through[0]
+
+
+def _reading(db: str, hand_on: Any, settled: Any, **options: Any) -> Capture:
+    return Capture(
+        LAYOUT,
+        session=OwnSession(as_daemon(db), max_backoff=0.2),
+        on_orders=hand_on,
+        known=lambda order: False,
+        settled=settled,
+        on_lost=lambda: None,
+        metrics=Metrics(),
+        clock=asyncio.get_running_loop().time,
+        initial_delay=0.5,  # a read every 50 ms
+        **options,
+    )
+
+
+async def test_a_change_is_read_from_the_slot_once_when_the_confirmer_keeps_up(
+    db: str, app: App
+) -> None:
+    """The slot is advanced before the next read, not after: a peek decodes from the
+    slot's position, so a read before the advance decoded (and handed on) the last
+    read's changes again."""
+    taken, hand_on, settled = _confirmer_on_the_loop()
+    capture = _reading(db, hand_on, settled)
+    task = asyncio.create_task(capture.run())
+    try:
+        dispatched = []
+        for n in range(3):
+            reads = capture.reads
+            dispatched += await app.dispatch([f"once-{n}"])
+            await eventually(
+                lambda reads=reads: _more_reads(capture, reads + 3),  # type: ignore[misc]
+                what="three more reads",
+            )
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+    assert sorted(taken) == sorted(dispatched)  # each once (before: twice)
+
+
+async def test_a_backlog_read_batch_by_batch_hands_each_change_on_once(db: str, app: App) -> None:
+    """Reads that fill their batch follow each other at once, but each waits for
+    the confirmer and the advance, so the next starts past it (before: it began
+    again from the slot's position, handing on the same changes again)."""
+    dispatched = []
+    for n in range(12):  # twelve transactions, four messages each: a backlog of six reads
+        dispatched += await app.dispatch([f"backlog-{n}"])
+    taken, hand_on, settled = _confirmer_on_the_loop()
+    capture = _reading(db, hand_on, settled, batch=8)
+    task = asyncio.create_task(capture.run())
+    try:
+        await eventually(lambda: _has_all(taken, dispatched), what="the backlog read")
+        reads = capture.reads
+        await eventually(lambda: _more_reads(capture, reads + 3), what="three more reads")
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+    assert sorted(taken) == sorted(dispatched)
+
+
+async def _has_all(taken: list[uuid.UUID], orders: list[uuid.UUID]) -> bool:
+    return set(orders) <= set(taken)
+
+
 async def test_a_steady_stream_of_orders_does_not_hold_the_slot_back(
     db: str, app: App, fake: FakeProvider
 ) -> None:
