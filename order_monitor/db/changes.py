@@ -16,6 +16,7 @@ from psycopg import sql
 from order_monitor import schema
 from order_monitor.config import Layout
 from order_monitor.db.connections import AsyncConn
+from order_monitor.engine.changes import Mark
 
 
 class Install(enum.Enum):
@@ -39,6 +40,8 @@ class Changed:
     ids: list[uuid.UUID]
     #: The read's snapshot: the oldest transaction still running, as xid8.
     snapshot_xmin: int
+    #: ...and the first transaction id not yet assigned when it was taken.
+    snapshot_xmax: int
 
 
 class ChangeStatements:
@@ -55,6 +58,7 @@ class ChangeStatements:
         # transactions old (a frozen row) would otherwise read as new.
         select = (
             "SELECT pg_catalog.pg_snapshot_xmin(s)::pg_catalog.text,"
+            " pg_catalog.pg_snapshot_xmax(s)::pg_catalog.text,"
             " ARRAY(SELECT {id} FROM {table} WHERE {in_flight}{since})"
             " FROM pg_catalog.pg_current_snapshot() AS s"
         )
@@ -98,8 +102,21 @@ class ChangeStatements:
             cursor = await conn.execute(self._since, (str(since),), binary=True)
         row = await cursor.fetchone()
         assert row is not None  # one row, always
-        xmin, ids = row
-        return Changed(list(ids), int(xmin))
+        xmin, xmax, ids = row
+        return Changed(list(ids), int(xmin), int(xmax))
+
+    async def read_from(self, conn: AsyncConn, mark: Mark) -> Changed:
+        """The orders in flight written since *mark*, which then moves past them.
+
+        A mark too old for the server's 32-bit comparison (:meth:`Mark.exact_at`)
+        may have left rows out: then every order in flight is read.
+        """
+        since = mark.since()
+        changed = await self.read(conn, since)
+        if since is not None and not mark.exact_at(changed.snapshot_xmax):
+            changed = await self.read(conn, None)
+        mark.read(changed.snapshot_xmin)
+        return changed
 
     async def release_idle_lock(self, conn: AsyncConn) -> int:
         """Release the idle lock; the xmin (xid8) of a snapshot taken just before."""

@@ -16,13 +16,13 @@ Decided:
 
 * the comparison runs in the server on 32-bit ids, with ``age()``: exact
   while the mark is less than 2^31 transactions old. The mark is kept as a
-  64-bit ``xid8`` here; one older than :data:`MAX_MARK_AGE` (a daemon busy
-  and unable to read for a billion transactions) is dropped, and the next
-  read returns every order in flight;
-* a read whose orders were not all taken in keeps the old mark: what was
-  left is returned again next time. The handoff takes them all (they are
-  orders in flight, not notifications): leaving some made every later read
-  return more;
+  64-bit ``xid8`` here; a read whose snapshot shows the mark more than
+  :data:`MAX_MARK_AGE` old (a daemon busy and unable to read for a billion
+  transactions) may have missed rows, so every order in flight is read
+  instead (:meth:`Mark.exact_at`);
+* a read moves the mark, whatever the handoff then takes in. The handoff
+  takes every id (they are orders in flight, not notifications): leaving
+  some for the next read made every later read return more;
 * a long transaction holds the snapshot's xmin back, so every read returns
   what changed since it began (bounded by the orders in flight): the
   daemon drops the known ones without another query, and
@@ -67,27 +67,33 @@ def read_interval(initial_delay: float, last_read_seconds: float) -> float:
 class Mark:
     """The oldest transaction whose rows the next busy read must return."""
 
-    __slots__ = ("_latest", "value")
+    __slots__ = ("value",)
 
     def __init__(self) -> None:
         #: A 64-bit transaction id (``xid8``), or None: read every order in flight.
         self.value: int | None = None
-        self._latest = 0
 
     def since(self) -> int | None:
         """The 32-bit id to compare row xmins with, or None for every order in flight."""
-        if self.value is None or self._latest - self.value > MAX_MARK_AGE:
+        if self.value is None:
             return None
         xid = self.value % _XID_SPAN
         return xid if xid >= _FIRST_NORMAL_XID else None
 
-    def read(self, snapshot_xmin: int, *, complete: bool) -> None:
-        """After a read whose snapshot had *snapshot_xmin*; *complete*: every id was taken."""
-        self._latest = max(self._latest, snapshot_xmin)
-        if complete:
-            # max: a read's snapshot is never older than the mark it was given,
-            # but a stale value must never move the mark back.
-            self.value = snapshot_xmin if self.value is None else max(self.value, snapshot_xmin)
+    def exact_at(self, next_xid: int) -> bool:
+        """Whether ``age()`` compares rows with this mark exactly, at *next_xid* (xid8).
+
+        A read's snapshot says how far the transaction ids have gone since
+        (``pg_snapshot_xmax``); past :data:`MAX_MARK_AGE` a 32-bit age could
+        have wrapped and the read left rows out.
+        """
+        return self.value is not None and next_xid - self.value <= MAX_MARK_AGE
+
+    def read(self, snapshot_xmin: int) -> None:
+        """After a read whose snapshot had *snapshot_xmin*: the next returns what it missed."""
+        # max: a read's snapshot is never older than the mark it was given,
+        # but a stale value must never move the mark back.
+        self.value = snapshot_xmin if self.value is None else max(self.value, snapshot_xmin)
 
     def released(self, snapshot_xmin: int) -> None:
         """The idle lock was released in a statement whose snapshot had *snapshot_xmin*.
@@ -95,7 +101,6 @@ class Mark:
         While idle, every order was NOTIFYed: only what follows the release
         must be read back, and this mark is older than all of it.
         """
-        self._latest = max(self._latest, snapshot_xmin)
         self.value = snapshot_xmin
 
     # A lock lost with its session (no statement to take a mark in) needs

@@ -570,7 +570,7 @@ class Handoff:
     async def _read_changes(self, conn: AsyncConn) -> None:
         """Read the orders changed since the mark, and hand on the new ones."""
         started = self._clock()
-        changed = await self._changes.read(conn, self.mark.since())
+        changed = await self._changes.read_from(conn, self.mark)
         seconds = self._clock() - started
         self._metrics.busy_reads.observe(seconds)
         # All of them, whatever the confirmer holds: leaving some for the next
@@ -578,7 +578,6 @@ class Handoff:
         # return more (a confirmer behind at 9,000 orders/s made each read
         # return the same rows two or three times over).
         taken = [order for order in changed.ids if not self._known(order)]
-        self.mark.read(changed.snapshot_xmin, complete=True)
         self._next_read = self._clock() + read_interval(self.initial_delay, seconds)
         counts = self._metrics.busy_read_orders
         counts.labels("known").inc(len(changed.ids) - len(taken))

@@ -18,50 +18,55 @@ from order_monitor.engine.changes import (
 def test_a_new_mark_reads_everything_then_from_the_last_snapshot() -> None:
     mark = Mark()
     assert mark.since() is None
-    mark.read(1000, complete=True)
+    mark.read(1000)
     assert mark.since() == 1000
-    mark.read(1500, complete=True)
+    mark.read(1500)
     assert mark.since() == 1500
-
-
-def test_a_read_that_did_not_take_everything_keeps_the_mark() -> None:
-    mark = Mark()
-    mark.read(1000, complete=True)
-    mark.read(1500, complete=False)
-    assert mark.since() == 1000  # what was left is returned again
 
 
 def test_the_release_sets_the_mark_even_backwards() -> None:
     """Going busy: the snapshot taken with the release is the boundary, nothing older matters."""
     mark = Mark()
-    mark.read(5000, complete=True)
+    mark.read(5000)
     mark.released(4000)
     assert mark.since() == 4000
 
 
-def test_a_mark_too_old_for_32_bit_ages_reads_everything() -> None:
+def test_a_mark_is_exact_until_it_is_too_old_for_32_bit_ages() -> None:
     mark = Mark()
-    mark.read(1000, complete=True)
-    mark.read(1000 + MAX_MARK_AGE + 1, complete=False)  # a long stall, nothing taken
-    assert mark.since() is None
+    assert not mark.exact_at(1000)  # no mark: the read takes everything anyway
+    mark.read(1000)
+    assert mark.exact_at(1000 + MAX_MARK_AGE)
+    # A read after a long stall (a billion transactions without one): its
+    # filtered result may have left rows out, so everything is read instead.
+    assert not mark.exact_at(1000 + MAX_MARK_AGE + 1)
+
+
+@given(st.integers(3, 2**40), st.integers(0, 2**33))
+def test_an_exact_mark_is_always_within_32_bit_age_range(mark_xid: int, later: int) -> None:
+    """Where exact_at holds, age(row xmin) and age(mark) are both below 2^31: no wrap."""
+    mark = Mark()
+    mark.read(mark_xid)
+    if mark.exact_at(mark_xid + later):
+        assert later < 2**31
 
 
 def test_the_32_bit_id_skips_the_special_ids_after_a_wraparound() -> None:
     mark = Mark()
-    mark.read(2**32 + 1, complete=True)  # epoch 1, xid 1: not a normal id
+    mark.read(2**32 + 1)  # epoch 1, xid 1: not a normal id
     assert mark.since() is None
-    mark.read(2**32 + 7, complete=True)
+    mark.read(2**32 + 7)
     assert mark.since() == 7
 
 
-@given(st.lists(st.tuples(st.integers(3, 2**40), st.booleans()), max_size=50))
+@given(st.lists(st.integers(3, 2**40), max_size=50))
 def test_the_mark_never_moves_back_on_reads_and_is_always_a_32_bit_normal_id(
-    reads: list[tuple[int, bool]],
+    reads: list[int],
 ) -> None:
     mark = Mark()
     previous: int | None = None
-    for xmin, complete in reads:
-        mark.read(xmin, complete=complete)
+    for xmin in reads:
+        mark.read(xmin)
         if mark.value is not None and previous is not None:
             assert mark.value >= previous
         previous = mark.value

@@ -94,8 +94,7 @@ class BusyReads:
 
     async def new(self) -> list[uuid.UUID]:
         """The ids a read returns that it had not returned before."""
-        changed = await CHANGES.read(self.daemon, self.mark.since())
-        self.mark.read(changed.snapshot_xmin, complete=True)
+        changed = await CHANGES.read_from(self.daemon, self.mark)
         fresh = [order for order in changed.ids if order not in self.known]
         self.known.update(fresh)
         return fresh
@@ -138,6 +137,23 @@ async def test_going_idle_waits_for_the_open_unannounced_writer_and_sees_it(
     # Idle: the next dispatch NOTIFYs.
     third = await dispatch(t2, "idle")
     assert await notified(listener) == [str(third)]
+
+
+async def test_a_mark_too_old_for_32_bit_ages_reads_every_order_in_flight(
+    conns: dict[str, AConn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read whose snapshot shows the mark older than MAX_MARK_AGE may have left
+    rows out (age() wraps at 2^31): every order in flight is read instead. A
+    billion transactions cannot be spent in a test; the limit is lowered."""
+    daemon, t2 = conns["daemon"], conns["t2"]
+    before = await dispatch(t2, "before-the-mark")
+    await t2.commit()
+    reads = await going_busy(daemon)
+    assert await reads.new() == []  # older than the mark: not read
+    # Below zero: every mark is too old, even one no transaction has passed yet.
+    monkeypatch.setattr("order_monitor.engine.changes.MAX_MARK_AGE", -1)
+    assert await reads.new() == [before]
+    assert reads.mark.value is not None  # and the mark moved on with that read
 
 
 async def test_going_busy_while_a_notifying_transaction_is_open_loses_nothing(
@@ -219,7 +235,7 @@ async def test_the_lock_goes_with_the_daemons_session(conns: dict[str, AConn]) -
     daemon, listener, admin, t2 = (conns[k] for k in ("daemon", "listener", "admin", "t2"))
     assert await STATEMENTS.take_idle_lock(daemon, wait=5) is True
     kept = Mark()
-    kept.read(int(await _snapshot_xmin(admin)), complete=True)  # from an earlier busy read
+    kept.read(int(await _snapshot_xmin(admin)))  # from an earlier busy read
     pid = daemon.info.backend_pid
     await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     await eventually(lambda: _gone(admin, pid), within=10, what="the daemon's session to end")

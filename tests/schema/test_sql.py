@@ -79,8 +79,8 @@ class DaemonSide:
         statement = self._changes._everything if since is None else self._changes._since
         row = self.conn.execute(statement, () if since is None else (str(since),)).fetchone()
         assert row is not None
-        xmin, ids = row
-        self.mark.read(int(str(xmin)), complete=True)
+        xmin, _, ids = row
+        self.mark.read(int(str(xmin)))
         new = [order for order in ids if order not in self.known]  # type: ignore[union-attr]
         self.known.update(new)
         return new
@@ -325,7 +325,7 @@ def test_role_can_do_what_the_daemon_needs(role_dsn: str, app: Conn) -> None:
         (installed,) = daemon.execute(changes._install, changes._install_params).fetchall()
         assert installed == (True, True, False)  # version 5, xmin granted, no inbox
         (read,) = daemon.execute(changes._everything).fetchall()
-        assert read[1] == []  # written: out of flight
+        assert read[2] == []  # written: out of flight
         inbox = InboxStatements(Layout())
         daemon.execute(inbox._take_idle_lock, ("200ms",))
         daemon.execute(changes._release)
@@ -550,7 +550,7 @@ def test_a_hostile_table_name_is_only_ever_a_name(bare_db: str) -> None:
         )
         conn.execute(dispatch)  # busy: nothing announced, the busy read finds it
         (read,) = conn.execute(ChangeStatements(layout)._everything).fetchall()
-        assert len(read[1]) == 1
+        assert len(read[2]) == 1
         assert list(conn.notifies(timeout=0.2, stop_after=1)) == []
         with psycopg.connect(bare_db, autocommit=True) as daemon:
             daemon.execute("SELECT pg_advisory_lock(%s)", (schema.idle_lock_key(layout),))
