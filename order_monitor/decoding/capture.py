@@ -39,6 +39,7 @@ Decided:
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -61,6 +62,9 @@ log = get_logger()
 
 #: How often a read that filled its batch looks whether its ids are through.
 SETTLE_POLL = 0.005
+
+#: A read that keeps failing with the same error is logged again at most this often.
+REPEATED_FAILURE_LOG = 60.0
 
 #: What a read of a slot raises when the slot is gone (dropped) or invalidated.
 SLOT_GONE = (psycopg.errors.UndefinedObject, psycopg.errors.ObjectNotInPrerequisiteState)
@@ -107,6 +111,11 @@ class Capture:
         self._ticket = 0
         self._advanced: str | None = None
         self._status_at: float | None = None
+        #: The error of the failing reads, when the last one failed; how many
+        #: failed since it was first seen, and when it was last logged.
+        self._failure: str | None = None
+        self._failures = 0
+        self._failure_logged_at = -math.inf
         #: Reads made, and the last slot state seen (status, tests).
         self.reads = 0
         self.lag_bytes: int | None = None
@@ -124,7 +133,7 @@ class Capture:
                 await self._slot_gone(conn, exc)
             except CONNECTION_ERRORS as exc:
                 error = str(exc).strip() or type(exc).__name__
-                log.warning("capture.read_failed", error=error)
+                self._read_failed(error)
                 if is_missing(exc):
                     self._health.missing("capture", error)
                 await self._session.failed(conn, error)
@@ -142,6 +151,9 @@ class Capture:
             more = await self._read(conn)
             seconds = self._clock() - started
             self._health.present("capture")
+            if self._failure is not None:
+                log.info("capture.read_recovered", failed_reads=self._failures)
+                self._failure, self._failures = None, 0
             now = self._clock()
             if self._status_at is None or now - self._status_at >= self._status_interval:
                 await self._read_status(conn)
@@ -158,6 +170,28 @@ class Capture:
         deadline = self._clock() + within
         while not self._settled(self._ticket) and self._clock() < deadline:
             await self._sleep(SETTLE_POLL)
+
+    def _read_failed(self, error: str) -> None:
+        """Log a failed read: the first, then the same error at most once per interval.
+
+        The leader retries every second; a function dropped under a running
+        daemon (uninstall, decoding.sql not run on a new primary) must not
+        write a line a second until someone comes.
+        """
+        now = self._clock()
+        if error != self._failure:
+            self._failure, self._failures, self._failure_logged_at = error, 0, -math.inf
+        self._failures += 1
+        if now - self._failure_logged_at < REPEATED_FAILURE_LOG:
+            return
+        self._failure_logged_at = now
+        log.warning(
+            "capture.read_failed",
+            error=error,
+            failed_reads=self._failures,
+            note=f"retried every second; the same error is logged again at most every "
+            f"{REPEATED_FAILURE_LOG:g} s, with the count of failed reads since the first",
+        )
 
     def _read_to(self, lsn: str) -> None:
         """Everything up to *lsn* was read and handed on (under the current ticket)."""

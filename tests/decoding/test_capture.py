@@ -397,6 +397,55 @@ async def test_a_quiet_orders_table_does_not_hold_back_the_wal_of_others(
         await eventually(lambda: _moved(db, before), what="the slot advanced past it")
 
 
+async def test_a_read_that_keeps_failing_is_logged_once_a_minute_and_its_end_once(
+    logical_dsn: str,
+) -> None:
+    """decoding.sql not applied: every read fails, retried every second by the leader."""
+    now = [0.0]
+    failures = [0]
+
+    class EverySecond(OwnSession):
+        async def failed(self, conn: Any, error: str) -> None:
+            failures[0] += 1
+            now[0] += 1.0  # the leader's session retries a second later
+            await super().failed(conn, error)
+
+    with database_with_table(logical_dsn) as dsn:
+        deploy(dsn)
+        capture = Capture(
+            LAYOUT,
+            session=EverySecond(as_daemon(dsn), max_backoff=0.2),
+            on_orders=lambda ids: 0,
+            known=lambda order: False,
+            settled=lambda ticket: True,
+            on_lost=lambda: None,
+            metrics=Metrics(),
+            clock=lambda: now[0],
+            initial_delay=0.5,
+        )
+        with capture_logs() as logs:
+            task = asyncio.create_task(capture.run())
+            try:
+                await eventually(
+                    lambda: _at_least(failures, 130), within=60, what="130 failed reads"
+                )
+                apply_decoding(dsn)
+                await eventually(lambda: _more_reads(capture, 1), what="a read that works")
+            finally:
+                task.cancel()
+                await asyncio.wait({task})
+    failed = [e for e in logs if e["event"] == "capture.read_failed"]
+    # At the first failure, then a minute and two minutes later (before: 130 lines).
+    assert [e["failed_reads"] for e in failed] == [1, 61, 121]
+    assert "does not exist" in failed[0]["error"]
+    (recovered,) = [e for e in logs if e["event"] == "capture.read_recovered"]
+    assert recovered["failed_reads"] == failures[0]
+
+
+async def _at_least(count: list[int], n: int) -> bool:
+    return count[0] >= n
+
+
 def test_uninstall_drops_the_slot_the_publication_and_the_functions(db: str) -> None:
     # As the table's owner: refused before anything changes (the slot needs a superuser).
     with pytest.raises(SchemaError, match="need a superuser"):
