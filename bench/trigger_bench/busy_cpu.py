@@ -206,7 +206,6 @@ def read_counts(metrics: Metrics, decoding: bool = False) -> dict[str, float]:
         "read_seconds": total,
         "taken": counter_total(orders, result="taken"),
         "known": counter_total(orders, result="known"),
-        "deferred": counter_total(orders, result="deferred"),
         "notified": counter_total(metrics.notifications, result="accepted"),
     }
 
@@ -319,7 +318,6 @@ async def busy_cpu(
         ),
         "busy_read_orders_taken": delta["taken"],
         "busy_read_orders_known": delta["known"],
-        "busy_read_orders_deferred": delta["deferred"],
         "notified": delta["notified"],
     }
     if meter is None:

@@ -135,7 +135,6 @@ def handoff_counts(daemon: Daemon) -> dict[str, float]:
             "notified": 0.0,
             "from_reads": counter_total(m.decoding_orders, result="taken"),
             "read_known": counter_total(m.decoding_orders, result="known"),
-            "read_deferred": counter_total(m.decoding_orders, result="deferred"),
             "switches_to_busy": 0.0,
             "switches_to_idle": 0.0,
         }
@@ -143,7 +142,6 @@ def handoff_counts(daemon: Daemon) -> dict[str, float]:
         "notified": counter_total(m.notifications, result="accepted"),
         "from_reads": counter_total(m.busy_read_orders, result="taken"),
         "read_known": counter_total(m.busy_read_orders, result="known"),
-        "read_deferred": counter_total(m.busy_read_orders, result="deferred"),
         "switches_to_busy": counter_total(m.handoff_switches, to="busy"),
         "switches_to_idle": counter_total(m.handoff_switches, to="idle"),
     }
