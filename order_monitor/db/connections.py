@@ -77,7 +77,7 @@ def retry_forever(
 #: until an ANALYZE happens to invalidate it. The confirm of a batch of ids
 #: then read the whole table once per batch as it grew: under an application
 #: dispatching flat out its session took a core (bench/trigger.py). A plan
-#: costs well under a millisecond, once per batch.
+#: costs under a millisecond (the confirm: 0.6 to 0.9 ms), once per batch.
 PINNED_OPTIONS: Final = "-c search_path=pg_catalog,pg_temp -c plan_cache_mode=force_custom_plan"
 
 
