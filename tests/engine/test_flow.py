@@ -240,8 +240,12 @@ async def test_an_order_that_never_finishes_is_given_up_with_a_clear_message(
     db: str, app: App, fake: FakeProvider
 ) -> None:
     fake.set_script("STUCK", Script(Answer.PENDING))
+    # Slots half a second apart: a check counts for the slot whose early window
+    # (the last fifth of its gap) it falls in, so with slots 0.1 s apart a first
+    # check 80 ms late (a daemon just started, a loaded CI machine) was slot
+    # 2's, and the order was given up after 3 polls.
     policy = BackoffPolicy(
-        initial_delay=0, base=0.1, cap=0.3, jitter=0, max_attempts=4, max_age=3600
+        initial_delay=0, base=0.5, cap=0.5, jitter=0, max_attempts=4, max_age=3600
     )
     async with running(Daemon(settings_for(db, fake, policy=policy))):
         await app.dispatch(["STUCK"])
