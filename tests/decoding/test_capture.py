@@ -226,17 +226,7 @@ async def test_the_slot_is_advanced_only_once_the_confirmer_has_scheduled_what_i
         taken.extend(ids)
         return len(taken)
 
-    capture = Capture(
-        LAYOUT,
-        session=OwnSession(as_daemon(db), max_backoff=0.2),
-        on_orders=hand_on,
-        known=lambda order: False,
-        settled=lambda ticket: through[0] or ticket == 0,
-        on_lost=lambda: None,
-        metrics=Metrics(),
-        clock=asyncio.get_running_loop().time,
-        initial_delay=0.5,  # a read every 50 ms
-    )
+    capture = _reading(db, hand_on, lambda ticket: through[0] or ticket == 0)
     task = asyncio.create_task(capture.run())
     try:
         await eventually(lambda: _more_reads(capture, 2), what="the first reads")
