@@ -10,9 +10,10 @@ engine's run waits for; exit 0 once it has drained and written.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import psycopg
@@ -33,6 +34,7 @@ from order_monitor.db.checks import check_decoding, check_index
 from order_monitor.decoding.capture import Capture
 from order_monitor.engine.assembly import DeliveryParts, Engine, provider_lookup
 from order_monitor.engine.checker import Checker
+from order_monitor.engine.decisions import Decision
 from order_monitor.engine.handoff import Handoff, HandoffTiming, LeaderSession
 from order_monitor.engine.inbox import Confirmer
 from order_monitor.engine.listener import Listener
@@ -47,6 +49,7 @@ from order_monitor.ops.http import HttpServer, serve_http
 from order_monitor.ops.installed import InstallHealth
 from order_monitor.ops.leader import LeaderLock, lock_key
 from order_monitor.ops.sdnotify import Notifier
+from order_monitor.page.server import OperatorPage
 from order_monitor.providers.base import Provider
 from order_monitor.providers.registry import ProviderFactory, build_providers, validate_providers
 
@@ -110,6 +113,23 @@ class Daemon:
         #: True while the engine runs (listener, sweeper, checker, writer).
         #: The /healthz, /readyz, /metrics server while running (None when off).
         self.http_server: HttpServer | None = None
+        #: For the operator page: when this process started, and which term as leader it
+        #: is in (each new term reads the table again for what it did not see).
+        self.started_at = dt.datetime.now(dt.UTC)
+        self.term = 0
+        #: The providers by provider id, while leading.
+        self._providers: Mapping[str, Provider] | None = None
+        #: The operator page, served with the probes (None when ORDER_MONITOR_HTTP_LISTEN is off).
+        self.page = (
+            OperatorPage(
+                self,
+                listen=settings.http_listen,
+                metrics=self.metrics,
+                readiness=self._readiness_checks,
+            )
+            if settings.http_listen is not None
+            else None
+        )
         self.metrics.track(self.metrics.pending, lambda: float(len(self.scheduler)))
         self.metrics.track(self.metrics.lag, lambda: self.scheduler.lag(self._clock()))
         self.metrics.track(self.metrics.unwritten_age, self.unwritten_age)
@@ -150,6 +170,7 @@ class Daemon:
             log.info("config.reloaded", running=False)
             return
         providers = self._provider_factory(new, self._session, self._session_limit, self.metrics)
+        self._providers = providers
         engine.reconfigure(provider_lookup(providers), new)
         log.info(
             "config.reloaded",
@@ -188,6 +209,25 @@ class Daemon:
     @property
     def sweeper(self) -> Sweeper | None:
         return self._engine.sweeper if self._engine else None
+
+    @property
+    def providers(self) -> Mapping[str, Provider] | None:
+        return self._providers if self._engine else None
+
+    @property
+    def leading(self) -> bool:
+        """True while the engine runs."""
+        return self._engine is not None
+
+    def monotonic(self) -> float:
+        """The engine's clock (the schedule's due times are on it)."""
+        return self._clock()
+
+    async def _readiness_checks(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        server = self.http_server
+        if server is None:
+            return {}, []
+        return await server.readiness_checks()
 
     # --- Readiness (for /readyz) ----------------------------------------------------
 
@@ -241,13 +281,20 @@ class Daemon:
                 max_sweep_age=settings.sweep_interval * 3,
                 unwritten_age=self.unwritten_age,
                 install_check=self.install_health.readiness,
+                routes=self.page.routes() if self.page is not None else (),
             ) as self.http_server:
                 idle = asyncio.create_task(self._keep_systemd_informed(), name="idle-watchdog")
+                helpers = {idle}
+                if self.page is not None:
+                    helpers.add(asyncio.create_task(self.page.run(), name="page"))
                 try:
                     await self._lead_until_stopped()
                 finally:
-                    idle.cancel()
-                    await asyncio.wait({idle})
+                    for task in helpers:
+                        task.cancel()
+                    await asyncio.wait(helpers)
+                    if self.page is not None:
+                        await self.page.close()
         finally:
             self.notifier.close()
             log.info("daemon.stopped", pending=len(self.scheduler))
@@ -305,6 +352,7 @@ class Daemon:
 
     async def _lead(self) -> None:
         async with self._lock.held():
+            self.term += 1
             settings = self.settings
             dsn = settings.dsn.reveal()
             self._reader = reader = ManagedConnection(dsn, "reader")
@@ -324,6 +372,7 @@ class Daemon:
                     providers = self._provider_factory(
                         settings, session, self._session_limit, self.metrics
                     )
+                    self._providers = providers
                     delivery = (
                         DeliveryParts(delivery_conn, session, self._relay_timing)
                         if delivery_conn is not None
@@ -334,6 +383,7 @@ class Daemon:
                     )
             finally:
                 self._session = None
+                self._providers = None
                 await reader.close()
                 await writer_conn.close()
                 if delivery_conn is not None:
@@ -381,6 +431,7 @@ class Daemon:
             install_health=self.install_health,
             delivery=delivery,
         )
+        engine.writer.on_finished = self._finished
         # The busy reads (or the slot's) are made on the leader lock's own
         # session: none outlives the lock (engine.handoff explains why).
         engine.announcer.use_session(LeaderSession(self._lock))
@@ -395,6 +446,10 @@ class Daemon:
             )
         finally:
             self._engine = None
+
+    def _finished(self, decision: Decision) -> None:
+        if decision.kind == "gave_up" and self.page is not None:
+            self.page.gave_up(decision.row.id)
 
     def _tick(self) -> float:
         """Seconds between STATUS=/WATCHDOG=1 updates: at most half of WatchdogSec."""

@@ -279,6 +279,17 @@ class Metrics:
             registry=r,
         )
 
+        # --- the operator page (order_monitor.page) ---
+        self.page_reads = Counter(
+            "order_monitor_page_reads",
+            "Readings of the database for the operator page, by result (ok, failed): one per"
+            " refresh interval at most, however many viewers.",
+            ["result"],
+            registry=r,
+        )
+        for result in ("ok", "failed"):
+            self.page_reads.labels(result)
+
     def action_series(self, action: str) -> None:
         """Every series of *action* from the start, at 0: a rate() over a series that
         appears only at the first failure reads as "no data", not 0."""

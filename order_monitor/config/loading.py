@@ -21,7 +21,7 @@ from order_monitor.config.environment import (
     unknown_variables,
 )
 from order_monitor.config.providers_file import parse_providers, read_document
-from order_monitor.config.secrets import read_dsn
+from order_monitor.config.secrets import read_dsn, read_page_token
 from order_monitor.config.settings import (
     ActionConfig,
     Columns,
@@ -154,6 +154,9 @@ def load_settings(
         log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=env.choice("LOG_FORMAT", "auto", ("auto", "json", "console")),
         http_listen=_http_listen(env),
+        page_token=read_page_token(env, values),
+        # Every viewer shares one reading per refresh: a second apart at most.
+        page_refresh=env.duration("PAGE_REFRESH", 5.0, minimum=1.0, maximum=300.0),
     )
     return replace(
         settings,

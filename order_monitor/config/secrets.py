@@ -39,6 +39,21 @@ def read_dsn(env: Env, values: Mapping[str, str], *, required: bool) -> Secret:
     return Secret(dsn)
 
 
+def read_page_token(env: Env, values: Mapping[str, str]) -> Secret | None:
+    """ORDER_MONITOR_PAGE_TOKEN, else the 'page-token' systemd credential; None when neither."""
+    token = env.raw("PAGE_TOKEN") or read_credential("page-token", values)
+    if not token:
+        return None
+    if len(token) < 16:
+        # Guessed at a few thousand tries a second over the network otherwise;
+        # the length is said, never the value.
+        raise ConfigError(
+            f"{PREFIX}PAGE_TOKEN is {len(token)} characters long: use at least 16 "
+            "(e.g. the output of `openssl rand -base64 24`)"
+        )
+    return Secret(token)
+
+
 def read_credential(name: str, values: Mapping[str, str]) -> str | None:
     """A systemd credential (LoadCredential=) by name, if the service has one.
 

@@ -228,8 +228,15 @@ class Settings:
     actions: tuple[ActionConfig, ...] = ()
     log_level: str = "info"
     log_format: str = "auto"
-    #: host:port for /healthz, /readyz and /metrics; None keeps it off.
+    #: host:port for /healthz, /readyz, /metrics and the operator page; None keeps it off.
     http_listen: str | None = None
+    #: ORDER_MONITOR_PAGE_TOKEN: the password the operator page asks for (HTTP
+    #: basic auth or a bearer token). Required to serve the page on an address
+    #: that is not loopback; None: loopback only (or behind a proxy that checks).
+    page_token: Secret | None = None
+    #: Seconds between the page's refreshes, and how long one reading of the
+    #: database is shared by every viewer.
+    page_refresh: float = 5.0
     #: ORDER_MONITOR_* names in the environment that no setting reads (typos).
     #: Not part of the configuration: two loads differing only here are equal.
     unknown_variables: tuple[UnknownVariable, ...] = field(default=(), compare=False, repr=False)
@@ -277,6 +284,8 @@ RESTART_ONLY: Final = (
     ("handoff", "ORDER_MONITOR_HANDOFF"),
     ("capture", "ORDER_MONITOR_CAPTURE"),
     ("http_listen", "ORDER_MONITOR_HTTP_LISTEN"),
+    ("page_token", "ORDER_MONITOR_PAGE_TOKEN"),
+    ("page_refresh", "ORDER_MONITOR_PAGE_REFRESH"),
 )
 
 

@@ -66,6 +66,22 @@ class OutboxSummary:
     by_outcome: Mapping[str, int] = field(default_factory=dict)
 
 
+def summary_of(rows: Sequence[Sequence[Any]]) -> OutboxSummary:
+    """The summary from the rows of :meth:`OutboxStore.summary_sql`, in its column order."""
+    undelivered = dead = auth = 0
+    oldest: float | None = None
+    by_outcome: dict[str, int] = {}
+    for outcome, waiting, buried, refused, age in rows:
+        undelivered += waiting
+        dead += buried
+        auth += refused
+        if waiting:
+            by_outcome[outcome] = int(waiting)
+        if age is not None:
+            oldest = max(0.0, float(age)) if oldest is None else max(oldest, float(age))
+    return OutboxSummary(undelivered, oldest, dead, auth, by_outcome)
+
+
 def entry_of(row: Sequence[Any]) -> Entry:
     """An :class:`Entry` from a row of ``_ENTRY_COLUMNS``."""
     return Entry(
@@ -194,30 +210,25 @@ class OutboxStore:
 
     # --- everyone -------------------------------------------------------------------
 
+    def summary_sql(self) -> sql.Composed:
+        """One row per outcome: outcome, waiting, dead, auth, oldest_s (see :func:`summary_of`).
+
+        A statement of its own for :meth:`summary`, or a subquery of a bigger
+        one (the operator page reads it with the table in one round trip).
+        """
+        return sql.SQL(
+            "SELECT outcome, pg_catalog.count(*) FILTER (WHERE dead_at IS NULL) AS waiting,"
+            " pg_catalog.count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead,"
+            " pg_catalog.count(*) FILTER (WHERE dead_at IS NULL AND last_verdict = {auth}) AS auth,"
+            " extract(epoch FROM pg_catalog.now()"
+            " - pg_catalog.min(recorded_at) FILTER (WHERE dead_at IS NULL))::float8 AS oldest_s"
+            " FROM {outbox} GROUP BY outcome"
+        ).format(outbox=self._outbox, auth=sql.Literal(Verdict.AUTH.value))
+
     async def summary(self, conn: AsyncConn) -> OutboxSummary:
         """Counts and the oldest undelivered entry's age, in one scan of the (small) outbox."""
-        cursor = await conn.execute(
-            sql.SQL(
-                "SELECT outcome, pg_catalog.count(*) FILTER (WHERE dead_at IS NULL),"
-                " pg_catalog.count(*) FILTER (WHERE dead_at IS NOT NULL),"
-                " pg_catalog.count(*) FILTER (WHERE dead_at IS NULL AND last_verdict = {auth}),"
-                " extract(epoch FROM pg_catalog.now()"
-                " - pg_catalog.min(recorded_at) FILTER (WHERE dead_at IS NULL))::float8"
-                " FROM {outbox} GROUP BY outcome"
-            ).format(outbox=self._outbox, auth=sql.Literal(Verdict.AUTH.value))
-        )
-        undelivered = dead = auth = 0
-        oldest: float | None = None
-        by_outcome: dict[str, int] = {}
-        for outcome, waiting, buried, refused, age in await cursor.fetchall():
-            undelivered += waiting
-            dead += buried
-            auth += refused
-            if waiting:
-                by_outcome[outcome] = int(waiting)
-            if age is not None:
-                oldest = max(0.0, float(age)) if oldest is None else max(oldest, float(age))
-        return OutboxSummary(undelivered, oldest, dead, auth, by_outcome)
+        cursor = await conn.execute(self.summary_sql())
+        return summary_of(await cursor.fetchall())
 
     async def listing(self, conn: AsyncConn, *, dead: bool | None, limit: int) -> list[Entry]:
         """The newest recorded entries: dead letters only (True), undelivered only (False), all."""

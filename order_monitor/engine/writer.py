@@ -112,6 +112,9 @@ class Writer:
         #: Called after a batch wrote a result whose outcome an action delivers
         #: (the write function recorded it in the outbox): the relay looks now.
         self.on_delivery: Callable[[], None] = lambda: None
+        #: Called for each result written that finished its order (the operator
+        #: page keeps the ones that gave up).
+        self.on_finished: Callable[[Decision], None] = lambda decision: None
 
     def submit(self, decision: Decision) -> None:
         self._queue.append(_Item(decision, self._clock()))
@@ -437,6 +440,7 @@ class Writer:
                 answer=describe_outcome(decision.outcome),
             )
             self._scheduler.complete(order.int, None, checked=decision.row.reference)
+            self.on_finished(decision)
             return True
         next_due = None if decision.next_check_in is None else now + decision.next_check_in
         log.debug(

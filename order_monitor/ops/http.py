@@ -10,6 +10,8 @@
   503, with a JSON body naming the checks that failed, so "not ready" says why.
   A standby instance is not ready (``"role": "standby"``): it does no work.
 * ``/metrics`` is the Prometheus text exposition of the daemon's own registry.
+* Other routes are added by whoever owns them (the operator page,
+  ``order_monitor.page``), and are bounded like these.
 
 The server is bounded, because it shares the process's file descriptors with
 the database and provider connections: at most ``max_connections`` are open
@@ -36,7 +38,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, cast
@@ -311,6 +313,7 @@ class HttpServer:
         header_timeout: float = HEADER_TIMEOUT,
         refusal_log_interval: float = REFUSAL_LOG_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        routes: Sequence[web.RouteDef] = (),
     ) -> None:
         self._listen = listen
         self._host, self._port = parse_listen(listen)
@@ -333,6 +336,7 @@ class HttpServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_routes(routes)
         self._app = app
 
     @property
@@ -366,7 +370,7 @@ class HttpServer:
         except OSError as exc:
             await runner.cleanup()
             raise HttpListenError(
-                f"cannot listen on {self._listen} for /healthz, /readyz and /metrics: "
+                f"cannot listen on {self._listen} for /healthz, /readyz, /metrics and the page: "
                 f"{exc.strerror or exc}; choose a free address in ORDER_MONITOR_HTTP_LISTEN "
                 "or set it to off"
             ) from None
@@ -503,6 +507,7 @@ async def serve_http(
     max_sweep_age: float | None = None,
     unwritten_age: Callable[[], float] | None = None,
     install_check: Callable[[], dict[str, Any]] | None = None,
+    routes: Sequence[web.RouteDef] = (),
 ) -> AsyncIterator[HttpServer | None]:
     """Run the server for the duration of the block, or nothing when *listen* is None."""
     if listen is None:
@@ -516,5 +521,6 @@ async def serve_http(
         max_sweep_age=max_sweep_age,
         unwritten_age=unwritten_age,
         install_check=install_check,
+        routes=routes,
     ) as server:
         yield server
