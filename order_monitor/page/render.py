@@ -46,12 +46,15 @@ def ago(seconds: float | None) -> str:
         return "—"
     if seconds < 0:
         return "in the future"
-    return format_seconds(seconds)
+    return span(seconds)
 
 
 def span(seconds: float | None) -> str:
     """A duration either way: '3m' ahead or '3m' overdue (the template says which)."""
-    return "—" if seconds is None else format_seconds(abs(seconds))
+    if seconds is None:
+        return "—"
+    # Tenths below a second: '7.3e-05s' reads as noise on a page.
+    return f"{abs(seconds):.1f}s" if abs(seconds) < 1 else format_seconds(abs(seconds))
 
 
 def when(moment: dt.datetime | None) -> str:

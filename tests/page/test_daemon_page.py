@@ -16,70 +16,14 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
-import psycopg
 import pytest
 
 from order_monitor.daemon import Daemon
 from order_monitor.providers.fake import FakeProvider
-from order_monitor.providers.fake.scripts import Script
 from order_monitor.redaction import Secret
 from tests.daemon_fixtures import App, eventually, running, settings_for
 from tests.page.dom import Page
-
-PIN = "PIN-7731-SECRET"
-HOSTILE = "<script>document.title='pwned'</script> \u202eevil\u202c <b>bold</b> \"q\" & done"
-HOSTILE_HUMAN = "<img src=x onerror=alert(1)> \u200bzero-width"
-TOKEN = "p@ss:w0rd/with%escapes&more=="
-
-
-async def _count(db: str, where: str, *params: Any) -> int:
-    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
-        cursor = await conn.execute(f"SELECT count(*) FROM product_orders WHERE {where}", params)
-        row = await cursor.fetchone()
-        assert row is not None
-        return int(row[0])
-
-
-async def _shop(db: str, app: App, fake: FakeProvider) -> dict[str, Any]:
-    """Orders in every state; returns the ids by reference."""
-    fake.set_script("done-1", Script.done(PIN, message=f"Your code is {PIN}, enjoy"))
-    fake.set_script("fail-1", Script.failed(HOSTILE))
-    for ref in ("wait-1", "wait-2", "old-1"):
-        fake.set_script(ref, Script.pending())
-    ids: dict[str, Any] = {}
-    for ref, oid in zip(
-        ["done-1", "fail-1", "wait-1", "wait-2"],
-        await app.dispatch(["done-1", "fail-1", "wait-1", "wait-2"]),
-        strict=True,
-    ):
-        ids[ref] = oid
-    # Dispatched two hours ago: past the policy's max_age, it gives up at its first check.
-    (ids["old-1"],) = await app.dispatch(["old-1"], sent_ago=7200)
-    (ids["nobody-1"],) = await app.dispatch(["nobody-1"], provider_id="nobody")
-    # Given up an hour before the daemon started: only a read of the table finds it.
-    cursor = await app.conn.execute(
-        """INSERT INTO product_orders (provider_referans, "providerId", "externalStatus",
-                                       "sentAt", "lastSyncAt", "lastMessage")
-           VALUES ('earlier-1', 'fake', 'manual_required', now() - interval '3 hours',
-                   now() - interval '1 hour', %s) RETURNING id""",
-        (HOSTILE_HUMAN,),
-    )
-    row = await cursor.fetchone()
-    assert row is not None
-    ids["earlier-1"] = row[0]
-    return ids
-
-
-def _settled(app: App) -> Any:
-    async def check() -> bool:
-        rows = await app.rows()
-        return (
-            rows["done-1"]["externalStatus"] == "done"
-            and rows["fail-1"]["externalStatus"] == "failed"
-            and rows["old-1"]["externalStatus"] == "manual_required"
-        )
-
-    return check
+from tests.page.shop import PIN, TOKEN, count_in_flight, settled, shop
 
 
 async def _get(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, str, Any]:
@@ -90,13 +34,13 @@ async def _get(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[in
 async def test_the_page_shows_what_the_table_holds_and_never_a_pin(
     db: str, app: App, fake: FakeProvider
 ) -> None:
-    ids = await _shop(db, app, fake)
+    ids = await shop(app, fake)
     settings = replace(settings_for(db, fake), http_listen="127.0.0.1:0", page_refresh=1.0)
     daemon = Daemon(settings)
     async with running(daemon), aiohttp.ClientSession() as http:
         assert daemon.http_server is not None
         base = f"http://127.0.0.1:{daemon.http_server.port}"
-        await eventually(_settled(app), what="the finished orders to be written")
+        await eventually(settled(app), what="the finished orders to be written")
 
         async def page_in_step() -> bool:
             # The page's reading is up to a refresh old: wait for one made after the writes.
@@ -109,12 +53,7 @@ async def test_the_page_shows_what_the_table_holds_and_never_a_pin(
         assert status == 200
         page = Page(html)
 
-        in_flight = await _count(
-            db,
-            """provider_referans IS NOT NULL
-               AND lower("externalStatus") IN ('sent','processing','queued','pending','unknown')
-               AND lower(status) NOT IN ('approved','rejected')""",
-        )
+        in_flight = await count_in_flight(app)
         assert in_flight == 3  # wait-1, wait-2, nobody-1
         assert page.by_id["in-flight-total"] == str(in_flight)
         assert page.fields[("data-provider", "fake")]["in-flight"] == "2"
@@ -182,7 +121,7 @@ async def test_the_page_shows_what_the_table_holds_and_never_a_pin(
 async def test_fifty_viewers_cost_one_reading_per_refresh_and_healthz_keeps_answering(
     db: str, app: App, fake: FakeProvider
 ) -> None:
-    await _shop(db, app, fake)
+    await shop(app, fake)
     settings = replace(settings_for(db, fake), http_listen="127.0.0.1:0", page_refresh=2.0)
     daemon = Daemon(settings)
     async with (
