@@ -50,9 +50,14 @@ def test_config_error_exits_78_with_one_line_and_no_traceback() -> None:
 
 
 def test_help_shows_no_secret() -> None:
-    result = CliRunner().invoke(cli, ["--help"], env={"ORDER_MONITOR_DSN": DSN})
-    assert result.exit_code == 0
-    assert "s3cr3t-pw" not in result.output
+    token = "page-token-" + "q" * 16
+    for args in (["--help"], ["run", "--help"]):
+        result = CliRunner().invoke(
+            cli, args, env={"ORDER_MONITOR_DSN": DSN, "ORDER_MONITOR_PAGE_TOKEN": token}
+        )
+        assert result.exit_code == 0, result.output
+        assert "s3cr3t-pw" not in result.output
+        assert token not in result.output
 
 
 def test_sql_print_needs_no_database() -> None:

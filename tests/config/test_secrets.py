@@ -166,3 +166,25 @@ def test_an_operator_command_reads_a_provider_credential_from_the_services_folde
     )
     (provider,) = load_settings(values).providers
     assert provider.secrets["sifre"].reveal() == "s3cr:t%/"
+
+
+PAGE_TOKEN = "p@ge:t0ken/with%25escapes&=+"
+
+
+def test_the_page_token_from_the_environment_or_a_credential(tmp_path: Path) -> None:
+    s = load_settings({**BASE, "ORDER_MONITOR_PAGE_TOKEN": PAGE_TOKEN})
+    assert s.page_token is not None
+    assert s.page_token.reveal() == PAGE_TOKEN
+    assert PAGE_TOKEN not in repr(s)
+    (tmp_path / "page-token").write_text(PAGE_TOKEN + "\n")
+    s = load_settings({**BASE, "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert s.page_token == Secret(PAGE_TOKEN)
+    assert load_settings(BASE).page_token is None
+
+
+def test_a_short_page_token_is_refused_without_being_quoted() -> None:
+    with pytest.raises(
+        ConfigError, match="ORDER_MONITOR_PAGE_TOKEN is 7 characters long"
+    ) as caught:
+        load_settings({**BASE, "ORDER_MONITOR_PAGE_TOKEN": "hunter2"})
+    assert "hunter2" not in str(caught.value)
