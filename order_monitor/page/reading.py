@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from psycopg import sql
@@ -39,6 +39,8 @@ from order_monitor.delivery.store import OutboxStore, OutboxSummary, summary_of
 
 #: Dead letters listed on the page (all are counted).
 DEAD_LISTED: Final = 10
+#: Orders that gave up listed on the page, the latest first (all are counted).
+GAVE_UP_LISTED: Final = 50
 #: The read of the table for the orders that gave up before this term: a
 #: sequential scan, given this long before the page shows without them.
 SEED_TIMEOUT_MS: Final = 30_000
@@ -80,7 +82,10 @@ class TableReading:
     """One refresh's reading of the table (and the outbox)."""
 
     in_flight: list[InFlightGroup]
+    #: The latest that gave up (at most GAVE_UP_LISTED), newest first.
     gave_up: list[GaveUpRow]
+    #: How many of the ids asked about still need a human (listed or not).
+    gave_up_count: int = 0
     #: None when no action delivers results.
     outbox: OutboxSummary | None = None
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -151,6 +156,8 @@ class PageStatements:
             " {last_sync_age} AS age_s, {last_message}::text AS last_message"
             " FROM {table} WHERE {id} = ANY(%(gave_up)s) AND {ext}::text = %(gave_up_status)s"
             ") AS g),"
+            " (SELECT pg_catalog.count(*) FROM {table}"
+            " WHERE {id} = ANY(%(gave_up_all)s) AND {ext}::text = %(gave_up_status)s),"
             " {outbox_parts}"
         ).format(
             pid=ident(c.provider_id),
@@ -199,18 +206,26 @@ class PageStatements:
         )
 
     async def read(self, conn: AsyncConn, gave_up: Sequence[uuid.UUID]) -> TableReading:
-        """The refresh's reading, in one statement."""
-        cursor = await conn.execute(
-            self.reading_statement,
-            {
-                "gave_up": list(gave_up),
-                "gave_up_status": self._settings.writes.gave_up_external_status,
-            },
-        )
+        """The refresh's reading, in one statement; *gave_up* newest first.
+
+        The first GAVE_UP_LISTED are read whole (by primary key); the rest are
+        only counted, so a bad day's thousand give-ups do not cross the wire
+        at every refresh.
+        """
+        listed = list(gave_up[:GAVE_UP_LISTED])
+        cursor = await conn.execute(self.reading_statement, self.reading_parameters(gave_up))
         row = await cursor.fetchone()
         assert row is not None
-        in_flight_json, gave_up_json, summary_json, dead_json = row
-        return reading_of(in_flight_json, gave_up_json, summary_json, dead_json, gave_up)
+        in_flight_json, gave_up_json, gave_up_count, summary_json, dead_json = row
+        reading = reading_of(in_flight_json, gave_up_json, summary_json, dead_json, listed)
+        return replace(reading, gave_up_count=int(gave_up_count))
+
+    def reading_parameters(self, gave_up: Sequence[uuid.UUID]) -> dict[str, Any]:
+        return {
+            "gave_up": list(gave_up[:GAVE_UP_LISTED]),
+            "gave_up_all": list(gave_up),
+            "gave_up_status": self._settings.writes.gave_up_external_status,
+        }
 
     async def gave_up_within(
         self, conn: AsyncConn, window_s: float
@@ -300,6 +315,7 @@ def reading_of(
         )
         for d in dead or ()
     ]
+    listed = [found[order] for order in asked if order in found]
     return TableReading(
-        groups, [found[order] for order in asked if order in found], outbox, letters
+        groups, listed, gave_up_count=len(listed), outbox=outbox, dead_letters=letters
     )

@@ -50,7 +50,7 @@ from order_monitor.operator.check import OrderState, not_in_flight_reason
 from order_monitor.page.activity import CheckActivity
 from order_monitor.page.cache import Shared, SharedByKey
 from order_monitor.page.ledger import GaveUpLedger
-from order_monitor.page.reading import OrderRow, PageStatements, TableReading
+from order_monitor.page.reading import GAVE_UP_LISTED, OrderRow, PageStatements, TableReading
 from order_monitor.page.render import render
 from order_monitor.page.source import (
     PageSource,
@@ -239,8 +239,9 @@ class OperatorPage:
             await self._conn.reset()
             raise
         self._metrics.page_reads.labels("ok").inc()
+        # Only the listed ones were read whole: those not returned need no human now.
         listed = {row.id for row in reading.gave_up}
-        self.ledger.forget(order for order in asked if order not in listed)
+        self.ledger.forget(order for order in asked[:GAVE_UP_LISTED] if order not in listed)
         read = _Read(reading, self._wall(), self._clock())
         self._last = read
         return read
@@ -299,6 +300,7 @@ class OperatorPage:
             unserved=unserved,
             in_flight_total=reading.in_flight_total,
             gave_up=gave_up_lines(reading.gave_up, settings.providers),
+            gave_up_count=max(reading.gave_up_count, len(reading.gave_up)),
             gave_up_note=self._seed_problem
             or (
                 f"more than {self.ledger.capacity} orders gave up: the oldest are not listed"

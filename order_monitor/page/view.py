@@ -107,7 +107,10 @@ class Overview:
     #: Provider ids with orders in flight that no configured provider serves.
     unserved: list[InFlightGroup]
     in_flight_total: int
+    #: The latest that gave up, newest first (page.reading.GAVE_UP_LISTED at most).
     gave_up: list[GaveUpLine]
+    #: All that gave up in the window and still need a human, listed or not.
+    gave_up_count: int
     #: Orders given up before this term and not listed (the scan failed); None: all listed.
     gave_up_note: str | None
     deliveries: Deliveries | None

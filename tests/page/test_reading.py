@@ -14,7 +14,7 @@ import pytest
 from psycopg import sql
 
 from order_monitor.config import Settings
-from order_monitor.page.reading import PageStatements
+from order_monitor.page.reading import GAVE_UP_LISTED, PageStatements
 from order_monitor.redaction import Secret
 from tests.conftest import as_daemon
 from tests.operator.test_deliveries import HOSTILE, record
@@ -88,6 +88,7 @@ async def test_a_refresh_reads_in_flight_gave_ups_and_the_outbox_in_one_statemen
     assert next(g for g in reading.in_flight if g.provider_id is None).oldest_s is None
     # Asked for by id, an older give-up is read too: the ledger keeps the window.
     assert [g.id for g in reading.gave_up] == [gave_up, stale]
+    assert reading.gave_up_count == 2
     assert reading.gave_up[0].last_message == HOSTILE
     assert reading.outbox is not None
     assert reading.outbox.undelivered == 1
@@ -118,3 +119,24 @@ async def test_one_order_as_the_page_shows_it(db: str, settings: Settings) -> No
     assert row.last_sync_s is not None
     assert 50 < row.last_sync_s < 200
     assert "PIN-1" not in repr(row)
+
+
+async def test_a_bad_day_lists_the_latest_and_counts_them_all(db: str, settings: Settings) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO product_orders (provider_referans, "providerId", "externalStatus",
+                   "sentAt", "lastSyncAt")
+               SELECT 'g' || n, 'znet', 'manual_required', now() - interval '1 day',
+                      now() - make_interval(secs => n)
+               FROM generate_series(1, %s) AS n""",
+            (GAVE_UP_LISTED + 5,),
+        )
+    statements = PageStatements(settings)
+    async with await psycopg.AsyncConnection.connect(
+        settings.dsn.reveal(), autocommit=True
+    ) as conn:
+        found = await statements.gave_up_within(conn, 86400.0)
+        newest_first = [order for order, _ in sorted(found, key=lambda f: f[1])]
+        reading = await statements.read(conn, newest_first)
+    assert reading.gave_up_count == GAVE_UP_LISTED + 5
+    assert [g.id for g in reading.gave_up] == newest_first[:GAVE_UP_LISTED]

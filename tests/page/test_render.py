@@ -93,6 +93,7 @@ def _overview(text: str) -> Overview:
         unserved=[InFlightGroup(text, 4, None)],
         in_flight_total=11,
         gave_up=[GaveUpLine(GaveUpRow(ORDER, text, text, 60.0, text), None)],
+        gave_up_count=1,
         gave_up_note=None,
         deliveries=Deliveries(
             summary, [DeadLetter(ORDER, ORDER, "done", 5, text, 10.0)], {"done": "approve"}
