@@ -83,9 +83,12 @@ UPDATE forms) >= 85 % of ``off``, latency at 500 tps (average and p99) <= +10 %;
 ``decoding`` >= 97 % and <= +3 %; both: first check late by at most 1 s p99 at
 every rate, and no order missed.
 
-``--diagnose`` adds a variant, ``nodaemon``: our objects on a third
+``--diagnose`` adds two variants: ``nodaemon``, our objects on a third
 database with no daemon, so no order is announced (the trigger's own cost,
-its WHEN, apart from what the daemon's reads cost).
+its WHEN, apart from what the daemon's reads cost); and ``emptytrigger``, no
+object of ours but two AFTER ROW triggers on the same events whose WHEN is
+``false`` (what any trigger costs, whatever its condition: the floor under
+every trigger design).
 
 COMMIT to the provider's first request: ``bench/common``'s
 ``commit_to_request`` (``bench/app_writer.py`` processes insert and stamp
@@ -147,6 +150,7 @@ from trigger_bench.setup import (
     DECODING,
     DEFAULT_DSN,
     DIAGNOSTIC,
+    EMPTY_TRIGGER,
     FORMS,
     PARTS,
     ROOT,
@@ -172,7 +176,7 @@ def plan_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan
         parser.error("--initial-delay and --busy-rate are >= 0, --busy-sizes > 0")
     return Plan(
         parts=parts,
-        variants=(*VARIANTS, DIAGNOSTIC) if args.diagnose else VARIANTS,
+        variants=(*VARIANTS, DIAGNOSTIC, EMPTY_TRIGGER) if args.diagnose else VARIANTS,
         forms=forms,
         rounds=args.rounds or (2 if quick else 3),
         seconds=args.seconds or (3.0 if quick else 12.0),

@@ -39,6 +39,30 @@ def install_v1(server: Server, psql: str) -> str:
     return dsn
 
 
+def install_empty_trigger(server: Server) -> str:
+    """A database with the table and triggers on our events that never fire (WHEN false)."""
+    dsn = server.empty("trig_empty")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(REFERENCE_DDL.read_text().encode())
+        # The column install.sql adds, as it adds it; nothing else of ours.
+        conn.execute('ALTER TABLE public.product_orders ADD COLUMN provider_referans varchar(255)')
+        conn.execute(
+            """CREATE FUNCTION public.bench_nothing() RETURNS trigger
+                   LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'"""
+        )
+        conn.execute(
+            """CREATE TRIGGER bench_empty_insert AFTER INSERT ON public.product_orders
+                   FOR EACH ROW WHEN (false) EXECUTE FUNCTION public.bench_nothing()"""
+        )
+        conn.execute(
+            """CREATE TRIGGER bench_empty_update
+                   AFTER UPDATE OF provider_referans ON public.product_orders
+                   FOR EACH ROW WHEN (false) EXECUTE FUNCTION public.bench_nothing()"""
+        )
+    order_no_index(dsn)
+    return dsn
+
+
 def install_decoding(server: Server, label: str) -> str:
     """A database for ORDER_MONITOR_CAPTURE=decoding, deployed as ``tests/decoding`` does.
 

@@ -140,7 +140,7 @@ def table(report: dict[str, Any]) -> str:
         )
     lines.append("")
     head = f"{'':<36}" + "".join(f"{VARIANT_TITLES[v]:>17}" for v in variants)
-    head += "".join(f"{v + '/none':>14}" for v in others)
+    head += "".join(f"{v + '/none':>16}" for v in others)
     if "throughput" in r:
         lines += ["application tps, full speed (median)", head]
         for form, s in r["throughput"].items():
@@ -148,13 +148,13 @@ def table(report: dict[str, Any]) -> str:
             lines.append(
                 f"{FORM_TITLES[form]:<36}"
                 + "".join(f"{med[v]['tps']:>17,.0f}" for v in variants)
-                + "".join(f"{ratios[v + '_tps']['median']:>14.1%}" for v in others)
+                + "".join(f"{ratios[v + '_tps']['median']:>16.1%}" for v in others)
             )
         lines.append("  each run (tps, by round):")
         for form, s in r["throughput"].items():
             for v in variants:
                 figures = [run["tps"] for run in s["runs"] if run["variant"] == v]
-                lines.append(f"    {form:<10}{v:<9}" + ", ".join(f"{x:,.0f}" for x in figures))
+                lines.append(f"    {form:<10}{v:<10}" + ", ".join(f"{x:,.0f}" for x in figures))
         lines.append("")
     if "latency" in r:
         lines += [
@@ -170,12 +170,12 @@ def table(report: dict[str, Any]) -> str:
             )
             lines.append(
                 f"{FORM_TITLES[form]:<36}{cells}"
-                + "".join(f"{ratios[v + '_latency_avg_ms']['median']:>14.1%}" for v in others)
+                + "".join(f"{ratios[v + '_latency_avg_ms']['median']:>16.1%}" for v in others)
                 + "  (average)"
             )
             lines.append(
                 f"{'':<36}{'':>{17 * len(variants)}}"
-                + "".join(f"{ratios[v + '_latency_p99_ms']['median']:>14.1%}" for v in others)
+                + "".join(f"{ratios[v + '_latency_p99_ms']['median']:>16.1%}" for v in others)
                 + "  (p99)"
             )
         lines.append("  each run (average / p99 ms and the rate reached, by round):")
@@ -187,7 +187,7 @@ def table(report: dict[str, Any]) -> str:
                     for run in s["runs"]
                     if run["variant"] == v
                 ]
-                lines.append(f"    {form:<10}{v:<9}" + ", ".join(figures))
+                lines.append(f"    {form:<10}{v:<10}" + ", ".join(figures))
         for form, s in r["latency"].items():
             for v in variants:
                 reached = s["medians"][v]["tps"]

@@ -32,6 +32,7 @@ from order_monitor.redaction import Secret
 from trigger_bench.databases import (
     in_flight_ids,
     install_decoding,
+    install_empty_trigger,
     install_v1,
     order_no_index,
     reset,
@@ -40,7 +41,14 @@ from trigger_bench.databases import (
 )
 from trigger_bench.hearing import BareListener, MissedOrders, OfferLog
 from trigger_bench.pgbench import Load, pgbench_run
-from trigger_bench.setup import DECODING, DIAGNOSTIC, LATENCY_FORMS, SCRIPTS, Plan
+from trigger_bench.setup import (
+    DECODING,
+    DIAGNOSTIC,
+    EMPTY_TRIGGER,
+    LATENCY_FORMS,
+    SCRIPTS,
+    Plan,
+)
 
 
 @dataclass
@@ -63,11 +71,16 @@ class Bench:
     decoding_offers: OfferLog | None = None
     #: How long a reset's bulk load may take to be decoded before a run.
     slot_within: float = 600.0
+    #: The floor variant's database (--diagnose).
+    empty_dsn: str | None = None
 
     def dsn(self, variant: str) -> str:
         if variant == DIAGNOSTIC:
             assert self.nodaemon_dsn is not None
             return self.nodaemon_dsn
+        if variant == EMPTY_TRIGGER:
+            assert self.empty_dsn is not None
+            return self.empty_dsn
         if variant == DECODING:
             assert self.decoding_dsn is not None
             return self.decoding_dsn
@@ -154,7 +167,7 @@ async def one_run(
     result["switches_to_busy"] = metric(daemon, "to_busy") - before["to_busy"]
     if variant == "v1":
         result["notified"] = b.v1.notifications - v1_before
-    elif variant == DIAGNOSTIC:
+    elif variant in (DIAGNOSTIC, EMPTY_TRIGGER):
         result["notified"] = result["from_reads"] = 0.0  # nobody listens or reads there
     if variant == DECODING:
         # Before the run's orders are forgotten: while it dispatches, the
@@ -206,7 +219,7 @@ async def account(
         }
     # Triggers disabled, a write they keep out, or nobody holding the idle
     # lock (no daemon): nothing may be announced.
-    announces = variant not in ("off", DIAGNOSTIC) and form != "unrelated"
+    announces = variant not in ("off", DIAGNOSTIC, EMPTY_TRIGGER) and form != "unrelated"
     expected = await in_flight_ids(b.dsn(variant)) if announces else set()
     # Filled as announcements arrive (the same set objects throughout).
     got = b.v1.received if variant == "v1" else b.offers.offered
@@ -297,6 +310,9 @@ async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, An
     if DIAGNOSTIC in plan.variants:
         nodaemon_dsn = server.fresh("trig_nod")
         await asyncio.to_thread(order_no_index, nodaemon_dsn)
+    empty_dsn = None
+    if EMPTY_TRIGGER in plan.variants:
+        empty_dsn = await asyncio.to_thread(install_empty_trigger, server)
     decoding_dsn = None
     if DECODING in plan.variants:
         decoding_dsn = await asyncio.to_thread(install_decoding, server, "trig_dec")
@@ -329,6 +345,7 @@ async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, An
                 ours_dsn=ours_dsn,
                 v1_dsn=v1_dsn,
                 nodaemon_dsn=nodaemon_dsn,
+                empty_dsn=empty_dsn,
                 daemon=daemon,
                 offers=offers,
                 v1=v1,
