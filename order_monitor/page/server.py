@@ -47,6 +47,7 @@ from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 from order_monitor.operator import database_error
 from order_monitor.operator.check import OrderState, not_in_flight_reason
+from order_monitor.ops.http import parse_listen
 from order_monitor.page.activity import CheckActivity
 from order_monitor.page.cache import Shared, SharedByKey
 from order_monitor.page.ledger import GaveUpLedger
@@ -171,8 +172,6 @@ class OperatorPage:
         wall: Callable[[], dt.datetime] = utc_now,
         connection: ManagedConnection | None = None,
     ) -> None:
-        from order_monitor.ops.http import parse_listen
-
         settings: Settings = source.settings
         self._source = source
         self._settings = settings
