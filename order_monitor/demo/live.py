@@ -175,6 +175,14 @@ class LiveView:
                 self._last_text = line
                 self._write(line + "\n")
 
+    def note(self, text: str) -> None:
+        """A line above the progress (the frame, on a terminal, is drawn again below it)."""
+        if self.tty and self._drawn:
+            # Up to the frame's first line, clear to the end of the screen.
+            self._write(f"\x1b[{self._drawn}A\r\x1b[J")
+            self._drawn = 0
+        self._write(text + "\n")
+
     def close(self) -> None:
         if self.tty and not self._closed:
             self._closed = True

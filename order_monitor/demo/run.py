@@ -176,6 +176,11 @@ async def play(
                 graceful = True
                 try:
                     if await _until_ready(daemon, ready, stop, daemon_task, result):
+                        if daemon.http_server is not None:
+                            view.note(
+                                "The operator page, while the demo runs: "
+                                f"http://127.0.0.1:{daemon.http_server.port}/"
+                            )
                         app_task = asyncio.create_task(app.run(), name="application")
                         await _watch(
                             result, tally, view, conn, stop, daemon_task, app_task, orders, rate

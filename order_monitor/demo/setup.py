@@ -141,6 +141,9 @@ def demo_settings(
         actions=demo_actions(api_url, api_token),
         log_level="warning",
         log_format="json",
+        # The operator page (and /metrics) on a free loopback port: the run
+        # prints where, so a newcomer can watch the page while it plays.
+        http_listen="127.0.0.1:0",
     )
 
 

@@ -41,7 +41,7 @@ from aiohttp import web
 
 from order_monitor import __version__
 from order_monitor.config import Settings
-from order_monitor.db import ManagedConnection
+from order_monitor.db import AsyncConn, ManagedConnection
 from order_monitor.engine.unreadable import primary_message
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
@@ -245,7 +245,7 @@ class OperatorPage:
         self._last = read
         return read
 
-    async def _seed(self, conn: Any, term: int) -> None:
+    async def _seed(self, conn: AsyncConn, term: int) -> None:
         started = self._clock()
         try:
             found = await self._statements.gave_up_within(conn, self.ledger.window)

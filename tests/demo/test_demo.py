@@ -87,6 +87,9 @@ def test_a_small_demo_ends_every_order_and_cleans_up(capsys: pytest.CaptureFixtu
     assert "delivery.failed" in out
     # Not a TTY here: the live view wrote plain progress lines.
     assert re.search(r"^\[\s*\d+\.\d+s\] dispatched \d+/40 ", out, re.MULTILINE)
+    assert re.search(
+        r"^The operator page, while the demo runs: http://127\.0\.0\.1:\d+/$", out, re.M
+    )
     assert "\x1b[" not in out
     assert "SELECT provider_referans" in out
     # The embedded server's directory is gone, and our logging set-up is back.
