@@ -36,6 +36,8 @@ from order_monitor.config import Settings
 from order_monitor.db import AsyncConn
 from order_monitor.db.dispatch import DispatchIssue, dispatch_sql, issue_of
 from order_monitor.delivery.store import OutboxStore, OutboxSummary, summary_of
+from order_monitor.operator.check import OrderState
+from order_monitor.operator.status import GaveUpOrder
 
 #: Dead letters listed on the page (all are counted).
 DEAD_LISTED: Final = 10
@@ -57,16 +59,6 @@ class InFlightGroup:
 
 
 @dataclass(frozen=True, slots=True)
-class GaveUpRow:
-    id: uuid.UUID
-    provider_id: str | None
-    reference: str | None
-    #: Seconds since its "lastSyncAt" (when it gave up); None when not finite.
-    age_s: float | None
-    last_message: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class DeadLetter:
     delivery_id: uuid.UUID
     order_id: uuid.UUID
@@ -83,7 +75,7 @@ class TableReading:
 
     in_flight: list[InFlightGroup]
     #: The latest that gave up (at most GAVE_UP_LISTED), newest first.
-    gave_up: list[GaveUpRow]
+    gave_up: list[GaveUpOrder]
     #: How many of the ids asked about still need a human (listed or not).
     gave_up_count: int = 0
     #: None when no action delivers results.
@@ -96,15 +88,10 @@ class TableReading:
 
 
 @dataclass(frozen=True, slots=True)
-class OrderRow:
-    """One order as the page reads it: never its PIN (see the module docstring)."""
+class OrderRow(OrderState):
+    """One order as the page reads it (what `check` reads, and more): never its PIN
+    (see the module docstring)."""
 
-    id: uuid.UUID
-    status: str | None
-    external_status: str | None
-    reference: str | None
-    provider_id: str | None
-    in_flight: bool
     #: Seconds since dispatch; None when the dispatch time is unusable (*dispatch_issue*).
     dispatched_s: float | None
     dispatch_issue: DispatchIssue | None
@@ -290,7 +277,7 @@ def reading_of(
     ]
     groups.sort(key=lambda g: (g.provider_id is None, g.provider_id or ""))
     found = {
-        uuid.UUID(g["id"]): GaveUpRow(
+        uuid.UUID(g["id"]): GaveUpOrder(
             uuid.UUID(g["id"]),
             g["provider_id"],
             g["reference"],

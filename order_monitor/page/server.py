@@ -46,7 +46,7 @@ from order_monitor.engine.unreadable import primary_message
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 from order_monitor.operator import database_error
-from order_monitor.operator.check import OrderState, not_in_flight_reason
+from order_monitor.operator.check import not_in_flight_reason
 from order_monitor.ops.http import parse_listen
 from order_monitor.page.activity import CheckActivity
 from order_monitor.page.cache import Shared, SharedByKey
@@ -313,37 +313,24 @@ class OperatorPage:
 
     async def order(self, order_id: uuid.UUID) -> OrderView:
         now = self._wall()
+        problem = None
         try:
             row = await self.orders.get(order_id, lambda: self._read_order(order_id))
         except (psycopg.Error, OSError) as exc:
-            return OrderView(
-                order_id,
-                None,
-                None,
-                None,
-                next_check(self._source, order_id, now=now, in_flight=False),
-                problem=f"the order cannot be read: {self._problem(exc)}",
-            )
+            row, problem = None, f"the order cannot be read: {self._problem(exc)}"
+        in_flight = row is not None and row.in_flight
+        next_one = next_check(self._source, order_id, now=now, in_flight=in_flight)
         if row is None:
-            return OrderView(
-                order_id,
-                None,
-                None,
-                None,
-                next_check(self._source, order_id, now=now, in_flight=False),
-            )
+            return OrderView(order_id, None, None, None, next_one, problem=problem)
         settings = self._source.settings
         layout = settings.layout
         config = settings.provider_for(row.provider_id) if row.provider_id else None
-        state = OrderState(
-            row.id, row.status, row.external_status, row.reference, row.provider_id, row.in_flight
-        )
         return OrderView(
             order_id,
             row,
             (config.name, config.kind) if config is not None else None,
-            None if row.in_flight else not_in_flight_reason(state, layout),
-            next_check(self._source, order_id, now=now, in_flight=row.in_flight),
+            None if row.in_flight else not_in_flight_reason(row, layout),
+            next_one,
             dispatch_issue_text=(
                 row.dispatch_issue.describe(layout) if row.dispatch_issue is not None else None
             ),

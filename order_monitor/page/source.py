@@ -17,27 +17,21 @@ from order_monitor.config import Settings
 from order_monitor.decoding.capture import Capture
 from order_monitor.engine.handoff import Handoff, Mode
 from order_monitor.engine.scheduler import Scheduler
+from order_monitor.ops.http import Readiness
 from order_monitor.page.view import DaemonFacts, NextCheck, ProviderState
 from order_monitor.providers.base import Provider
 from order_monitor.providers.limits import LimitedProvider
 
 
-class PageSource(Protocol):
+class PageSource(Readiness, Protocol):
+    """What /readyz asks (role, listener, last sweep...), and the rest the page shows."""
+
     settings: Settings
     scheduler: Scheduler
     #: Wall-clock start of the process, for "up since".
     started_at: dt.datetime
     #: Counts the terms as leader: a new term reads the gave-ups again.
     term: int
-
-    @property
-    def role(self) -> str: ...
-
-    @property
-    def database_unreachable(self) -> bool: ...
-
-    @property
-    def listener_connected(self) -> bool: ...
 
     @property
     def handoff(self) -> Handoff | None: ...
@@ -52,8 +46,6 @@ class PageSource(Protocol):
     def leading(self) -> bool: ...
 
     def monotonic(self) -> float: ...
-
-    def last_sweep_age(self) -> float | None: ...
 
     def unwritten_age(self) -> float: ...
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from order_monitor.config import ProviderConfig
 from order_monitor.delivery.store import OutboxSummary
+from order_monitor.operator.status import GaveUpOrder
 from order_monitor.page.activity import HourCounts
-from order_monitor.page.reading import DeadLetter, GaveUpRow, InFlightGroup, OrderRow
+from order_monitor.page.reading import DeadLetter, InFlightGroup, OrderRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,7 @@ class ProviderLine:
 
 @dataclass(frozen=True, slots=True)
 class GaveUpLine:
-    row: GaveUpRow
+    row: GaveUpOrder
     #: The configured provider serving its provider id, if any.
     provider: str | None
 
@@ -153,7 +154,7 @@ def provider_lines(
 
 
 def gave_up_lines(
-    rows: Sequence[GaveUpRow], providers: Sequence[ProviderConfig]
+    rows: Sequence[GaveUpOrder], providers: Sequence[ProviderConfig]
 ) -> list[GaveUpLine]:
     names = {pid: config.name for config in providers for pid in config.provider_ids}
     return [GaveUpLine(row, names.get(row.provider_id or "")) for row in rows]

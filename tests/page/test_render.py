@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from order_monitor.delivery.store import OutboxSummary
+from order_monitor.operator.status import GaveUpOrder
 from order_monitor.page.activity import HourCounts
-from order_monitor.page.reading import DeadLetter, GaveUpRow, InFlightGroup, OrderRow
+from order_monitor.page.reading import DeadLetter, InFlightGroup, OrderRow
 from order_monitor.page.render import ago, render, shown, span
 from order_monitor.page.view import (
     DaemonFacts,
@@ -92,7 +93,7 @@ def _overview(text: str) -> Overview:
         providers=[line],
         unserved=[InFlightGroup(text, 4, None)],
         in_flight_total=11,
-        gave_up=[GaveUpLine(GaveUpRow(ORDER, text, text, 60.0, text), None)],
+        gave_up=[GaveUpLine(GaveUpOrder(ORDER, text, text, 60.0, text), None)],
         gave_up_count=1,
         gave_up_note=None,
         deliveries=Deliveries(
