@@ -45,7 +45,7 @@ def install_empty_trigger(server: Server) -> str:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(REFERENCE_DDL.read_text().encode())
         # The column install.sql adds, as it adds it; nothing else of ours.
-        conn.execute('ALTER TABLE public.product_orders ADD COLUMN provider_referans varchar(255)')
+        conn.execute("ALTER TABLE public.product_orders ADD COLUMN provider_referans varchar(255)")
         conn.execute(
             """CREATE FUNCTION public.bench_nothing() RETURNS trigger
                    LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'"""
