@@ -174,7 +174,7 @@ async def measure_size(
                 else None,
                 refresh_s=5.0,
             )
-            html = render("overview.html", view=view, attention=False, refresh_s=5, version="x")
+            html = render("overview.html", view=view, refresh_s=5, version="x")
             renders.append(time.perf_counter() - t)
         return {
             "in_flight": in_flight,

@@ -412,17 +412,10 @@ class OperatorPage:
         if refused is not None:
             return refused
         view = await self.overview()
-        attention = (
-            not view.daemon.ready
-            or bool(view.gave_up)
-            or any(p.trouble for p in view.providers)
-            or bool(view.unserved)
-        )
         return self._html(
             render(
                 "overview.html",
                 view=view,
-                attention=attention,
                 refresh_s=view.refresh_s,
                 version=view.daemon.version,
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
 from order_monitor import __version__
@@ -118,9 +118,6 @@ def next_check(
     if order.int in scheduler:
         return NextCheck("being checked")
     return NextCheck("not scheduled" if in_flight else "finished")
-
-
-Clock = Callable[[], dt.datetime]
 
 
 def utc_now() -> dt.datetime:

@@ -118,6 +118,16 @@ class Overview:
     refresh_s: float
     hour_window_s: float = 3600.0
 
+    @property
+    def attention(self) -> bool:
+        """Something here wants a look (the title says so, for a tab in the background)."""
+        return (
+            not self.daemon.ready
+            or bool(self.gave_up)
+            or any(p.trouble for p in self.providers)
+            or bool(self.unserved)
+        )
+
 
 def provider_lines(
     providers: Sequence[ProviderConfig],

@@ -112,7 +112,7 @@ def _invisible(text: str) -> list[str]:
 @settings(max_examples=300)
 @given(text=hostile)
 def test_every_outside_string_on_the_overview_is_shown_as_text(text: str) -> None:
-    html = render("overview.html", view=_overview(text), attention=True, refresh_s=5, version="0")
+    html = render("overview.html", view=_overview(text), refresh_s=5, version="0")
     page = Page(html)
     expected = " ".join(shown(text).split())
     assert not _invisible(shown(text).replace("\n", ""))
@@ -164,9 +164,7 @@ def test_a_completed_orders_message_is_not_shown() -> None:
 
 
 def test_the_overview_lays_out_the_numbers() -> None:
-    page = Page(
-        render("overview.html", view=_overview("x"), attention=True, refresh_s=5, version="0")
-    )
+    page = Page(render("overview.html", view=_overview("x"), refresh_s=5, version="0"))
     znet = page.fields[("data-provider", "znet")]
     assert znet["in-flight"] == "7"
     assert znet["checks"] == "4"
