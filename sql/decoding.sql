@@ -1,4 +1,4 @@
--- order-monitor: capture dispatched orders from the WAL (opt-in, schema version 5)
+-- order-monitor: capture dispatched orders from the WAL (opt-in, schema version 6)
 --
 -- For a server with wal_level = logical. Instead of a trigger, the daemon
 -- (ORDER_MONITOR_CAPTURE=decoding) reads the orders of "public"."product_orders" from a
@@ -38,7 +38,7 @@ BEGIN
             USING HINT = 'ALTER SYSTEM SET wal_level = logical (a managed service: its parameter group), restart the server, then run this file again';
     END IF;
     IF pg_catalog.to_regprocedure('"public"."order_monitor_product_orders_write_v2"(uuid[], text[], text[], text[], text[], text[], text[])') IS NULL THEN
-        RAISE EXCEPTION 'order-monitor: install.sql (schema version 5) has not run here: nothing was changed'
+        RAISE EXCEPTION 'order-monitor: install.sql has not run here: nothing was changed'
             USING HINT = 'run install.sql, then role.sql, then this file';
     END IF;
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'order_monitor') THEN

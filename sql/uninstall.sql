@@ -1,7 +1,7 @@
--- order-monitor: uninstall (schema version 5)
+-- order-monitor: uninstall (schema version 6)
 --
 -- Removes every object any version created on "public"."product_orders": the triggers and
--- trigger functions (versions 1 to 5), the inbox of versions 2 to 4, the
+-- trigger functions (versions 1 to 6), the inbox of versions 2 to 4, the
 -- write functions, the outbox and the
 -- index. Keeps the column "provider_referans" and every row: nothing the application
 -- wrote is lost. Refuses, changing nothing, while the outbox holds results
@@ -91,7 +91,7 @@ BEGIN
 END
 $om$;
 
--- The trigger functions of versions 5, 2 to 4, and 1.
+-- The trigger functions of versions 5 and 6 (one), 2 to 4, and 1.
 DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v3"();
 
 DROP FUNCTION IF EXISTS "public"."order_monitor_product_orders_notify_v2"();

@@ -22,9 +22,9 @@ from order_monitor.engine.changes import Mark
 class Install(enum.Enum):
     """Which trigger the table has, as far as the busy read is concerned."""
 
-    #: Version 5: while busy, the trigger calls nothing; the daemon reads changes.
+    #: Versions 5 and 6: while busy, the trigger calls nothing; the daemon reads changes.
     GATED = "gated"
-    #: Version 5 before role.sql granted SELECT on xmin: the daemon cannot read
+    #: Version 5 or 6 before role.sql granted SELECT on xmin: the daemon cannot read
     #: changes yet, so it holds the idle lock and the trigger NOTIFYs always.
     GATED_UNREADABLE = "gated_unreadable"
     #: Versions 2 to 4: while busy, the trigger writes ids to the inbox.

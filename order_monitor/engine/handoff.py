@@ -437,21 +437,21 @@ class Handoff:
             log.warning(
                 "handoff.version_1_install",
                 note="the installed trigger NOTIFYs for every order, which serialises the "
-                "application's commits; run install.sql (version 5), then role.sql, to let it "
+                "application's commits; run this release's install.sql, then role.sql, to let it "
                 "stay quiet while the daemon is busy",
             )
         elif install is Install.GATED_UNREADABLE and self.install is not install:
             log.warning(
                 "handoff.xmin_not_granted",
-                note="install.sql (version 5) is in, role.sql not yet: this role may not read "
-                "xmin, so the daemon cannot find orders itself while busy; until role.sql is "
-                "run it holds the idle lock and the trigger NOTIFYs every order",
+                note="install.sql (version 5 or later) is in, role.sql not yet: this role may "
+                "not read xmin, so the daemon cannot find orders itself while busy; until "
+                "role.sql is run it holds the idle lock and the trigger NOTIFYs every order",
             )
         elif install is Install.INBOX and self.install is not Install.INBOX:
             log.warning(
                 "handoff.version_4_install",
                 note="the installed trigger calls a function for every order, which costs the "
-                "application a fifth of its dispatch throughput; run install.sql (version 5), "
+                "application a fifth of its dispatch throughput; run this release's install.sql, "
                 "then role.sql, with this daemon running",
             )
         self.install = install
@@ -596,7 +596,7 @@ class Handoff:
         try:
             ids = await self._statements.take(conn, room)
         except psycopg.errors.UndefinedTable:
-            # install.sql (version 5) dropped the inbox: its trigger writes
+            # install.sql (version 5 or later) dropped the inbox: its trigger writes
             # there no more, and the reads find every order it would have held.
             if await self._installed(conn) not in (Install.GATED, Install.GATED_UNREADABLE):
                 raise
@@ -604,7 +604,9 @@ class Handoff:
             # before this moment: the first read takes every order in flight.
             self.mark = Mark()
             self._next_read = self._clock()
-            log.info("handoff.inbox_dropped", note="version 5 installed; reading changes now")
+            log.info(
+                "handoff.inbox_dropped", note="version 5 or later installed; reading changes now"
+            )
             return 0, True
         if ids:
             self.rule.observe(self._clock(), len(ids))

@@ -156,7 +156,7 @@ BEGIN
             USING HINT = 'ALTER SYSTEM SET wal_level = logical (a managed service: its parameter group), restart the server, then run this file again';
     END IF;
     IF pg_catalog.to_regprocedure({write}) IS NULL THEN
-        RAISE EXCEPTION 'order-monitor: install.sql (schema version 5) has not run here: nothing was changed'
+        RAISE EXCEPTION 'order-monitor: install.sql has not run here: nothing was changed'
             USING HINT = 'run install.sql, then role.sql, then this file';
     END IF;
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = {daemon}) THEN

@@ -23,8 +23,10 @@ _HEADERS = {
 --     while it is busy the trigger's WHEN is false (a NOTIFY per order would
 --     serialise the application's commits) and the daemon reads the orders
 --     that changed since its last read instead: nothing of ours runs in the
---     application's transaction but the WHEN (see the function's comment);
---   * replaces older versions' triggers in one transaction, and drops their
+--     application's transaction but the WHEN, one try of an advisory lock
+--     (see the triggers' comment);
+--   * replaces older versions' triggers and trigger function in one
+--     transaction (version 5's in place), and drops versions 1 to 4's
 --     functions and versions 2 to 4's UNLOGGED inbox;
 --   * creates the function through which the daemon writes results (and
 --     nothing else): {writes};
@@ -44,6 +46,9 @@ _HEADERS = {
 -- Running it again is harmless: every step is idempotent, and a run that
 -- finds nothing to change takes no lock on the table. If it stops on
 -- "lock timeout" (the table was busy), run it again.
+-- Upgrading from version 5: in place, with the daemons running, in any
+-- order (daemons of both releases work on either install); the triggers and
+-- their function change in one transaction, under SHARE ROW EXCLUSIVE.
 -- Upgrading from version 4 (or 3): in place, with the daemons running, in
 -- this order: first upgrade and restart every daemon (standbys included; a
 -- daemon of this release works on the version 4 install as well), then run
@@ -58,7 +63,7 @@ _HEADERS = {
 -- order-monitor: uninstall (schema version {version})
 --
 -- Removes every object any version created on {table}: the triggers and
--- trigger functions (versions 1 to 5), the inbox of versions 2 to 4, the
+-- trigger functions (versions 1 to 6), the inbox of versions 2 to 4, the
 -- write functions, the outbox and the
 -- index. Keeps the column {ref} and every row: nothing the application
 -- wrote is lost. Refuses, changing nothing, while the outbox holds results

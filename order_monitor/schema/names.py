@@ -11,7 +11,7 @@ from psycopg import sql
 from order_monitor.config import Layout
 
 #: The schema version the files announce: that of the newest object.
-VERSION = 5
+VERSION = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +57,10 @@ class Names:
         self.table = sql.Identifier(layout.schema, layout.table)
         self.index_name = object_name("order_monitor", layout.table, "inflight_v1")
         self.index = sql.Identifier(layout.schema, self.index_name)
-        #: The trigger function (version 5): NOTIFY, called only while the daemon is idle.
+        #: The trigger function: called only while the daemon is idle, it
+        #: NOTIFYs an order that entered flight or got a new reference. Its
+        #: name is version 5's: version 6 moved the in-flight rule from the
+        #: triggers' WHEN into its body, and replaces both in one transaction.
         self.function_name = object_name("order_monitor", layout.table, "notify_v3")
         self.function = sql.Identifier(layout.schema, self.function_name)
         self.write_function_name = object_name("order_monitor", layout.table, "write_v2")

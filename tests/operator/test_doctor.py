@@ -130,7 +130,7 @@ def test_doctor_sees_that_the_install_is_for_another_in_flight_rule(
     db: str, env_file: Path
 ) -> None:
     # The operator narrowed the rule but did not re-install: the index and the
-    # triggers were built for the old one.
+    # trigger function were built for the old one.
     env = environment(db, env_file, IN_FLIGHT_EXTERNAL_STATUSES="sent,processing")
 
     result = invoke(["doctor"], env)
@@ -140,9 +140,11 @@ def test_doctor_sees_that_the_install_is_for_another_in_flight_rule(
     assert found["index"] == "FAIL"
     assert "another in-flight rule" in lines(result)["index"]
     assert "DROP INDEX CONCURRENTLY" in lines(result)["index"]
-    assert found["trigger order_monitor_insert_v3"] == "FAIL"
-    assert found["trigger order_monitor_update_v3"] == "FAIL"
-    assert found["trigger function"] == "PASS"  # its body does not depend on the rule
+    assert found["trigger function"] == "FAIL"  # it tests the rule (version 6)
+    assert "in-flight statuses" in lines(result)["trigger function"]
+    # Their WHEN is the idle lock's try alone: it does not depend on the rule.
+    assert found["trigger order_monitor_insert_v3"] == "PASS"
+    assert found["trigger order_monitor_update_v3"] == "PASS"
 
 
 def test_doctor_reports_an_invalid_index_and_a_disabled_trigger(db: str, env_file: Path) -> None:

@@ -28,6 +28,7 @@ RELEASED = {
     2: FIXTURES / "install_v2.sql",
     3: FIXTURES / "install_v3.sql",
     4: FIXTURES / "install_v4.sql",
+    5: FIXTURES / "install_v5.sql",
 }
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -82,7 +83,7 @@ def install_release(dsn: str, version: int) -> None:
         conn.execute(
             sql.SQL("GRANT EXECUTE ON FUNCTION {}({}) TO {}").format(function, signature, role)
         )
-        if version >= 2:
+        if 2 <= version <= 4:
             conn.execute(sql.SQL("GRANT SELECT, DELETE ON {} TO {}").format(names.inbox, role))
 
 

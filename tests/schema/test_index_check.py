@@ -62,11 +62,11 @@ def test_install_stops_on_an_index_built_for_another_in_flight_rule(
     assert done.returncode != 0
     assert "another in-flight rule" in done.stderr
     assert "'unknown'" in done.stderr  # the rule it was built for, deparsed
-    with psycopg.connect(db) as conn:  # nothing after the check ran: the triggers are as they were
+    with psycopg.connect(db) as conn:  # nothing after the check ran: the rule is as it was
         assert scalar(
             conn,
-            "SELECT pg_get_triggerdef(oid) LIKE '%unknown%' FROM pg_trigger"
-            " WHERE tgname = 'order_monitor_insert_v3'",
+            "SELECT prosrc LIKE '%unknown%' FROM pg_proc"
+            " WHERE proname = 'order_monitor_product_orders_notify_v3'",
         )
 
 

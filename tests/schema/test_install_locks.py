@@ -17,9 +17,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from order_monitor import install
+from order_monitor import install, schema
 from order_monitor.config import Layout
-from tests.conftest import DAEMON_ROLE
+from tests.conftest import DAEMON_ROLE, as_daemon
 from tests.schema.scripts import (
     RELEASED,
     as_owner,
@@ -34,6 +34,7 @@ from tests.schema.scripts import (
 Conn = psycopg.Connection[tuple[object, ...]]
 #: The layout the test databases were installed with (our daemon role's name).
 DAEMON_LAYOUT = Layout(role=DAEMON_ROLE)
+IDLE_LOCK = schema.idle_lock_key(DAEMON_LAYOUT)
 
 #: What the application does to the row it works on, in one transaction.
 LOCK_ROW = "SELECT id FROM product_orders WHERE provider_referans = 'busy' FOR UPDATE"
@@ -257,3 +258,57 @@ def test_the_upgrade_from_version_4_locks_once_and_its_rerun_not_at_all(
         again = psql(bare_db, current("install", tmp_path, DAEMON_LAYOUT))
         holder.rollback()
     assert again.returncode == 0, again.stderr
+
+
+def test_the_upgrade_from_version_5_waits_for_open_writes_under_one_lock_and_misses_no_order(
+    bare_db: str, tmp_path: Path
+) -> None:
+    """Version 6 replaces version 5's triggers and function in place: SHARE ROW EXCLUSIVE, once.
+
+    An application transaction open across the upgrade dispatches under
+    version 5's triggers, one after it under version 6's; the idle daemon is
+    told of both. Reads never wait (no ACCESS EXCLUSIVE), and a re-run takes
+    no lock at all.
+    """
+    give_table_to_owner(bare_db)
+    install_release(bare_db, 5)
+    upgrade_script = current("install", tmp_path, DAEMON_LAYOUT)
+    dispatch = """INSERT INTO product_orders (provider_referans, "externalStatus")
+                  VALUES (%s, 'sent') RETURNING id::text"""
+    with (
+        psycopg.connect(bare_db) as app,
+        psycopg.connect(bare_db) as report,
+        psycopg.connect(as_daemon(bare_db), autocommit=True) as daemon,
+        psycopg.connect(bare_db, autocommit=True) as admin,
+    ):
+        daemon.execute("SELECT pg_catalog.pg_advisory_lock(%s)", (IDLE_LOCK,))
+        daemon.execute("LISTEN order_monitor")
+        report.execute("SELECT count(*) FROM product_orders")  # left open: ACCESS SHARE
+        before = scalar(app, dispatch, ("before",))  # left open: ROW EXCLUSIVE
+        upgrade = start_psql(bare_db, upgrade_script)
+        wait_until_waiting(admin, upgrade)
+        assert scalar(
+            admin,
+            "SELECT array_agg(mode::text) FROM pg_locks"
+            " WHERE relation = 'product_orders'::regclass AND NOT granted",
+        ) == ["ShareRowExclusiveLock"]
+        app.commit()
+        _, stderr = upgrade.communicate(timeout=30)
+        assert upgrade.returncode == 0, stderr
+        report.rollback()
+        after = scalar(app, dispatch, ("after",))
+        app.commit()
+        assert [n.payload for n in daemon.notifies(timeout=1, stop_after=2)] == [before, after]
+        assert triggers(admin) == ["order_monitor_insert_v3", "order_monitor_update_v3"]
+        assert "lower" not in str(
+            scalar(
+                admin,
+                "SELECT string_agg(pg_get_triggerdef(oid), ' ') FROM pg_trigger"
+                " WHERE tgrelid = 'product_orders'::regclass AND NOT tgisinternal",
+            )
+        )
+        with psycopg.connect(bare_db) as holder:
+            holder.execute("LOCK TABLE product_orders IN ACCESS EXCLUSIVE MODE")
+            again = psql(bare_db, upgrade_script)
+            holder.rollback()
+        assert again.returncode == 0, again.stderr

@@ -1,6 +1,6 @@
 """A schema upgraded from any released version is the schema a fresh install makes.
 
-Built each way on its own database (fresh; version 1, 2, 3 or 4 then
+Built each way on its own database (fresh; version 1, 2, 3, 4 or 5 then
 this), with role.sql after, and the catalog compared: our functions (body,
 settings, owner, ACL), the triggers, the index, the inbox (versions 2 to 4
 had one; none is left), the outbox and the table's grants, each as Postgres deparses it under the pinned
@@ -74,7 +74,7 @@ def databases(pg_server: Server, templates: tuple[str, str]) -> Iterator[dict[st
     """Databases with the application's table alone, as a DBA's are before we come."""
     names = {
         how: f"om_test_{uuid.uuid4().hex[:12]}"
-        for how in ("fresh", "from v1", "from v2", "from v3", "from v4")
+        for how in ("fresh", "from v1", "from v2", "from v3", "from v4", "from v5")
     }
     try:
         yield {how: pg_server.create_database(n, template=templates[0]) for how, n in names.items()}
@@ -83,7 +83,7 @@ def databases(pg_server: Server, templates: tuple[str, str]) -> Iterator[dict[st
             pg_server.drop_database(n)
 
 
-def test_upgrades_from_versions_1_to_4_give_the_fresh_install(
+def test_upgrades_from_versions_1_to_5_give_the_fresh_install(
     databases: dict[str, str], tmp_path: Path
 ) -> None:
     layout = Layout(role=DAEMON_ROLE)
@@ -102,7 +102,7 @@ def test_upgrades_from_versions_1_to_4_give_the_fresh_install(
     fresh = catalog(databases["fresh"])
     assert all(fresh[part] for part in ("functions", "triggers", "indexes", "outbox"))
     assert fresh["inbox"] == []
-    for how in ("from v1", "from v2", "from v3", "from v4"):
+    for how in ("from v1", "from v2", "from v3", "from v4", "from v5"):
         upgraded = catalog(databases[how])
         for part, rows in fresh.items():
             assert upgraded[part] == rows, f"{part} differ between a fresh install and one {how}"

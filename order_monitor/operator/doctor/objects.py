@@ -222,8 +222,9 @@ async def check_objects(
         emit(
             Verdict.FAIL,
             "trigger function",
-            f"{qualified_function}() differs from what this version installs — "
-            "run `order-monitor sql install` (it replaces the function)",
+            f"{qualified_function}() differs from what this version installs for the "
+            "current settings (an older version, or the in-flight statuses or columns "
+            "changed?) — run `order-monitor sql install` (it replaces the function)",
         )
     else:
         emit(Verdict.PASS, "trigger function", f"{qualified_function}() is current")
@@ -259,9 +260,9 @@ async def check_objects(
             emit(
                 Verdict.FAIL,
                 check,
-                "fires on another rule than the current settings give (in-flight "
-                "statuses, columns or channel changed?) — run `order-monitor sql install` "
-                "(it replaces the trigger)",
+                "differs from what this version installs for the current settings (an "
+                "older version, or the columns or channel changed?) — run `order-monitor "
+                "sql install` (it replaces the trigger)",
             )
         else:
             emit(Verdict.PASS, check, "enabled, and matches the current settings")
