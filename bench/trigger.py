@@ -18,7 +18,7 @@ may CREATE DATABASE; the throwaway databases are dropped at the end). Three
 variants of the same table, side by side:
 
 * ``ours``: our objects as ``sql/install.sql`` installs them (schema version
-  5: NOTIFY while the daemon holds its idle lock; while it is busy the
+  6: NOTIFY while the daemon holds its idle lock; while it is busy the
   trigger's WHEN is false and the daemon reads what changed), with the daemon
   running in this process, as deployed between checks:
   its policy's first check is an hour away and its periodic sweep a day away,
@@ -83,9 +83,11 @@ UPDATE forms) >= 85 % of ``off``, latency at 500 tps (average and p99) <= +10 %;
 ``decoding`` >= 97 % and <= +3 %; both: first check late by at most 1 s p99 at
 every rate, and no order missed.
 
-``--diagnose`` adds two variants: ``nodaemon``, our objects on a third
+``--diagnose`` adds three variants: ``nodaemon``, our objects on a third
 database with no daemon, so no order is announced (the trigger's own cost,
-its WHEN, apart from what the daemon's reads cost); and ``emptytrigger``, no
+its WHEN, apart from what the daemon's reads cost); ``v5nodaemon``, the same
+with version 5's install (its WHEN tested the in-flight rule before the idle
+lock's try: what version 6 saved, in the same run); and ``whenfalse``, no
 object of ours but two AFTER ROW triggers on the same events whose WHEN is
 ``false`` (what any trigger costs, whatever its condition: the floor under
 every trigger design).
@@ -149,8 +151,7 @@ from trigger_bench.runs import commit_series, trigger_series
 from trigger_bench.setup import (
     DECODING,
     DEFAULT_DSN,
-    DIAGNOSTIC,
-    EMPTY_TRIGGER,
+    DIAGNOSTICS,
     FORMS,
     PARTS,
     ROOT,
@@ -176,7 +177,7 @@ def plan_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan
         parser.error("--initial-delay and --busy-rate are >= 0, --busy-sizes > 0")
     return Plan(
         parts=parts,
-        variants=(*VARIANTS, DIAGNOSTIC, EMPTY_TRIGGER) if args.diagnose else VARIANTS,
+        variants=(*VARIANTS, *DIAGNOSTICS) if args.diagnose else VARIANTS,
         forms=forms,
         rounds=args.rounds or (2 if quick else 3),
         seconds=args.seconds or (3.0 if quick else 12.0),

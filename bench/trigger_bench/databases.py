@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from pathlib import Path
 
 import psycopg
 
@@ -16,7 +17,7 @@ from common import (
 from psycopg import sql
 
 from order_monitor import schema
-from trigger_bench.setup import LAYOUT, NAMES, V1_INSTALL, V2_TRIGGERS
+from trigger_bench.setup import LAYOUT, NAMES, V1_INSTALL, V2_TRIGGERS, V5_INSTALL
 
 
 def order_no_index(dsn: str) -> None:
@@ -27,16 +28,26 @@ def order_no_index(dsn: str) -> None:
 
 def install_v1(server: Server, psql: str) -> str:
     """A database with the table and the last version 1 install, applied by psql as a DBA does."""
-    dsn = server.empty("trig_v1")
+    return install_release(server, psql, V1_INSTALL, "trig_v1")
+
+
+def install_release(server: Server, psql: str, script: Path, label: str) -> str:
+    """A database with the table and a released install.sql, applied by psql as a DBA does."""
+    dsn = server.empty(label)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(REFERENCE_DDL.read_text().encode())
     subprocess.run(
-        [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(V1_INSTALL), dsn],
+        [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(script), dsn],
         check=True,
         stdout=subprocess.DEVNULL,
     )
     order_no_index(dsn)
     return dsn
+
+
+def install_v5(server: Server, psql: str) -> str:
+    """A database with the table and the last version 5 install (the rule in the WHEN)."""
+    return install_release(server, psql, V5_INSTALL, "trig_v5")
 
 
 def install_empty_trigger(server: Server) -> str:

@@ -154,7 +154,7 @@ def table(report: dict[str, Any]) -> str:
         for form, s in r["throughput"].items():
             for v in variants:
                 figures = [run["tps"] for run in s["runs"] if run["variant"] == v]
-                lines.append(f"    {form:<10}{v:<10}" + ", ".join(f"{x:,.0f}" for x in figures))
+                lines.append(f"    {form:<10}{v:<12}" + ", ".join(f"{x:,.0f}" for x in figures))
         lines.append("")
     if "latency" in r:
         lines += [
@@ -187,7 +187,7 @@ def table(report: dict[str, Any]) -> str:
                     for run in s["runs"]
                     if run["variant"] == v
                 ]
-                lines.append(f"    {form:<10}{v:<10}" + ", ".join(figures))
+                lines.append(f"    {form:<10}{v:<12}" + ", ".join(figures))
         for form, s in r["latency"].items():
             for v in variants:
                 reached = s["medians"][v]["tps"]

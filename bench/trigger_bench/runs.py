@@ -34,6 +34,7 @@ from trigger_bench.databases import (
     install_decoding,
     install_empty_trigger,
     install_v1,
+    install_v5,
     order_no_index,
     reset,
     set_triggers,
@@ -47,6 +48,7 @@ from trigger_bench.setup import (
     EMPTY_TRIGGER,
     LATENCY_FORMS,
     SCRIPTS,
+    V5_DIAGNOSTIC,
     Plan,
 )
 
@@ -73,6 +75,8 @@ class Bench:
     slot_within: float = 600.0
     #: The floor variant's database (--diagnose).
     empty_dsn: str | None = None
+    #: Version 5's install, no daemon (--diagnose).
+    v5_dsn: str | None = None
 
     def dsn(self, variant: str) -> str:
         if variant == DIAGNOSTIC:
@@ -81,6 +85,9 @@ class Bench:
         if variant == EMPTY_TRIGGER:
             assert self.empty_dsn is not None
             return self.empty_dsn
+        if variant == V5_DIAGNOSTIC:
+            assert self.v5_dsn is not None
+            return self.v5_dsn
         if variant == DECODING:
             assert self.decoding_dsn is not None
             return self.decoding_dsn
@@ -167,7 +174,7 @@ async def one_run(
     result["switches_to_busy"] = metric(daemon, "to_busy") - before["to_busy"]
     if variant == "v1":
         result["notified"] = b.v1.notifications - v1_before
-    elif variant in (DIAGNOSTIC, EMPTY_TRIGGER):
+    elif variant in (DIAGNOSTIC, V5_DIAGNOSTIC, EMPTY_TRIGGER):
         result["notified"] = result["from_reads"] = 0.0  # nobody listens or reads there
     if variant == DECODING:
         # Before the run's orders are forgotten: while it dispatches, the
@@ -219,7 +226,9 @@ async def account(
         }
     # Triggers disabled, a write they keep out, or nobody holding the idle
     # lock (no daemon): nothing may be announced.
-    announces = variant not in ("off", DIAGNOSTIC, EMPTY_TRIGGER) and form != "unrelated"
+    announces = (
+        variant not in ("off", DIAGNOSTIC, V5_DIAGNOSTIC, EMPTY_TRIGGER) and form != "unrelated"
+    )
     expected = await in_flight_ids(b.dsn(variant)) if announces else set()
     # Filled as announcements arrive (the same set objects throughout).
     got = b.v1.received if variant == "v1" else b.offers.offered
@@ -313,6 +322,9 @@ async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, An
     empty_dsn = None
     if EMPTY_TRIGGER in plan.variants:
         empty_dsn = await asyncio.to_thread(install_empty_trigger, server)
+    v5_dsn = None
+    if V5_DIAGNOSTIC in plan.variants:
+        v5_dsn = await asyncio.to_thread(install_v5, server, plan.psql)
     decoding_dsn = None
     if DECODING in plan.variants:
         decoding_dsn = await asyncio.to_thread(install_decoding, server, "trig_dec")
@@ -346,6 +358,7 @@ async def trigger_series(plan: Plan, server: Server, fake: Fake) -> dict[str, An
                 v1_dsn=v1_dsn,
                 nodaemon_dsn=nodaemon_dsn,
                 empty_dsn=empty_dsn,
+                v5_dsn=v5_dsn,
                 daemon=daemon,
                 offers=offers,
                 v1=v1,

@@ -18,6 +18,10 @@ ROOT = BENCH.parent
 V1_INSTALL = ROOT / "tests" / "integration" / "fixtures" / "install_v1.sql"
 
 
+#: The last version 5 release's install: the in-flight rule in the triggers' WHEN.
+V5_INSTALL = ROOT / "tests" / "integration" / "fixtures" / "install_v5.sql"
+
+
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -52,12 +56,23 @@ DIAGNOSTIC = "nodaemon"
 EMPTY_TRIGGER = "whenfalse"
 
 
+#: --diagnose adds it too: version 5's objects (its WHEN tested the in-flight
+#: rule before the idle lock's try) with no daemon: beside ``nodaemon``, what
+#: moving the rule into the function saved, in the same run.
+V5_DIAGNOSTIC = "v5nodaemon"
+
+
+#: Every variant --diagnose adds, in the order they run.
+DIAGNOSTICS = (DIAGNOSTIC, V5_DIAGNOSTIC, EMPTY_TRIGGER)
+
+
 VARIANT_TITLES = {
-    "ours": "ours (v5)",
+    "ours": "ours (v6)",
     "off": "no trigger",
     "v1": "v1 (NOTIFY/row)",
     DECODING: "decoding",
     DIAGNOSTIC: "ours, no daemon",
+    V5_DIAGNOSTIC: "v5, no daemon",
     EMPTY_TRIGGER: "WHEN (false)",
 }
 
