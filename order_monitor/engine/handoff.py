@@ -5,9 +5,12 @@ COMMIT and keeps it through its WAL flush, so the application's notifying
 commits run one at a time (pgbench on 2 cores: a quarter of its dispatch
 throughput, for every application in the cluster that NOTIFYs). And any
 function our trigger calls per row costs the application 12-25 % of its
-dispatch throughput on 2 cores. So the trigger (install.sql, version 5)
-calls its function, which NOTIFYs, only while the daemon holds its *idle
-lock*; otherwise its WHEN is false and nothing of ours runs. While busy the
+dispatch throughput on 2 cores. So the trigger (install.sql, version 5 and
+later) calls its function, which NOTIFYs, only while the daemon holds its
+*idle lock*; otherwise its WHEN is false and nothing of ours runs (since
+version 6 the WHEN is the lock's try alone, and the function tests whether
+the order entered flight: PostgreSQL prepares a WHEN for every statement,
+and the rule there cost a fifth of the dispatch throughput). While busy the
 daemon reads, every :func:`~order_monitor.engine.changes.read_interval`,
 the orders in flight changed since its last read
 (:mod:`order_monitor.engine.changes`). The first check of an order is
@@ -16,11 +19,14 @@ is checked at its slot.
 
 Why nothing is missed at either switch, with one advisory lock:
 
-* The trigger's WHEN tries the lock *shared*, without waiting. It fails
-  while the daemon holds it, or is waiting for it, and then the function
-  NOTIFYs; the daemon always LISTENs, so it hears it after COMMIT. It
-  succeeds while the daemon neither holds nor wants it: nothing is called,
-  and the transaction keeps the shared lock until it ends.
+* The trigger's WHEN tries the lock *shared*, without waiting, on every
+  insert and every update of the reference or a status. It fails while the
+  daemon holds it, or is waiting for it, and then the function NOTIFYs an
+  order that entered flight; the daemon always LISTENs, so it hears it after
+  COMMIT. It succeeds while the daemon neither holds nor wants it: nothing
+  is called, and the transaction keeps the shared lock until it ends (so
+  does one that wrote a row not in flight: the switch to idle waits for it
+  too, which costs a retry at most).
 * Going busy, the daemon releases the lock in a statement that also takes
   a snapshot, before the release: its xmin is the mark from which the busy
   reads start. A transaction that tried before the release NOTIFYs; one

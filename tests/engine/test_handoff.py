@@ -139,6 +139,45 @@ async def test_going_idle_waits_for_the_open_unannounced_writer_and_sees_it(
     assert await notified(listener) == [str(third)]
 
 
+async def test_an_order_that_enters_flight_while_the_daemon_waits_to_go_idle_is_read(
+    conns: dict[str, AConn],
+) -> None:
+    """Version 6: the WHEN tries the lock on every write, in flight or not.
+
+    T1 inserts an order not yet dispatched while the daemon is busy: its try
+    succeeds and T1 holds the lock shared. The daemon then asks for the lock
+    and waits. T1 dispatches the order: its second try succeeds at once (its
+    transaction holds the lock already, whoever waits), so nothing is
+    NOTIFYed, and the daemon's read after the grant must find the order.
+    """
+    daemon, listener, admin, t1 = (conns[k] for k in ("daemon", "listener", "admin", "t1"))
+    reads = await going_busy(daemon)
+    row = await (
+        await t1.execute(
+            """INSERT INTO product_orders ("providerId", "externalStatus")
+               VALUES ('fake', 'not_sent') RETURNING id"""
+        )
+    ).fetchone()
+    assert row is not None
+    order = uuid.UUID(str(row[0]))
+    going_idle = asyncio.create_task(STATEMENTS.take_idle_lock(daemon, wait=30))
+    await eventually(
+        lambda: waiting_for_idle_lock(admin, daemon.info.backend_pid),
+        within=10,
+        what="the daemon's request for the idle lock to be queued behind T1",
+    )
+    await t1.execute(
+        """UPDATE product_orders SET provider_referans = 'entered-while-waiting',
+               "externalStatus" = 'sent', "sentAt" = now() WHERE id = %s""",
+        (order,),
+    )
+    assert not going_idle.done()
+    await t1.commit()
+    assert await asyncio.wait_for(going_idle, 10) is True
+    assert await reads.new() == [order]
+    assert await notified(listener) == []
+
+
 async def test_a_mark_too_old_for_32_bit_ages_reads_every_order_in_flight(
     conns: dict[str, AConn], monkeypatch: pytest.MonkeyPatch
 ) -> None:
