@@ -460,9 +460,9 @@ $om$;
 -- shared lock is held until this transaction ends, so the daemon cannot go
 -- back to NOTIFY before it has seen this row committed). The in-flight rule
 -- is in the function, not in the WHEN, because PostgreSQL prepares a WHEN
--- for every statement: the rule there cost the application a fifth of its
--- dispatch throughput (version 5). Every other update is kept out by UPDATE
--- OF. Compared first with what this file would create (on a temporary copy
+-- for every statement: the rule there cost the application up to a third
+-- of its dispatch throughput (version 5). Every other update is kept out by
+-- UPDATE OF. Compared first with what this file would create (on a temporary copy
 -- of the columns): when they match and earlier versions' are gone, this
 -- takes no lock on the table; else it takes the one lock the change needs,
 -- once (SHARE ROW EXCLUSIVE to replace version 5's in place, ACCESS

@@ -10,7 +10,7 @@ later) calls its function, which NOTIFYs, only while the daemon holds its
 *idle lock*; otherwise its WHEN is false and nothing of ours runs (since
 version 6 the WHEN is the lock's try alone, and the function tests whether
 the order entered flight: PostgreSQL prepares a WHEN for every statement,
-and the rule there cost a fifth of the dispatch throughput). While busy the
+and the rule there cost up to a third of the dispatch throughput). While busy the
 daemon reads, every :func:`~order_monitor.engine.changes.read_interval`,
 the orders in flight changed since its last read
 (:mod:`order_monitor.engine.changes`). The first check of an order is

@@ -292,7 +292,7 @@ def trigger_definitions(layout: Layout, table: sql.Composable) -> list[sql.Compo
 
     Each WHEN is the idle lock's shared try and nothing else: PostgreSQL
     prepares a trigger's WHEN for every statement, and the in-flight rule
-    there cost the application about a fifth of its dispatch throughput
+    there cost the application up to a third of its dispatch throughput
     while the daemon was busy (``bench/when_parts.sh``). The function tests
     the rule, and it runs only while the daemon is idle (see
     notify_function_body).

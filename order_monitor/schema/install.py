@@ -25,7 +25,7 @@ def notify_function_body(layout: Layout) -> str:
     The in-flight rule is tested here rather than in the triggers' WHEN
     (versions 3 to 5): PostgreSQL prepares a trigger's WHEN again for every
     statement, so a WHEN that calls lower() and compares lists cost the
-    application about a fifth of its dispatch throughput while the daemon
+    application up to a third of its dispatch throughput while the daemon
     was busy and the function never ran (``bench/when_parts.sh``). The WHEN
     is now the idle lock's try alone; this body runs only when it failed.
     """
@@ -114,9 +114,9 @@ def _triggers(layout: Layout, capture: str) -> Statement:
         "shared lock is held until this transaction ends, so the daemon cannot go\n"
         "back to NOTIFY before it has seen this row committed). The in-flight rule\n"
         "is in the function, not in the WHEN, because PostgreSQL prepares a WHEN\n"
-        "for every statement: the rule there cost the application a fifth of its\n"
-        "dispatch throughput (version 5). Every other update is kept out by UPDATE\n"
-        "OF. Compared first with what this file would create (on a temporary copy\n"
+        "for every statement: the rule there cost the application up to a third\n"
+        "of its dispatch throughput (version 5). Every other update is kept out by\n"
+        "UPDATE OF. Compared first with what this file would create (on a temporary copy\n"
         "of the columns): when they match and earlier versions' are gone, this\n"
         "takes no lock on the table; else it takes the one lock the change needs,\n"
         "once (SHARE ROW EXCLUSIVE to replace version 5's in place, ACCESS\n"
