@@ -45,6 +45,7 @@ from trigger_bench.pgbench import Load, pgbench_run
 from trigger_bench.setup import (
     DECODING,
     DIAGNOSTIC,
+    DIAGNOSTICS,
     EMPTY_TRIGGER,
     LATENCY_FORMS,
     SCRIPTS,
@@ -174,7 +175,7 @@ async def one_run(
     result["switches_to_busy"] = metric(daemon, "to_busy") - before["to_busy"]
     if variant == "v1":
         result["notified"] = b.v1.notifications - v1_before
-    elif variant in (DIAGNOSTIC, V5_DIAGNOSTIC, EMPTY_TRIGGER):
+    elif variant in DIAGNOSTICS:
         result["notified"] = result["from_reads"] = 0.0  # nobody listens or reads there
     if variant == DECODING:
         # Before the run's orders are forgotten: while it dispatches, the
@@ -226,9 +227,7 @@ async def account(
         }
     # Triggers disabled, a write they keep out, or nobody holding the idle
     # lock (no daemon): nothing may be announced.
-    announces = (
-        variant not in ("off", DIAGNOSTIC, V5_DIAGNOSTIC, EMPTY_TRIGGER) and form != "unrelated"
-    )
+    announces = variant != "off" and variant not in DIAGNOSTICS and form != "unrelated"
     expected = await in_flight_ids(b.dsn(variant)) if announces else set()
     # Filled as announcements arrive (the same set objects throughout).
     got = b.v1.received if variant == "v1" else b.offers.offered

@@ -3,9 +3,10 @@
 Since schema version 6 the in-flight rule and the "entered flight, or got a
 new reference" test run in the trigger function (the WHEN only tries the
 idle lock), so they are plpgsql now: this checks them against the rule as
-the README states it, for any row the application may write and any
-sequence of updates, with the daemon idle (it holds the idle lock, so the
-function runs). The application's session LISTENs too: a session receives
+the README states it (in Python, as the decoding capture's
+:func:`~order_monitor.decoding.orders.may_be_in_flight` applies it), for any
+row the application may write and any sequence of updates, with the daemon
+idle (it holds the idle lock, so the function runs). The application's session LISTENs too: a session receives
 its own notifications at its COMMIT, before the statement returns, so what
 a write announced is known without waiting for anything.
 """
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 from order_monitor import schema
 from order_monitor.config import Layout
+from order_monitor.decoding.orders import may_be_in_flight
 from tests.conftest import as_daemon
 
 LAYOUT = Layout()
@@ -41,11 +43,14 @@ class Row:
     status: str
 
     def in_flight(self) -> bool:
-        return (
-            self.reference is not None
-            and self.external.lower() in LAYOUT.in_flight_external_statuses
-            and self.status.lower() not in LAYOUT.final_statuses
-        )
+        # The decoding capture's rule in Python: exact for these values, all ASCII.
+        c = LAYOUT.columns
+        row = {
+            c.provider_ref: self.reference,
+            c.external_status: self.external,
+            c.status: self.status,
+        }
+        return may_be_in_flight(row, LAYOUT)
 
 
 def announces(old: Row | None, new: Row, touched: bool) -> bool:
