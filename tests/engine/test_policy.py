@@ -157,6 +157,14 @@ policies = st.builds(
 )
 
 
+@given(policy=policies, key=st.integers(min_value=0, max_value=2**128 - 1))
+def test_the_first_slot_computed_alone_is_the_walks_first_to_the_bit(
+    policy: BackoffPolicy, key: int
+) -> None:
+    assert policy.first_slot(key) == policy.slots(key)[0]
+    assert policy.next_slot(key, None) == policy.slots(key)[0]
+
+
 @given(policy=policies, key=st.integers(min_value=0, max_value=2**128 - 1), data=st.data())
 def test_a_check_anywhere_in_a_slots_window_is_that_slots_check(
     policy: BackoffPolicy, key: int, data: st.DataObject
