@@ -133,6 +133,54 @@ def _confirmed_row(record: Sequence[Any]) -> SweepRow:
     return SweepRow(id_, provider_id, e, lc, reference, issue)
 
 
+def confirmed_rows(
+    ids: Sequence[uuid.UUID],
+    provider_ids: Sequence[str | None],
+    elapsed: Sequence[float | None],
+    last_checked: Sequence[float | None],
+    whys: Sequence[str | None],
+    columns: Sequence[str | None],
+    references: Sequence[str | None],
+) -> list[SweepRow]:
+    """The rows of a read that returns :func:`confirm_columns` as one array each.
+
+    Column-wise, because thousands of rows a second cross the wire this way
+    (the busy read): arrays load in C, and no row tuple is made.
+    """
+    rows: list[SweepRow] = []
+    append = rows.append
+    for id_, provider_id, e, lc, why, column, reference in zip(
+        ids, provider_ids, elapsed, last_checked, whys, columns, references, strict=True
+    ):
+        if why is None and e is not None:
+            append(SweepRow(id_, provider_id, e, lc, reference))
+        else:
+            e2, lc2, issue = _timing(e, lc, why, column)
+            append(SweepRow(id_, provider_id, e2, lc2, reference, issue))
+    return rows
+
+
+def confirm_columns(layout: Layout) -> sql.Composable:
+    """What a confirm reads of an order: id, provider id, the dispatch timing, the reference.
+
+    In :func:`_confirmed_row`'s order; shared with the busy read, which
+    returns these instead of ids when it can (db.changes).
+    """
+    c = layout.columns
+    d = dispatch_sql(layout)
+    return sql.SQL(
+        "{id}, {provider_id}::text, {elapsed}, {last_checked}, {why}, {column}, {ref}"
+    ).format(
+        id=sql.Identifier(c.id),
+        provider_id=sql.Identifier(c.provider_id),
+        elapsed=d.elapsed,
+        last_checked=d.last_checked,
+        why=d.why,
+        column=d.column,
+        ref=sql.Identifier(c.provider_ref),
+    )
+
+
 def _in_flight_row(record: Sequence[Any]) -> InFlightRow:
     id_, ref, provider_id, external_order_id, elapsed, last_checked, why, column = record
     if why is None and elapsed is not None:
@@ -210,14 +258,8 @@ class Queries:
         # The reference too: an order notified while its check is under way
         # is checked again only if the reference is not the one checked.
         self._confirm = sql.SQL(
-            "SELECT {scheduling}, {ref} FROM {table} WHERE {id} = ANY(%b) AND {in_flight}"
-        ).format(
-            scheduling=scheduling,
-            ref=sql.Identifier(c.provider_ref),
-            id=id_,
-            table=table,
-            in_flight=in_flight,
-        )
+            "SELECT {columns} FROM {table} WHERE {id} = ANY(%b) AND {in_flight}"
+        ).format(columns=confirm_columns(layout), id=id_, table=table, in_flight=in_flight)
 
         self._reread = sql.SQL(
             "SELECT {id}, {ref}, {provider_id}::text, {external_order_id}::text, {timing}"

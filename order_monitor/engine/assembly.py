@@ -226,6 +226,7 @@ class Engine:
                 settings.dsn.reveal(),
                 queries,
                 on_orders=confirmer.taken,
+                on_rows=confirmer.found,
                 room=confirmer.room,
                 known=lambda order: order.int in scheduler,
                 initial_delay=settings.policy.initial_delay,

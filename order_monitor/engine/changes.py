@@ -23,10 +23,13 @@ Decided:
 * a read moves the mark, whatever the handoff then takes in. The handoff
   takes every id (they are orders in flight, not notifications): leaving
   some for the next read made every later read return more;
-* a long transaction holds the snapshot's xmin back, so every read returns
-  what changed since it began (bounded by the orders in flight): the
-  daemon drops the known ones without another query, and
-  ``order_monitor_busy_read_orders_total{result="known"}`` counts them;
+* a long transaction that has written (so has an id: a read-only one has
+  none) holds the snapshot's xmin back, so every read returns what changed
+  since it began (bounded by the orders in flight): the daemon drops the
+  known ones without another query,
+  ``order_monitor_busy_read_orders_total{result="known"}`` counts them, and
+  while they are most of a read the reads return ids, not rows
+  (:func:`rows_pay`);
 * going busy, the mark is taken in the same statement that releases the
   idle lock, before the release: every transaction the trigger then leaves
   unannounced is still running at that snapshot, or starts after it.
@@ -62,6 +65,20 @@ def read_interval(initial_delay: float, last_read_seconds: float) -> float:
     """Seconds between two busy reads (see the constants above)."""
     target = min(max(initial_delay, 0.0) / 10, MAX_READ_INTERVAL)
     return max(target, MIN_READ_INTERVAL, READ_COST_FACTOR * max(last_read_seconds, 0.0))
+
+
+def rows_pay(taken: int, known: int) -> bool:
+    """Whether the next busy read should return the orders' rows, not only their ids.
+
+    A new order read as a row needs no confirm by primary key (a second
+    statement, and most of the daemon's work per order); a known one, which
+    the daemon drops, costs more as a row than as an id. A read that
+    returned more known orders than new ones (a long writing transaction
+    holds the mark back, so each read returns again all that changed since
+    it began) is followed by one of ids; a read that returned mostly new
+    ones, by one of rows.
+    """
+    return taken >= known
 
 
 class Mark:

@@ -82,10 +82,18 @@ from typing import Final, Protocol
 
 import psycopg
 
-from order_monitor.db import CONNECTION_ERRORS, AsyncConn, Queries, close_within, connect_forever
-from order_monitor.db.changes import ChangeStatements, Install
+from order_monitor.db import (
+    CONNECTION_ERRORS,
+    AsyncConn,
+    Queries,
+    SweepRow,
+    close_within,
+    connect_forever,
+)
+from order_monitor.db.changes import Changed, ChangeStatements, Install
 from order_monitor.db.inbox import InboxStatements
-from order_monitor.engine.changes import Mark, read_interval
+from order_monitor.db.queries import is_row_error
+from order_monitor.engine.changes import Mark, read_interval, rows_pay
 from order_monitor.logs import get_logger
 from order_monitor.metrics import Metrics
 from order_monitor.ops.installed import InstallHealth, is_missing
@@ -302,11 +310,15 @@ class LeaderSession:
 class Handoff:
     """Holds or releases the idle lock, and reads what changed while busy.
 
-    Ids read go where notified ids go (*on_orders*: the confirmer): every
-    new one a busy read returns (they are orders in flight, which the
-    schedule holds anyway), while version 4's inbox is emptied no faster
-    than the confirmer has room (*room*), so that backlog waits in the
-    table; ids already scheduled (*known*) are dropped at once.
+    A busy read returns the new orders' rows, with what a confirm would
+    read of them: they go to *on_rows* (the confirmer schedules them as
+    they are), every new one (they are orders in flight, which the schedule
+    holds anyway). Ids read go where notified ids go (*on_orders*: the
+    confirmer reads them back): a busy read's when rows do not pay
+    (:func:`~order_monitor.engine.changes.rows_pay`), or cannot be read, and
+    version 4's inbox's, emptied no faster than the confirmer has room
+    (*room*), so that backlog waits in the table. Orders already scheduled
+    (*known*) are dropped at once.
     """
 
     def __init__(
@@ -315,6 +327,7 @@ class Handoff:
         queries: Queries,
         *,
         on_orders: Callable[[list[uuid.UUID]], object],
+        on_rows: Callable[[list[SweepRow]], object],
         room: Callable[[], int],
         known: Callable[[uuid.UUID], bool] = lambda order: False,
         initial_delay: float = 60.0,
@@ -340,6 +353,9 @@ class Handoff:
         self._next_read = clock()
         self._session: HandoffSession = session or OwnSession(dsn, max_backoff=max_backoff)
         self._on_orders = on_orders
+        self._on_rows = on_rows
+        #: Whether the next busy read returns rows (engine.changes.rows_pay).
+        self._rows_next = True
         self._room = room
         self._listening = listening
         self._metrics = metrics
@@ -576,21 +592,46 @@ class Handoff:
     async def _read_changes(self, conn: AsyncConn) -> None:
         """Read the orders changed since the mark, and hand on the new ones."""
         started = self._clock()
-        changed = await self._changes.read_from(conn, self.mark)
+        changed = await self._read_from_mark(conn)
         seconds = self._clock() - started
         self._metrics.busy_reads.observe(seconds)
         # All of them, whatever the confirmer holds: leaving some for the next
         # read would keep the mark where it is, and every read after would
         # return more (a confirmer behind at 9,000 orders/s made each read
         # return the same rows two or three times over).
-        taken = [order for order in changed.ids if not self._known(order)]
+        if changed.rows is not None:
+            rows = [row for row in changed.rows if not self._known(row.id)]
+            taken = len(rows)
+        else:
+            ids = [order for order in changed.ids if not self._known(order)]
+            taken = len(ids)
+        known = len(changed.ids) - taken
+        self._rows_next = rows_pay(taken, known)
         self._next_read = self._clock() + read_interval(self.initial_delay, seconds)
         counts = self._metrics.busy_read_orders
-        counts.labels("known").inc(len(changed.ids) - len(taken))
+        counts.labels("known").inc(known)
         if taken:
-            counts.labels("taken").inc(len(taken))
-            self.rule.observe(self._clock(), len(taken))
-            self._on_orders(taken)
+            counts.labels("taken").inc(taken)
+            self.rule.observe(self._clock(), taken)
+            if changed.rows is not None:
+                self._on_rows(rows)
+            else:
+                self._on_orders(ids)
+
+    async def _read_from_mark(self, conn: AsyncConn) -> Changed:
+        """The busy read: rows when they pay, else ids (and ids when a row cannot be read)."""
+        if not self._rows_next:
+            return await self._changes.read_from(conn, self.mark)
+        try:
+            return await self._changes.read_from(conn, self.mark, rows=True)
+        except psycopg.Error as exc:
+            if not is_row_error(exc, conn):
+                raise
+            # One row's columns fail (a custom type's cast, say): its id still
+            # reads, and the confirmer narrows the confirm down to that row,
+            # reports it, and schedules the others. The mark has not moved.
+            log.debug("handoff.rows_unreadable", error=str(exc).strip() or type(exc).__name__)
+            return await self._changes.read_from(conn, self.mark)
 
     async def _drain(self, conn: AsyncConn) -> tuple[int, bool]:
         """Take what the inbox holds, as far as there is room: (taken, more may wait)."""

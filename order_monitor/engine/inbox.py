@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from order_monitor.db import ManagedConnection, Queries
+from order_monitor.db import ManagedConnection, Queries, SweepRow
 from order_monitor.engine.anchors import DispatchAnchors
 from order_monitor.engine.policy import BackoffPolicy
 from order_monitor.engine.scheduler import Scheduler
@@ -206,14 +206,34 @@ class Confirmer:
             )
             self._on_lost()
             return
+        if len(rows) < len(ids):
+            # Not an order in flight (finished already, or never one): not ours.
+            self._metrics.notifications.labels("not_in_flight").inc(len(ids) - len(rows))
+        self._schedule(rows)
+
+    def found(self, rows: list[SweepRow]) -> None:
+        """Orders read in flight, with what a confirm reads (a busy read's rows): scheduled.
+
+        Nothing to confirm: they were read from the table, in flight, by the
+        same columns a confirm reads (db.changes).
+        """
+        try:
+            self._schedule(rows)
+        except Exception:
+            # As in run(): a bug here must not take the busy reads down with it.
+            log.exception(
+                "handoff.schedule_unexpected_error",
+                orders=len(rows),
+                note="a sweep finds these orders instead",
+            )
+            self._on_lost()
+
+    def _schedule(self, rows: list[SweepRow]) -> None:
         now = self._clock()
         if self._anchors is not None:
             rows = self._anchors.settle(rows, now)
         woke = False
         for row in rows:
             woke |= schedule_row(self._scheduler, self.policy, row, now, self._group_for)
-        if len(rows) < len(ids):
-            # Not an order in flight (finished already, or never one): not ours.
-            self._metrics.notifications.labels("not_in_flight").inc(len(ids) - len(rows))
         if woke:
             self._on_scheduled()

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from order_monitor.config import Columns, Layout
-from order_monitor.db import Queries
+from order_monitor.db import Queries, SweepRow
+from order_monitor.db.changes import ChangeStatements
 from tests.conftest import DAEMON_ROLE, as_daemon
 
 #: A layout whose created-at column may be NULL (the default's is NOT NULL).
@@ -76,16 +77,40 @@ def _fix(times: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def mark_now(dsn: str) -> int:
+    """A busy read's mark (32-bit) from which every row written after this call is read."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]) % 2**32
+
+
+async def busy_rows(conn: psycopg.AsyncConnection[Any], since: int) -> list[SweepRow]:
+    """The busy read's rows (db.changes), as the handoff reads them."""
+    changed = await ChangeStatements(NULLABLE).read(conn, since, rows=True)
+    assert changed.rows is not None
+    assert [row.id for row in changed.rows] == changed.ids
+    return changed.rows
+
+
 async def test_every_engine_query_reads_rows_whose_dispatch_time_is_unusable(db: str) -> None:
     grant_nullable(db)
+    since = mark_now(db)
     ids = insert(db, {ref: _fix(times) for ref, times in ODD.items()})
     queries = Queries(NULLABLE)
     async with await psycopg.AsyncConnection.connect(as_daemon(db), autocommit=True) as conn:
         swept = {row.id: row for row in await queries.sweep_page(conn, None, 100)}
         confirmed = {row.id: row for row in await queries.confirm(conn, list(ids.values()))}
         reread = {row.id: row for row in await queries.fetch_in_flight(conn, list(ids.values()))}
+        busy = {row.id: row for row in await busy_rows(conn, since)}
 
-    for rows in (swept, confirmed, reread):
+    # The busy read stands in for the confirm: the same reference for each.
+    assert {i: r.reference for i, r in busy.items()} == {
+        i: r.reference for i, r in confirmed.items()
+    }
+    for rows in (swept, confirmed, reread, busy):
         assert set(rows) == set(ids.values())
         issues = {ref: rows[ids[ref]].dispatch_issue for ref in ids}
         assert issues["good"] is None
@@ -144,13 +169,14 @@ def _text(value: str | None) -> str | None:
 def test_no_time_value_fails_a_query_and_each_is_judged_right(
     db: str, sent: str | None, created: str | None, synced: str | None
 ) -> None:
-    """Property: whatever the three columns hold, sweep, confirm and re-read answer,
+    """Property: whatever the three columns hold, sweep, confirm, re-read and busy read answer,
     the row is flagged exactly when its dispatch time is missing, infinite or ahead,
     and every age handed on is a finite, non-negative number."""
     times = {"sent": _text(sent), "created": _text(created), "synced": _text(synced)}
     grant_nullable(db)
     with psycopg.connect(db, autocommit=True) as admin:
         admin.execute("DELETE FROM product_orders")
+    since = mark_now(db)
     (order,) = insert(db, {"ref": {k: v for k, v in times.items() if v is not None}}).values()
     dispatched = times["sent"] if times["sent"] is not None else times["created"]
 
@@ -160,7 +186,8 @@ def test_no_time_value_fails_a_query_and_each_is_judged_right(
             (swept,) = await queries.sweep_page(conn, None, 10)
             (confirmed,) = await queries.confirm(conn, [order])
             (reread,) = await queries.fetch_in_flight(conn, [order])
-            return [swept, confirmed, reread]
+            (busy,) = await busy_rows(conn, since)
+            return [swept, confirmed, reread, busy]
 
     for row in asyncio.run(read()):
         issue = row.dispatch_issue

@@ -12,6 +12,7 @@ from order_monitor.engine.changes import (
     READ_COST_FACTOR,
     Mark,
     read_interval,
+    rows_pay,
 )
 
 
@@ -86,3 +87,10 @@ def test_reads_never_take_more_than_a_tenth_of_the_time(delay: float, took: floa
     assert interval >= READ_COST_FACTOR * took
     assert interval >= MIN_READ_INTERVAL
     assert interval <= max(MAX_READ_INTERVAL, READ_COST_FACTOR * took)
+
+
+def test_rows_are_read_while_most_of_what_a_read_returns_is_new() -> None:
+    assert rows_pay(taken=0, known=0)  # nothing yet: the next read's orders are new
+    assert rows_pay(taken=5, known=5)
+    assert not rows_pay(taken=4, known=5)  # the mark held back: ids cost less
+    assert not rows_pay(taken=0, known=1)

@@ -345,7 +345,11 @@ async def test_a_hanging_provider_does_not_hold_up_another(
     assert checker_limits(settings).max_in_flight_per_provider < len(hanging)
     async with running(Daemon(settings)) as daemon:
         await app.dispatch(hanging, provider_id="slow")
-        await eventually(lambda: _polled(fake, "hang-0"), what="the slow provider to be asked")
+        # Any of them: which go first is the jitter's choice.
+        await eventually(
+            lambda: _async(any(fake.poll_count(ref) for ref in hanging)),
+            what="the slow provider to be asked",
+        )
         await app.dispatch([f"quick-{n}" for n in range(1000)])
         await eventually(
             lambda: _finished_except(app, len(hanging)), within=60, what="the fast orders"
@@ -568,7 +572,11 @@ async def test_an_unexpected_error_confirming_a_notification_loses_no_order(
             await app.dispatch(["R-confirm"])
             await eventually(lambda: _finished(app), what="the order to be found by a sweep")
     assert daemon.scheduler.failed
-    assert any(e["event"] == "listener.confirm_unexpected_error" for e in logs)
+    # Notified while idle, or read while busy (the daemon starts busy).
+    assert any(
+        e["event"] in {"listener.confirm_unexpected_error", "handoff.schedule_unexpected_error"}
+        for e in logs
+    )
     assert (await app.rows())["R-confirm"]["externalStatus"] == "done"
 
 
@@ -623,3 +631,7 @@ async def test_orders_waiting_for_room_at_a_busy_provider_are_polled_once(
 
 async def _all_polled_and_settled(daemon: Daemon, fake: FakeProvider, refs: list[str]) -> bool:
     return all(fake.poll_count(r) >= 1 for r in refs) and daemon.scheduler.in_flight == 0
+
+
+async def _async(value: bool) -> bool:
+    return value

@@ -10,6 +10,7 @@ statements (:class:`~order_monitor.db.Queries`), as its role.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,15 +18,19 @@ from typing import Any
 
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
 from order_monitor.config import Layout
 from order_monitor.daemon import Daemon
-from order_monitor.db import Queries
+from order_monitor.db import ManagedConnection, Queries
 from order_monitor.db.changes import ChangeStatements
 from order_monitor.db.inbox import InboxStatements
 from order_monitor.engine.changes import Mark
 from order_monitor.engine.handoff import Handoff, HandoffTiming, Mode, OwnSession
-from order_monitor.metrics import Metrics
+from order_monitor.engine.inbox import Confirmer, Inbox
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.engine.scheduler import Scheduler
+from order_monitor.metrics import Metrics, counter_total
 from order_monitor.providers.fake import FakeProvider
 from tests.conftest import as_daemon
 from tests.daemon_fixtures import App, eventually, running, settings_for
@@ -350,6 +355,7 @@ async def test_a_busy_read_hands_on_every_new_order_however_full_the_confirmer_i
         "",
         Queries(Layout()),
         on_orders=taken.append,
+        on_rows=lambda rows: taken.append([row.id for row in rows]),
         room=lambda: 0,  # the confirmer is full
         listening=lambda: False,  # stays busy
         metrics=Metrics(),
@@ -376,3 +382,180 @@ async def _read_once(handoff: Handoff) -> bool:
 
 async def _all_taken(taken: list[list[uuid.UUID]], orders: list[uuid.UUID]) -> bool:
     return set(orders) <= {order for batch in taken for order in batch}
+
+
+class Handed:
+    """What a handoff hands on, and how: rows (scheduled as read) or ids (confirmed first)."""
+
+    def __init__(self) -> None:
+        self.rows: list[uuid.UUID] = []
+        self.ids: list[uuid.UUID] = []
+
+    def handoff(self, db: str, **options: Any) -> Handoff:
+        """A handoff as the daemon's role, busy throughout, reading every 0.1 s."""
+        return Handoff(
+            "",
+            Queries(Layout()),
+            on_orders=self.ids.extend,
+            on_rows=lambda rows: self.rows.extend(row.id for row in rows),
+            room=lambda: 1000,
+            listening=lambda: False,
+            metrics=Metrics(),
+            clock=asyncio.get_running_loop().time,
+            initial_delay=1.0,
+            session=OwnSession(as_daemon(db), max_backoff=0.2),
+            **options,
+        )
+
+
+@contextlib.asynccontextmanager
+async def handing_on(handoff: Handoff) -> AsyncIterator[Handoff]:
+    task = asyncio.create_task(handoff.run())
+    try:
+        await eventually(lambda: _read_once(handoff), what="the first read")
+        yield handoff
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+
+
+async def test_new_orders_come_as_rows_and_as_ids_while_a_long_transaction_holds_the_mark(
+    db: str,
+) -> None:
+    """Rows save a confirm per new order; while every read returns the same known rows
+    again (a writing transaction older than them is open), ids cost less."""
+    handed = Handed()
+    known: set[uuid.UUID] = set()
+    handoff = handed.handoff(db, known=lambda order: order in known)
+    async with (
+        handing_on(handoff),
+        await psycopg.AsyncConnection.connect(db) as long,
+        await psycopg.AsyncConnection.connect(db, autocommit=True) as app,
+    ):
+        await long.execute("SELECT pg_catalog.pg_current_xact_id()")  # running, with an id
+        first = [await dispatch(app, f"first-{n}") for n in range(10)]
+        await eventually(lambda: _has(handed.rows, first), what="the first orders, as rows")
+        assert handed.ids == []
+        known.update(first)  # scheduled, as the confirmer would have them
+        counts = handoff._metrics.busy_read_orders
+        await eventually(
+            lambda: _async(counts.labels("known")._value.get() >= 10),
+            what="a read returning them again (the mark held back)",
+        )
+        later = [await dispatch(app, f"later-{n}") for n in range(3)]
+        # Mostly known: read as ids, and the confirmer reads these three back.
+        await eventually(lambda: _has(handed.ids, later), what="the later orders, as ids")
+        known.update(later)
+        await long.commit()
+        # The mark moves past the known rows: a read that may have begun
+        # before the commit, one from its mark, one from a mark past them
+        # (which returns no known order: rows again).
+        reads = _reads_made(handoff) + 3
+        await eventually(lambda: _async(_reads_made(handoff) >= reads), what="three more reads")
+        last = [await dispatch(app, f"last-{n}") for n in range(3)]
+        await eventually(lambda: _has(handed.rows, last), what="the last orders, as rows")
+    assert sorted(handed.rows) == sorted(first + last)
+    assert sorted(handed.ids) == sorted(later)
+
+
+# A provider id column of the application's own type, whose cast to text
+# fails for one value: the busy read's rows cannot be read while the ids can.
+ODD_PROVIDER_TYPE = """
+CREATE TYPE provider_code AS ENUM ('fake', 'odd');
+CREATE FUNCTION provider_code_text(code provider_code) RETURNS text
+    LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF code = 'odd' THEN
+        RAISE EXCEPTION 'no text for this provider' USING ERRCODE = 'data_exception';
+    END IF;
+    RETURN pg_catalog.enum_out(code)::text;
+END $$;
+CREATE CAST (provider_code AS text) WITH FUNCTION provider_code_text(provider_code);
+ALTER TABLE product_orders ALTER COLUMN "providerId" TYPE provider_code
+    USING "providerId"::text::provider_code;
+"""
+
+
+async def test_a_row_the_busy_read_cannot_read_delays_only_itself(db: str) -> None:
+    """The read falls back to ids; the confirmer narrows its confirm down to the odd row,
+    reports it, and schedules the others. The next read returns rows again."""
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as admin:
+        await admin.execute(ODD_PROVIDER_TYPE)  # type: ignore[arg-type]
+    scheduler = Scheduler()
+    metrics = Metrics()
+    conn = ManagedConnection(as_daemon(db), "test")
+    clock = asyncio.get_running_loop().time
+    confirmer = Confirmer(
+        Inbox(100),
+        conn,
+        Queries(Layout()),
+        scheduler,
+        policy=BackoffPolicy(),
+        batch_size=100,
+        metrics=metrics,
+        clock=clock,
+        on_scheduled=lambda: None,
+        on_lost=lambda: pytest.fail("nothing is left to a sweep"),
+    )
+    handoff = Handoff(
+        "",
+        Queries(Layout()),
+        on_orders=confirmer.taken,
+        on_rows=confirmer.found,
+        room=confirmer.room,
+        known=lambda order: order.int in scheduler,
+        listening=lambda: False,
+        metrics=metrics,
+        clock=clock,
+        initial_delay=1.0,
+        session=OwnSession(as_daemon(db), max_backoff=0.2),
+    )
+    confirming = asyncio.create_task(confirmer.run())
+    try:
+        with capture_logs() as logs:
+            async with (
+                handing_on(handoff),
+                await psycopg.AsyncConnection.connect(db, autocommit=True) as app,
+            ):
+                rows = await (
+                    await app.execute(
+                        """INSERT INTO product_orders (provider_referans, "providerId",
+                               "externalStatus", "sentAt")
+                           SELECT 'R' || n, CASE n WHEN 3 THEN 'odd' ELSE 'fake' END::provider_code,
+                                  'sent', now()
+                           FROM generate_series(1, 6) AS n RETURNING provider_referans, id"""
+                    )
+                ).fetchall()
+                ids = {ref: uuid.UUID(str(order)) for ref, order in rows}
+                good = [order for ref, order in ids.items() if ref != "R3"]
+                await eventually(
+                    lambda: _async(all(order.int in scheduler for order in good)),
+                    what="the five good orders scheduled",
+                )
+                later = await dispatch(app, "later")
+                await eventually(lambda: _async(later.int in scheduler), what="a later order")
+    finally:
+        confirming.cancel()
+        await asyncio.wait({confirming})
+        await conn.close()
+    assert ids["R3"].int not in scheduler  # the sweep meets it again
+    (warning,) = [e for e in logs if e["event"] == "listener.row_unreadable"]
+    assert warning["order_id"] == str(ids["R3"])
+    assert warning["sqlstate"] == "22000"
+    fallbacks = [e for e in logs if e["event"] == "handoff.rows_unreadable"]
+    assert len(fallbacks) == 1  # the later read returned rows: the mark had moved past R3
+    assert counter_total(metrics.rows_unreadable, where="confirm") == 1
+
+
+def _reads_made(handoff: Handoff) -> float:
+    (histogram,) = handoff._metrics.busy_reads.collect()
+    (count,) = [s.value for s in histogram.samples if s.name.endswith("_count")]
+    return count
+
+
+async def _has(handed: list[uuid.UUID], orders: list[uuid.UUID]) -> bool:
+    return set(orders) <= set(handed)
+
+
+async def _async(value: bool) -> bool:
+    return value

@@ -84,6 +84,7 @@ async def test_the_handoff_backs_off_while_empty_and_resets_on_an_id(db: str) ->
             "",
             Queries(Layout()),
             on_orders=taken.extend,
+            on_rows=lambda rows: taken.extend(row.id for row in rows),
             room=lambda: 100,
             listening=lambda: False,
             metrics=Metrics(),
@@ -196,6 +197,7 @@ async def test_an_inbox_dropped_under_the_handoff_is_reported_missing_then_back(
         "",
         Queries(Layout()),
         on_orders=lambda ids: None,
+        on_rows=lambda rows: None,
         room=lambda: 100,
         listening=lambda: False,
         metrics=Metrics(),
@@ -255,6 +257,7 @@ async def test_the_upgrade_to_version_5_under_a_busy_handoff_leaves_no_order_una
         "",
         Queries(Layout()),
         on_orders=taken.extend,
+        on_rows=lambda rows: taken.extend(row.id for row in rows),
         room=lambda: 1000,
         listening=lambda: False,  # stays busy unless it cannot read
         metrics=Metrics(),

@@ -42,6 +42,7 @@ class Taker:
             "",
             Queries(Layout()),
             on_orders=self.taken.extend,
+            on_rows=lambda rows: self.taken.extend(row.id for row in rows),
             room=lambda: 1000,
             listening=lambda: False,  # stays busy: reads what changed every second
             metrics=Metrics(),
@@ -119,6 +120,7 @@ async def test_a_stopping_handoff_gives_the_idle_lock_back_on_the_live_session(d
             "",
             Queries(Layout()),
             on_orders=lambda ids: None,
+            on_rows=lambda rows: None,
             room=lambda: 100,
             listening=lambda: True,
             metrics=Metrics(),
@@ -165,6 +167,7 @@ async def test_a_filling_notify_queue_keeps_the_handoff_on_the_inbox(db: str) ->
         as_daemon(db),
         Queries(Layout()),
         on_orders=lambda ids: None,
+        on_rows=lambda rows: None,
         room=lambda: 100,
         listening=lambda: True,
         metrics=Metrics(),

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
-from order_monitor.engine.inbox import Inbox
+from order_monitor.config import Layout
+from order_monitor.db import ManagedConnection, Queries, SweepRow
+from order_monitor.engine.inbox import Confirmer, Inbox
+from order_monitor.engine.policy import BackoffPolicy
+from order_monitor.engine.scheduler import Scheduler
+from order_monitor.metrics import Metrics
 
 
 def test_ids_come_out_oldest_first_once_each() -> None:
@@ -50,3 +59,40 @@ def test_never_holds_more_than_its_capacity_and_loses_nothing_silently(
         assert len(inbox) == len(held) <= capacity
         assert inbox.high_water <= capacity
     assert inbox.take_dropped() == dropped
+
+
+class FailsOnceScheduler(Scheduler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def offer(self, order: int, due: float, **options: Any) -> bool:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug in the schedule")
+        return super().offer(order, due, **options)
+
+
+def test_a_bug_scheduling_a_busy_reads_rows_asks_for_a_sweep_and_does_not_raise() -> None:
+    """found() runs in the handoff's task: raising there would stop the busy reads."""
+    scheduler = FailsOnceScheduler()
+    lost: list[None] = []
+    confirmer = Confirmer(
+        Inbox(10),
+        ManagedConnection("", "unused"),  # found() reads nothing
+        Queries(Layout()),
+        scheduler,
+        policy=BackoffPolicy(),
+        batch_size=10,
+        metrics=Metrics(),
+        clock=lambda: 100.0,
+        on_scheduled=lambda: None,
+        on_lost=lambda: lost.append(None),
+    )
+    rows = [SweepRow(uuid.uuid4(), "fake", 1.0, None, "R") for _ in range(2)]
+    with capture_logs() as logs:
+        confirmer.found(rows)
+    assert [e["event"] for e in logs] == ["handoff.schedule_unexpected_error"]
+    assert lost == [None]
+    confirmer.found(rows)
+    assert all(row.id.int in scheduler for row in rows)

@@ -272,9 +272,11 @@ async def check_schema_create(conn: db.AsyncConn, settings: Settings, emit: Emit
 
 
 async def _busy_read_probe(conn: db.AsyncConn, changes: ChangeStatements) -> None:
-    """The busy read from the oldest transaction running: a few rows at most, often none."""
+    """The busy read as the daemon makes it (its rows), from the first transaction id
+    not yet assigned: no row, so no row's values can fail the probe."""
     row = await fetch_one(
         conn,
-        "SELECT pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::pg_catalog.text",
+        "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text",
     )
-    await changes.read(conn, int(row[0]) % 2**32)
+    # Never a special id (0-2, just after a wraparound): age() of one is huge.
+    await changes.read(conn, max(int(row[0]) % 2**32, 3), rows=True)
