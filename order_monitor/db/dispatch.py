@@ -78,8 +78,14 @@ class DispatchSql:
     dispatched: sql.Composable
 
 
-def dispatch_sql(layout: Layout, alias: str | None = None) -> DispatchSql:
-    """The dispatch-time expressions of *layout*, optionally on a row alias (a constant of ours)."""
+def dispatch_sql(
+    layout: Layout, alias: str | None = None, now: sql.Composable | None = None
+) -> DispatchSql:
+    """The dispatch-time expressions of *layout*, optionally on a row alias (a constant of ours).
+
+    *now*: the moment ages are measured at, ``pg_catalog.now()`` unless given
+    (the busy read gives one taken after its snapshot: db.changes).
+    """
     c = layout.columns
 
     def col(name: str) -> sql.Composable:
@@ -88,7 +94,8 @@ def dispatch_sql(layout: Layout, alias: str | None = None) -> DispatchSql:
 
     sent, created, last_sync = col(c.sent_at), col(c.created_at), col(c.last_sync_at)
     dispatched = sql.SQL("coalesce({sent}, {created})").format(sent=sent, created=created)
-    now = sql.SQL("pg_catalog.now()")
+    if now is None:
+        now = sql.SQL("pg_catalog.now()")
     finite = sql.SQL("pg_catalog.isfinite({d})").format(d=dispatched)
     usable = sql.SQL("({finite} AND {d} <= {now})").format(finite=finite, d=dispatched, now=now)
     # CASE evaluates a branch only when its condition holds, so neither

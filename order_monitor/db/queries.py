@@ -160,14 +160,15 @@ def confirmed_rows(
     return rows
 
 
-def confirm_columns(layout: Layout) -> sql.Composable:
+def confirm_columns(layout: Layout, now: sql.Composable | None = None) -> sql.Composable:
     """What a confirm reads of an order: id, provider id, the dispatch timing, the reference.
 
     In :func:`_confirmed_row`'s order; shared with the busy read, which
-    returns these instead of ids when it can (db.changes).
+    returns these instead of ids when it can (db.changes). *now* as for
+    :func:`~order_monitor.db.dispatch.dispatch_sql`.
     """
     c = layout.columns
-    d = dispatch_sql(layout)
+    d = dispatch_sql(layout, now=now)
     return sql.SQL(
         "{id}, {provider_id}::text, {elapsed}, {last_checked}, {why}, {column}, {ref}"
     ).format(

@@ -310,15 +310,16 @@ class LeaderSession:
 class Handoff:
     """Holds or releases the idle lock, and reads what changed while busy.
 
-    A busy read returns the new orders' rows, with what a confirm would
-    read of them: they go to *on_rows* (the confirmer schedules them as
-    they are), every new one (they are orders in flight, which the schedule
-    holds anyway). Ids read go where notified ids go (*on_orders*: the
-    confirmer reads them back): a busy read's when rows do not pay
-    (:func:`~order_monitor.engine.changes.rows_pay`), or cannot be read, and
-    version 4's inbox's, emptied no faster than the confirmer has room
-    (*room*), so that backlog waits in the table. Orders already scheduled
-    (*known*) are dropped at once.
+    A busy read returns, for each new order, what a confirm would read of
+    it: the rows go to *on_rows* (the confirmer schedules them as they
+    are), every new one (they are orders in flight, which the schedule
+    holds anyway). Ids go where notified ids go, to *on_orders* (the
+    confirmer reads them back): those of a busy read that returns ids only
+    (when rows do not pay, :func:`~order_monitor.engine.changes.rows_pay`,
+    or one cannot be read), and those of version 4's inbox, which is
+    emptied no faster than the confirmer has room (*room*), so that
+    backlog waits in the table. Orders already scheduled (*known*) are
+    dropped at once.
     """
 
     def __init__(

@@ -207,3 +207,30 @@ def test_no_time_value_fails_a_query_and_each_is_judged_right(
         if issue is not None:
             assert row.elapsed == 0.0
             assert row.last_checked is None
+
+
+async def test_the_busy_read_measures_ages_after_its_snapshot_not_at_its_start(db: str) -> None:
+    """A row committed after the statement's now() but before its snapshot is not 'future'.
+
+    At full speed a dispatch commits every 0.1 ms, so some land between the
+    busy read's start and its snapshot: measured at now(), their "sentAt"
+    read as ahead of the clock (a false warning, and an anchored schedule).
+    Here a transaction block stands in for that gap: its now() is fixed at
+    BEGIN, and each statement in it takes a new snapshot.
+    """
+    since = mark_now(db)
+    async with await psycopg.AsyncConnection.connect(as_daemon(db)) as conn:
+        await conn.execute("SELECT 1")  # the transaction (and its now()) begins
+        await asyncio.sleep(0.05)
+        (order,) = insert(db, {"late": {"sent": "now"}}).values()
+        changed = await ChangeStatements(Layout()).read(conn, since, rows=True)
+        (confirmed,) = await Queries(Layout()).confirm(conn, [order])
+        await conn.rollback()
+    assert changed.rows is not None
+    (row,) = changed.rows
+    assert row.id == order
+    assert row.dispatch_issue is None
+    assert 0 <= row.elapsed < 60
+    # What now() makes of the same row: ahead of the clock.
+    assert confirmed.dispatch_issue is not None
+    assert confirmed.dispatch_issue.why == "future"
