@@ -1,3 +1,3 @@
 """order-monitor: follows dispatched orders at their providers until they end."""
 
-__version__ = "0.6.0"
+__version__ = "0.6.1"
