@@ -390,6 +390,7 @@ class Handed:
     def __init__(self) -> None:
         self.rows: list[uuid.UUID] = []
         self.ids: list[uuid.UUID] = []
+        self.metrics = Metrics()
 
     def handoff(self, db: str, **options: Any) -> Handoff:
         """A handoff as the daemon's role, busy throughout, reading every 0.1 s."""
@@ -400,7 +401,7 @@ class Handed:
             on_rows=lambda rows: self.rows.extend(row.id for row in rows),
             room=lambda: 1000,
             listening=lambda: False,
-            metrics=Metrics(),
+            metrics=self.metrics,
             clock=asyncio.get_running_loop().time,
             initial_delay=1.0,
             session=OwnSession(as_daemon(db), max_backoff=0.2),
@@ -437,7 +438,7 @@ async def test_new_orders_come_as_rows_and_as_ids_while_a_long_transaction_holds
         await eventually(lambda: _has(handed.rows, first), what="the first orders, as rows")
         assert handed.ids == []
         known.update(first)  # scheduled, as the confirmer would have them
-        counts = handoff._metrics.busy_read_orders
+        counts = handed.metrics.busy_read_orders
         await eventually(
             lambda: _async(counts.labels("known")._value.get() >= 10),
             what="a read returning them again (the mark held back)",
@@ -450,8 +451,10 @@ async def test_new_orders_come_as_rows_and_as_ids_while_a_long_transaction_holds
         # The mark moves past the known rows: a read that may have begun
         # before the commit, one from its mark, one from a mark past them
         # (which returns no known order: rows again).
-        reads = _reads_made(handoff) + 3
-        await eventually(lambda: _async(_reads_made(handoff) >= reads), what="three more reads")
+        reads = _reads_made(handed.metrics) + 3
+        await eventually(
+            lambda: _async(_reads_made(handed.metrics) >= reads), what="three more reads"
+        )
         last = [await dispatch(app, f"last-{n}") for n in range(3)]
         await eventually(lambda: _has(handed.rows, last), what="the last orders, as rows")
     assert sorted(handed.rows) == sorted(first + last)
@@ -547,8 +550,8 @@ async def test_a_row_the_busy_read_cannot_read_delays_only_itself(db: str) -> No
     assert counter_total(metrics.rows_unreadable, where="confirm") == 1
 
 
-def _reads_made(handoff: Handoff) -> float:
-    (histogram,) = handoff._metrics.busy_reads.collect()
+def _reads_made(metrics: Metrics) -> float:
+    (histogram,) = metrics.busy_reads.collect()
     (count,) = [s.value for s in histogram.samples if s.name.endswith("_count")]
     return count
 
