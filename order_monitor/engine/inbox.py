@@ -164,12 +164,7 @@ class Confirmer:
                     # A bug, not database trouble (handled in _confirm): say so
                     # loudly and let the sweep find these orders, rather than
                     # take the whole daemon down at every notification.
-                    log.exception(
-                        "listener.confirm_unexpected_error",
-                        orders=len(ids),
-                        note="a sweep finds these orders instead",
-                    )
-                    self._on_lost()
+                    self._lost_to_a_bug("listener.confirm_unexpected_error", len(ids))
             dropped = self.inbox.take_dropped()
             if dropped:
                 self._metrics.notifications.labels("dropped").inc(dropped)
@@ -221,12 +216,12 @@ class Confirmer:
             self._schedule(rows)
         except Exception:
             # As in run(): a bug here must not take the busy reads down with it.
-            log.exception(
-                "handoff.schedule_unexpected_error",
-                orders=len(rows),
-                note="a sweep finds these orders instead",
-            )
-            self._on_lost()
+            self._lost_to_a_bug("handoff.schedule_unexpected_error", len(rows))
+
+    def _lost_to_a_bug(self, event: str, orders: int) -> None:
+        """Log the exception being handled; a sweep finds the *orders* it cost."""
+        log.exception(event, orders=orders, note="a sweep finds these orders instead")
+        self._on_lost()
 
     def _schedule(self, rows: list[SweepRow]) -> None:
         now = self._clock()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,8 +12,8 @@ from order_monitor.config import Layout
 from order_monitor.db import ManagedConnection, Queries, SweepRow
 from order_monitor.engine.inbox import Confirmer, Inbox
 from order_monitor.engine.policy import BackoffPolicy
-from order_monitor.engine.scheduler import Scheduler
 from order_monitor.metrics import Metrics
+from tests.engine.test_flow import FailsOnceScheduler
 
 
 def test_ids_come_out_oldest_first_once_each() -> None:
@@ -59,18 +58,6 @@ def test_never_holds_more_than_its_capacity_and_loses_nothing_silently(
         assert len(inbox) == len(held) <= capacity
         assert inbox.high_water <= capacity
     assert inbox.take_dropped() == dropped
-
-
-class FailsOnceScheduler(Scheduler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.failed = False
-
-    def offer(self, order: int, due: float, **options: Any) -> bool:
-        if not self.failed:
-            self.failed = True
-            raise RuntimeError("a bug in the schedule")
-        return super().offer(order, due, **options)
 
 
 def test_a_bug_scheduling_a_busy_reads_rows_asks_for_a_sweep_and_does_not_raise() -> None:
