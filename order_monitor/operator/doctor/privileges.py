@@ -273,7 +273,8 @@ async def check_schema_create(conn: db.AsyncConn, settings: Settings, emit: Emit
 
 async def _busy_read_probe(conn: db.AsyncConn, changes: ChangeStatements) -> None:
     """The busy read as the daemon makes it (its rows), from the first transaction id
-    not yet assigned: no row, so no row's values can fail the probe."""
+    not yet assigned: no row (but one over 2^31 transactions old: db.changes), so no
+    row's values can fail the probe."""
     row = await fetch_one(
         conn,
         "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text",
